@@ -1,0 +1,40 @@
+# Stagehand: the two commands a newcomer needs are `make demo` and `make test`.
+# Cargo's target directory lives outside the clone so CI and later runs reuse builds.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/stagehand/target
+# One cargo profile (release) for tests, demo and benches: dependencies build once.
+CARGO_PROFILE := --release
+BIN := $(CARGO_TARGET_DIR)/release
+
+.PHONY: deps build test demo bench bench-migrate fmt clippy lint fuzz-build clean
+
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	cargo build $(CARGO_PROFILE) --workspace --bins
+
+test: deps
+	cargo build $(CARGO_PROFILE) --workspace --bins
+	STAGEHAND_BIN_DIR=$(BIN) cargo test $(CARGO_PROFILE) --workspace --no-fail-fast
+	@bash scripts/fuzz-build.sh
+
+demo: build
+	STAGEHAND_BIN_DIR=$(BIN) bash scripts/demo.sh
+
+bench: build
+	STAGEHAND_BIN_DIR=$(BIN) bash benches/nbd-peers.sh
+
+bench-migrate: build
+	STAGEHAND_BIN_DIR=$(BIN) bash benches/migrate-peers.sh
+
+fmt:
+	cargo fmt --all
+
+clippy:
+	cargo clippy $(CARGO_PROFILE) --workspace --all-targets -- -D warnings
+
+lint: clippy
+	cargo fmt --all -- --check
+
+fuzz-build:
+	@bash scripts/fuzz-build.sh

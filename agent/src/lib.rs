@@ -1,0 +1,1 @@
+//! stagehand-agent: KVM host agent (see README.md).

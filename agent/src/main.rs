@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("stagehand-agent: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,1 @@
+//! coord: the Stagehand coordinator. Empty until its issue (see README.md).

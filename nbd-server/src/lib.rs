@@ -1,0 +1,1 @@
+//! stagehand-nbd: the storage node's NBD server (see README.md).

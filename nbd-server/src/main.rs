@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("stagehand-nbd: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the system packages Stagehand's build, tests and benchmarks need, when absent.
+# Runs apt-get as root; otherwise prints the exact command to run and fails.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have nbdinfo   || need+=(libnbd-bin)
+have fio       || need+=(fio)
+have nbdkit    || need+=(nbdkit)
+have qemu-img  || need+=(qemu-utils)
+have clang     || need+=(clang)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
+
+if [ ${#need[@]} -eq 0 ]; then
+  echo "deps: all system packages present"
+  exit 0
+fi
+
+echo "deps: installing ${need[*]}"
+if [ "$(id -u)" -eq 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+elif have sudo && sudo -n true 2>/dev/null; then
+  sudo apt-get update -qq
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+else
+  echo "deps: missing packages; run as root:" >&2
+  echo "  apt-get update && apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
