@@ -1,1 +1,2 @@
 //! stagehand-agent: KVM host agent (see README.md).
+pub mod contract;
