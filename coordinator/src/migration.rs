@@ -1,0 +1,453 @@
+//! The coordinator's migration state machine, pure (no I/O), and its crash recovery.
+//!
+//! A shared-storage migration moves through these phases; each is journaled (synced to
+//! the store) *before* the coordinator acts on it, so a coordinator killed anywhere
+//! can tell from its journal what may already have happened:
+//!
+//! ```text
+//!  Planned --start--> Precopy --quiesced--> Quiesced --fence intent--> Fencing{epoch}
+//!     |                  |                     |                          |
+//!     +-----cancel/error-+---------------------+                   fence ok|   fence refused
+//!                        v                                                v   or error
+//!                    Cancelled  (source resumes; nothing else changed)  Fenced{epoch}
+//!                                                                          |     |
+//!                                                    target reports running|     |error / cancel
+//!                                                                          v     v
+//!                                                             TargetRunning  RollingBack{epoch'}
+//!                                                                   |             |
+//!                                                            commit v             v source fenced to
+//!                                                              Committed      RolledBack  epoch' > epoch
+//! ```
+//!
+//! Invariants (checked by the tests below):
+//! - Epochs handed out only grow; an epoch once journaled in a `Fencing` or
+//!   `RollingBack` intent is never handed out again, even if the call may not have
+//!   reached the storage node.
+//! - Before a fence intent is journaled, every failure path ends in `Cancelled` with
+//!   the source running under its original epoch.
+//! - After a fence intent, the source only runs again under a newer epoch.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    Planned,
+    Precopy,
+    Quiesced,
+    /// Intent: fence the VM's disks to the target at `epoch`. Journaled before the call.
+    Fencing {
+        epoch: u64,
+    },
+    /// The storage node confirmed `epoch` for the target.
+    Fenced {
+        epoch: u64,
+    },
+    TargetRunning {
+        epoch: u64,
+    },
+    Committed {
+        epoch: u64,
+    },
+    /// Intent: give the disks back to the source at `epoch` (newer than any handed out).
+    RollingBack {
+        epoch: u64,
+        reason: String,
+    },
+    RolledBack {
+        epoch: u64,
+        reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
+}
+
+impl Phase {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Phase::Committed { .. } | Phase::RolledBack { .. } | Phase::Cancelled { .. }
+        )
+    }
+
+    /// Short name for tables, metrics and fail points.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Precopy => "precopy",
+            Phase::Quiesced => "quiesced",
+            Phase::Fencing { .. } => "fencing",
+            Phase::Fenced { .. } => "fenced",
+            Phase::TargetRunning { .. } => "target_running",
+            Phase::Committed { .. } => "committed",
+            Phase::RollingBack { .. } => "rolling_back",
+            Phase::RolledBack { .. } => "rolled_back",
+            Phase::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    /// True once the disks may have been handed to the target: from here on the source
+    /// may run again only under a newer epoch.
+    pub fn past_fence_intent(&self) -> bool {
+        matches!(
+            self,
+            Phase::Fencing { .. }
+                | Phase::Fenced { .. }
+                | Phase::TargetRunning { .. }
+                | Phase::Committed { .. }
+                | Phase::RollingBack { .. }
+                | Phase::RolledBack { .. }
+        )
+    }
+}
+
+/// What happened, as the orchestrator (or recovery) observed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Started,
+    SourceQuiesced,
+    FenceConfirmed,
+    TargetRunning,
+    Commit,
+    /// Something failed or the operator cancelled.
+    Abort {
+        reason: String,
+    },
+    /// The storage node confirmed the rollback fence.
+    RollbackConfirmed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("event {event} is not valid in phase {phase}")]
+    Invalid { phase: &'static str, event: String },
+}
+
+/// The journaled record of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub vm: String,
+    pub from_host: String,
+    pub to_host: String,
+    /// The disk epoch the source held when the migration was planned.
+    pub source_epoch: u64,
+    /// Highest epoch ever journaled for this VM's disks (never handed out twice).
+    pub highest_epoch: u64,
+    pub phase: Phase,
+}
+
+impl MigrationRecord {
+    pub fn new(id: &str, vm: &str, from: &str, to: &str, source_epoch: u64) -> Self {
+        Self {
+            id: id.to_owned(),
+            vm: vm.to_owned(),
+            from_host: from.to_owned(),
+            to_host: to.to_owned(),
+            source_epoch,
+            highest_epoch: source_epoch,
+            phase: Phase::Planned,
+        }
+    }
+
+    /// The next epoch to hand out: above everything journaled and everything the storage
+    /// node reports (`observed`), so an epoch is never reused even when a call's outcome
+    /// is unknown.
+    pub fn next_epoch(&self, observed: u64) -> u64 {
+        self.highest_epoch.max(observed) + 1
+    }
+
+    /// Applies an event, returning the new phase to journal. `observed_epoch` is the
+    /// storage node's current epoch where the caller knows it (else 0).
+    pub fn apply(&mut self, event: Event, observed_epoch: u64) -> Result<&Phase, TransitionError> {
+        let invalid = |phase: &Phase, event: &Event| TransitionError::Invalid {
+            phase: phase.name(),
+            event: format!("{event:?}"),
+        };
+        let next = match (&self.phase, &event) {
+            (Phase::Planned, Event::Started) => Phase::Precopy,
+            (Phase::Precopy, Event::SourceQuiesced) => {
+                let epoch = self.next_epoch(observed_epoch);
+                Phase::Fencing { epoch }
+            }
+            (Phase::Fencing { epoch }, Event::FenceConfirmed) => Phase::Fenced { epoch: *epoch },
+            (Phase::Fenced { epoch }, Event::TargetRunning) => {
+                Phase::TargetRunning { epoch: *epoch }
+            }
+            (Phase::TargetRunning { epoch }, Event::Commit) => Phase::Committed { epoch: *epoch },
+            (Phase::Planned | Phase::Precopy | Phase::Quiesced, Event::Abort { reason }) => {
+                Phase::Cancelled {
+                    reason: reason.clone(),
+                }
+            }
+            (Phase::Fencing { .. } | Phase::Fenced { .. }, Event::Abort { reason }) => {
+                let epoch = self.next_epoch(observed_epoch);
+                Phase::RollingBack {
+                    epoch,
+                    reason: reason.clone(),
+                }
+            }
+            (Phase::RollingBack { epoch, reason }, Event::RollbackConfirmed) => Phase::RolledBack {
+                epoch: *epoch,
+                reason: reason.clone(),
+            },
+            (phase, event) => return Err(invalid(phase, event)),
+        };
+        if let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = next {
+            self.highest_epoch = self.highest_epoch.max(epoch);
+        }
+        self.phase = next;
+        Ok(&self.phase)
+    }
+}
+
+/// What recovery sees when it asks the world after a coordinator restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPresence {
+    Running,
+    Paused,
+    /// Incoming or migrating: a migration stream is (or was) attached.
+    InMigration,
+    Absent,
+    Unreachable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub source: VmPresence,
+    pub target: VmPresence,
+    /// The storage node's current epoch and holder for the VM's disk.
+    pub storage_epoch: u64,
+    pub storage_holder: Option<String>,
+}
+
+/// The steps recovery takes, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryAction {
+    /// Cancel any migration on the source and resume its VM (original epoch).
+    ResumeSource,
+    /// Fence the disks to the source at `epoch` and hand the source the new token.
+    FenceToSource { epoch: u64 },
+    /// Stop and delete the target's copy (it never ran, or must not).
+    DiscardTarget,
+    /// Delete the source's paused copy: the target runs and holds the lease.
+    DiscardSource,
+    /// Journal the final phase.
+    Finish(Phase),
+}
+
+/// Decides how to reach exactly one running copy whose host holds the disk lease.
+pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAction> {
+    use RecoveryAction::*;
+    if rec.phase.is_terminal() {
+        return match &rec.phase {
+            // A terminal phase was journaled, but the cleanup after it may not have run.
+            Phase::Committed { .. } if obs.source != VmPresence::Absent => vec![DiscardSource],
+            Phase::Cancelled { .. } | Phase::RolledBack { .. }
+                if obs.target != VmPresence::Absent =>
+            {
+                vec![DiscardTarget]
+            }
+            _ => vec![],
+        };
+    }
+    let fence_happened = obs.storage_epoch > rec.source_epoch;
+    let target_holds = obs.storage_holder.as_deref() == Some(rec.to_host.as_str());
+    // Roll forward only when the target already runs under its lease: its memory was
+    // verified before it resumed, and the source is paused.
+    if fence_happened && target_holds && obs.target == VmPresence::Running {
+        let epoch = obs.storage_epoch;
+        return vec![DiscardSource, Finish(Phase::Committed { epoch })];
+    }
+    // Before a fence intent was journaled no fence call can have been made: the source
+    // still owns its disks under its original epoch.
+    if !rec.phase.past_fence_intent() {
+        return vec![
+            DiscardTarget,
+            ResumeSource,
+            Finish(Phase::Cancelled {
+                reason: "coordinator restarted before the switchover".to_owned(),
+            }),
+        ];
+    }
+    // The disks may belong to the target, which does not run: hand them back to the
+    // source under a brand-new epoch, remove the target's copy, then resume the source.
+    // This holds even when the storage node still shows the source's epoch: a fence
+    // call the dead coordinator sent may yet be applied, so the old epoch is burnt.
+    let epoch = match &rec.phase {
+        Phase::RollingBack { epoch, .. } if *epoch > obs.storage_epoch => *epoch,
+        _ => rec.next_epoch(obs.storage_epoch),
+    };
+    let reason = "coordinator restarted after the fence; rolled back to the source".to_owned();
+    vec![
+        FenceToSource { epoch },
+        DiscardTarget,
+        ResumeSource,
+        Finish(Phase::RolledBack { epoch, reason }),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec() -> MigrationRecord {
+        MigrationRecord::new("m1", "vm7", "kvm-a1", "kvm-b1", 4)
+    }
+
+    #[test]
+    fn happy_path_hands_out_one_new_epoch() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        assert_eq!(
+            r.apply(Event::SourceQuiesced, 4).unwrap(),
+            &Phase::Fencing { epoch: 5 }
+        );
+        r.apply(Event::FenceConfirmed, 5).unwrap();
+        r.apply(Event::TargetRunning, 5).unwrap();
+        assert_eq!(
+            r.apply(Event::Commit, 5).unwrap(),
+            &Phase::Committed { epoch: 5 }
+        );
+        assert!(r.apply(Event::Commit, 5).is_err());
+    }
+
+    #[test]
+    fn abort_after_fence_rolls_back_with_a_newer_epoch() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        let p = r
+            .apply(
+                Event::Abort {
+                    reason: "target died".into(),
+                },
+                4,
+            )
+            .unwrap()
+            .clone();
+        assert_eq!(
+            p,
+            Phase::RollingBack {
+                epoch: 6,
+                reason: "target died".into()
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_order_events_are_refused() {
+        let mut r = rec();
+        assert!(r.apply(Event::FenceConfirmed, 4).is_err());
+        assert!(r.apply(Event::TargetRunning, 4).is_err());
+        assert_eq!(r.phase, Phase::Planned);
+    }
+
+    #[test]
+    fn recovery_before_fence_resumes_source() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::Paused,
+            target: VmPresence::InMigration,
+            storage_epoch: 4,
+            storage_holder: Some("kvm-a1".into()),
+        };
+        let plan = plan_recovery(&r, &obs);
+        assert_eq!(plan[0], RecoveryAction::DiscardTarget);
+        assert_eq!(plan[1], RecoveryAction::ResumeSource);
+    }
+
+    #[test]
+    fn recovery_after_fence_intent_burns_the_epoch() {
+        // Intent journaled; the storage node did apply it (epoch 5) but the target never
+        // ran: roll back at 6, not 5.
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::Paused,
+            target: VmPresence::InMigration,
+            storage_epoch: 5,
+            storage_holder: Some("kvm-b1".into()),
+        };
+        let plan = plan_recovery(&r, &obs);
+        assert_eq!(plan[0], RecoveryAction::FenceToSource { epoch: 6 });
+    }
+
+    #[test]
+    fn recovery_rolls_forward_when_target_runs_with_the_lease() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceConfirmed, 5).unwrap();
+        let obs = Observation {
+            source: VmPresence::Paused,
+            target: VmPresence::Running,
+            storage_epoch: 5,
+            storage_holder: Some("kvm-b1".into()),
+        };
+        assert_eq!(
+            plan_recovery(&r, &obs),
+            vec![
+                RecoveryAction::DiscardSource,
+                RecoveryAction::Finish(Phase::Committed { epoch: 5 })
+            ]
+        );
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Started),
+            Just(Event::SourceQuiesced),
+            Just(Event::FenceConfirmed),
+            Just(Event::TargetRunning),
+            Just(Event::Commit),
+            Just(Event::Abort { reason: "x".into() }),
+            Just(Event::RollbackConfirmed),
+        ]
+    }
+
+    proptest! {
+        /// Epochs handed out never repeat and never go below what storage has seen, and the
+        /// source never runs again under its old epoch once a fence intent was journaled.
+        #[test]
+        fn epochs_only_grow(events in proptest::collection::vec((arb_event(), 0u64..12), 0..20)) {
+            let mut r = rec();
+            let mut handed: Vec<u64> = vec![r.source_epoch];
+            let mut storage = r.source_epoch;
+            for (ev, bump) in events {
+                // The storage node may have moved on by itself (another fence elsewhere).
+                storage = storage.max(r.source_epoch + bump % 3);
+                if r.apply(ev, storage).is_ok() {
+                    if let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = r.phase {
+                        prop_assert!(!handed.contains(&epoch), "epoch {} reused", epoch);
+                        prop_assert!(epoch > storage);
+                        handed.push(epoch);
+                    }
+                }
+                let obs = Observation {
+                    source: VmPresence::Paused,
+                    target: VmPresence::InMigration,
+                    storage_epoch: storage,
+                    storage_holder: None,
+                };
+                for action in plan_recovery(&r, &obs) {
+                    if let RecoveryAction::FenceToSource { epoch } = action {
+                        prop_assert!(epoch > storage);
+                        prop_assert!(epoch > r.source_epoch);
+                    }
+                    if action == RecoveryAction::ResumeSource && r.phase.past_fence_intent() {
+                        // Resuming after a fence intent requires a FenceToSource first.
+                        let plan = plan_recovery(&r, &obs);
+                        let fenced_first = plan.iter().position(|a| matches!(a, RecoveryAction::FenceToSource { .. }))
+                            < plan.iter().position(|a| *a == RecoveryAction::ResumeSource);
+                        prop_assert!(fenced_first);
+                    }
+                }
+            }
+        }
+    }
+}
