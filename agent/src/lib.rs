@@ -1,2 +1,6 @@
 //! stagehand-agent: KVM host agent (see README.md).
 pub mod contract;
+pub mod devices;
+pub mod guests;
+pub mod machine;
+pub mod vstate;
