@@ -147,7 +147,9 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(dump(&vm1) == ram, "RAM changed while paused");
 
+    let t = Instant::now();
     let state = vm1.save_state().expect("save while paused");
+    eprintln!("save_state: {} bytes in {:?}", state.len(), t.elapsed());
     let spec = vm1.spec();
     assert!(!spec.cpuid.is_empty(), "CPUID recorded in the spec");
     let vm2 = Machine::create_incoming(&spec).expect("incoming VM");
@@ -156,7 +158,9 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     MigrationTarget::guest_memory(&vm2)
         .write_slice(&ram, vm_memory::GuestAddress(0))
         .expect("copy RAM");
+    let t = Instant::now();
     vm2.restore_state(&state).expect("restore");
+    eprintln!("restore_state: {:?}", t.elapsed());
     assert_eq!(vm2.console(), vm1.console(), "console continues");
     drop(vm1); // the source is gone, as after a migration
     MigrationTarget::resume(&vm2).expect("resume VM2");
@@ -171,6 +175,54 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     // A corrupted state is refused.
     let vm3 = Machine::create_incoming(&spec).expect("incoming VM");
     assert!(vm3.restore_state(b"{not json").is_err());
+}
+
+/// Two vCPUs (the second waits for INIT/SIPI, as an AP does): boot, save, restore into
+/// a second VM, and the guest goes on sweeping there with consistent RAM.
+#[test]
+fn two_vcpu_state_round_trip() {
+    if !kvm_ok() {
+        return;
+    }
+    let _serial = serial();
+    let mut spec = new_spec(
+        "smp1",
+        MEM_MIB,
+        2,
+        BootSpec {
+            flat_binary: "(embedded ab-sweeper)".into(),
+            load_addr: AB_SWEEPER_LOAD_ADDR,
+        },
+        vec![],
+    );
+    let vm1 = Machine::boot_image(spec.clone(), AB_SWEEPER).expect("boots with 2 vCPUs");
+    wait_for_a(&vm1);
+    std::thread::sleep(Duration::from_millis(300));
+    MigrationSource::pause(&vm1).expect("pause");
+    let state = vm1.save_state().expect("save");
+    spec = vm1.spec();
+    let ram = dump(&vm1);
+    check_ab_ram(&ram).expect("consistent");
+    drop(vm1);
+    let vm2 = Machine::create_incoming(&spec).expect("incoming");
+    use vm_memory::Bytes;
+    MigrationTarget::guest_memory(&vm2)
+        .write_slice(&ram, vm_memory::GuestAddress(0))
+        .expect("copy RAM");
+    vm2.restore_state(&state).expect("restore 2 vCPUs");
+    MigrationTarget::resume(&vm2).expect("resume");
+    std::thread::sleep(Duration::from_millis(500));
+    MigrationSource::pause(&vm2).expect("pause");
+    let ram2 = dump(&vm2);
+    check_ab_ram(&ram2).expect("consistent after the move");
+    assert!(ram2 != ram, "the guest ran on in the second VM");
+    assert!(vm2.guest_stop().is_none(), "{:?}", vm2.guest_stop());
+
+    // A state with the wrong vCPU count is refused.
+    let mut one = spec.clone();
+    one.vcpus = 1;
+    let vm3 = Machine::create_incoming(&one).expect("incoming");
+    assert!(vm3.restore_state(&state).is_err());
 }
 
 /// Pause stops the guest at once and resume restarts it, many times over.
