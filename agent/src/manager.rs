@@ -2,21 +2,26 @@
 //!
 //! # For live migration
 //!
+//! The four migration hooks have exactly the signatures of the migration module's
+//! `VmHost` trait (contract errors, unit-returning ends that log their own failures),
+//! so `impl VmHost for VmManager` only delegates.
+//!
 //! Source side:
-//! 1. [`VmManager::begin_migration`] checks the VM is `running` (or `paused`), marks it
-//!    `migrating`, and hands back the machine as an `Arc<dyn MigrationSource>`.
-//! 2. On failure or cancel: [`VmManager::end_migration`] with
-//!    [`MigrationOutcome::Failed`] puts it back to the state it had (resume the vCPUs
-//!    through the trait first if you paused them).
-//! 3. On success: `end_migration(.., MigrationOutcome::Completed)` removes the VM from
-//!    the table; its RAM is freed when the last `Arc` is dropped.
+//! 1. [`VmManager::begin_outgoing`] checks the VM is `running` or `paused`, marks it
+//!    `migrating`, and returns it as an `Arc<dyn MigrationSource>` plus whether it was
+//!    running.
+//! 2. [`VmManager::end_outgoing`]`(name, moved)`: `moved = true` (the target runs the
+//!    guest) removes the VM here; its RAM is freed when the last `Arc` drops.
+//!    `moved = false` puts it back to the state it had, resuming the vCPUs if it was
+//!    running (resume is idempotent, so the sender may resume first).
 //!
 //! Target side:
 //! 1. [`VmManager::create_incoming`] builds an empty, paused VM from the stream's
-//!    [`VmSpec`] (refusing a name in use, or CPU features this host lacks), registers
-//!    it as `incoming`, and returns it as an `Arc<dyn MigrationTarget>`.
-//! 2. After `restore_state` and `resume`: [`VmManager::finish_incoming`] marks it
-//!    `running`. On failure: [`VmManager::abort_incoming`] removes it.
+//!    [`VmSpec`] (refusing a name in use, or CPU features this host lacks, before any
+//!    memory flows), registers it as `incoming`, and returns it as an
+//!    `Arc<dyn MigrationTarget>`.
+//! 2. [`VmManager::end_incoming`]`(name, running)`: after `restore_state` and `resume`,
+//!    `running = true` marks it `running`; `false` discards it.
 //!
 //! All methods block (KVM calls, waiting for vCPUs): call them from
 //! `tokio::task::spawn_blocking` in async code.
@@ -27,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{BootSpec, MigrationSource, MigrationTarget, VmSpec};
+use crate::contract::{BootSpec, MigrationSource, MigrationTarget, VmError, VmSpec};
 use crate::machine::{Machine, MachineError, new_spec};
 
 /// A VM's lifecycle state as the API reports it.
@@ -71,6 +76,19 @@ pub enum ManagerError {
     BadName(String),
     #[error(transparent)]
     Machine(#[from] MachineError),
+}
+
+impl From<ManagerError> for VmError {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::WrongState { state, needed, .. } => VmError::WrongState {
+                state: state.to_string(),
+                needed,
+            },
+            ManagerError::Machine(m) => m.into(),
+            other => VmError::Other(other.to_string()),
+        }
+    }
 }
 
 /// What `PUT /v1/vms/{name}` asks for.
@@ -154,15 +172,6 @@ impl Entry {
             stop_reason,
         }
     }
-}
-
-/// How a migration ended, for [`VmManager::end_migration`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationOutcome {
-    /// The target runs the guest: drop the source copy.
-    Completed,
-    /// The guest stays here, back in the state it had before.
-    Failed,
 }
 
 /// The agent's guests. Cheap to share (`Arc<VmManager>`).
@@ -339,10 +348,10 @@ impl VmManager {
         drop(all);
     }
 
-    /// Source side: marks `name` as `migrating` and returns it as a migration source.
-    /// Only a `running` or `paused` VM can migrate.
-    pub fn begin_migration(&self, name: &str) -> Result<Arc<dyn MigrationSource>, ManagerError> {
-        self.with_entry(name, |e| {
+    /// Source side: marks `name` as `migrating`; returns it as a migration source and
+    /// whether it was running. Only a `running` or `paused` VM can migrate.
+    pub fn begin_outgoing(&self, name: &str) -> Result<(Arc<dyn MigrationSource>, bool), VmError> {
+        Ok(self.with_entry(name, |e| {
             let state = e.effective_state().0;
             if !matches!(state, VmLifecycle::Running | VmLifecycle::Paused) {
                 return Err(ManagerError::WrongState {
@@ -353,12 +362,21 @@ impl VmManager {
             }
             e.before_migration = Some(state);
             e.state = VmLifecycle::Migrating;
-            Ok(e.machine.clone() as Arc<dyn MigrationSource>)
-        })
+            let source: Arc<dyn MigrationSource> = e.machine.clone();
+            Ok((source, state == VmLifecycle::Running))
+        })?)
     }
 
-    /// Source side: ends a migration begun with [`VmManager::begin_migration`].
-    pub fn end_migration(&self, name: &str, outcome: MigrationOutcome) -> Result<(), ManagerError> {
+    /// Source side: ends a migration begun with [`VmManager::begin_outgoing`]. `moved`:
+    /// the target runs the guest, so this copy is removed; otherwise the VM returns to
+    /// its earlier state (and runs again if it was running).
+    pub fn end_outgoing(&self, name: &str, moved: bool) {
+        if let Err(e) = self.try_end_outgoing(name, moved) {
+            tracing::error!(vm = name, moved, error = %e, "cannot end the outgoing migration");
+        }
+    }
+
+    fn try_end_outgoing(&self, name: &str, moved: bool) -> Result<(), ManagerError> {
         let removed = {
             let mut vms = self.lock();
             let entry = vms
@@ -371,37 +389,36 @@ impl VmManager {
                     needed: "migrating",
                 });
             }
-            match outcome {
-                MigrationOutcome::Completed => vms.remove(name),
-                MigrationOutcome::Failed => {
-                    entry.state = entry
-                        .before_migration
-                        .take()
-                        .unwrap_or(VmLifecycle::Running);
-                    if entry.state == VmLifecycle::Running && entry.machine.is_paused() {
-                        // The guest stays here and must run: make it so.
-                        MigrationSource::resume(&*entry.machine)
-                            .map_err(|e| MachineError::Invalid(e.to_string()))?;
-                    }
-                    None
+            if moved {
+                vms.remove(name)
+            } else {
+                entry.state = entry
+                    .before_migration
+                    .take()
+                    .unwrap_or(VmLifecycle::Running);
+                if entry.state == VmLifecycle::Running && entry.machine.is_paused() {
+                    MigrationSource::resume(&*entry.machine)
+                        .map_err(|e| MachineError::Invalid(e.to_string()))?;
                 }
+                None
             }
         };
+        // Dropped outside the lock: joining vCPU threads takes a moment.
         drop(removed);
         Ok(())
     }
 
     /// Target side: creates an empty, paused VM from `spec` and registers it as
-    /// `incoming`.
-    pub fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, ManagerError> {
+    /// `incoming`. Refuses a name in use and CPU features this host lacks.
+    pub fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, VmError> {
         check_name(&spec.name)?;
         if self.lock().contains_key(&spec.name) {
-            return Err(ManagerError::AlreadyExists(spec.name.clone()));
+            return Err(ManagerError::AlreadyExists(spec.name.clone()).into());
         }
-        let machine = Arc::new(Machine::create_incoming(spec)?);
+        let machine = Arc::new(Machine::create_incoming(spec).map_err(ManagerError::from)?);
         let mut vms = self.lock();
         if vms.contains_key(&spec.name) {
-            return Err(ManagerError::AlreadyExists(spec.name.clone()));
+            return Err(ManagerError::AlreadyExists(spec.name.clone()).into());
         }
         vms.insert(
             spec.name.clone(),
@@ -411,42 +428,39 @@ impl VmManager {
                 before_migration: None,
             },
         );
-        Ok(machine as Arc<dyn MigrationTarget>)
+        Ok(machine)
     }
 
-    /// Target side: the incoming VM runs (after `restore_state` and `resume`).
-    pub fn finish_incoming(&self, name: &str) -> Result<(), ManagerError> {
-        self.with_entry(name, |e| {
-            if e.state != VmLifecycle::Incoming {
+    /// Target side: `running` (after `restore_state` and `resume`) marks the incoming VM
+    /// running; otherwise it is discarded.
+    pub fn end_incoming(&self, name: &str, running: bool) {
+        if let Err(e) = self.try_end_incoming(name, running) {
+            tracing::error!(vm = name, running, error = %e, "cannot end the incoming migration");
+        }
+    }
+
+    fn try_end_incoming(&self, name: &str, running: bool) -> Result<(), ManagerError> {
+        let removed = {
+            let mut vms = self.lock();
+            let entry = vms
+                .get_mut(name)
+                .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+            if entry.state != VmLifecycle::Incoming {
                 return Err(ManagerError::WrongState {
                     name: name.to_string(),
-                    state: e.state.as_str(),
+                    state: entry.state.as_str(),
                     needed: "incoming",
                 });
             }
-            e.state = if e.machine.is_paused() {
-                VmLifecycle::Paused
+            if running {
+                entry.state = if entry.machine.is_paused() {
+                    VmLifecycle::Paused
+                } else {
+                    VmLifecycle::Running
+                };
+                None
             } else {
-                VmLifecycle::Running
-            };
-            Ok(())
-        })
-    }
-
-    /// Target side: drops an incoming VM whose migration failed.
-    pub fn abort_incoming(&self, name: &str) -> Result<(), ManagerError> {
-        let removed = {
-            let mut vms = self.lock();
-            match vms.get(name) {
-                None => return Err(ManagerError::NotFound(name.to_string())),
-                Some(e) if e.state != VmLifecycle::Incoming => {
-                    return Err(ManagerError::WrongState {
-                        name: name.to_string(),
-                        state: e.state.as_str(),
-                        needed: "incoming",
-                    });
-                }
-                Some(_) => vms.remove(name),
+                vms.remove(name)
             }
         };
         drop(removed);
@@ -482,7 +496,7 @@ mod tests {
         let m = VmManager::new();
         assert!(matches!(m.info("nope"), Err(ManagerError::NotFound(_))));
         assert!(matches!(m.delete("nope"), Err(ManagerError::NotFound(_))));
-        assert!(m.begin_migration("nope").is_err());
+        assert!(m.begin_outgoing("nope").is_err());
     }
 
     #[test]

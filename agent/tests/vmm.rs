@@ -335,3 +335,81 @@ fn triple_fault_marks_the_guest_failed_and_nothing_crashes() {
     MigrationSource::pause(&m).expect("a failed VM still pauses");
     MigrationSource::resume(&m).expect("and resumes (stays stopped)");
 }
+
+/// The manager's migration hooks: states move as migration expects and a failed
+/// migration leaves the guest running here.
+#[test]
+fn manager_migration_hooks() {
+    use agent::manager::{BootRequest, CreateVmRequest, ManagerError, VmLifecycle, VmManager};
+    if !kvm_ok() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("ab.bin");
+    std::fs::write(&image, AB_SWEEPER).expect("write image");
+    let mgr = VmManager::new();
+    let req = CreateVmRequest {
+        memory_mib: MEM_MIB,
+        vcpus: 1,
+        boot: BootRequest {
+            flat_binary: image.display().to_string(),
+            load_addr: AB_SWEEPER_LOAD_ADDR,
+        },
+        disks: vec![],
+    };
+    let state = |name: &str| mgr.info(name).map(|i| i.state);
+    assert_eq!(
+        mgr.create("m1", &req).expect("create").state,
+        VmLifecycle::Running
+    );
+    assert!(matches!(
+        mgr.create("m1", &req),
+        Err(ManagerError::AlreadyExists(_))
+    ));
+
+    let (src, was_running) = mgr.begin_outgoing("m1").expect("begin");
+    assert!(was_running);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Migrating);
+    assert!(mgr.begin_outgoing("m1").is_err(), "one migration at a time");
+    assert!(mgr.delete("m1").is_err(), "no delete while migrating");
+    assert!(mgr.pause("m1").is_err(), "no API pause while migrating");
+    src.pause().expect("sender pauses");
+    mgr.end_outgoing("m1", false);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Running);
+    assert!(
+        !mgr.machine("m1").expect("machine").is_paused(),
+        "resumed after failure"
+    );
+
+    // A paused VM stays paused after a failed migration.
+    mgr.pause("m1").expect("pause");
+    let (_src, was_running) = mgr.begin_outgoing("m1").expect("begin");
+    assert!(!was_running);
+    mgr.end_outgoing("m1", false);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Paused);
+
+    // Incoming: a name in use is refused; a new one is registered as incoming.
+    let mut spec = mgr.machine("m1").expect("machine").spec();
+    assert!(mgr.create_incoming(&spec).is_err(), "name in use");
+    spec.name = "m1-in".into();
+    let target = mgr.create_incoming(&spec).expect("incoming");
+    assert_eq!(state("m1-in").expect("info"), VmLifecycle::Incoming);
+    assert!(mgr.delete("m1-in").is_err(), "no delete while incoming");
+    target.resume().expect("resume");
+    mgr.end_incoming("m1-in", true);
+    assert_eq!(state("m1-in").expect("info"), VmLifecycle::Running);
+    spec.name = "m1-gone".into();
+    let _t = mgr.create_incoming(&spec).expect("incoming");
+    mgr.end_incoming("m1-gone", false);
+    assert!(matches!(
+        mgr.info("m1-gone"),
+        Err(ManagerError::NotFound(_))
+    ));
+
+    // Success removes the source.
+    let _ = mgr.begin_outgoing("m1").expect("begin");
+    mgr.end_outgoing("m1", true);
+    assert!(matches!(mgr.info("m1"), Err(ManagerError::NotFound(_))));
+    assert_eq!(mgr.list().len(), 1);
+}

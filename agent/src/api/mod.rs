@@ -2,10 +2,9 @@
 //! metrics, behind bearer-token auth. Routes are documented in docs/agent-api.md.
 //!
 //! Composable: [`vm_routes`] is a `Router<ApiState>` without auth or state; [`app`]
-//! merges it with any extra routes (live migration adds its own, e.g.
-//! `api::app(state, api::migration::routes())`), wraps everything in the bearer-token
-//! check and applies the state. Extra routes that need their own state can be built as
-//! `Router::new().route(..).with_state(theirs)`, which yields a router of any state type.
+//! applies the state, merges any extra `Router` (live migration adds its own, e.g.
+//! `api::app(state, api::migration::routes(service))`), and wraps everything in the
+//! bearer-token check, so extra routes are authenticated too.
 
 pub mod vms;
 
@@ -169,13 +168,14 @@ pub fn vm_routes() -> Router<ApiState> {
         .route("/metrics", get(metrics))
 }
 
-/// The whole API: [`vm_routes`] merged with `extra`, behind the token check.
-pub fn app(state: ApiState, extra: Router<ApiState>) -> Router {
+/// The whole API: [`vm_routes`] with `state`, merged with `extra` (routes with their
+/// own state already applied), all behind the token check.
+pub fn app(state: ApiState, extra: Router) -> Router {
     vm_routes()
+        .with_state(state.clone())
         .merge(extra)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state, require_token))
 }
 
 /// The API without extra routes.
