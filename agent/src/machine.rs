@@ -251,6 +251,7 @@ impl Machine {
         let shared = Arc::new(VcpuShared {
             devices: Arc::new(Devices::default()),
             stop: Mutex::new(None),
+            throttled_us: Default::default(),
         });
         let mut handles = Vec::with_capacity(usize::from(spec.vcpus));
         for id in 0..spec.vcpus {
@@ -305,6 +306,11 @@ impl Machine {
     /// The bytes the guest wrote to COM1 (the last MiB).
     pub fn console(&self) -> Vec<u8> {
         self.shared.devices.console()
+    }
+
+    /// Total time the vCPUs were held out of the guest by auto-converge.
+    pub fn throttled_time(&self) -> Duration {
+        Duration::from_micros(self.shared.throttled_us.load(Ordering::Relaxed))
     }
 
     pub fn throttle_percent(&self) -> u8 {
