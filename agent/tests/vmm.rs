@@ -451,3 +451,52 @@ fn manager_migration_hooks() {
     assert!(matches!(mgr.info("m1"), Err(ManagerError::NotFound(_))));
     assert_eq!(mgr.list().len(), 1);
 }
+
+/// A guest that reads and writes past the end of RAM (MMIO exits) and pokes an unknown
+/// port: the accesses read as all ones, are ignored, and the guest carries on.
+#[test]
+fn unknown_mmio_and_ports_are_ignored() {
+    if !kvm_ok() {
+        return;
+    }
+    let _serial = serial();
+    #[rustfmt::skip]
+    let image = [
+        0xb8, 0xff, 0xff,       // mov ax, 0xffff
+        0x8e, 0xd8,             // mov ds, ax
+        0xa0, 0x10, 0x00,       // mov al, [0x10]      ; 0x100000, past 1 MiB of RAM
+        0xba, 0xf8, 0x03,       // mov dx, 0x3f8
+        0xee,                   // out dx, al          ; prints what MMIO read
+        0xa2, 0x10, 0x00,       // mov [0x10], al      ; MMIO write, ignored
+        0xba, 0x34, 0x12,       // mov dx, 0x1234
+        0xee,                   // out dx, al          ; unknown port, ignored
+        0xec,                   // in al, dx           ; unknown port reads 0xff
+        0xba, 0xf8, 0x03,       // mov dx, 0x3f8
+        0xee,                   // out dx, al
+        0xb0, b'K',             // mov al, 'K'
+        0xee,                   // out dx, al
+        0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+    ];
+    let spec = new_spec(
+        "mmio",
+        1,
+        1,
+        BootSpec {
+            flat_binary: "(test)".into(),
+            load_addr: 0x7c00,
+        },
+        vec![],
+    );
+    let m = Machine::boot_image(spec, &image).expect("boots");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.console().contains(&b'K') {
+        assert!(
+            Instant::now() < deadline,
+            "guest did not get past the accesses"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(m.console(), vec![0xff, 0xff, b'K']);
+    assert!(m.guest_stop().is_none(), "{:?}", m.guest_stop());
+    MigrationSource::pause(&m).expect("a halted guest pauses");
+}
