@@ -1,1 +1,2 @@
-//! stagehand-nbd: the storage node's NBD server (see README.md).
+//! stagehand-nbd: the storage node's NBD server (see README.md and docs/nbd-protocol.md).
+pub mod codec;
