@@ -10,12 +10,12 @@
 //! semaphore (one per request plus one per 64 KiB of payload) from before its
 //! payload is read until its reply has been written.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,8 @@ const HOLE_CHECK_MIN: u64 = 64 << 10;
 const MAX_EXTENTS: usize = 16 << 10;
 /// Socket buffers of the reader and writer.
 const IO_BUF: usize = 256 << 10;
+/// Payloads at least this long are written from their own buffer, not copied.
+const DIRECT_WRITE_MIN: usize = 64 << 10;
 
 /// Everything a request handler needs, shared by the connection's tasks.
 pub(crate) struct ConnCtx {
@@ -170,16 +172,41 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
     failed: CancellationToken,
 ) {
-    let mut w = BufWriter::with_capacity(IO_BUF, writer);
+    // Small replies are gathered here; a large payload goes out in one writev
+    // together with whatever is gathered and its own header (no copy, and no
+    // header alone in its own TCP segment).
+    let mut stage: Vec<u8> = Vec::with_capacity(IO_BUF);
     let res: io::Result<()> = async {
-        while let Some(f) = rx.recv().await {
-            write_frame(&mut w, f).await?;
-            while let Ok(f) = rx.try_recv() {
-                write_frame(&mut w, f).await?;
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(f) = next {
+                match &f.data {
+                    Some(d) if d.len() >= DIRECT_WRITE_MIN => {
+                        write_all_vectored(&mut w, [&stage[..], &f.head[..], &d[..]]).await?;
+                        stage.clear();
+                    }
+                    data => {
+                        stage.extend_from_slice(&f.head);
+                        if let Some(d) = data {
+                            stage.extend_from_slice(d);
+                        }
+                        if stage.len() >= IO_BUF {
+                            w.write_all(&stage).await?;
+                            stage.clear();
+                        }
+                    }
+                }
+                // Dropping the frame here releases its permit: its bytes are out.
+                drop(f);
+                next = rx.try_recv().ok();
+            }
+            if !stage.is_empty() {
+                w.write_all(&stage).await?;
+                stage.clear();
             }
             w.flush().await?;
         }
@@ -194,10 +221,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, f: Frame) -> io::Result<()> {
-    w.write_all(&f.head).await?;
-    if let Some(d) = &f.data {
-        w.write_all(d).await?;
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    let mut slices = parts.map(IoSlice::new);
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
 }
@@ -382,7 +415,12 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
     }
     let (buf, r) = ctx
         .engine
-        .read_exact(&ctx.export.file, req.offset, ctx.pool.get(len))
+        .read_exact(
+            &ctx.export.file,
+            Some(&ctx.export.nowait),
+            req.offset,
+            ctx.pool.get(len),
+        )
         .await;
     if let Err(e) = r {
         let Fail(errno, msg) = io_fail(&e);
@@ -452,7 +490,13 @@ async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(),
     let n = buf.len() as u64;
     let (_buf, r) = ctx
         .engine
-        .write_all(&ctx.export.file, req.offset, buf, fua)
+        .write_all(
+            &ctx.export.file,
+            Some(&ctx.export.nowait),
+            req.offset,
+            buf,
+            fua,
+        )
         .await;
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
@@ -608,7 +652,13 @@ async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fa
         buf.truncate(n);
         let (b, r) = ctx
             .engine
-            .write_all(&ctx.export.file, offset + pos, buf, false)
+            .write_all(
+                &ctx.export.file,
+                Some(&ctx.export.nowait),
+                offset + pos,
+                buf,
+                false,
+            )
             .await;
         buf = b;
         r.map_err(|e| io_fail(&e))?;
