@@ -148,8 +148,9 @@ impl Server {
 /// Binds and serves `config` until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let server = Server::bind(&config).await?;
+    tracing::info!(engine = server.state.engine.name(), exports = server.state.registry.list().len(), "ready");
     if let Some(a) = server.tcp_addr() {
-        tracing::info!(%a, engine = server.state.engine.name(), "listening on TCP");
+        tracing::info!(%a, "listening on TCP");
         // A machine-readable line for scripts and tests that asked for port 0.
         println!("stagehand-nbd: listening on tcp {a}");
     }
