@@ -356,7 +356,6 @@ fn io_fail(e: &io::Error) -> Fail {
 async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Frame {
     let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
     let checked = check_flags(&req, allowed)
-        .and_then(|_| check_range(&ctx.export, &req, EINVAL))
         .and_then(|_| {
             if req.length > MAX_PAYLOAD as u64 {
                 Err(Fail(
@@ -366,7 +365,8 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
             } else {
                 Ok(())
             }
-        });
+        })
+        .and_then(|_| check_range(&ctx.export, &req, EINVAL));
     if let Err(Fail(errno, msg)) = checked {
         return error_frame(ctx, &req, errno, msg, Some(permit));
     }

@@ -148,7 +148,11 @@ impl Server {
 /// Binds and serves `config` until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let server = Server::bind(&config).await?;
-    tracing::info!(engine = server.state.engine.name(), exports = server.state.registry.list().len(), "ready");
+    tracing::info!(
+        engine = server.state.engine.name(),
+        exports = server.state.registry.list().len(),
+        "ready"
+    );
     if let Some(a) = server.tcp_addr() {
         tracing::info!(%a, "listening on TCP");
         // A machine-readable line for scripts and tests that asked for port 0.

@@ -327,7 +327,10 @@ fn unix_socket_and_thread_engine() {
     assert!(f[4096..4096 + (64 << 10)].iter().all(|b| *b == 0x77));
     let (ok, log) = d.terminate(Duration::from_secs(10));
     assert!(ok, "unclean exit: {log}");
-    assert!(log.contains("engine=\"threads\""), "thread engine not used: {log}");
+    assert!(
+        log.contains("engine=\"threads\""),
+        "thread engine not used: {log}"
+    );
     assert!(!sock.exists(), "socket file left behind");
 }
 
