@@ -167,6 +167,7 @@ impl Export {
         } else {
             return Err(ExportError::NotFileOrDevice(spec.path.clone()));
         };
+        let nowait = NoWait::for_file(&file);
         Ok(Self {
             name: spec.name.clone(),
             path: spec.path.clone(),
@@ -178,7 +179,7 @@ impl Export {
             description: spec.description.clone(),
             lease: LeaseGate::new_unleased(),
             stats: ExportStats::default(),
-            nowait: NoWait::default(),
+            nowait,
         })
     }
 

@@ -25,12 +25,19 @@ use tokio::sync::oneshot;
 
 use crate::bufpool::Buf;
 
-/// Whether non-blocking inline I/O (`RWF_NOWAIT`) works on one file. Starts
-/// optimistic; the first `EOPNOTSUPP` turns it off for that file for good.
+/// Inline I/O on one file: done on the calling task when it cannot wait for a
+/// device, skipping the trip through the engine's thread.
+///
+/// - Files on memory filesystems (tmpfs, ramfs, hugetlbfs) never wait for a
+///   device: every read and write on them is a memory copy, done inline.
+/// - Elsewhere, `RWF_NOWAIT` tries the page cache and fails with EAGAIN instead
+///   of waiting. It starts optimistic; the first EOPNOTSUPP turns it off for that
+///   file for good (some filesystems have no NOWAIT for buffered writes).
 #[derive(Debug)]
 pub struct NoWait {
     read: AtomicBool,
     write: AtomicBool,
+    memory: bool,
 }
 
 impl Default for NoWait {
@@ -38,7 +45,110 @@ impl Default for NoWait {
         Self {
             read: AtomicBool::new(true),
             write: AtomicBool::new(true),
+            memory: false,
         }
+    }
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// True when `file` lives on a memory filesystem.
+pub fn on_memory_fs(file: &File) -> bool {
+    // SAFETY: statfs is plain data; all-zero is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs through the pointer, which is live.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) };
+    r == 0
+        && matches!(
+            st.f_type as i64,
+            TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+        )
+}
+
+impl NoWait {
+    /// The inline policy for `file` (memory filesystem or not).
+    pub fn for_file(file: &File) -> Self {
+        Self {
+            memory: on_memory_fs(file),
+            ..Self::default()
+        }
+    }
+
+    /// True when every operation on the file is done inline.
+    pub fn memory(&self) -> bool {
+        self.memory
+    }
+
+    fn flags(&self) -> i32 {
+        if self.memory { 0 } else { libc::RWF_NOWAIT }
+    }
+}
+
+impl NoWait {
+    /// Reads into `buf[*pos..]` from `offset + *pos` inline, for as long as that
+    /// does not block (`RWF_NOWAIT`: data already in the page cache). On return
+    /// `*pos` says how far it got; the caller hands the rest to the engine.
+    pub fn read(
+        &self,
+        file: &File,
+        offset: u64,
+        buf: &mut [u8],
+        pos: &mut usize,
+    ) -> io::Result<()> {
+        while self.read.load(Ordering::Relaxed) && *pos < buf.len() {
+            let rest = &mut buf[*pos..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: one iovec over memory we borrow mutably for the call; with
+            // RWF_NOWAIT (or on a memory filesystem) the call never waits for a device.
+            let r = unsafe {
+                libc::preadv2(
+                    file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + *pos as u64) as i64,
+                    self.flags(),
+                )
+            };
+            match try_nowait(&self.read, r) {
+                Some(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Some(Ok(n)) => *pos += n,
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf[*pos..]` inline while that does not block; see [`NoWait::read`].
+    pub fn write(&self, file: &File, offset: u64, buf: &[u8], pos: &mut usize) -> io::Result<()> {
+        while self.write.load(Ordering::Relaxed) && *pos < buf.len() {
+            let rest = &buf[*pos..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr().cast_mut().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: as in `read`; the kernel only reads from the buffer.
+            let r = unsafe {
+                libc::pwritev2(
+                    file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + *pos as u64) as i64,
+                    self.flags(),
+                )
+            };
+            match try_nowait(&self.write, r) {
+                Some(Ok(0)) | None => break,
+                Some(Ok(n)) => *pos += n,
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -192,33 +302,10 @@ impl IoEngine {
         mut buf: Buf,
     ) -> (Buf, io::Result<()>) {
         let mut pos = 0;
-        if let Some(nw) = nowait.filter(|nw| nw.read.load(Ordering::Relaxed)) {
-            while pos < buf.len() {
-                let iov = libc::iovec {
-                    // SAFETY: `pos < len`, so the pointer stays within the buffer.
-                    iov_base: unsafe { buf.as_mut_ptr().add(pos) }.cast(),
-                    iov_len: buf.len() - pos,
-                };
-                // SAFETY: one iovec over memory we own; RWF_NOWAIT makes the call
-                // return EAGAIN instead of waiting for I/O, so it cannot stall the task.
-                let r = unsafe {
-                    libc::preadv2(
-                        file.as_raw_fd(),
-                        &iov,
-                        1,
-                        (offset + pos as u64) as i64,
-                        libc::RWF_NOWAIT,
-                    )
-                };
-                match try_nowait(&nw.read, r) {
-                    Some(Ok(0)) => {
-                        return (buf, Err(io::Error::from(io::ErrorKind::UnexpectedEof)));
-                    }
-                    Some(Ok(n)) => pos += n,
-                    Some(Err(e)) => return (buf, Err(e)),
-                    None => break,
-                }
-            }
+        if let Some(nw) = nowait
+            && let Err(e) = nw.read(file, offset, &mut buf, &mut pos)
+        {
+            return (buf, Err(e));
         }
         while pos < buf.len() {
             let (b, r) = self
@@ -247,29 +334,10 @@ impl IoEngine {
         fua: bool,
     ) -> (Buf, io::Result<()>) {
         let mut pos = 0;
-        if let Some(nw) = nowait.filter(|nw| !fua && nw.write.load(Ordering::Relaxed)) {
-            while pos < buf.len() {
-                let iov = libc::iovec {
-                    // SAFETY: `pos < len`, so the pointer stays within the buffer.
-                    iov_base: unsafe { buf.as_mut_ptr().add(pos) }.cast(),
-                    iov_len: buf.len() - pos,
-                };
-                // SAFETY: as in `read_exact`; the kernel only reads the buffer.
-                let r = unsafe {
-                    libc::pwritev2(
-                        file.as_raw_fd(),
-                        &iov,
-                        1,
-                        (offset + pos as u64) as i64,
-                        libc::RWF_NOWAIT,
-                    )
-                };
-                match try_nowait(&nw.write, r) {
-                    Some(Ok(0)) | None => break,
-                    Some(Ok(n)) => pos += n,
-                    Some(Err(e)) => return (buf, Err(e)),
-                }
-            }
+        if let Some(nw) = nowait.filter(|_| !fua)
+            && let Err(e) = nw.write(file, offset, &buf, &mut pos)
+        {
+            return (buf, Err(e));
         }
         while pos < buf.len() {
             let kind = OpKind::Write { dsync: fua };
