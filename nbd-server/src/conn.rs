@@ -450,11 +450,12 @@ fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> R
     let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
     let too_long = if ctx.structured { EOVERFLOW } else { EINVAL };
     let checked = check_flags(req, allowed)
-        .and_then(|_| match req.length > MAX_PAYLOAD as u64 {
-            true => Err(Fail(too_long, "read longer than 32 MiB")),
-            false => Ok(()),
-        })
-        .and_then(|_| check_range(&ctx.export, req, EINVAL));
+        .and_then(|()| {
+            if req.length > MAX_PAYLOAD as u64 {
+                return Err(Fail(too_long, "read longer than 32 MiB"));
+            }
+            check_range(&ctx.export, req, EINVAL)
+        });
     if let Err(Fail(errno, msg)) = checked {
         return ReadStep::Done(error_frame(ctx, req, errno, msg, Some(permit)));
     }

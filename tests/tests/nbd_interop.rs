@@ -2,6 +2,9 @@
 //! qemu 10 negotiates extended headers; libnbd 1.14 (nbdinfo, nbdcopy, fio) does
 //! not, so both reply formats are exercised.
 
+// Test helpers panic to report a failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::Duration;
 
