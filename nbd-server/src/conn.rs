@@ -449,13 +449,12 @@ enum ReadStep {
 fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> ReadStep {
     let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
     let too_long = if ctx.structured { EOVERFLOW } else { EINVAL };
-    let checked = check_flags(req, allowed)
-        .and_then(|()| {
-            if req.length > MAX_PAYLOAD as u64 {
-                return Err(Fail(too_long, "read longer than 32 MiB"));
-            }
-            check_range(&ctx.export, req, EINVAL)
-        });
+    let checked = check_flags(req, allowed).and_then(|()| {
+        if req.length > MAX_PAYLOAD as u64 {
+            return Err(Fail(too_long, "read longer than 32 MiB"));
+        }
+        check_range(&ctx.export, req, EINVAL)
+    });
     if let Err(Fail(errno, msg)) = checked {
         return ReadStep::Done(error_frame(ctx, req, errno, msg, Some(permit)));
     }
