@@ -359,3 +359,52 @@ fn sigterm_shuts_down_cleanly_with_data_on_disk() {
             .all(|b| *b == 0x42)
     );
 }
+
+#[test]
+fn memory_filesystem_export_uses_the_inline_path_correctly() {
+    require_tool!("nbdcopy");
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("SKIPPED: /dev/shm (tmpfs) missing");
+        return;
+    };
+    let img = dir.path().join("m.img");
+    let src = dir.path().join("src.raw");
+    let back = dir.path().join("back.raw");
+    let mut data = pattern(16 << 20, 21);
+    data[2 << 20..6 << 20].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    sparse_file(&img, 16 << 20);
+    let d = start_nbd(&["--export", &format!("m={},unleased", img.display())]);
+    let u = uri(&d, "m");
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["-C", "4", "--request-size=65536"])
+            .arg(&src)
+            .arg(&u),
+        T,
+    );
+    run_ok(
+        Command::new("nbdcopy").args(["-C", "4"]).arg(&u).arg(&back),
+        T,
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "round trip through tmpfs differs"
+    );
+    if stagehand_tests::have_tool("qemu-io") {
+        let out = run_ok(
+            Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x61 1M 4k",
+                    "-c",
+                    "read -P 0x61 1M 4k",
+                ])
+                .arg(&u),
+            T,
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
