@@ -131,6 +131,15 @@ impl Drop for Batch<'_> {
     }
 }
 
+/// Largest request answered inline. Larger copies go to the engine's thread, so
+/// that they overlap with the connection's socket I/O.
+const INLINE_MAX: u64 = 128 << 10;
+
+/// The inline policy for an I/O of `len` bytes (see [`INLINE_MAX`]).
+fn inline_for(ctx: &ConnCtx, len: u64) -> Option<&crate::io::NoWait> {
+    (len <= INLINE_MAX).then_some(&ctx.export.nowait)
+}
+
 /// Most replies gathered before the reader hands them over anyway.
 const MAX_BATCH: usize = 64;
 
@@ -207,15 +216,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
             None
         };
         // Fast path: answer in place when no I/O wait is needed.
+        let small = req.length <= INLINE_MAX;
         let (permit, payload) = match (req.command, payload) {
-            (CMD_READ, None) => match read_inline(ctx, &req, permit) {
+            (CMD_READ, None) if small => match read_inline(ctx, &req, permit) {
                 Ok(f) => {
                     batch.frames.push(f);
                     continue;
                 }
                 Err(p) => (p, None),
             },
-            (CMD_WRITE, Some(buf)) => match write_inline(ctx, &req, buf, permit) {
+            (CMD_WRITE, Some(buf)) if small => match write_inline(ctx, &req, buf, permit) {
                 Ok(f) => {
                     batch.frames.push(f);
                     if batch.frames.len() >= MAX_BATCH {
@@ -569,7 +579,12 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
     let buf = ctx.pool.get(req.length as usize);
     let (buf, r) = ctx
         .engine
-        .read_exact(&ctx.export.file, Some(&ctx.export.nowait), req.offset, buf)
+        .read_exact(
+            &ctx.export.file,
+            inline_for(ctx, req.length),
+            req.offset,
+            buf,
+        )
         .await;
     match r {
         Ok(()) => read_data_frame(ctx, &req, buf, permit),
@@ -661,13 +676,7 @@ async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(),
     let n = buf.len() as u64;
     let (_buf, r) = ctx
         .engine
-        .write_all(
-            &ctx.export.file,
-            Some(&ctx.export.nowait),
-            req.offset,
-            buf,
-            fua,
-        )
+        .write_all(&ctx.export.file, inline_for(ctx, n), req.offset, buf, fua)
         .await;
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
@@ -825,7 +834,7 @@ async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fa
             .engine
             .write_all(
                 &ctx.export.file,
-                Some(&ctx.export.nowait),
+                inline_for(ctx, n as u64),
                 offset + pos,
                 buf,
                 false,
