@@ -253,9 +253,23 @@ fn nbdcopy_both_ways_with_four_connections() {
         Command::new("nbdcopy").args(["-C", "4"]).arg(&src).arg(&u),
         T,
     );
+    // 256 KiB reads (nbdcopy's default) go out with sendfile, over TCP and Unix.
     run_ok(
         Command::new("nbdcopy").args(["-C", "4"]).arg(&u).arg(&back),
         T,
+    );
+    let back2 = dir.path().join("back2.raw");
+    let unix = format!("nbd+unix:///m?socket={}", sock.display());
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["-C", "2", "--request-size=524288"])
+            .arg(&unix)
+            .arg(&back2),
+        T,
+    );
+    assert!(
+        std::fs::read(&back2).unwrap() == data,
+        "sendfile over a Unix socket differs"
     );
     assert!(
         std::fs::read(&back).unwrap() == data,
@@ -374,7 +388,13 @@ fn memory_filesystem_export_uses_the_inline_path_correctly() {
     data[2 << 20..6 << 20].fill(0);
     std::fs::write(&src, &data).unwrap();
     sparse_file(&img, 16 << 20);
-    let d = start_nbd(&["--export", &format!("m={},unleased", img.display())]);
+    let sock = dir.path().join("m.sock");
+    let d = start_nbd(&[
+        "--unix",
+        sock.to_str().unwrap(),
+        "--export",
+        &format!("m={},unleased", img.display()),
+    ]);
     let u = uri(&d, "m");
     run_ok(
         Command::new("nbdcopy")
