@@ -1,2 +1,3 @@
 //! stagehand-agent: KVM host agent (see README.md).
 pub mod contract;
+pub mod migration;
