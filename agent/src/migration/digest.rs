@@ -68,6 +68,27 @@ impl ChunkDigests {
         )
     }
 
+    fn zero_of(&self, len: u64) -> Digest {
+        if len == self.chunk_size {
+            self.zero_full
+        } else {
+            zero_digest(len)
+        }
+    }
+
+    /// Records chunk `c` as all zero (known without reading it).
+    pub fn record_zero(&self, c: u64) {
+        let (_, len) = self.chunk_range(c);
+        let d = self.zero_of(len);
+        let mut g = self
+            .digests
+            .lock()
+            .expect("digest lock is never poisoned: no panics under it");
+        if let Some(slot) = g.get_mut(c as usize) {
+            *slot = d;
+        }
+    }
+
     /// Digest of chunk `c`'s bytes, given as `data` (a copy the caller already made).
     pub fn record(&self, c: u64, data: &[u8]) {
         let d = if is_zero(data) {
@@ -103,6 +124,7 @@ impl ChunkDigests {
         &self,
         mem: &GuestMemoryMmap<AtomicBitmap>,
         c: u64,
+        known_zero: bool,
         scratch: &mut Vec<u8>,
     ) -> Result<(), vm_memory::GuestMemoryError> {
         if self
@@ -113,12 +135,16 @@ impl ChunkDigests {
             return Ok(());
         }
         let (start, len) = self.chunk_range(c);
-        scratch.resize(len as usize, 0);
-        mem.read_slice(scratch, GuestAddress(start))?;
-        let d = if is_zero(scratch) {
-            zero_digest(len)
+        let d = if known_zero {
+            self.zero_of(len)
         } else {
-            *blake3::hash(scratch).as_bytes()
+            scratch.resize(len as usize, 0);
+            mem.read_slice(scratch, GuestAddress(start))?;
+            if is_zero(scratch) {
+                self.zero_of(len)
+            } else {
+                *blake3::hash(scratch).as_bytes()
+            }
         };
         let mut g = self
             .digests

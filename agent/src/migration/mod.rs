@@ -15,6 +15,7 @@ pub mod digest;
 pub mod policy;
 pub mod protocol;
 pub mod receiver;
+pub mod resident;
 pub mod sender;
 pub mod service;
 pub mod stats;

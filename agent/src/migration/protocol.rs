@@ -620,6 +620,15 @@ impl Message {
 }
 
 fn decode_memory(raw: &[u8]) -> Result<Message, ProtocolError> {
+    let (ranges, data) = parse_memory_raw(raw)?;
+    Ok(Message::Memory {
+        ranges,
+        data: data.to_vec(),
+    })
+}
+
+/// Parses an uncompressed Memory payload without copying its page bytes.
+fn parse_memory_raw(raw: &[u8]) -> Result<(Vec<MemRange>, &[u8]), ProtocolError> {
     let mut r = Reader {
         buf: raw,
         cmd: Command::Memory,
@@ -634,8 +643,8 @@ fn decode_memory(raw: &[u8]) -> Result<Message, ProtocolError> {
         let gpa = r.u64()?;
         let len = r.u64()?;
         if len == 0
-            || gpa % PAGE_SIZE != 0
-            || len % PAGE_SIZE != 0
+            || !gpa.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
             || gpa.checked_add(len).is_none()
         {
             return Err(ProtocolError::BadRange { gpa, len });
@@ -648,10 +657,47 @@ fn decode_memory(raw: &[u8]) -> Result<Message, ProtocolError> {
     if r.buf.len() as u64 != total {
         return Err(ProtocolError::BadLength(Command::Memory));
     }
-    Ok(Message::Memory {
-        ranges,
-        data: r.rest().to_vec(),
-    })
+    Ok((ranges, r.rest()))
+}
+
+/// The receiver's fast path for Memory frames: ranges plus the page bytes, borrowed
+/// from `payload` (or from `decompressed`, which holds the decompressed payload).
+pub fn parse_memory<'a>(
+    h: &FrameHeader,
+    payload: &'a [u8],
+    decompressed: &'a mut Vec<u8>,
+) -> Result<(Vec<MemRange>, &'a [u8]), ProtocolError> {
+    if h.cmd != Command::Memory || payload.len() as u64 != h.length {
+        return Err(ProtocolError::BadLength(h.cmd));
+    }
+    match Compression::from_flag(h.flags)? {
+        Compression::None => parse_memory_raw(payload),
+        c => {
+            *decompressed = decompress(c, payload)?;
+            parse_memory_raw(decompressed)
+        }
+    }
+}
+
+/// Header and range table of an uncompressed Memory frame whose page bytes (`data_len`
+/// of them, in range order) the caller writes right after, straight from its buffer.
+pub fn memory_frame_prefix(ranges: &[MemRange], data_len: u64) -> Vec<u8> {
+    let table = 4 + 16 * ranges.len() as u64;
+    let mut out = Vec::with_capacity(HEADER_LEN + table as usize);
+    out.extend_from_slice(
+        &FrameHeader {
+            cmd: Command::Memory,
+            flags: 0,
+            length: table + data_len,
+        }
+        .encode(),
+    );
+    out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    for r in ranges {
+        out.extend_from_slice(&r.gpa.to_le_bytes());
+        out.extend_from_slice(&r.len.to_le_bytes());
+    }
+    out
 }
 
 /// Compressed payloads start with the uncompressed length (u32 LE) so the receiver can
@@ -936,6 +982,37 @@ mod tests {
             Message::decode(&h, &b[HEADER_LEN..]),
             Err(ProtocolError::BadLength(Command::Memory))
         );
+    }
+
+    #[test]
+    fn prefix_plus_bytes_equals_encode_and_parses_without_copy() {
+        let ranges = vec![
+            MemRange {
+                gpa: 0x2000,
+                len: 0x1000,
+            },
+            MemRange {
+                gpa: 0x8000,
+                len: 0x2000,
+            },
+        ];
+        let data: Vec<u8> = (0..0x3000u32).map(|i| (i * 7) as u8).collect();
+        let mut frame = memory_frame_prefix(&ranges, data.len() as u64);
+        frame.extend_from_slice(&data);
+        let m = Message::Memory {
+            ranges: ranges.clone(),
+            data: data.clone(),
+        };
+        assert_eq!(frame, m.encode(Compression::None));
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let b = m.encode(c);
+            let mut hdr = [0u8; HEADER_LEN];
+            hdr.copy_from_slice(&b[..HEADER_LEN]);
+            let h = FrameHeader::parse(&hdr).expect("header");
+            let mut d = Vec::new();
+            let (r, bytes) = parse_memory(&h, &b[HEADER_LEN..], &mut d).expect("parses");
+            assert_eq!((r, bytes), (ranges.clone(), &data[..]));
+        }
     }
 
     #[test]

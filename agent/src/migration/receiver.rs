@@ -30,6 +30,7 @@ use super::VmHost;
 use super::digest::ChunkDigests;
 use super::protocol::{
     self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, auth,
+    parse_memory,
 };
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationTarget, VmSpec};
@@ -150,9 +151,17 @@ impl Session {
             off += len;
         }
         for c in touched {
-            self.digests
-                .rehash(mem, c, scratch)
-                .map_err(|e| e.to_string())?;
+            // A frame that carries a whole chunk is hashed from its own bytes; anything
+            // else is hashed from memory after the write.
+            match ranges {
+                [r] if (r.gpa, r.len) == self.digests.chunk_range(c) => {
+                    self.digests.record(c, data)
+                }
+                _ => self
+                    .digests
+                    .rehash(mem, c, scratch)
+                    .map_err(|e| e.to_string())?,
+            }
         }
         Ok(())
     }
@@ -410,13 +419,21 @@ impl Receiver {
             .name("mig-scan".into())
             .spawn(move || {
                 let mut scratch = Vec::new();
+                let mem = scanner.target.guest_memory();
+                // Chunks never populated are zero without reading them.
+                let populated = super::resident::populated(mem);
+                let ppc = scanner.digests.chunk_size() / crate::contract::PAGE_SIZE;
+                let pages = scanner.mem_size / crate::contract::PAGE_SIZE;
                 for c in 0..scanner.digests.chunks() {
                     if scanner.ended.load(Ordering::SeqCst) {
                         break;
                     }
+                    let known_zero = populated.as_ref().is_some_and(|p| {
+                        !super::bitmap::any_in(p, c * ppc, ((c + 1) * ppc).min(pages))
+                    });
                     scanner
                         .digests
-                        .scan_initial(scanner.target.guest_memory(), c, &mut scratch)
+                        .scan_initial(mem, c, known_zero, &mut scratch)
                         .map_err(|e| e.to_string())?;
                 }
                 Ok(())
@@ -491,39 +508,36 @@ impl Receiver {
             return;
         }
         let mut state = ReceiverState::Data;
-        let mut scratch = Vec::new();
+        let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
         loop {
-            let msg = match conn.recv() {
-                Ok(m) => m,
+            let h = match conn.recv_frame(&mut payload) {
+                Ok(h) => h,
                 Err(_) => return, // The control connection decides the outcome.
             };
             if session.closed.load(Ordering::SeqCst) {
                 conn.send_error(ErrorCode::Protocol, "the session no longer accepts memory");
                 return;
             }
-            state = match state.next(msg.command()) {
+            state = match state.next(h.cmd) {
                 Ok(s) => s,
                 Err(e) => {
                     conn.send_error(ErrorCode::Protocol, &e.to_string());
                     return;
                 }
             };
-            match msg {
-                Message::Memory { ranges, data } => {
-                    if let Err(e) = session.apply(&ranges, &data, &mut scratch) {
-                        conn.send_error(ErrorCode::Protocol, &e);
-                        return;
-                    }
-                }
-                Message::Sync { .. } => {
-                    if conn
-                        .send(&Message::Ok { payload: vec![] }, Compression::None)
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+            let applied = match h.cmd {
+                Command::Memory => parse_memory(&h, &payload, &mut decompressed)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(ranges, data)| session.apply(&ranges, data, &mut scratch)),
+                Command::Sync => conn
+                    .send(&Message::Ok { payload: vec![] }, Compression::None)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 _ => return,
+            };
+            if let Err(e) = applied {
+                conn.send_error(ErrorCode::Protocol, &e);
+                return;
             }
         }
     }
@@ -534,23 +548,29 @@ impl Receiver {
 fn drive_control(conn: &mut Conn, s: &Session) -> Result<ReceiverState, (ErrorCode, String)> {
     let mut state = ReceiverState::Memory;
     let mut saved: Option<Vec<u8>> = None;
-    let mut scratch = Vec::new();
+    let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
     loop {
-        let msg = conn
-            .recv()
+        let h = conn
+            .recv_frame(&mut payload)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
         state = state
-            .next(msg.command())
+            .next(h.cmd)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        if h.cmd == Command::Memory {
+            let (ranges, data) = parse_memory(&h, &payload, &mut decompressed)
+                .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+            s.apply(&ranges, data, &mut scratch)
+                .map_err(|e| (ErrorCode::Protocol, e))?;
+            continue;
+        }
+        let msg =
+            Message::decode(&h, &payload).map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
         let ok = |conn: &mut Conn| {
             conn.send(&Message::Ok { payload: vec![] }, Compression::None)
                 .map(|_| ())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))
         };
         match msg {
-            Message::Memory { ranges, data } => s
-                .apply(&ranges, &data, &mut scratch)
-                .map_err(|e| (ErrorCode::Protocol, e))?,
             Message::Sync { .. } => ok(conn)?,
             Message::State { state: st } => {
                 // Data connections were synced before State; no more memory may land.

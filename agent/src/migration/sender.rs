@@ -141,6 +141,8 @@ struct PassCtx<'a> {
     chunks: &'a [u64],
     next: AtomicUsize,
     skip_zero: bool,
+    /// Pass 0 only: pages the guest ever populated (`resident::populated`).
+    populated: Option<&'a [u64]>,
     out: &'a Outgoing,
     limiter: &'a Mutex<RateLimiter>,
     compression: Compression,
@@ -191,6 +193,8 @@ fn migrate(
     tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), "migration set up");
 
     let digests = ChunkDigests::zeroed(mem_size, CHUNK_SIZE);
+    // Read after the dirty log started: a page populated later is in a dirty set.
+    let populated = super::resident::populated(mem);
     let limiter = Mutex::new(RateLimiter::new());
     let mut precopy = Precopy::new();
     let mut dirty = bitmap::all(pages);
@@ -210,6 +214,11 @@ fn migrate(
                 chunks: &bitmap::dirty_chunks(&dirty, pages, CHUNK_SIZE / PAGE_SIZE),
                 next: AtomicUsize::new(0),
                 skip_zero: pass == 0,
+                populated: if pass == 0 {
+                    populated.as_deref()
+                } else {
+                    None
+                },
                 out,
                 limiter: &limiter,
                 compression: p.compression,
@@ -297,6 +306,7 @@ fn migrate(
             chunks: &bitmap::dirty_chunks(&last, pages, CHUNK_SIZE / PAGE_SIZE),
             next: AtomicUsize::new(0),
             skip_zero: false,
+            populated: None,
             out,
             limiter: &limiter,
             compression: p.compression,
@@ -438,7 +448,6 @@ fn run_pass(conns: &mut [Conn], ctx: &PassCtx<'_>, pages: u64) -> Result<u64, Se
 fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
     let ppc = CHUNK_SIZE / PAGE_SIZE;
     let mut scratch = Vec::with_capacity(CHUNK_SIZE as usize);
-    let mut data = Vec::with_capacity(CHUNK_SIZE as usize);
     let mut sent = 0u64;
     let counters = &ctx.out.counters;
     loop {
@@ -446,6 +455,28 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         let Some(&c) = ctx.chunks.get(i) else { break };
         if ctx.cancellable && ctx.out.cancel_requested() {
             return Err(SendError::Cancelled);
+        }
+        let first = c * ppc;
+        let end_page = (first + ppc).min(pages);
+        let considered = (first..end_page)
+            .filter(|p| bitmap::is_set(ctx.dirty, *p))
+            .count() as u64;
+        let pending = |n: u64| {
+            let _ = counters
+                .pass_pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n * PAGE_SIZE))
+                });
+        };
+        // Pass 0: a chunk the guest never populated is zero; no need to read it.
+        if ctx
+            .populated
+            .is_some_and(|p| !bitmap::any_in(p, first, end_page))
+        {
+            ctx.digests.record_zero(c);
+            counters.zero_pages.fetch_add(considered, Ordering::Relaxed);
+            pending(considered);
+            continue;
         }
         let (start, len) = ctx.digests.chunk_range(c);
         scratch.resize(len as usize, 0);
@@ -456,17 +487,13 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         ctx.digests.record(c, &scratch);
 
         let mut ranges: Vec<MemRange> = Vec::new();
-        data.clear();
-        let first = c * ppc;
-        let mut considered = 0u64;
-        for page in first..(first + ppc).min(pages) {
+        let mut bytes = 0u64;
+        for page in first..end_page {
             if !bitmap::is_set(ctx.dirty, page) {
                 continue;
             }
-            considered += 1;
             let off = ((page - first) * PAGE_SIZE) as usize;
-            let bytes = &scratch[off..off + PAGE_SIZE as usize];
-            if ctx.skip_zero && is_zero(bytes) {
+            if ctx.skip_zero && is_zero(&scratch[off..off + PAGE_SIZE as usize]) {
                 counters.zero_pages.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -478,34 +505,33 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
                     len: PAGE_SIZE,
                 }),
             }
-            data.extend_from_slice(bytes);
+            bytes += PAGE_SIZE;
         }
         if !ranges.is_empty() {
-            throttle_send(ctx, data.len() as u64)?;
-            let msg = Message::Memory {
-                ranges: std::mem::take(&mut ranges),
-                data: std::mem::take(&mut data),
+            throttle_send(ctx, bytes)?;
+            let slices = ranges.iter().map(|r| {
+                let off = (r.gpa - start) as usize;
+                &scratch[off..off + r.len as usize]
+            });
+            let wire = if ctx.compression == Compression::None {
+                // Straight from the chunk copy: no frame buffer.
+                let prefix = protocol::memory_frame_prefix(&ranges, bytes);
+                conn.send_parts(std::iter::once(&prefix[..]).chain(slices))?
+            } else {
+                let mut data = Vec::with_capacity(bytes as usize);
+                slices.for_each(|s| data.extend_from_slice(s));
+                conn.send(&Message::Memory { ranges, data }, ctx.compression)?
             };
-            let wire = conn.send(&msg, ctx.compression)?;
-            if let Message::Memory { data: d, .. } = msg {
-                data = d;
-            }
             counters
                 .wire_bytes
                 .fetch_add(wire as u64, Ordering::Relaxed);
-            counters
-                .ram_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            counters.ram_bytes.fetch_add(bytes, Ordering::Relaxed);
             counters
                 .normal_pages
-                .fetch_add(data.len() as u64 / PAGE_SIZE, Ordering::Relaxed);
-            sent += data.len() as u64;
+                .fetch_add(bytes / PAGE_SIZE, Ordering::Relaxed);
+            sent += bytes;
         }
-        let _ = counters
-            .pass_pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(considered * PAGE_SIZE))
-            });
+        pending(considered);
     }
     let wire = conn.send(&Message::Sync { pass: ctx.pass }, Compression::None)?;
     counters

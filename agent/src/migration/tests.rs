@@ -167,7 +167,10 @@ fn migrates_a_sweeping_guest_with_streams_and_compression() {
 fn forced_non_convergence_then_raised_limits_converge() {
     let rt = runtime();
     let (src, dst) = (agent(&rt, Some("tok")), agent(&rt, Some("tok")));
-    src.host.add_running("vm1", MEM_MIB);
+    let vm = src.host.add_running("vm1", MEM_MIB);
+    wait_until(Duration::from_secs(5), "first sweep", || {
+        vm.sweeps.load(Ordering::SeqCst) > 0
+    });
     let mut r = req(&dst.addr);
     r.max_bandwidth_mibs = Some(100);
     r.downtime_limit_ms = Some(1);
@@ -181,7 +184,10 @@ fn forced_non_convergence_then_raised_limits_converge() {
         MigrationState::Active,
         "must not converge under 1 ms: {during:?}"
     );
-    assert!(during.bandwidth_mibs < 130.0, "cap holds: {during:?}");
+    for p in during.passes.iter().filter(|p| p.bytes >= 4 * MIB) {
+        let mibs = p.bytes as f64 / MIB as f64 / (p.duration_ms / 1000.0);
+        assert!(mibs < 120.0, "cap holds: {mibs} MiB/s in {during:?}");
+    }
     src.svc
         .patch(
             &id,
@@ -426,6 +432,9 @@ fn timeout_cancels_by_default() {
     let (src, dst) = (agent(&rt, Some("tok")), agent(&rt, Some("tok")));
     let vm = src.host.add_running("vm1", MEM_MIB);
     let mut r = req(&dst.addr);
+    // Passes long enough that the guest surely dirties pages during each, however
+    // loaded the machine is.
+    r.max_bandwidth_mibs = Some(50);
     r.downtime_limit_ms = Some(0);
     r.timeout_s = Some(1);
     let id = src.svc.start("vm1", r).expect("start");
@@ -448,4 +457,30 @@ fn timeout_with_force_switches_over() {
     let info = wait_final(&src.svc, &id, Duration::from_secs(30));
     assert_eq!(info.state, MigrationState::Completed, "{info:?}");
     assert_moved(&src, &dst, "vm1");
+}
+
+/// Not a correctness test: prints the figures of a 1 GiB fake guest (run with
+/// `cargo test --release -p agent -- --ignored --nocapture fake_1g`).
+#[test]
+#[ignore]
+fn fake_1g_figures() {
+    let rt = runtime();
+    for (streams, compression) in [(1u16, "none"), (2, "none"), (2, "lz4")] {
+        let host = FakeHost::plain(100 * MIB, Duration::from_micros(5));
+        let (src, dst) = (agent_with(&rt, host, Some("tok")), agent(&rt, Some("tok")));
+        let vm = src.host.add_running("big", 1024);
+        wait_until(Duration::from_secs(20), "first sweep", || {
+            vm.sweeps.load(Ordering::SeqCst) > 1
+        });
+        let mut r = req(&dst.addr);
+        r.streams = Some(streams);
+        r.compression =
+            Some(serde_json::from_value(serde_json::json!(compression)).expect("compression"));
+        let id = src.svc.start("big", r).expect("start");
+        let info = wait_final(&src.svc, &id, Duration::from_secs(60));
+        eprintln!(
+            "streams {streams} {compression}: {}",
+            serde_json::to_string_pretty(&info).expect("json")
+        );
+    }
 }

@@ -45,13 +45,36 @@ impl Conn {
     }
 
     pub fn recv(&mut self) -> Result<Message, WireError> {
+        let mut payload = Vec::new();
+        let h = self.recv_frame(&mut payload)?;
+        Ok(Message::decode(&h, &payload)?)
+    }
+
+    /// Reads one whole frame into `payload` (reused across frames) and returns its
+    /// checked header; the caller decodes.
+    pub fn recv_frame(&mut self, payload: &mut Vec<u8>) -> Result<FrameHeader, WireError> {
         let mut hdr = [0u8; HEADER_LEN];
         self.stream.read_exact(&mut hdr)?;
         let h = FrameHeader::parse(&hdr)?;
         // The header check bounded `length` by the command's limit.
-        let mut payload = vec![0u8; h.length as usize];
-        self.stream.read_exact(&mut payload)?;
-        Ok(Message::decode(&h, &payload)?)
+        payload.resize(h.length as usize, 0);
+        self.stream.read_exact(payload)?;
+        Ok(h)
+    }
+
+    /// Writes raw parts of one frame (a prefix from `memory_frame_prefix`, then the page
+    /// bytes) without assembling them in one buffer.
+    pub fn send_parts<'a>(
+        &mut self,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<usize, WireError> {
+        let mut n = 0;
+        for p in parts {
+            self.stream.write_all(p)?;
+            n += p.len();
+        }
+        self.written += n as u64;
+        Ok(n)
     }
 
     /// Receives an `Ok` and returns its payload; an `Error` becomes `WireError::Remote`.
