@@ -258,7 +258,7 @@ mod tests {
         let mut decisions = vec![];
         for _ in 0..12 {
             let dirty = sent / 2;
-            let d = p.after_pass(&l, pass(sent, (sent >> 20) as u64, dirty), Duration::ZERO);
+            let d = p.after_pass(&l, pass(sent, sent >> 20, dirty), Duration::ZERO);
             decisions.push(d);
             if d != Decision::Iterate {
                 break;
