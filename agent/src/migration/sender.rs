@@ -508,19 +508,22 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
             bytes += PAGE_SIZE;
         }
         if !ranges.is_empty() {
-            throttle_send(ctx, bytes)?;
             let slices = ranges.iter().map(|r| {
                 let off = (r.gpa - start) as usize;
                 &scratch[off..off + r.len as usize]
             });
+            // The cap counts wire bytes, so compression buys real headroom on a link.
             let wire = if ctx.compression == Compression::None {
                 // Straight from the chunk copy: no frame buffer.
                 let prefix = protocol::memory_frame_prefix(&ranges, bytes);
+                throttle_send(ctx, prefix.len() as u64 + bytes)?;
                 conn.send_parts(std::iter::once(&prefix[..]).chain(slices))?
             } else {
                 let mut data = Vec::with_capacity(bytes as usize);
                 slices.for_each(|s| data.extend_from_slice(s));
-                conn.send(&Message::Memory { ranges, data }, ctx.compression)?
+                let frame = Message::Memory { ranges, data }.encode(ctx.compression);
+                throttle_send(ctx, frame.len() as u64)?;
+                conn.send_parts([&frame[..]])?
             };
             counters
                 .wire_bytes
