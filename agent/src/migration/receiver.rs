@@ -117,6 +117,9 @@ struct Session {
     scan: Mutex<Option<std::thread::JoinHandle<Result<(), String>>>>,
     /// The session ended: the scan stops early.
     ended: AtomicBool,
+    /// The session's data connections, shut down when it ends so that they release
+    /// the session (and its guest memory) at once.
+    data_conns: Mutex<Vec<TcpStream>>,
 }
 
 impl Session {
@@ -180,7 +183,14 @@ pub struct Receiver {
     token_key: Option<[u8; 32]>,
     tickets: Mutex<HashMap<[u8; ID_LEN], Ticket>>,
     sessions: Mutex<HashMap<[u8; ID_LEN], Arc<Session>>>,
+    /// Connections being served; beyond `MAX_CONNECTIONS` new ones are closed at once.
+    active: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Most migration connections served at once (64 streams × a few migrations).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time an unauthenticated peer gets to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an issued ticket stays valid.
 pub const TICKET_TTL: Duration = Duration::from_secs(600);
@@ -192,6 +202,7 @@ impl Receiver {
             token_key: token.map(|t| auth::derive_key(t.as_bytes())),
             tickets: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -245,11 +256,20 @@ impl Receiver {
                     continue;
                 }
             };
+            if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(%peer, "too many migration connections; refusing one");
+                continue;
+            }
             let me = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("mig-recv".into())
-                .spawn(move || me.handle(std_stream, peer));
+                .spawn(move || {
+                    me.handle(std_stream, peer);
+                    me.active.fetch_sub(1, Ordering::SeqCst);
+                });
             if let Err(e) = spawned {
+                self.active.fetch_sub(1, Ordering::SeqCst);
                 tracing::error!(error = %e, "cannot start a migration receiver thread");
             }
         }
@@ -263,13 +283,22 @@ impl Receiver {
                 return;
             }
         };
-        let ticket_vm = match self.handshake(&mut conn) {
+        // A peer that has not proved anything gets little time to hold a thread.
+        let timeouts = conn.set_read_timeout(HANDSHAKE_TIMEOUT);
+        let ticket_vm = match timeouts
+            .map_err(WireError::Io)
+            .and_then(|_| self.handshake(&mut conn))
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "migration peer refused");
                 return;
             }
         };
+        if let Err(e) = conn.set_read_timeout(super::wire::IO_TIMEOUT) {
+            tracing::warn!(%peer, error = %e, "migration connection setup failed");
+            return;
+        }
         let state = ReceiverState::AwaitConfig;
         let first = match conn.recv() {
             Ok(m) => m,
@@ -413,6 +442,7 @@ impl Receiver {
             closed: AtomicBool::new(false),
             scan: Mutex::new(None),
             ended: AtomicBool::new(false),
+            data_conns: Mutex::new(Vec::new()),
         });
         let scanner = session.clone();
         let scan = std::thread::Builder::new()
@@ -465,6 +495,14 @@ impl Receiver {
         };
         session.closed.store(true, Ordering::SeqCst);
         session.ended.store(true, Ordering::SeqCst);
+        for c in session
+            .data_conns
+            .lock()
+            .expect("conns lock is never poisoned")
+            .drain(..)
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         self.sessions
             .lock()
             .expect("session lock is never poisoned")
@@ -501,6 +539,17 @@ impl Receiver {
             conn.send_error(ErrorCode::Protocol, "unknown migration session");
             return;
         };
+        match conn.try_clone_stream() {
+            Ok(s) => session
+                .data_conns
+                .lock()
+                .expect("conns lock is never poisoned")
+                .push(s),
+            Err(e) => {
+                conn.send_error(ErrorCode::Internal, &e.to_string());
+                return;
+            }
+        }
         if conn
             .send(&Message::Ok { payload: vec![] }, Compression::None)
             .is_err()

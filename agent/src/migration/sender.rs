@@ -88,8 +88,9 @@ pub fn run(
     was_running: bool,
     params: SendParams,
 ) {
-    let mut paused = false;
-    let result = migrate(&out, src.as_ref(), &params, &mut paused);
+    let mut progress = Progress::default();
+    let result = migrate(&out, src.as_ref(), &params, &mut progress);
+    let Progress { paused, logging } = progress;
     let total = out.started.elapsed();
     match result {
         Ok(()) => {
@@ -103,8 +104,10 @@ pub fn run(
         }
         Err(e) => {
             src.set_throttle(0);
-            if let Err(err) = src.stop_dirty_log() {
-                tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
+            if logging {
+                if let Err(err) = src.stop_dirty_log() {
+                    tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
+                }
             }
             let unknown = matches!(e, SendError::OutcomeUnknown(_));
             if paused
@@ -133,6 +136,13 @@ pub fn run(
     }
 }
 
+/// What the sender changed on the source, so that a failure undoes exactly that.
+#[derive(Default)]
+struct Progress {
+    paused: bool,
+    logging: bool,
+}
+
 /// Shared by the stream workers of a pass.
 struct PassCtx<'a> {
     mem: &'a GuestMemoryMmap<AtomicBitmap>,
@@ -155,7 +165,7 @@ fn migrate(
     out: &Outgoing,
     src: &dyn MigrationSource,
     p: &SendParams,
-    paused: &mut bool,
+    progress: &mut Progress,
 ) -> Result<(), SendError> {
     let spec = src.spec();
     let mem = src.guest_memory();
@@ -185,6 +195,7 @@ fn migrate(
         conns.push(c);
     }
     src.start_dirty_log()?;
+    progress.logging = true;
     let setup = out.started.elapsed();
     out.update(|i| {
         i.setup_ms = ms(setup);
@@ -290,7 +301,7 @@ fn migrate(
     out.update(|i| i.state = MigrationState::Device);
     let t_pause = Instant::now();
     src.pause()?;
-    *paused = true;
+    progress.paused = true;
     let t_paused = Instant::now();
     let mut last = src.take_dirty_pages()?;
     bitmap::or_into(&mut last, &dirty);

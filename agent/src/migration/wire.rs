@@ -101,6 +101,10 @@ impl Conn {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
+    pub fn try_clone_stream(&self) -> std::io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
     pub fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
         self.stream.set_read_timeout(Some(t))
     }
