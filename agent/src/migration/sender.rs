@@ -104,10 +104,8 @@ pub fn run(
         }
         Err(e) => {
             src.set_throttle(0);
-            if logging {
-                if let Err(err) = src.stop_dirty_log() {
-                    tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
-                }
+            if logging && let Err(err) = src.stop_dirty_log() {
+                tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
             }
             let unknown = matches!(e, SendError::OutcomeUnknown(_));
             if paused
