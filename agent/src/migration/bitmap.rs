@@ -13,6 +13,19 @@ pub fn or_into(acc: &mut Vec<u64>, other: &[u64]) {
     }
 }
 
+/// A bitmap of `pages` pages from a list of page numbers, which is what
+/// `MigrationSource::take_dirty_pages` returns in the VMM (numbers past the end are
+/// ignored).
+pub fn from_pages(list: &[u64], pages: u64) -> Vec<u64> {
+    let mut v = vec![0u64; pages.div_ceil(64) as usize];
+    for &p in list {
+        if p < pages {
+            v[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    v
+}
+
 /// Number of set bits among the first `pages` pages.
 pub fn count(bitmap: &[u64], pages: u64) -> u64 {
     let mut n = 0u64;
@@ -119,6 +132,15 @@ mod tests {
                 prop_assert_eq!(is_set(&m, p), is_set(&a, p) || is_set(&b, p));
             }
             prop_assert!(count(&m, pages) >= count(&a, pages).max(count(&b, pages)));
+        }
+
+        #[test]
+        fn from_pages_sets_exactly_the_listed_pages(list in proptest::collection::vec(0u64..700, 0..100)) {
+            let b = from_pages(&list, 640);
+            for p in 0..640 {
+                prop_assert_eq!(is_set(&b, p), list.contains(&p));
+            }
+            prop_assert_eq!(b.len(), 10);
         }
 
         #[test]

@@ -177,12 +177,16 @@ impl MigrationSource for FakeVm {
         Ok(())
     }
     fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        // Like the real VMM: ascending page numbers.
         let r = self
             .mem
             .iter()
             .next()
             .ok_or(VmError::Other("no memory".into()))?;
-        Ok(MmapRegionBitmap::bitmap(r).get_and_reset())
+        let words = MmapRegionBitmap::bitmap(r).get_and_reset();
+        Ok((0..words.len() as u64 * 64)
+            .filter(|p| super::bitmap::is_set(&words, *p))
+            .collect())
     }
     fn stop_dirty_log(&self) -> Result<(), VmError> {
         self.logging.store(false, Ordering::SeqCst);

@@ -242,7 +242,7 @@ fn migrate(
             }
         })?;
         let duration = t.elapsed();
-        dirty = src.take_dirty_pages()?;
+        dirty = bitmap::from_pages(&src.take_dirty_pages()?, pages);
         let dirty_pages = bitmap::count(&dirty, pages);
         let limits = out.limits();
         let decision = precopy.after_pass(
@@ -301,7 +301,7 @@ fn migrate(
     src.pause()?;
     progress.paused = true;
     let t_paused = Instant::now();
-    let mut last = src.take_dirty_pages()?;
+    let mut last = bitmap::from_pages(&src.take_dirty_pages()?, pages);
     bitmap::or_into(&mut last, &dirty);
     out.counters
         .pass_pending
