@@ -2,7 +2,8 @@
 //!
 //! `vstate` holds the KVM pieces, `devices` the userspace devices, `machine` a whole
 //! guest (implementing the migration [`contract`]), `manager` the table of guests,
-//! `api` the HTTP API, `guests` the test guests built from `agent/guests/`.
+//! `migration` live pre-copy migration between agents, `api` the HTTP API, `guests`
+//! the test guests built from `agent/guests/`.
 
 pub mod api;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod devices;
 pub mod guests;
 pub mod machine;
 pub mod manager;
+pub mod migration;
 pub mod vstate;
 
 use std::net::SocketAddr;
@@ -40,6 +42,8 @@ pub enum AgentError {
 #[derive(Debug, Clone)]
 pub struct Bound {
     pub api: SocketAddr,
+    /// The migration listener, when `--migration-listen` was given.
+    pub migration: Option<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` is cancelled; then stops every VM.
@@ -72,9 +76,27 @@ pub async fn serve(
     }
     let manager = Arc::new(manager::VmManager::new());
     let state = api::ApiState::new(manager.clone(), Arc::new(config.clone()));
-    let app = api::router(state);
+    let migrations = migration::MigrationService::new(manager.clone(), config.api_token.clone());
+    let migration_addr = match config.migration_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| AgentError::Bind { addr, source })?;
+            tokio::spawn(migrations.clone().serve(l, shutdown.clone()));
+            tracing::info!(migration = %bound, "migration listener ready");
+            Some(bound)
+        }
+        None => None,
+    };
+    let app = api::app(state, api::migration::routes(migrations));
     tracing::info!(api = %api_addr, host_id = %config.host_id, "agent ready");
-    on_ready(&Bound { api: api_addr });
+    on_ready(&Bound {
+        api: api_addr,
+        migration: migration_addr,
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -6,6 +6,7 @@
 //! `api::app(state, api::migration::routes(service))`), and wraps everything in the
 //! bearer-token check, so extra routes are authenticated too.
 
+pub mod migration;
 pub mod vms;
 
 use std::sync::Arc;
