@@ -3,8 +3,8 @@
 //! together with every implementor and caller.
 //!
 //! Memory model: guest RAM is one contiguous region at guest-physical 0 of
-//! `memory_mib` MiB, tracked in 4 KiB pages. Page `p` is bit `p % 64` of word `p / 64`
-//! in every dirty bitmap below.
+//! `memory_mib` MiB, tracked in 4 KiB pages. Dirty sets cross this contract as sorted
+//! lists of page numbers (page `p` covers guest-physical `p * PAGE_SIZE`).
 
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +59,8 @@ pub trait MigrationSource: Send + Sync {
     /// Turns on KVM dirty logging and resets the VMM's own bitmap. After this call every
     /// page written by the guest or the VMM shows up in `take_dirty_pages`.
     fn start_dirty_log(&self) -> Result<(), VmError>;
-    /// Pages dirtied since the previous call (or since `start_dirty_log`): the KVM dirty
-    /// log OR-ed with the VMM's bitmap, then both reset. Never loses a page.
+    /// Page numbers dirtied since the previous call (or since `start_dirty_log`), sorted:
+    /// the KVM dirty log OR-ed with the VMM's bitmap, then both reset. Never loses a page.
     fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError>;
     fn stop_dirty_log(&self) -> Result<(), VmError>;
     /// Stops every vCPU (out of KVM_RUN, not to re-enter) and quiesces devices. Idempotent.
