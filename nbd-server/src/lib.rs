@@ -1,1 +1,3 @@
 //! stagehand-nbd: the storage node's NBD server (see README.md).
+pub mod lease;
+pub mod store;
