@@ -306,10 +306,11 @@ enum Mode {
     },
 }
 
-/// The per-export lease gate the NBD server consults.
-#[derive(Debug)]
+/// The per-export lease gate the NBD server consults. Cloning gives another handle
+/// to the same gate (the export and the control API share it).
+#[derive(Debug, Clone)]
 pub struct LeaseGate {
-    mode: Mode,
+    mode: Arc<Mode>,
 }
 
 /// A fence that has switched the epoch in memory; [`FenceTicket::drained`] resolves
@@ -337,7 +338,7 @@ impl LeaseGate {
     /// is read-only) and begin_change never refuses.
     pub fn new_unleased() -> Self {
         Self {
-            mode: Mode::Unleased,
+            mode: Arc::new(Mode::Unleased),
         }
     }
 
@@ -345,19 +346,19 @@ impl LeaseGate {
     pub fn new_leased(record: LeaseRecord, policy: LeasePolicy) -> Self {
         let slot = EpochSlot::new(record.epoch);
         Self {
-            mode: Mode::Leased {
+            mode: Arc::new(Mode::Leased {
                 policy,
                 current: Mutex::new(Current { record, slot }),
-            },
+            }),
         }
     }
 
     pub fn is_leased(&self) -> bool {
-        matches!(self.mode, Mode::Leased { .. })
+        matches!(*self.mode, Mode::Leased { .. })
     }
 
     pub fn policy(&self) -> Option<LeasePolicy> {
-        match &self.mode {
+        match &*self.mode {
             Mode::Unleased => None,
             Mode::Leased { policy, .. } => Some(*policy),
         }
@@ -365,7 +366,7 @@ impl LeaseGate {
 
     /// The current lease record (None for an unleased export).
     pub fn record(&self) -> Option<LeaseRecord> {
-        match &self.mode {
+        match &*self.mode {
             Mode::Unleased => None,
             Mode::Leased { current, .. } => Some(lock(current).record.clone()),
         }
@@ -373,7 +374,7 @@ impl LeaseGate {
 
     /// Binds a connection. `token` is Some for an export name `NAME;lease=TOKEN`.
     pub fn bind(&self, token: Option<&str>, read_only_export: bool) -> Result<Binding, BindError> {
-        match (&self.mode, token) {
+        match (&*self.mode, token) {
             (Mode::Unleased, None) => Ok(Binding {
                 writable: !read_only_export,
                 slot: None,
@@ -463,7 +464,7 @@ impl LeaseGate {
         holder: &str,
         token_hash: TokenHash,
     ) -> Result<FenceTicket, FenceError> {
-        let Mode::Leased { current, .. } = &self.mode else {
+        let Mode::Leased { current, .. } = &*self.mode else {
             return Err(FenceError::Unleased(export.to_string()));
         };
         let mut current = lock(current);
@@ -481,7 +482,7 @@ impl LeaseGate {
     /// Invalidates every binding (export removal): like a fence that installs no
     /// token. Returns the ticket to await the drain.
     pub fn revoke_all(&self) -> Option<FenceTicket> {
-        let Mode::Leased { current, .. } = &self.mode else {
+        let Mode::Leased { current, .. } = &*self.mode else {
             return None;
         };
         let mut current = lock(current);
@@ -505,14 +506,6 @@ fn lock(m: &Mutex<Current>) -> MutexGuard<'_, Current> {
     // The critical sections never panic midway through a change of `Current` (they
     // only swap whole values), so a poisoned lock still holds consistent state.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Splits an NBD export name `NAME;lease=TOKEN` into name and token.
-pub fn parse_export_name(raw: &str) -> (&str, Option<&str>) {
-    match raw.split_once(";lease=") {
-        Some((name, token)) => (name, Some(token)),
-        None => (raw, None),
-    }
 }
 
 #[cfg(test)]
@@ -541,12 +534,6 @@ mod tests {
         let back: TokenHash = serde_json::from_str(&s).expect("parses");
         assert!(back.matches(&h));
         assert!(serde_json::from_str::<TokenHash>("\"zz\"").is_err());
-    }
-
-    #[test]
-    fn export_name_parsing() {
-        assert_eq!(parse_export_name("disk"), ("disk", None));
-        assert_eq!(parse_export_name("disk;lease=abc"), ("disk", Some("abc")));
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct ExportInfo {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub read_only: bool,
-    pub gate: Arc<LeaseGate>,
+    pub gate: LeaseGate,
     pub stats: ExportStats,
 }
 
@@ -55,7 +55,7 @@ pub struct NewExport {
     pub name: String,
     pub path: PathBuf,
     pub read_only: bool,
-    pub gate: Arc<LeaseGate>,
+    pub gate: LeaseGate,
 }
 
 /// The NBD side of the node, as the control API sees it. Implemented by the server's
@@ -354,7 +354,7 @@ async fn put_export(
     let policy = LeasePolicy {
         lease_required_for_reads: req.lease_required_for_reads,
     };
-    let gate = Arc::new(gate_for(&state.store, &name, req.leased, policy));
+    let gate = gate_for(&state.store, &name, req.leased, policy);
     let info = state
         .host
         .add(NewExport {
