@@ -250,6 +250,24 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// Narrows an export's NBD transmission flags to what this binding may do, so a
+    /// plain `NAME` on a leased export is advertised to the client as read-only.
+    pub fn transmission_flags(&self, export_flags: u16) -> u16 {
+        use crate::codec::consts::{
+            TFLAG_READ_ONLY, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FUA, TFLAG_SEND_TRIM,
+            TFLAG_SEND_WRITE_ZEROES,
+        };
+        if self.writable {
+            export_flags
+        } else {
+            (export_flags | TFLAG_READ_ONLY)
+                & !(TFLAG_SEND_FUA
+                    | TFLAG_SEND_TRIM
+                    | TFLAG_SEND_WRITE_ZEROES
+                    | TFLAG_SEND_FAST_ZERO)
+        }
+    }
+
     /// The epoch this binding writes under (None when unleased or read-only).
     pub fn epoch(&self) -> Option<u64> {
         self.slot.as_ref().map(|s| s.epoch)

@@ -8,6 +8,7 @@
 
 mod error;
 pub mod metrics;
+pub mod node;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
