@@ -703,12 +703,17 @@ mod tests {
         gate.fence("d", 1, "a", t1.hash()).expect("fence 1");
         let binding = gate.bind(Some(t1.expose()), false).expect("binds");
         let fence_done = AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
         let late = AtomicUsize::new(0);
         let admitted = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
-                    while let Ok(g) = gate.begin_change(&binding) {
+                    // Bounded by `stop`, so a broken gate fails the test, not hangs it.
+                    while !stop.load(Ordering::SeqCst) {
+                        let Ok(g) = gate.begin_change(&binding) else {
+                            continue;
+                        };
                         admitted.fetch_add(1, Ordering::SeqCst);
                         if fence_done.load(Ordering::SeqCst) {
                             late.fetch_add(1, Ordering::SeqCst);
@@ -725,6 +730,8 @@ mod tests {
                 std::hint::spin_loop();
             }
             fence_done.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            stop.store(true, Ordering::SeqCst);
         });
         assert!(admitted.load(Ordering::SeqCst) > 0, "writers never ran");
         assert_eq!(late.load(Ordering::SeqCst), 0);

@@ -40,10 +40,12 @@ async fn run() {
     let export1 = format!("disk;lease={token1}");
 
     // Real client 1: python3-libnbd, two processes of two connections each, writing
-    // different regions, for 2.5 s in all.
+    // different regions for 2.5 s: one writes one block at a time, the other keeps
+    // 32 writes in flight per connection, so that requests are queued in the server
+    // when the fence comes.
     let mut py = Vec::new();
-    for p in 0..2u64 {
-        let (w, refused) = PyWriter::start(&addr, &export1, 2.5, 2, p << 20);
+    for (p, depth) in [(0u64, 1usize), (1, 32)] {
+        let (w, refused) = PyWriter::start_pipelined(&addr, &export1, 2.5, 2, p << 20, depth);
         assert_eq!(refused, None, "epoch-1 token refused");
         py.push(w);
     }

@@ -272,6 +272,18 @@ impl PyWriter {
         conns: usize,
         base: u64,
     ) -> (PyWriter, Option<String>) {
+        Self::start_pipelined(addr, export, seconds, conns, base, 1)
+    }
+
+    /// Like `start`, with `queue_depth` writes in flight per connection.
+    pub fn start_pipelined(
+        addr: &str,
+        export: &str,
+        seconds: f64,
+        conns: usize,
+        base: u64,
+        queue_depth: usize,
+    ) -> (PyWriter, Option<String>) {
         use std::io::BufRead;
         let (host, port) = addr.split_once(':').expect("host:port");
         let mut child = Command::new(python())
@@ -283,6 +295,7 @@ impl PyWriter {
                 &seconds.to_string(),
                 &conns.to_string(),
                 &base.to_string(),
+                &queue_depth.to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

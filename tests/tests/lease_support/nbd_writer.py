@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """A real-client stale writer for the lease tests (python3-libnbd).
 
-Usage: nbd_writer.py HOST PORT EXPORT SECONDS CONNS BASE_OFFSET
+Usage: nbd_writer.py HOST PORT EXPORT SECONDS CONNS BASE_OFFSET [QUEUE_DEPTH]
 
 Opens CONNS connections to EXPORT (which may carry ";lease=TOKEN"), prints "ready",
-then writes 4 KiB blocks round-robin for SECONDS, one line per attempt:
+then writes 4 KiB blocks for SECONDS, one line per attempt:
   ok  START_NS
   err START_NS REASON
 START_NS is CLOCK_MONOTONIC (the same clock as Rust's Instant) taken just before the
-request was sent. A refused open prints "refused REASON" and exits 3.
+request was sent. With QUEUE_DEPTH > 1 every connection keeps that many writes in
+flight (libnbd aio), so the server has requests queued when a fence comes. A refused
+open prints "refused REASON" and exits 3.
 """
 import os
 import struct
@@ -18,6 +20,7 @@ import time
 import nbd
 
 host, port, export, seconds, conns, base = sys.argv[1:7]
+qd = int(sys.argv[7]) if len(sys.argv) > 7 else 1
 seconds = float(seconds)
 conns = int(conns)
 base = int(base)
@@ -35,19 +38,60 @@ except nbd.Error as e:
 
 print("ready", flush=True)
 deadline = time.monotonic() + seconds
-i = 0
-while time.monotonic() < deadline:
-    h = handles[i % conns]
-    off = base + (i % 256) * 4096
+counter = 0
+
+
+def block():
     # Every attempt writes different bytes, so any write that lands changes the file.
-    block = struct.pack("<QQ", os.getpid(), i) * 256
-    start = time.monotonic_ns()
-    try:
-        h.pwrite(block, off)
-        print(f"ok {start}", flush=True)
-    except nbd.Error as e:
-        print(f"err {start} {e.string}", flush=True)
-        # A closed connection fails at once; do not flood the pipe.
-        time.sleep(0.002)
-    i += 1
+    global counter
+    counter += 1
+    off = base + (counter % 256) * 4096
+    return struct.pack("<QQ", os.getpid(), counter) * 256, off
+
+
+if qd <= 1:
+    while time.monotonic() < deadline:
+        h = handles[counter % conns]
+        data, off = block()
+        start = time.monotonic_ns()
+        try:
+            h.pwrite(data, off)
+            print(f"ok {start}", flush=True)
+        except nbd.Error as e:
+            print(f"err {start} {e.string}", flush=True)
+            # A closed connection fails at once; do not flood the pipe.
+            time.sleep(0.002)
+else:
+    inflight = [[] for _ in handles]  # per handle: (cookie, start_ns, buffer)
+    while time.monotonic() < deadline:
+        for i, h in enumerate(handles):
+            failed = False
+            while len(inflight[i]) < qd:
+                data, off = block()
+                buf = nbd.Buffer.from_bytearray(bytearray(data))
+                start = time.monotonic_ns()
+                try:
+                    cookie = h.aio_pwrite(buf, off)
+                    inflight[i].append((cookie, start, buf))
+                except nbd.Error as e:
+                    print(f"err {start} {e.string}", flush=True)
+                    failed = True
+                    break
+            if failed:
+                time.sleep(0.002)
+            if inflight[i]:
+                try:
+                    h.poll(10)
+                except nbd.Error:
+                    pass
+            still = []
+            for cookie, start, buf in inflight[i]:
+                try:
+                    if h.aio_command_completed(cookie):
+                        print(f"ok {start}", flush=True)
+                    else:
+                        still.append((cookie, start, buf))
+                except nbd.Error as e:
+                    print(f"err {start} {e.string}", flush=True)
+            inflight[i] = still
 print("done", flush=True)
