@@ -10,12 +10,12 @@
 //! semaphore (one per request plus one per 64 KiB of payload) from before its
 //! payload is read until its reply has been written.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,8 @@ const HOLE_CHECK_MIN: u64 = 64 << 10;
 const MAX_EXTENTS: usize = 16 << 10;
 /// Socket buffers of the reader and writer.
 const IO_BUF: usize = 256 << 10;
+/// Payloads at least this long are written from their own buffer, not copied.
+const DIRECT_WRITE_MIN: usize = 64 << 10;
 
 /// Everything a request handler needs, shared by the connection's tasks.
 pub(crate) struct ConnCtx {
@@ -78,7 +80,7 @@ where
         engine,
         pool,
     });
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer_failed = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, rx, writer_failed.clone()));
     let permits = Arc::new(Semaphore::new(PERMIT_UNITS as usize));
@@ -101,15 +103,54 @@ where
     result
 }
 
+/// Replies travel to the writer one at a time (from handler tasks) or in batches
+/// (answered inline by the reader).
+enum Out {
+    One(Frame),
+    Batch(Vec<Frame>),
+}
+
+/// Replies the reader answered inline, handed to the writer in one message when
+/// the reader is about to wait (or is dropped: nothing answered is ever lost).
+struct Batch<'a> {
+    frames: Vec<Frame>,
+    tx: &'a mpsc::UnboundedSender<Out>,
+}
+
+impl Batch<'_> {
+    fn flush(&mut self) {
+        if !self.frames.is_empty() {
+            let _ = self.tx.send(Out::Batch(std::mem::take(&mut self.frames)));
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Most replies gathered before the reader hands them over anyway.
+const MAX_BATCH: usize = 64;
+
 async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut BufReader<R>,
     ctx: &Arc<ConnCtx>,
-    tx: &mpsc::UnboundedSender<Frame>,
+    tx: &mpsc::UnboundedSender<Out>,
     permits: &Arc<Semaphore>,
 ) -> io::Result<()> {
     let hl = Request::header_len(ctx.extended);
     let mut hb = [0u8; 32];
+    let mut batch = Batch {
+        frames: Vec::with_capacity(MAX_BATCH),
+        tx,
+    };
     loop {
+        // Everything already received is answered before we wait for more.
+        if rd.buffer().len() < hl {
+            batch.flush();
+        }
         match rd.read_exact(&mut hb[..hl]).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -132,13 +173,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // We will not buffer it, and skipping gigabytes is no better: answer,
             // then drop the connection (the spec allows a hard disconnect here).
             let errno = if ctx.extended { EOVERFLOW } else { EINVAL };
-            let _ = tx.send(error_frame(
-                ctx,
-                &req,
-                errno,
-                "payload exceeds the 32 MiB maximum",
-                None,
-            ));
+            let msg = "payload exceeds the 32 MiB maximum";
+            batch.frames.push(error_frame(ctx, &req, errno, msg, None));
             return Ok(());
         }
         let read_len = if req.command == CMD_READ {
@@ -147,11 +183,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
             0
         };
         let units = (1 + (payload_len + read_len).div_ceil(UNIT)) as u32;
-        let permit = Arc::clone(permits)
-            .acquire_many_owned(units)
-            .await
-            .map_err(|_| io::Error::other("connection permits closed"))?;
+        let permit = match Arc::clone(permits).try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                // Permits come back as replies are written: hand ours over first.
+                batch.flush();
+                Arc::clone(permits)
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| io::Error::other("connection permits closed"))?
+            }
+        };
         let payload = if payload_len > 0 {
+            if (rd.buffer().len() as u64) < payload_len {
+                batch.flush();
+            }
             let mut buf = ctx.pool.get(payload_len as usize);
             // A client that vanishes mid-payload leaves nothing behind: the write
             // is only submitted once the whole payload is here.
@@ -160,26 +206,65 @@ async fn read_loop<R: AsyncRead + Unpin>(
         } else {
             None
         };
+        // Fast path: answer in place when no I/O wait is needed.
+        let (permit, payload) = match (req.command, payload) {
+            (CMD_READ, None) => match read_inline(ctx, &req, permit) {
+                Ok(f) => {
+                    batch.frames.push(f);
+                    continue;
+                }
+                Err(p) => (p, None),
+            },
+            (CMD_WRITE, Some(buf)) => match write_inline(ctx, &req, buf, permit) {
+                Ok(f) => {
+                    batch.frames.push(f);
+                    if batch.frames.len() >= MAX_BATCH {
+                        batch.flush();
+                    }
+                    continue;
+                }
+                Err((buf, p)) => (p, Some(buf)),
+            },
+            (_, payload) => (permit, payload),
+        };
+        if batch.frames.len() >= MAX_BATCH {
+            batch.flush();
+        }
         let ctx = Arc::clone(ctx);
         let tx = tx.clone();
         tokio::spawn(async move {
             let frame = handle(&ctx, req, payload, permit).await;
-            let _ = tx.send(frame);
+            let _ = tx.send(Out::One(frame));
         });
     }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
     failed: CancellationToken,
 ) {
-    let mut w = BufWriter::with_capacity(IO_BUF, writer);
+    // Small replies are gathered here; a large payload goes out in one writev
+    // together with whatever is gathered and its own header (no copy, and no
+    // header alone in its own TCP segment).
+    let mut stage: Vec<u8> = Vec::with_capacity(IO_BUF);
     let res: io::Result<()> = async {
-        while let Some(f) = rx.recv().await {
-            write_frame(&mut w, f).await?;
-            while let Ok(f) = rx.try_recv() {
-                write_frame(&mut w, f).await?;
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(out) = next {
+                match out {
+                    Out::One(f) => put_frame(&mut w, &mut stage, f).await?,
+                    Out::Batch(frames) => {
+                        for f in frames {
+                            put_frame(&mut w, &mut stage, f).await?;
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if !stage.is_empty() {
+                w.write_all(&stage).await?;
+                stage.clear();
             }
             w.flush().await?;
         }
@@ -194,10 +279,43 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, f: Frame) -> io::Result<()> {
-    w.write_all(&f.head).await?;
-    if let Some(d) = &f.data {
-        w.write_all(d).await?;
+/// Stages a small reply, or writes a large one (with what is staged) at once.
+async fn put_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    stage: &mut Vec<u8>,
+    f: Frame,
+) -> io::Result<()> {
+    match &f.data {
+        Some(d) if d.len() >= DIRECT_WRITE_MIN => {
+            write_all_vectored(w, [&stage[..], &f.head[..], &d[..]]).await?;
+            stage.clear();
+        }
+        data => {
+            stage.extend_from_slice(&f.head);
+            if let Some(d) = data {
+                stage.extend_from_slice(d);
+            }
+            if stage.len() >= IO_BUF {
+                w.write_all(stage).await?;
+                stage.clear();
+            }
+        }
+    }
+    // Dropping the frame releases its permit: its bytes are out or copied.
+    drop(f);
+    Ok(())
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    let mut slices = parts.map(IoSlice::new);
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
 }
@@ -320,30 +438,32 @@ fn io_fail(e: &io::Error) -> Fail {
     Fail(errno, "I/O error on the export")
 }
 
-async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Frame {
+/// Where a READ stands once validated.
+enum ReadStep {
+    /// Answered without touching data: an error, an empty read, or a hole.
+    Done(Frame),
+    /// The data must be read.
+    Data(OwnedSemaphorePermit),
+}
+
+fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> ReadStep {
     let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
-    let checked = check_flags(&req, allowed)
-        .and_then(|_| check_range(&ctx.export, &req, EINVAL))
-        .and_then(|_| {
-            if req.length > MAX_PAYLOAD as u64 {
-                Err(Fail(
-                    if ctx.structured { EOVERFLOW } else { EINVAL },
-                    "read longer than 32 MiB",
-                ))
-            } else {
-                Ok(())
-            }
-        });
+    let too_long = if ctx.structured { EOVERFLOW } else { EINVAL };
+    let checked = check_flags(req, allowed)
+        .and_then(|_| match req.length > MAX_PAYLOAD as u64 {
+            true => Err(Fail(too_long, "read longer than 32 MiB")),
+            false => Ok(()),
+        })
+        .and_then(|_| check_range(&ctx.export, req, EINVAL));
     if let Err(Fail(errno, msg)) = checked {
-        return error_frame(ctx, &req, errno, msg, Some(permit));
+        return ReadStep::Done(error_frame(ctx, req, errno, msg, Some(permit)));
     }
-    let len = req.length as usize;
-    let mut head = Vec::with_capacity(48);
-    if len == 0 {
+    if req.length == 0 {
         if !ctx.structured {
-            return ok_frame(ctx, &req, permit);
+            return ReadStep::Done(ok_frame(ctx, req, permit));
         }
         // With structured replies a READ never gets a simple reply.
+        let mut head = Vec::with_capacity(32);
         encode_chunk(
             ctx.extended,
             REPLY_FLAG_DONE,
@@ -352,11 +472,11 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
             &ChunkPayload::None,
             &mut head,
         );
-        return Frame {
+        return ReadStep::Done(Frame {
             head,
             data: None,
             _permit: Some(permit),
-        };
+        });
     }
     if ctx.structured
         && req.length >= HOLE_CHECK_MIN
@@ -364,8 +484,9 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
     {
         let p = ChunkPayload::OffsetHole {
             offset: req.offset,
-            length: len as u32,
+            length: req.length as u32,
         };
+        let mut head = Vec::with_capacity(48);
         encode_chunk(
             ctx.extended,
             REPLY_FLAG_DONE,
@@ -374,25 +495,22 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
             &p,
             &mut head,
         );
-        return Frame {
+        return ReadStep::Done(Frame {
             head,
             data: None,
             _permit: Some(permit),
-        };
+        });
     }
-    let (buf, r) = ctx
-        .engine
-        .read_exact(&ctx.export.file, req.offset, ctx.pool.get(len))
-        .await;
-    if let Err(e) = r {
-        let Fail(errno, msg) = io_fail(&e);
-        return error_frame(ctx, &req, errno, msg, Some(permit));
-    }
-    ExportStats::add(&ctx.export.stats.bytes_read, len as u64);
+    ReadStep::Data(permit)
+}
+
+fn read_data_frame(ctx: &ConnCtx, req: &Request, buf: Buf, permit: OwnedSemaphorePermit) -> Frame {
+    ExportStats::add(&ctx.export.stats.bytes_read, buf.len() as u64);
+    let mut head = Vec::with_capacity(48);
     if ctx.structured {
         let p = ChunkPayload::OffsetData {
             offset: req.offset,
-            data_len: len as u64,
+            data_len: buf.len() as u64,
         };
         encode_chunk(
             ctx.extended,
@@ -413,6 +531,52 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
         head,
         data: Some(buf),
         _permit: Some(permit),
+    }
+}
+
+/// Answers a READ without leaving the reader task when no I/O wait is needed
+/// (errors, holes, data in the page cache); gives the permit back otherwise.
+fn read_inline(
+    ctx: &ConnCtx,
+    req: &Request,
+    permit: OwnedSemaphorePermit,
+) -> Result<Frame, OwnedSemaphorePermit> {
+    let permit = match read_prelude(ctx, req, permit) {
+        ReadStep::Done(f) => return Ok(f),
+        ReadStep::Data(p) => p,
+    };
+    let mut buf = ctx.pool.get(req.length as usize);
+    let mut pos = 0;
+    match ctx
+        .export
+        .nowait
+        .read(&ctx.export.file, req.offset, &mut buf, &mut pos)
+    {
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            Ok(error_frame(ctx, req, errno, msg, Some(permit)))
+        }
+        Ok(()) if pos == buf.len() => Ok(read_data_frame(ctx, req, buf, permit)),
+        Ok(()) => Err(permit),
+    }
+}
+
+async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Frame {
+    let permit = match read_prelude(ctx, &req, permit) {
+        ReadStep::Done(f) => return f,
+        ReadStep::Data(p) => p,
+    };
+    let buf = ctx.pool.get(req.length as usize);
+    let (buf, r) = ctx
+        .engine
+        .read_exact(&ctx.export.file, Some(&ctx.export.nowait), req.offset, buf)
+        .await;
+    match r {
+        Ok(()) => read_data_frame(ctx, &req, buf, permit),
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            error_frame(ctx, &req, errno, msg, Some(permit))
+        }
     }
 }
 
@@ -438,10 +602,55 @@ fn writable(ctx: &ConnCtx) -> Result<(), Fail> {
     Ok(())
 }
 
-async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
+fn write_checks(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     check_flags(req, CMD_FLAG_FUA)?;
     writable(ctx)?;
-    check_range(&ctx.export, req, ENOSPC)?;
+    check_range(&ctx.export, req, ENOSPC)
+}
+
+/// Answers a plain (non-FUA) WRITE inline when the page cache takes it without
+/// waiting; gives payload and permit back otherwise.
+fn write_inline(
+    ctx: &ConnCtx,
+    req: &Request,
+    payload: Buf,
+    permit: OwnedSemaphorePermit,
+) -> Result<Frame, (Buf, OwnedSemaphorePermit)> {
+    if req.flags & CMD_FLAG_FUA != 0 {
+        return Err((payload, permit));
+    }
+    if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
+        return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
+    }
+    let Ok(_guard) = ctx.export.lease.begin_change(&ctx.binding) else {
+        return Ok(error_frame(
+            ctx,
+            req,
+            EPERM,
+            "write lease fenced",
+            Some(permit),
+        ));
+    };
+    let mut pos = 0;
+    match ctx
+        .export
+        .nowait
+        .write(&ctx.export.file, req.offset, &payload, &mut pos)
+    {
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            Ok(error_frame(ctx, req, errno, msg, Some(permit)))
+        }
+        Ok(()) if pos == payload.len() => {
+            ExportStats::add(&ctx.export.stats.bytes_written, pos as u64);
+            Ok(ok_frame(ctx, req, permit))
+        }
+        Ok(()) => Err((payload, permit)),
+    }
+}
+
+async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
+    write_checks(ctx, req)?;
     let buf = payload.unwrap_or_default();
     let _guard = ctx
         .export
@@ -452,7 +661,13 @@ async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(),
     let n = buf.len() as u64;
     let (_buf, r) = ctx
         .engine
-        .write_all(&ctx.export.file, req.offset, buf, fua)
+        .write_all(
+            &ctx.export.file,
+            Some(&ctx.export.nowait),
+            req.offset,
+            buf,
+            fua,
+        )
         .await;
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
@@ -608,7 +823,13 @@ async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fa
         buf.truncate(n);
         let (b, r) = ctx
             .engine
-            .write_all(&ctx.export.file, offset + pos, buf, false)
+            .write_all(
+                &ctx.export.file,
+                Some(&ctx.export.nowait),
+                offset + pos,
+                buf,
+                false,
+            )
             .await;
         buf = b;
         r.map_err(|e| io_fail(&e))?;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::codec::{MAX_STRING, consts::*};
+use crate::io::NoWait;
 use crate::lease::LeaseGate;
 
 /// How an export is configured (`--export NAME=PATH[,ro][,unleased]` or TOML).
@@ -132,6 +133,8 @@ pub struct Export {
     pub description: Option<String>,
     pub lease: LeaseGate,
     pub stats: ExportStats,
+    /// Whether inline non-blocking I/O works on this file.
+    pub nowait: NoWait,
 }
 
 // Block device ioctls from linux/fs.h.
@@ -164,6 +167,7 @@ impl Export {
         } else {
             return Err(ExportError::NotFileOrDevice(spec.path.clone()));
         };
+        let nowait = NoWait::for_file(&file);
         Ok(Self {
             name: spec.name.clone(),
             path: spec.path.clone(),
@@ -175,6 +179,7 @@ impl Export {
             description: spec.description.clone(),
             lease: LeaseGate::new_unleased(),
             stats: ExportStats::default(),
+            nowait,
         })
     }
 

@@ -1,6 +1,8 @@
 //! stagehand-nbd: the storage node's NBD server. Parses flags, sets up logging and
 //! signals, and hands over to `nbd_server::run`.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,6 +15,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = nbd_server::Config::from_args(args).context("configuration")?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -156,8 +156,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let server = Server::bind_with_registry(&config, std::sync::Arc::clone(&registry)).await?;
     let api_shutdown = CancellationToken::new();
     let api = crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
+    tracing::info!(
+        engine = server.state.engine.name(),
+        exports = server.state.registry.list().len(),
+        "ready"
+    );
     if let Some(a) = server.tcp_addr() {
-        tracing::info!(%a, engine = server.state.engine.name(), "listening on TCP");
+        tracing::info!(%a, "listening on TCP");
         // A machine-readable line for scripts and tests that asked for port 0.
         println!("stagehand-nbd: listening on tcp {a}");
     }
