@@ -155,7 +155,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = crate::control::node::open_registry(&config, &store)?;
     let server = Server::bind_with_registry(&config, std::sync::Arc::clone(&registry)).await?;
     let api_shutdown = CancellationToken::new();
-    let api = crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
+    let api =
+        crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
     tracing::info!(
         engine = server.state.engine.name(),
         exports = server.state.registry.list().len(),
