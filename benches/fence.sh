@@ -42,9 +42,10 @@ for f in leased unleased; do
   dd if=/dev/zero of="$work/$f.img" bs=1M count="$SIZE_MIB" status=none
 done
 
-RUST_LOG=warn "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
+NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
   --data-dir "$work/data" \
-  --export "leased=$work/leased.img" --export "unleased=$work/unleased.img,unleased" &
+  --export "leased=$work/leased.img" --export "unleased=$work/unleased.img,unleased" \
+  2>"$work/server.log" >/dev/null &
 server_pid=$!
 for _ in $(seq 200); do
   curl -sf "$API/v1/health" >/dev/null && break
@@ -59,10 +60,12 @@ fence() { # fence EPOCH -> prints "TOKEN SECONDS"
     "$work/fence.json" "$work/fence.time"
 }
 
-fio_job() { # fio_job URI RUNTIME JOBS -> fio JSON on stdout
+fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
+  # fio's nbd engine prints to stdout too, so the JSON goes to a file.
   fio --name=w --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 \
     --numjobs="$3" --size="$((SIZE_MIB / 4))M" --time_based --runtime="$2" \
-    --group_reporting --output-format=json 2>/dev/null
+    --group_reporting --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+  "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$work/fio.json"
 }
 
 echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
@@ -92,7 +95,15 @@ xs = sorted(float(l) * 1000 for l in open(sys.argv[1]) if l.strip())
 pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]
 print(f"fence latency over {len(xs)} fences (ms): p50 {pick(0.50):.3f}  p99 {pick(0.99):.3f}  max {xs[-1]:.3f}  (target p99 <= 5)")
 EOF
-curl -s "$API/metrics" | grep -E '^stagehand_nbd_fence(s_total|_duration_seconds_(sum|count))'
+"$PY" - "$work/server.log" <<'EOF'
+import re, sys
+rows = [l for l in open(sys.argv[1]) if "fenced" in l and "persist_us" in l]
+def col(name):
+    xs = sorted(int(re.search(name + r"\D*?(\d+)", l).group(1)) / 1000 for l in rows)
+    return f"p50 {xs[len(xs) // 2]:.3f}  p99 {xs[min(len(xs) - 1, int(0.99 * len(xs)))]:.3f}  max {xs[-1]:.3f}"
+print(f"server side over {len(rows)} fences (ms): total {col('latency_us')}")
+print(f"  of which, concurrently: persist (fdatasync) {col('persist_us')};  drain of in-flight writes {col('drain_us')}")
+EOF
 
 echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
 read -r token _ < <(fence $((FENCES + 2)))
@@ -100,7 +111,7 @@ read -r token _ < <(fence $((FENCES + 2)))
 for round in $(seq "$ROUNDS"); do
   for kind in leased unleased; do
     if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
-    iops="$(fio_job "$uri" "$RUNTIME" 4 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["iops"])')"
+    iops="$(fio_iops "$uri" "$RUNTIME" 4)"
     echo "$kind $iops" >>"$work/iops"
     echo "  round $round $kind: $iops IOPS"
   done
