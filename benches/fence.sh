@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Fence benchmark (issue 3), two figures:
-#  1. fence latency while 8 NBD connections (fio, ioengine=nbd, one connection per
-#     job, queue depth 16 each) are busy writing with the current epoch's token:
-#     POST /fence is timed by curl from request to answer; p50 / p99 / max over
-#     FENCES fences. Each fence kills the writers (NBD_EPERM, then close), so every
-#     round starts a fresh fio with the new token.
-#  2. throughput cost of the lease check on the data path: the same fio random-write
-#     workload against a leased export (with its token) and an unleased one, ROUNDS
-#     alternating runs each, median IOPS, printed as a ratio.
+#  1. throughput cost of the lease check on the data path: the same fio random-write
+#     workload (ioengine=nbd, 4 jobs, qd 16) against a leased export (with its token)
+#     and an unleased export of the SAME file, ROUNDS alternating runs of RUNTIME s
+#     each, `sync` before each run, median IOPS, printed as a ratio.
+#  2. fence latency while 8 NBD connections (fio, one connection per job, queue
+#     depth 16 each) are busy writing with the current epoch's token: POST /fence is
+#     timed by curl from request to answer; p50 / p99 / max over FENCES fences, plus
+#     the server's own breakdown (persist = fdatasync of the new epoch, drain = wait
+#     for older-epoch writes in flight; they run concurrently). Each fence kills the
+#     writers (NBD_EPERM, then close), so every round starts a fresh fio.
 # Usage: STAGEHAND_BIN_DIR=target/release benches/fence.sh  (make bench-fence)
 set -euo pipefail
 
 BIN_DIR="${STAGEHAND_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/stagehand/target}/release}"
 SERVER="$BIN_DIR/stagehand-nbd"
 FENCES="${FENCES:-200}"
-ROUNDS="${ROUNDS:-5}"
-RUNTIME="${RUNTIME:-5}"
+ROUNDS="${ROUNDS:-7}"
+RUNTIME="${RUNTIME:-3}"
 SIZE_MIB="${SIZE_MIB:-256}"
 PY=/usr/bin/python3
 
@@ -37,14 +39,13 @@ NBD_PORT="$(free_port)"
 API_PORT="$(free_port)"
 API="http://127.0.0.1:$API_PORT"
 
-# Fully allocated files, so the two exports do the same work in the page cache.
-for f in leased unleased; do
-  dd if=/dev/zero of="$work/$f.img" bs=1M count="$SIZE_MIB" status=none
-done
+# One fully allocated file behind both exports, so that the leased and the unleased
+# runs find the same page cache and writeback state.
+dd if=/dev/zero of="$work/disk.img" bs=1M count="$SIZE_MIB" status=none
 
 NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
   --data-dir "$work/data" \
-  --export "leased=$work/leased.img" --export "unleased=$work/unleased.img,unleased" \
+  --export "leased=$work/disk.img" --export "unleased=$work/disk.img,unleased" \
   2>"$work/server.log" >/dev/null &
 server_pid=$!
 for _ in $(seq 200); do
@@ -68,10 +69,32 @@ fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$work/fio.json"
 }
 
-echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
 read -r token _ < <(fence 1)
+: >"$work/iops"
+for round in $(seq "$ROUNDS"); do
+  for kind in leased unleased; do
+    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
+    sync  # start every run with no dirty pages of the previous one
+    iops="$(fio_iops "$uri" "$RUNTIME" 4)"
+    echo "$kind $iops" >>"$work/iops"
+    echo "  round $round $kind: $iops IOPS"
+  done
+done
+"$PY" - "$work/iops" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    kind, iops = line.split()
+    runs.setdefault(kind, []).append(float(iops))
+l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
+print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
+EOF
+
+echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+read -r token _ < <(fence 2)
 : >"$work/latencies"
-for epoch in $(seq 2 $((FENCES + 1))); do
+for epoch in $(seq 3 $((FENCES + 2))); do
   fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token" \
     --rw=randwrite --bs=4k --iodepth=16 --numjobs=8 --size="$((SIZE_MIB / 4))M" \
     --time_based --runtime=30 >/dev/null 2>&1 &
@@ -105,23 +128,3 @@ print(f"server side over {len(rows)} fences (ms): total {col('latency_us')}")
 print(f"  of which, concurrently: persist (fdatasync) {col('persist_us')};  drain of in-flight writes {col('drain_us')}")
 EOF
 
-echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
-read -r token _ < <(fence $((FENCES + 2)))
-: >"$work/iops"
-for round in $(seq "$ROUNDS"); do
-  for kind in leased unleased; do
-    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
-    iops="$(fio_iops "$uri" "$RUNTIME" 4)"
-    echo "$kind $iops" >>"$work/iops"
-    echo "  round $round $kind: $iops IOPS"
-  done
-done
-"$PY" - "$work/iops" <<'EOF'
-import statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    kind, iops = line.split()
-    runs.setdefault(kind, []).append(float(iops))
-l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
-print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
-EOF

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ApiError;
 use metrics::FenceMetrics;
 
-use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseRecord, LeaseToken, TokenHash};
+use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseToken, TokenHash};
 use crate::store::{ExportRecord, Store};
 
 /// Counters of one export, read at the moment of the request.
@@ -584,16 +584,6 @@ async fn metrics_text(State(state): State<Arc<ControlState>>) -> impl IntoRespon
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(&exports, &state.fences),
     )
-}
-
-/// The record a flag-defined export starts from (used by the server at start).
-pub fn lease_record(store: &Store, name: &str) -> LeaseRecord {
-    store
-        .snapshot()
-        .leases
-        .get(name)
-        .cloned()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
