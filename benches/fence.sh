@@ -26,6 +26,11 @@ for tool in fio curl "$PY"; do
 done
 [ -x "$SERVER" ] || { echo "fence.sh: $SERVER missing (make build)" >&2; exit 1; }
 
+if [ -x "$BIN_DIR/fence-gate" ]; then
+  echo "== the lease check alone (benches/src/bin/fence-gate.rs)"
+  "$BIN_DIR/fence-gate"
+fi
+
 work="$(mktemp -d /tmp/stagehand-fence.XXXXXX)"
 server_pid=""
 cleanup() {
