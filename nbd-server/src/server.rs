@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -248,7 +248,7 @@ async fn connection<R, W>(
     peer: String,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: conn::ReplySink,
 {
     // Option haggling is small messages; a small buffer keeps the reader honest
     // about what it has consumed before transmission takes over the stream.
