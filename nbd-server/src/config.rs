@@ -45,6 +45,12 @@ pub struct Args {
     /// Most NBD connections served at once.
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Bearer token the control API requires (prefer --api-token-file: flags show in ps).
+    #[arg(long, value_name = "TOKEN")]
+    pub api_token: Option<String>,
+    /// File whose first line is the control API's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// The TOML file: the same keys as the flags, plus `[[exports]]` tables.
@@ -62,6 +68,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub api: Option<String>,
     pub max_connections: Option<usize>,
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
@@ -74,6 +82,8 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub api: Option<String>,
     pub max_connections: usize,
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -86,6 +96,8 @@ impl Default for Config {
             data_dir: None,
             api: None,
             max_connections: 1024,
+            api_token: None,
+            api_token_file: None,
         }
     }
 }
@@ -161,6 +173,8 @@ impl Config {
             io_engine: args.io_engine.or(file.io_engine).unwrap_or(d.io_engine),
             data_dir: args.data_dir.or(file.data_dir),
             api: args.api.or(file.api),
+            api_token: args.api_token.or(file.api_token),
+            api_token_file: args.api_token_file.or(file.api_token_file),
             max_connections: args
                 .max_connections
                 .or(file.max_connections)

@@ -30,6 +30,9 @@ use crate::lease::Binding;
 
 /// Permit units per connection, one unit per 64 KiB of payload (48 MiB in all).
 const PERMIT_UNITS: u32 = 768;
+/// How long a fenced connection keeps answering (changes with NBD_EPERM) before it
+/// is closed; safety does not depend on it, the lease gate refuses every change.
+const FENCE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 const UNIT: u64 = 64 << 10;
 /// Reads at least this long check for holes first (one lseek) and may be answered
 /// with a single OFFSET_HOLE chunk instead of data.
@@ -150,15 +153,22 @@ where
     let permits = Arc::new(Semaphore::new(PERMIT_UNITS as usize));
     let mut rd = BufReader::with_capacity(IO_BUF, reader);
 
-    let result = tokio::select! {
+    let result = {
+        let reading = read_loop(&mut rd, &ctx, &tx, &permits);
+        tokio::pin!(reading);
+        tokio::select! {
         biased;
         _ = shutdown.cancelled() => Ok(()),
         _ = writer_failed.cancelled() => Ok(()),
         _ = ctx.export.lease.fenced(&ctx.binding) => {
             tracing::info!(export = %ctx.export.name, "connection fenced, closing");
+            // Answer what the client has already sent: every change now fails with
+            // NBD_EPERM in begin_change, which tells the client why, before the close.
+            let _ = tokio::time::timeout(FENCE_GRACE, &mut reading).await;
             Ok(())
         }
-        r = read_loop(&mut rd, &ctx, &tx, &permits) => r,
+        r = &mut reading => r,
+        }
     };
     // No more requests: once every handler has sent its reply (dropping its sender),
     // the writer drains, flushes and closes the socket.

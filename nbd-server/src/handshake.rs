@@ -171,7 +171,7 @@ where
                     .lease
                     .bind(token, export.read_only)
                     .map_err(|e| HandshakeError::Refused(e.to_string()))?;
-                let flags = export.transmission_flags(st.structured);
+                let flags = binding.transmission_flags(export.transmission_flags(st.structured));
                 codec::encode_export_name_reply(export.size, flags, st.no_zeroes, &mut out);
                 send(w, &out).await?;
                 return Ok(finish(st, export, binding, flags));
@@ -284,7 +284,8 @@ where
                     Some(export) => match export.lease.bind(token, export.read_only) {
                         Err(e) => err(&mut out, option, REP_ERR_POLICY, &e.to_string()),
                         Ok(binding) => {
-                            let flags = export.transmission_flags(st.structured);
+                            let flags = binding
+                                .transmission_flags(export.transmission_flags(st.structured));
                             reply(
                                 &mut out,
                                 option,

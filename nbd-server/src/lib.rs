@@ -5,7 +5,8 @@
 //! - [`server`]: listeners, connection lifecycle, [`run`].
 //! - [`export`]: exports and the runtime-mutable [`export::ExportRegistry`].
 //! - [`io`]: io_uring and thread-pool file I/O; [`bufpool`]: reusable buffers.
-//! - [`lease`]: the write-lease seam (fencing plugs in here).
+//! - [`lease`]: write leases and epoch fencing; [`store`]: durable state (`--data-dir`).
+//! - [`control`]: the HTTP/JSON control API (`--api`).
 //! - [`client`]: an async NBD client (tokio).
 //! - [`config`]: flags and TOML.
 
@@ -14,11 +15,13 @@ pub mod client;
 pub mod codec;
 pub mod config;
 mod conn;
+pub mod control;
 pub mod export;
 pub mod handshake;
 pub mod io;
 pub mod lease;
 pub mod server;
+pub mod store;
 
 pub use config::{Args, Config};
 pub use server::{Server, run};

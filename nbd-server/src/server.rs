@@ -35,6 +35,8 @@ pub enum ServerError {
     Engine(std::io::Error),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Control(#[from] crate::control::node::ControlError),
 }
 
 /// Shared by every connection.
@@ -147,7 +149,14 @@ impl Server {
 
 /// Binds and serves `config` until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let server = Server::bind(&config).await?;
+    // Leases: exports get their gates from the durable store, and the control API
+    // (if --api) shares the registry to add, remove and fence exports at runtime.
+    let store = crate::control::node::open_store(&config)?;
+    let registry = crate::control::node::open_registry(&config, &store)?;
+    let server = Server::bind_with_registry(&config, std::sync::Arc::clone(&registry)).await?;
+    let api_shutdown = CancellationToken::new();
+    let api =
+        crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
     tracing::info!(
         engine = server.state.engine.name(),
         exports = server.state.registry.list().len(),
@@ -163,6 +172,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         println!("stagehand-nbd: listening on unix {}", p.display());
     }
     server.serve(shutdown).await;
+    api_shutdown.cancel();
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     Ok(())
 }
 
