@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/stagehand/target
 CARGO_PROFILE := --release
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: deps build test demo bench bench-migrate fmt clippy lint fuzz-build clean
+.PHONY: deps build test demo bench bench-migrate bench-fence fmt clippy lint fuzz-build clean
 
 deps:
 	@bash scripts/deps.sh
@@ -26,6 +26,9 @@ bench: build
 
 bench-migrate: build
 	STAGEHAND_BIN_DIR=$(BIN) bash benches/migrate-peers.sh
+
+bench-fence: build
+	STAGEHAND_BIN_DIR=$(BIN) bash benches/fence.sh
 
 fmt:
 	cargo fmt --all

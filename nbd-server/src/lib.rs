@@ -1,1 +1,27 @@
-//! stagehand-nbd: the storage node's NBD server (see README.md).
+//! stagehand-nbd: the storage node's NBD server (see README.md and docs/nbd-protocol.md).
+//!
+//! - [`codec`]: the wire protocol, pure (no I/O), shared by server and client.
+//! - [`handshake`] and `conn`: the server's option haggling and transmission phase.
+//! - [`server`]: listeners, connection lifecycle, [`run`].
+//! - [`export`]: exports and the runtime-mutable [`export::ExportRegistry`].
+//! - [`io`]: io_uring and thread-pool file I/O; [`bufpool`]: reusable buffers.
+//! - [`lease`]: write leases and epoch fencing; [`store`]: durable state (`--data-dir`).
+//! - [`control`]: the HTTP/JSON control API (`--api`).
+//! - [`client`]: an async NBD client (tokio).
+//! - [`config`]: flags and TOML.
+
+pub mod bufpool;
+pub mod client;
+pub mod codec;
+pub mod config;
+mod conn;
+pub mod control;
+pub mod export;
+pub mod handshake;
+pub mod io;
+pub mod lease;
+pub mod server;
+pub mod store;
+
+pub use config::{Args, Config};
+pub use server::{Server, run};

@@ -1,4 +1,38 @@
-fn main() {
-    eprintln!("stagehand-nbd: not built yet");
-    std::process::exit(2);
+//! stagehand-nbd: the storage node's NBD server. Parses flags, sets up logging and
+//! signals, and hands over to `nbd_server::run`.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() -> anyhow::Result<()> {
+    let args = nbd_server::Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = nbd_server::Config::from_args(args).context("configuration")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        };
+        nbd_server::run(config, shutdown)
+            .await
+            .context("stagehand-nbd")
+    })
 }

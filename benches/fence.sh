@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Fence benchmark (issue 3), two figures:
+#  1. fence latency while 8 NBD connections (fio, ioengine=nbd, one connection per
+#     job, queue depth 16 each) are busy writing with the current epoch's token:
+#     POST /fence is timed by curl from request to answer; p50 / p99 / max over
+#     FENCES fences. Each fence kills the writers (NBD_EPERM, then close), so every
+#     round starts a fresh fio with the new token.
+#  2. throughput cost of the lease check on the data path: the same fio random-write
+#     workload against a leased export (with its token) and an unleased one, ROUNDS
+#     alternating runs each, median IOPS, printed as a ratio.
+# Usage: STAGEHAND_BIN_DIR=target/release benches/fence.sh  (make bench-fence)
+set -euo pipefail
+
+BIN_DIR="${STAGEHAND_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/stagehand/target}/release}"
+SERVER="$BIN_DIR/stagehand-nbd"
+FENCES="${FENCES:-200}"
+ROUNDS="${ROUNDS:-5}"
+RUNTIME="${RUNTIME:-5}"
+SIZE_MIB="${SIZE_MIB:-256}"
+PY=/usr/bin/python3
+
+for tool in fio curl "$PY"; do
+  command -v "$tool" >/dev/null || { echo "fence.sh: $tool missing (make deps)" >&2; exit 1; }
+done
+[ -x "$SERVER" ] || { echo "fence.sh: $SERVER missing (make build)" >&2; exit 1; }
+
+work="$(mktemp -d /tmp/stagehand-fence.XXXXXX)"
+server_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+NBD_PORT="$(free_port)"
+API_PORT="$(free_port)"
+API="http://127.0.0.1:$API_PORT"
+
+# Fully allocated files, so the two exports do the same work in the page cache.
+for f in leased unleased; do
+  dd if=/dev/zero of="$work/$f.img" bs=1M count="$SIZE_MIB" status=none
+done
+
+RUST_LOG=warn "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
+  --data-dir "$work/data" \
+  --export "leased=$work/leased.img" --export "unleased=$work/unleased.img,unleased" &
+server_pid=$!
+for _ in $(seq 200); do
+  curl -sf "$API/v1/health" >/dev/null && break
+  sleep 0.05
+done
+curl -sf "$API/v1/health" >/dev/null || { echo "fence.sh: server did not start" >&2; exit 1; }
+
+fence() { # fence EPOCH -> prints "TOKEN SECONDS"
+  curl -s -o "$work/fence.json" -w '%{time_total}' -X POST "$API/v1/exports/leased/fence" \
+    -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" >"$work/fence.time"
+  "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"], open(sys.argv[2]).read())' \
+    "$work/fence.json" "$work/fence.time"
+}
+
+fio_job() { # fio_job URI RUNTIME JOBS -> fio JSON on stdout
+  fio --name=w --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 \
+    --numjobs="$3" --size="$((SIZE_MIB / 4))M" --time_based --runtime="$2" \
+    --group_reporting --output-format=json 2>/dev/null
+}
+
+echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+read -r token _ < <(fence 1)
+: >"$work/latencies"
+for epoch in $(seq 2 $((FENCES + 1))); do
+  fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token" \
+    --rw=randwrite --bs=4k --iodepth=16 --numjobs=8 --size="$((SIZE_MIB / 4))M" \
+    --time_based --runtime=30 >/dev/null 2>&1 &
+  fio_pid=$!
+  # Let all 8 connections get going (the export's connection gauge shows them).
+  for _ in $(seq 200); do
+    conns="$(curl -s "$API/v1/exports/leased" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])')"
+    [ "$conns" -ge 8 ] && break
+    sleep 0.01
+  done
+  sleep 0.1
+  read -r token secs < <(fence "$epoch")
+  echo "$secs" >>"$work/latencies"
+  # The fenced writers get NBD_EPERM and are disconnected; fio then exits.
+  timeout 20 tail --pid="$fio_pid" -f /dev/null || { kill "$fio_pid"; echo "fio did not stop after fence" >&2; exit 1; }
+  wait "$fio_pid" 2>/dev/null || true
+done
+"$PY" - "$work/latencies" <<'EOF'
+import sys
+xs = sorted(float(l) * 1000 for l in open(sys.argv[1]) if l.strip())
+pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]
+print(f"fence latency over {len(xs)} fences (ms): p50 {pick(0.50):.3f}  p99 {pick(0.99):.3f}  max {xs[-1]:.3f}  (target p99 <= 5)")
+EOF
+curl -s "$API/metrics" | grep -E '^stagehand_nbd_fence(s_total|_duration_seconds_(sum|count))'
+
+echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
+read -r token _ < <(fence $((FENCES + 2)))
+: >"$work/iops"
+for round in $(seq "$ROUNDS"); do
+  for kind in leased unleased; do
+    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
+    iops="$(fio_job "$uri" "$RUNTIME" 4 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["iops"])')"
+    echo "$kind $iops" >>"$work/iops"
+    echo "  round $round $kind: $iops IOPS"
+  done
+done
+"$PY" - "$work/iops" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    kind, iops = line.split()
+    runs.setdefault(kind, []).append(float(iops))
+l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
+print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
+EOF

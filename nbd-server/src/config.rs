@@ -1,0 +1,245 @@
+//! Configuration: command-line flags, an optional TOML file, and their merge
+//! (a flag given on the command line wins over the file).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::export::{ExportError, ExportSpec};
+use crate::io::EngineKind;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// Command-line flags of `stagehand-nbd`.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "stagehand-nbd",
+    version,
+    about = "Stagehand storage node: NBD server"
+)]
+pub struct Args {
+    /// TOML file in which every flag below can also be set.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// NBD over TCP (default 127.0.0.1:10809; port 0 picks a free port; "none" disables TCP).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// NBD over a Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Export NAME=PATH[,ro][,unleased]; repeatable.
+    #[arg(long = "export", value_name = "NAME=PATH[,ro][,unleased]")]
+    pub exports: Vec<String>,
+    /// I/O backend: auto (io_uring when the kernel has it), uring or threads.
+    #[arg(long, value_enum)]
+    pub io_engine: Option<EngineKind>,
+    /// Durable state (leases, bitmaps): used by the lease and control features.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP control API address (served by the control API feature).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api: Option<String>,
+    /// Most NBD connections served at once.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Bearer token the control API requires (prefer --api-token-file: flags show in ps).
+    #[arg(long, value_name = "TOKEN")]
+    pub api_token: Option<String>,
+    /// File whose first line is the control API's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// The TOML file: the same keys as the flags, plus `[[exports]]` tables.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub unix: Option<PathBuf>,
+    /// Same syntax as `--export`.
+    #[serde(default)]
+    pub export: Vec<String>,
+    #[serde(default)]
+    pub exports: Vec<ExportSpec>,
+    pub io_engine: Option<EngineKind>,
+    pub data_dir: Option<PathBuf>,
+    pub api: Option<String>,
+    pub max_connections: Option<usize>,
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub exports: Vec<ExportSpec>,
+    pub io_engine: EngineKind,
+    pub data_dir: Option<PathBuf>,
+    pub api: Option<String>,
+    pub max_connections: usize,
+    pub api_token: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().ok(),
+            unix: None,
+            exports: Vec::new(),
+            io_engine: EngineKind::Auto,
+            data_dir: None,
+            api: None,
+            max_connections: 1024,
+            api_token: None,
+            api_token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("bad listen address {0:?}")]
+    Listen(String),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("export {0:?} is configured twice")]
+    DuplicateExport(String),
+    #[error("nothing to listen on: give --listen or --unix")]
+    NoListener,
+}
+
+impl Config {
+    /// Resolves flags over the optional TOML file.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => Self::read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(e),
+        })
+    }
+
+    pub fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let d = Config::default();
+        let listen = match args.listen.or(file.listen) {
+            None => d.listen,
+            Some(s) if s == "none" => None,
+            Some(s) => Some(s.parse().map_err(|_| ConfigError::Listen(s))?),
+        };
+        let unix = args.unix.or(file.unix);
+        if listen.is_none() && unix.is_none() {
+            return Err(ConfigError::NoListener);
+        }
+        let mut exports = file.exports;
+        for s in file.export.iter().chain(args.exports.iter()) {
+            exports.push(s.parse()?);
+        }
+        let mut names = std::collections::HashSet::new();
+        for e in &exports {
+            if !names.insert(e.name.clone()) {
+                return Err(ConfigError::DuplicateExport(e.name.clone()));
+            }
+        }
+        Ok(Self {
+            listen,
+            unix,
+            exports,
+            io_engine: args.io_engine.or(file.io_engine).unwrap_or(d.io_engine),
+            data_dir: args.data_dir.or(file.data_dir),
+            api: args.api.or(file.api),
+            api_token: args.api_token.or(file.api_token),
+            api_token_file: args.api_token_file.or(file.api_token_file),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections)
+                .max(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:1"
+            unix = "/tmp/s.sock"
+            export = ["a=/a.img,ro"]
+            io-engine = "threads"
+            max-connections = 7
+            [[exports]]
+            name = "b"
+            path = "/b.img"
+            unleased = true
+            "#,
+        )
+        .unwrap();
+        let args = Args {
+            listen: Some("127.0.0.1:2".into()),
+            exports: vec!["c=/c.img".into()],
+            ..Args::default()
+        };
+        let c = Config::merge(args, file).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(c.unix, Some(PathBuf::from("/tmp/s.sock")));
+        assert_eq!(c.io_engine, EngineKind::Threads);
+        assert_eq!(c.max_connections, 7);
+        let names: Vec<_> = c.exports.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "a", "c"]);
+        assert!(c.exports[1].read_only);
+        assert!(c.exports[0].unleased);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::merge(Args::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
+        let none = Args {
+            listen: Some("none".into()),
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::merge(none, FileConfig::default()),
+            Err(ConfigError::NoListener)
+        ));
+        let dup = Args {
+            exports: vec!["a=/x".into(), "a=/y".into()],
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::merge(dup, FileConfig::default()),
+            Err(ConfigError::DuplicateExport(_))
+        ));
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}

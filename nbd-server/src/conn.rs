@@ -1,0 +1,1030 @@
+//! The transmission phase of one connection.
+//!
+//! A reader loop decodes requests, checks them, reads their payload into pooled
+//! buffers and spawns one task per request, so replies go out in completion order.
+//! A single writer task owns the socket's write half and batches replies: it
+//! drains every reply that is ready before one flush (one `write` syscall for many
+//! small replies; large read payloads go out without an extra copy).
+//!
+//! Memory per connection is bounded: every request holds permits from a weighted
+//! semaphore (one per request plus one per 64 KiB of payload) from before its
+//! payload is read until its reply has been written.
+
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::bufpool::{Buf, BufPool};
+use crate::codec::{ChunkPayload, Extent, ReplyHeader, Request, consts::*, encode_chunk};
+use crate::export::{BLKDISCARD, BLKZEROOUT, Backing, Export, ExportStats};
+use crate::handshake::{MAX_PAYLOAD, Negotiated};
+use crate::io::IoEngine;
+use crate::lease::Binding;
+
+/// Permit units per connection, one unit per 64 KiB of payload (48 MiB in all).
+const PERMIT_UNITS: u32 = 768;
+const UNIT: u64 = 64 << 10;
+/// Reads at least this long check for holes first (one lseek) and may be answered
+/// with a single OFFSET_HOLE chunk instead of data.
+const HOLE_CHECK_MIN: u64 = 64 << 10;
+/// Most extents in one block status reply.
+const MAX_EXTENTS: usize = 16 << 10;
+/// Socket buffers of the reader and writer.
+const IO_BUF: usize = 256 << 10;
+/// Payloads at least this long are written from their own buffer, not copied.
+const DIRECT_WRITE_MIN: usize = 64 << 10;
+
+/// Everything a request handler needs, shared by the connection's tasks.
+pub(crate) struct ConnCtx {
+    pub export: Arc<Export>,
+    pub binding: Binding,
+    pub structured: bool,
+    pub extended: bool,
+    pub base_allocation: Option<u32>,
+    pub engine: Arc<IoEngine>,
+    pub pool: Arc<BufPool>,
+}
+
+/// One reply, written by the writer task; its permit is released once written.
+struct Frame {
+    head: Vec<u8>,
+    data: Option<Buf>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Serves one negotiated connection until DISC, a protocol violation, a vanished
+/// client, fencing, or server shutdown; in-flight requests finish before it returns.
+pub(crate) async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    neg: Negotiated,
+    engine: Arc<IoEngine>,
+    pool: Arc<BufPool>,
+    shutdown: CancellationToken,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(ConnCtx {
+        export: neg.export,
+        binding: neg.binding,
+        structured: neg.structured,
+        extended: neg.extended,
+        base_allocation: neg.base_allocation,
+        engine,
+        pool,
+    });
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let writer_failed = CancellationToken::new();
+    let writer_task = tokio::spawn(write_loop(writer, rx, writer_failed.clone()));
+    let permits = Arc::new(Semaphore::new(PERMIT_UNITS as usize));
+    let mut rd = BufReader::with_capacity(IO_BUF, reader);
+
+    let result = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Ok(()),
+        _ = writer_failed.cancelled() => Ok(()),
+        _ = ctx.export.lease.fenced(&ctx.binding) => {
+            tracing::info!(export = %ctx.export.name, "connection fenced, closing");
+            Ok(())
+        }
+        r = read_loop(&mut rd, &ctx, &tx, &permits) => r,
+    };
+    // No more requests: once every handler has sent its reply (dropping its sender),
+    // the writer drains, flushes and closes the socket.
+    drop(tx);
+    let _ = writer_task.await;
+    result
+}
+
+/// Replies travel to the writer one at a time (from handler tasks) or in batches
+/// (answered inline by the reader).
+enum Out {
+    One(Frame),
+    Batch(Vec<Frame>),
+}
+
+/// Replies the reader answered inline, handed to the writer in one message when
+/// the reader is about to wait (or is dropped: nothing answered is ever lost).
+struct Batch<'a> {
+    frames: Vec<Frame>,
+    tx: &'a mpsc::UnboundedSender<Out>,
+}
+
+impl Batch<'_> {
+    fn flush(&mut self) {
+        if !self.frames.is_empty() {
+            let _ = self.tx.send(Out::Batch(std::mem::take(&mut self.frames)));
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Most replies gathered before the reader hands them over anyway.
+const MAX_BATCH: usize = 64;
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    ctx: &Arc<ConnCtx>,
+    tx: &mpsc::UnboundedSender<Out>,
+    permits: &Arc<Semaphore>,
+) -> io::Result<()> {
+    let hl = Request::header_len(ctx.extended);
+    let mut hb = [0u8; 32];
+    let mut batch = Batch {
+        frames: Vec::with_capacity(MAX_BATCH),
+        tx,
+    };
+    loop {
+        // Everything already received is answered before we wait for more.
+        if rd.buffer().len() < hl {
+            batch.flush();
+        }
+        match rd.read_exact(&mut hb[..hl]).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = match Request::decode(&hb[..hl], ctx.extended) {
+            Ok(r) => r,
+            Err(e) => {
+                // Without a valid header we cannot find the next one: hard disconnect.
+                tracing::debug!(error = %e, "bad request header, disconnecting");
+                return Ok(());
+            }
+        };
+        ExportStats::add(&ctx.export.stats.requests, 1);
+        if req.command == CMD_DISC {
+            return Ok(());
+        }
+        let payload_len = req.payload_len(ctx.extended);
+        if payload_len > MAX_PAYLOAD as u64 {
+            // We will not buffer it, and skipping gigabytes is no better: answer,
+            // then drop the connection (the spec allows a hard disconnect here).
+            let errno = if ctx.extended { EOVERFLOW } else { EINVAL };
+            let msg = "payload exceeds the 32 MiB maximum";
+            batch.frames.push(error_frame(ctx, &req, errno, msg, None));
+            return Ok(());
+        }
+        let read_len = if req.command == CMD_READ {
+            req.length.min(MAX_PAYLOAD as u64)
+        } else {
+            0
+        };
+        let units = (1 + (payload_len + read_len).div_ceil(UNIT)) as u32;
+        let permit = match Arc::clone(permits).try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                // Permits come back as replies are written: hand ours over first.
+                batch.flush();
+                Arc::clone(permits)
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| io::Error::other("connection permits closed"))?
+            }
+        };
+        let payload = if payload_len > 0 {
+            if (rd.buffer().len() as u64) < payload_len {
+                batch.flush();
+            }
+            let mut buf = ctx.pool.get(payload_len as usize);
+            // A client that vanishes mid-payload leaves nothing behind: the write
+            // is only submitted once the whole payload is here.
+            rd.read_exact(&mut buf).await?;
+            Some(buf)
+        } else {
+            None
+        };
+        // Fast path: answer in place when no I/O wait is needed.
+        let (permit, payload) = match (req.command, payload) {
+            (CMD_READ, None) => match read_inline(ctx, &req, permit) {
+                Ok(f) => {
+                    batch.frames.push(f);
+                    continue;
+                }
+                Err(p) => (p, None),
+            },
+            (CMD_WRITE, Some(buf)) => match write_inline(ctx, &req, buf, permit) {
+                Ok(f) => {
+                    batch.frames.push(f);
+                    if batch.frames.len() >= MAX_BATCH {
+                        batch.flush();
+                    }
+                    continue;
+                }
+                Err((buf, p)) => (p, Some(buf)),
+            },
+            (_, payload) => (permit, payload),
+        };
+        if batch.frames.len() >= MAX_BATCH {
+            batch.flush();
+        }
+        let ctx = Arc::clone(ctx);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let frame = handle(&ctx, req, payload, permit).await;
+            let _ = tx.send(Out::One(frame));
+        });
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    failed: CancellationToken,
+) {
+    // Small replies are gathered here; a large payload goes out in one writev
+    // together with whatever is gathered and its own header (no copy, and no
+    // header alone in its own TCP segment).
+    let mut stage: Vec<u8> = Vec::with_capacity(IO_BUF);
+    let res: io::Result<()> = async {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(out) = next {
+                match out {
+                    Out::One(f) => put_frame(&mut w, &mut stage, f).await?,
+                    Out::Batch(frames) => {
+                        for f in frames {
+                            put_frame(&mut w, &mut stage, f).await?;
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if !stage.is_empty() {
+                w.write_all(&stage).await?;
+                stage.clear();
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "reply writer stopped");
+        failed.cancel();
+        // Keep draining so that handlers never block and permits are released.
+        while rx.recv().await.is_some() {}
+    }
+}
+
+/// Stages a small reply, or writes a large one (with what is staged) at once.
+async fn put_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    stage: &mut Vec<u8>,
+    f: Frame,
+) -> io::Result<()> {
+    match &f.data {
+        Some(d) if d.len() >= DIRECT_WRITE_MIN => {
+            write_all_vectored(w, [&stage[..], &f.head[..], &d[..]]).await?;
+            stage.clear();
+        }
+        data => {
+            stage.extend_from_slice(&f.head);
+            if let Some(d) = data {
+                stage.extend_from_slice(d);
+            }
+            if stage.len() >= IO_BUF {
+                w.write_all(stage).await?;
+                stage.clear();
+            }
+        }
+    }
+    // Dropping the frame releases its permit: its bytes are out or copied.
+    drop(f);
+    Ok(())
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    let mut slices = parts.map(IoSlice::new);
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// Maps an I/O error to the NBD error the spec asks for.
+fn errno_of(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EINVAL) => EINVAL,
+        Some(libc::EOPNOTSUPP) => ENOTSUP,
+        _ => EIO,
+    }
+}
+
+fn ok_frame(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> Frame {
+    let mut head = Vec::with_capacity(32);
+    if ctx.extended {
+        encode_chunk(
+            true,
+            REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            &ChunkPayload::None,
+            &mut head,
+        );
+    } else {
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode(&mut head);
+    }
+    Frame {
+        head,
+        data: None,
+        _permit: Some(permit),
+    }
+}
+
+fn error_frame(
+    ctx: &ConnCtx,
+    req: &Request,
+    errno: u32,
+    msg: &str,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Frame {
+    let mut head = Vec::with_capacity(64);
+    if ctx.structured {
+        let p = ChunkPayload::Error {
+            error: errno,
+            message: msg.to_owned(),
+        };
+        encode_chunk(
+            ctx.extended,
+            REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            &p,
+            &mut head,
+        );
+    } else {
+        ReplyHeader::Simple {
+            error: errno,
+            cookie: req.cookie,
+        }
+        .encode(&mut head);
+    }
+    Frame {
+        head,
+        data: None,
+        _permit: permit,
+    }
+}
+
+/// Why a request failed: the NBD error and a message for the client's user.
+struct Fail(u32, &'static str);
+
+fn check_range(export: &Export, req: &Request, errno: u32) -> Result<(), Fail> {
+    match req.offset.checked_add(req.length) {
+        Some(end) if end <= export.size => Ok(()),
+        _ => Err(Fail(errno, "request beyond the end of the export")),
+    }
+}
+
+fn check_flags(req: &Request, allowed: u16) -> Result<(), Fail> {
+    if req.flags & !allowed != 0 {
+        Err(Fail(EINVAL, "flag not valid for this command"))
+    } else {
+        Ok(())
+    }
+}
+
+async fn handle(
+    ctx: &ConnCtx,
+    req: Request,
+    payload: Option<Buf>,
+    permit: OwnedSemaphorePermit,
+) -> Frame {
+    let r = match req.command {
+        CMD_READ => return read(ctx, req, permit).await,
+        CMD_WRITE => write(ctx, &req, payload).await,
+        CMD_FLUSH => flush(ctx, &req).await,
+        CMD_TRIM => trim(ctx, &req).await,
+        CMD_CACHE => cache(ctx, &req),
+        CMD_WRITE_ZEROES => write_zeroes(ctx, &req).await,
+        CMD_BLOCK_STATUS => return block_status(ctx, req, permit).await,
+        _ => Err(Fail(EINVAL, "unknown command")),
+    };
+    match r {
+        Ok(()) => ok_frame(ctx, &req, permit),
+        Err(Fail(errno, msg)) => error_frame(ctx, &req, errno, msg, Some(permit)),
+    }
+}
+
+fn io_fail(e: &io::Error) -> Fail {
+    let errno = errno_of(e);
+    tracing::debug!(error = %e, errno, "I/O error");
+    Fail(errno, "I/O error on the export")
+}
+
+/// Where a READ stands once validated.
+enum ReadStep {
+    /// Answered without touching data: an error, an empty read, or a hole.
+    Done(Frame),
+    /// The data must be read.
+    Data(OwnedSemaphorePermit),
+}
+
+fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> ReadStep {
+    let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
+    let too_long = if ctx.structured { EOVERFLOW } else { EINVAL };
+    let checked = check_flags(req, allowed)
+        .and_then(|_| match req.length > MAX_PAYLOAD as u64 {
+            true => Err(Fail(too_long, "read longer than 32 MiB")),
+            false => Ok(()),
+        })
+        .and_then(|_| check_range(&ctx.export, req, EINVAL));
+    if let Err(Fail(errno, msg)) = checked {
+        return ReadStep::Done(error_frame(ctx, req, errno, msg, Some(permit)));
+    }
+    if req.length == 0 {
+        if !ctx.structured {
+            return ReadStep::Done(ok_frame(ctx, req, permit));
+        }
+        // With structured replies a READ never gets a simple reply.
+        let mut head = Vec::with_capacity(32);
+        encode_chunk(
+            ctx.extended,
+            REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            &ChunkPayload::None,
+            &mut head,
+        );
+        return ReadStep::Done(Frame {
+            head,
+            data: None,
+            _permit: Some(permit),
+        });
+    }
+    if ctx.structured
+        && req.length >= HOLE_CHECK_MIN
+        && is_hole(&ctx.export, req.offset, req.length)
+    {
+        let p = ChunkPayload::OffsetHole {
+            offset: req.offset,
+            length: req.length as u32,
+        };
+        let mut head = Vec::with_capacity(48);
+        encode_chunk(
+            ctx.extended,
+            REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            &p,
+            &mut head,
+        );
+        return ReadStep::Done(Frame {
+            head,
+            data: None,
+            _permit: Some(permit),
+        });
+    }
+    ReadStep::Data(permit)
+}
+
+fn read_data_frame(ctx: &ConnCtx, req: &Request, buf: Buf, permit: OwnedSemaphorePermit) -> Frame {
+    ExportStats::add(&ctx.export.stats.bytes_read, buf.len() as u64);
+    let mut head = Vec::with_capacity(48);
+    if ctx.structured {
+        let p = ChunkPayload::OffsetData {
+            offset: req.offset,
+            data_len: buf.len() as u64,
+        };
+        encode_chunk(
+            ctx.extended,
+            REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            &p,
+            &mut head,
+        );
+    } else {
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode(&mut head);
+    }
+    Frame {
+        head,
+        data: Some(buf),
+        _permit: Some(permit),
+    }
+}
+
+/// Answers a READ without leaving the reader task when no I/O wait is needed
+/// (errors, holes, data in the page cache); gives the permit back otherwise.
+fn read_inline(
+    ctx: &ConnCtx,
+    req: &Request,
+    permit: OwnedSemaphorePermit,
+) -> Result<Frame, OwnedSemaphorePermit> {
+    let permit = match read_prelude(ctx, req, permit) {
+        ReadStep::Done(f) => return Ok(f),
+        ReadStep::Data(p) => p,
+    };
+    let mut buf = ctx.pool.get(req.length as usize);
+    let mut pos = 0;
+    match ctx
+        .export
+        .nowait
+        .read(&ctx.export.file, req.offset, &mut buf, &mut pos)
+    {
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            Ok(error_frame(ctx, req, errno, msg, Some(permit)))
+        }
+        Ok(()) if pos == buf.len() => Ok(read_data_frame(ctx, req, buf, permit)),
+        Ok(()) => Err(permit),
+    }
+}
+
+async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Frame {
+    let permit = match read_prelude(ctx, &req, permit) {
+        ReadStep::Done(f) => return f,
+        ReadStep::Data(p) => p,
+    };
+    let buf = ctx.pool.get(req.length as usize);
+    let (buf, r) = ctx
+        .engine
+        .read_exact(&ctx.export.file, Some(&ctx.export.nowait), req.offset, buf)
+        .await;
+    match r {
+        Ok(()) => read_data_frame(ctx, &req, buf, permit),
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            error_frame(ctx, &req, errno, msg, Some(permit))
+        }
+    }
+}
+
+/// True when `[offset, offset+len)` of a regular file is one hole. One lseek: a
+/// metadata lookup that does not wait for data I/O, so it runs inline.
+fn is_hole(export: &Export, offset: u64, len: u64) -> bool {
+    if export.backing != Backing::File {
+        return false;
+    }
+    // SAFETY: plain syscall on a descriptor kept open by `export.file`.
+    let data = unsafe { libc::lseek(export.file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after offset. Anything else: we do not know.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= offset + len
+}
+
+fn writable(ctx: &ConnCtx) -> Result<(), Fail> {
+    if ctx.export.read_only || !ctx.binding.writable {
+        return Err(Fail(EPERM, "export is read-only for this connection"));
+    }
+    Ok(())
+}
+
+fn write_checks(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    check_flags(req, CMD_FLAG_FUA)?;
+    writable(ctx)?;
+    check_range(&ctx.export, req, ENOSPC)
+}
+
+/// Answers a plain (non-FUA) WRITE inline when the page cache takes it without
+/// waiting; gives payload and permit back otherwise.
+fn write_inline(
+    ctx: &ConnCtx,
+    req: &Request,
+    payload: Buf,
+    permit: OwnedSemaphorePermit,
+) -> Result<Frame, (Buf, OwnedSemaphorePermit)> {
+    if req.flags & CMD_FLAG_FUA != 0 {
+        return Err((payload, permit));
+    }
+    if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
+        return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
+    }
+    let Ok(_guard) = ctx.export.lease.begin_change(&ctx.binding) else {
+        return Ok(error_frame(
+            ctx,
+            req,
+            EPERM,
+            "write lease fenced",
+            Some(permit),
+        ));
+    };
+    let mut pos = 0;
+    match ctx
+        .export
+        .nowait
+        .write(&ctx.export.file, req.offset, &payload, &mut pos)
+    {
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            Ok(error_frame(ctx, req, errno, msg, Some(permit)))
+        }
+        Ok(()) if pos == payload.len() => {
+            ExportStats::add(&ctx.export.stats.bytes_written, pos as u64);
+            Ok(ok_frame(ctx, req, permit))
+        }
+        Ok(()) => Err((payload, permit)),
+    }
+}
+
+async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
+    write_checks(ctx, req)?;
+    let buf = payload.unwrap_or_default();
+    let _guard = ctx
+        .export
+        .lease
+        .begin_change(&ctx.binding)
+        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let n = buf.len() as u64;
+    let (_buf, r) = ctx
+        .engine
+        .write_all(
+            &ctx.export.file,
+            Some(&ctx.export.nowait),
+            req.offset,
+            buf,
+            fua,
+        )
+        .await;
+    r.map_err(|e| io_fail(&e))?;
+    ExportStats::add(&ctx.export.stats.bytes_written, n);
+    Ok(())
+}
+
+async fn flush(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    check_flags(req, CMD_FLAG_FUA)?;
+    ctx.engine
+        .sync_data(&ctx.export.file)
+        .await
+        .map_err(|e| io_fail(&e))
+}
+
+fn cache(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    check_flags(req, CMD_FLAG_FUA)?;
+    check_range(&ctx.export, req, EINVAL)?;
+    // SAFETY: plain syscall on an open descriptor; advice only, never blocks on I/O.
+    unsafe {
+        libc::posix_fadvise(
+            ctx.export.file.as_raw_fd(),
+            req.offset as i64,
+            req.length as i64,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+    Ok(())
+}
+
+async fn trim(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    check_flags(req, CMD_FLAG_FUA)?;
+    writable(ctx)?;
+    check_range(&ctx.export, req, EINVAL)?;
+    if req.length == 0 {
+        return Ok(());
+    }
+    let _guard = ctx
+        .export
+        .lease
+        .begin_change(&ctx.binding)
+        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    let r = match ctx.export.backing {
+        Backing::File => {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            ctx.engine
+                .fallocate(&ctx.export.file, mode, req.offset, req.length)
+                .await
+        }
+        Backing::BlockDevice => {
+            blk_range_ioctl(&ctx.export, BLKDISCARD, req.offset, req.length).await
+        }
+    };
+    // TRIM is advisory: a backing store that cannot discard simply keeps the data.
+    if let Err(e) = r
+        && e.raw_os_error() != Some(libc::EOPNOTSUPP)
+    {
+        return Err(io_fail(&e));
+    }
+    if req.flags & CMD_FLAG_FUA != 0 {
+        ctx.engine
+            .sync_data(&ctx.export.file)
+            .await
+            .map_err(|e| io_fail(&e))?;
+    }
+    Ok(())
+}
+
+async fn blk_range_ioctl(
+    export: &Export,
+    op: libc::c_ulong,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let file = Arc::clone(&export.file);
+    tokio::task::spawn_blocking(move || {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read two u64 through the pointer, which is live.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), op, range.as_ptr()) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+async fn write_zeroes(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    check_flags(req, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO)?;
+    writable(ctx)?;
+    check_range(&ctx.export, req, ENOSPC)?;
+    if req.length == 0 {
+        return Ok(());
+    }
+    let _guard = ctx
+        .export
+        .lease
+        .begin_change(&ctx.binding)
+        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+    let may_punch = req.flags & CMD_FLAG_NO_HOLE == 0;
+    let file = &ctx.export.file;
+    let mut done = false;
+    match ctx.export.backing {
+        Backing::File => {
+            let keep = libc::FALLOC_FL_KEEP_SIZE;
+            if may_punch {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | keep;
+                done = ctx
+                    .engine
+                    .fallocate(file, mode, req.offset, req.length)
+                    .await
+                    .is_ok();
+            }
+            if !done {
+                let mode = libc::FALLOC_FL_ZERO_RANGE | keep;
+                done = ctx
+                    .engine
+                    .fallocate(file, mode, req.offset, req.length)
+                    .await
+                    .is_ok();
+            }
+        }
+        // BLKZEROOUT may itself write every byte, so it never counts as fast.
+        Backing::BlockDevice if !fast => {
+            done = blk_range_ioctl(&ctx.export, BLKZEROOUT, req.offset, req.length)
+                .await
+                .is_ok();
+        }
+        Backing::BlockDevice => {}
+    }
+    if !done {
+        if fast {
+            return Err(Fail(ENOTSUP, "zeroing would not be fast"));
+        }
+        write_zero_bytes(ctx, req.offset, req.length).await?;
+    }
+    if req.flags & CMD_FLAG_FUA != 0 {
+        ctx.engine.sync_data(file).await.map_err(|e| io_fail(&e))?;
+    }
+    Ok(())
+}
+
+/// The slow path: write zero bytes, 1 MiB at a time.
+async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fail> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = ctx.pool.get(len.min(CHUNK) as usize);
+    buf.fill(0);
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK) as usize;
+        buf.truncate(n);
+        let (b, r) = ctx
+            .engine
+            .write_all(
+                &ctx.export.file,
+                Some(&ctx.export.nowait),
+                offset + pos,
+                buf,
+                false,
+            )
+            .await;
+        buf = b;
+        r.map_err(|e| io_fail(&e))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+async fn block_status(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Frame {
+    let checked = check_flags(&req, CMD_FLAG_REQ_ONE | CMD_FLAG_FUA)
+        .and_then(|_| {
+            ctx.base_allocation
+                .ok_or(Fail(EINVAL, "no meta context was negotiated"))
+        })
+        .and_then(|id| {
+            if req.length == 0 {
+                return Err(Fail(EINVAL, "empty block status request"));
+            }
+            check_range(&ctx.export, &req, EINVAL).map(|_| id)
+        });
+    let id = match checked {
+        Ok(id) => id,
+        Err(Fail(errno, msg)) => return error_frame(ctx, &req, errno, msg, Some(permit)),
+    };
+    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    // Compact replies carry 32-bit extent lengths.
+    let max_len = if ctx.extended {
+        u64::MAX
+    } else {
+        u32::MAX as u64 & !0xfff
+    };
+    let export = Arc::clone(&ctx.export);
+    let (offset, length) = (req.offset, req.length);
+    let extents = tokio::task::spawn_blocking(move || {
+        allocation_extents(&export, offset, length, max, max_len)
+    })
+    .await;
+    let extents = match extents {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            let Fail(errno, msg) = io_fail(&e);
+            return error_frame(ctx, &req, errno, msg, Some(permit));
+        }
+        Err(_) => return error_frame(ctx, &req, EIO, "block status task failed", Some(permit)),
+    };
+    let p = ChunkPayload::BlockStatus {
+        context_id: id,
+        wide: ctx.extended,
+        extents,
+    };
+    let mut head = Vec::with_capacity(32);
+    ReplyHeader::Chunk {
+        extended: ctx.extended,
+        flags: REPLY_FLAG_DONE,
+        chunk_type: p.chunk_type(),
+        cookie: req.cookie,
+        offset: req.offset,
+        length: p.wire_len(),
+    }
+    .encode(&mut head);
+    let mut data = ctx.pool.get(0);
+    p.encode(data.as_vec_mut());
+    Frame {
+        head,
+        data: Some(data),
+        _permit: Some(permit),
+    }
+}
+
+/// base:allocation extents of `[offset, offset+length)` via SEEK_DATA/SEEK_HOLE:
+/// holes are HOLE|ZERO, data is 0. Adjacent extents of one kind are merged.
+pub(crate) fn allocation_extents(
+    export: &Export,
+    offset: u64,
+    length: u64,
+    max: usize,
+    max_len: u64,
+) -> io::Result<Vec<Extent>> {
+    let end = offset + length;
+    let mut out: Vec<Extent> = Vec::new();
+    let push = |out: &mut Vec<Extent>, len: u64, flags: u32| {
+        if let Some(last) = out.last_mut()
+            && last.flags == flags
+            && last.length + len <= max_len
+        {
+            last.length += len;
+            return;
+        }
+        out.push(Extent {
+            length: len.min(max_len),
+            flags,
+        });
+    };
+    if export.backing != Backing::File {
+        push(&mut out, length.min(max_len), 0);
+        return Ok(out);
+    }
+    let fd = export.file.as_raw_fd();
+    let mut pos = offset;
+    let hole = STATE_HOLE | STATE_ZERO;
+    while pos < end && out.len() < max {
+        // SAFETY: plain syscall on an open descriptor.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENXIO) => end,
+                // No SEEK_DATA support: report everything as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    push(&mut out, (end - pos).min(max_len), 0);
+                    break;
+                }
+                _ => return Err(io::Error::last_os_error()),
+            }
+        } else {
+            data as u64
+        };
+        if data > pos {
+            let n = (data.min(end) - pos).min(max_len);
+            push(&mut out, n, hole);
+            pos += n;
+            continue;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+        let h = if h < 0 { end } else { (h as u64).max(pos + 1) };
+        let n = (h.min(end) - pos).min(max_len);
+        push(&mut out, n, 0);
+        pos += n;
+    }
+    if max == 1 {
+        out.truncate(1);
+    }
+    Ok(out)
+}
+
+/// Exposed for the server's stats.
+pub(crate) fn count_connection(export: &Export, delta: i64) {
+    if delta >= 0 {
+        export
+            .stats
+            .connections
+            .fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        export
+            .stats
+            .connections
+            .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportSpec;
+    use std::io::Write;
+
+    #[test]
+    fn extents_follow_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.img");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let spec = ExportSpec {
+            name: "s".into(),
+            path: p,
+            read_only: true,
+            unleased: true,
+            description: None,
+        };
+        let e = Export::open(&spec).unwrap();
+        let ext = allocation_extents(&e, 0, 4 << 20, 100, u64::MAX).unwrap();
+        let total: u64 = ext.iter().map(|x| x.length).sum();
+        assert_eq!(total, 4 << 20);
+        // Filesystems may round allocation, but the written MiB must be data and
+        // the start must be a hole.
+        assert_eq!(ext[0].flags, STATE_HOLE | STATE_ZERO);
+        let mut pos = 0;
+        for x in &ext {
+            if pos <= (1 << 20) && pos + x.length >= (2 << 20) {
+                assert_eq!(x.flags, 0);
+            }
+            pos += x.length;
+        }
+        let one = allocation_extents(&e, 0, 4 << 20, 1, u64::MAX).unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(is_hole(&e, 0, 64 << 10));
+        assert!(!is_hole(&e, 1 << 20, 64 << 10));
+    }
+}

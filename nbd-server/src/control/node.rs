@@ -1,0 +1,193 @@
+//! Glue between the control API and the NBD server: the export registry as an
+//! [`ExportHost`], and the start-up of the durable store, the exports' lease gates
+//! and the API listener.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ControlState, ExportHost, ExportInfo, ExportStats, NewExport, gate_for, stored_exports,
+};
+use crate::config::Config;
+use crate::export::{Export, ExportRegistry, ExportSpec};
+use crate::lease::{LeaseGate, LeasePolicy};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read the API token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the API token file {0} is empty")]
+    EmptyTokenFile(PathBuf),
+    #[error("cannot listen for the control API on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn info(e: &Export) -> ExportInfo {
+    ExportInfo {
+        name: e.name.clone(),
+        path: e.path.clone(),
+        size_bytes: e.size,
+        read_only: e.read_only,
+        gate: e.lease.clone(),
+        stats: ExportStats {
+            connections: e.stats.connections.load(Ordering::Relaxed),
+            read_bytes: e.stats.bytes_read.load(Ordering::Relaxed),
+            written_bytes: e.stats.bytes_written.load(Ordering::Relaxed),
+            requests: e.stats.requests.load(Ordering::Relaxed),
+        },
+    }
+}
+
+/// Opens an export with the given gate.
+fn open_export(spec: &ExportSpec, gate: LeaseGate) -> Result<Export, crate::export::ExportError> {
+    let export = Export::open(spec)?;
+    Ok(Export {
+        leased: gate.is_leased(),
+        lease: gate,
+        ..export
+    })
+}
+
+impl ExportHost for ExportRegistry {
+    fn list(&self) -> Vec<ExportInfo> {
+        ExportRegistry::list(self).iter().map(|e| info(e)).collect()
+    }
+
+    fn get(&self, name: &str) -> Option<ExportInfo> {
+        ExportRegistry::get(self, name).map(|e| info(&e))
+    }
+
+    fn add(&self, export: NewExport) -> Result<ExportInfo, String> {
+        let spec = ExportSpec {
+            name: export.name,
+            path: export.path,
+            read_only: export.read_only,
+            unleased: !export.gate.is_leased(),
+            description: None,
+        };
+        let opened = Arc::new(open_export(&spec, export.gate).map_err(|e| e.to_string())?);
+        let view = info(&opened);
+        self.insert(opened).map_err(|e| e.to_string())?;
+        Ok(view)
+    }
+
+    fn remove(&self, name: &str) -> bool {
+        ExportRegistry::remove(self, name).is_some()
+    }
+}
+
+/// The durable store of `config.data_dir` (in memory, with a warning, without one).
+pub fn open_store(config: &Config) -> Result<Arc<Store>, ControlError> {
+    Ok(Arc::new(match &config.data_dir {
+        Some(dir) => Store::open(dir)?,
+        None => {
+            tracing::warn!(
+                "no --data-dir: lease epochs and API-added exports are kept in memory only and a restart forgets them"
+            );
+            Store::ephemeral()
+        }
+    }))
+}
+
+/// The registry with the configured exports (leased unless `,unleased`, each from its
+/// durable lease record) and the exports added through the API in earlier runs. A
+/// stored export that no longer opens is logged and skipped, not fatal: the node must
+/// still come up to serve the others.
+pub fn open_registry(
+    config: &Config,
+    store: &Store,
+) -> Result<Arc<ExportRegistry>, crate::export::ExportError> {
+    let registry = ExportRegistry::new();
+    for spec in &config.exports {
+        let gate = gate_for(store, &spec.name, !spec.unleased, LeasePolicy::default());
+        registry.insert(Arc::new(open_export(spec, gate)?))?;
+    }
+    for (name, record) in stored_exports(store) {
+        if registry.get(&name).is_some() {
+            tracing::warn!(export = %name, "export given on the command line and stored by the API; using the command line");
+            continue;
+        }
+        let spec = ExportSpec {
+            name: name.clone(),
+            path: record.path.clone(),
+            read_only: record.read_only,
+            unleased: !record.leased,
+            description: None,
+        };
+        let gate = gate_for(store, &name, record.leased, record.policy);
+        match open_export(&spec, gate) {
+            Ok(e) => registry.insert(Arc::new(e))?,
+            Err(e) => tracing::error!(export = %name, error = %e, "stored export not served"),
+        }
+    }
+    Ok(registry)
+}
+
+/// Reads the API bearer token from `--api-token` or `--api-token-file`.
+pub fn api_token(config: &Config) -> Result<Option<String>, ControlError> {
+    if let Some(t) = &config.api_token {
+        return Ok(Some(t.clone()));
+    }
+    let Some(path) = &config.api_token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ControlError::TokenFile {
+        path: path.clone(),
+        source,
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(ControlError::EmptyTokenFile(path.clone()));
+    }
+    Ok(Some(token))
+}
+
+/// Binds `config.api` (if set) and serves the control API until `shutdown`.
+pub async fn start_api(
+    config: &Config,
+    store: Arc<Store>,
+    registry: Arc<ExportRegistry>,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ControlError> {
+    let Some(addr) = &config.api else {
+        return Ok(None);
+    };
+    let token = api_token(config)?;
+    if token.is_none() {
+        tracing::warn!(%addr, "control API without --api-token: anyone who can reach it can fence");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ControlError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    tracing::info!(%local, "control API listening");
+    println!("stagehand-nbd: control api on http://{local}");
+    let state = Arc::new(ControlState::new(registry, store, token.as_deref()));
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = super::serve(listener, state, shutdown).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    })))
+}

@@ -1,0 +1,287 @@
+//! Listeners and connection lifecycle: accept on TCP and/or a Unix socket, run the
+//! handshake, then the transmission phase, until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bufpool::BufPool;
+use crate::config::Config;
+use crate::conn;
+use crate::export::{Export, ExportError, ExportRegistry};
+use crate::handshake::{self, HandshakeError};
+use crate::io::IoEngine;
+
+/// A client must finish option haggling within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the I/O engine: {0}")]
+    Engine(std::io::Error),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Control(#[from] crate::control::node::ControlError),
+}
+
+/// Shared by every connection.
+#[derive(Debug)]
+pub struct ServerState {
+    pub registry: Arc<ExportRegistry>,
+    pub engine: Arc<IoEngine>,
+    pub pool: Arc<BufPool>,
+    conn_limit: Arc<Semaphore>,
+}
+
+/// A server with its listeners bound, ready to [`Server::serve`].
+pub struct Server {
+    state: Arc<ServerState>,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Server {
+    /// Opens the configured exports, starts the I/O engine and binds the listeners.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let registry = ExportRegistry::new();
+        for spec in &config.exports {
+            registry.insert(Arc::new(Export::open(spec)?))?;
+        }
+        Self::bind_with_registry(config, registry).await
+    }
+
+    /// Like [`Server::bind`] with a registry the caller keeps (the control API
+    /// adds and removes exports in it while the server runs).
+    pub async fn bind_with_registry(
+        config: &Config,
+        registry: Arc<ExportRegistry>,
+    ) -> Result<Self, ServerError> {
+        let engine = Arc::new(IoEngine::new(config.io_engine).map_err(ServerError::Engine)?);
+        let tcp = match config.listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Listen {
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let unix = match &config.unix {
+            Some(path) => {
+                // A stale socket file from an earlier run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(path);
+                }
+                let l = UnixListener::bind(path).map_err(|source| ServerError::Listen {
+                    addr: path.display().to_string(),
+                    source,
+                })?;
+                Some((l, path.clone()))
+            }
+            None => None,
+        };
+        let state = Arc::new(ServerState {
+            registry,
+            engine,
+            pool: BufPool::new(),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+        });
+        Ok(Self { state, tcp, unix })
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, lets in-flight
+    /// requests finish, closes connections and flushes every export.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let token = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        if let Some(l) = self.tcp {
+            tasks.spawn(accept_tcp(l, Arc::clone(&self.state), token.clone()));
+        }
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, _)) = self.unix {
+            tasks.spawn(accept_unix(l, Arc::clone(&self.state), token.clone()));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        token.cancel();
+        while tasks.join_next().await.is_some() {}
+        for e in self.state.registry.list() {
+            if let Err(err) = e.file.sync_data() {
+                tracing::warn!(export = %e.name, error = %err, "final flush failed");
+            }
+        }
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    // Leases: exports get their gates from the durable store, and the control API
+    // (if --api) shares the registry to add, remove and fence exports at runtime.
+    let store = crate::control::node::open_store(&config)?;
+    let registry = crate::control::node::open_registry(&config, &store)?;
+    let server = Server::bind_with_registry(&config, std::sync::Arc::clone(&registry)).await?;
+    let api_shutdown = CancellationToken::new();
+    let api = crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
+    tracing::info!(
+        engine = server.state.engine.name(),
+        exports = server.state.registry.list().len(),
+        "ready"
+    );
+    if let Some(a) = server.tcp_addr() {
+        tracing::info!(%a, "listening on TCP");
+        // A machine-readable line for scripts and tests that asked for port 0.
+        println!("stagehand-nbd: listening on tcp {a}");
+    }
+    if let Some(p) = &config.unix {
+        tracing::info!(path = %p.display(), "listening on Unix socket");
+        println!("stagehand-nbd: listening on unix {}", p.display());
+    }
+    server.serve(shutdown).await;
+    api_shutdown.cancel();
+    if let Some(api) = api {
+        let _ = api.await;
+    }
+    Ok(())
+}
+
+async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = l.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    let Ok(permit) = Arc::clone(&state.conn_limit).try_acquire_owned() else {
+                        tracing::warn!(%peer, "connection limit reached, refusing");
+                        continue;
+                    };
+                    let (r, w) = s.into_split();
+                    let st = Arc::clone(&state);
+                    let tk = token.clone();
+                    conns.spawn(async move {
+                        connection(r, w, st, tk, peer.to_string()).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn accept_unix(l: UnixListener, state: Arc<ServerState>, token: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = l.accept() => match r {
+                Ok((s, _)) => {
+                    let Ok(permit) = Arc::clone(&state.conn_limit).try_acquire_owned() else {
+                        tracing::warn!("connection limit reached, refusing");
+                        continue;
+                    };
+                    let (r, w) = s.into_split();
+                    let st = Arc::clone(&state);
+                    let tk = token.clone();
+                    conns.spawn(async move {
+                        connection(r, w, st, tk, "unix".into()).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn connection<R, W>(
+    r: R,
+    mut w: W,
+    state: Arc<ServerState>,
+    token: CancellationToken,
+    peer: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // Option haggling is small messages; a small buffer keeps the reader honest
+    // about what it has consumed before transmission takes over the stream.
+    let mut r = BufReader::with_capacity(4096, r);
+    let neg = tokio::select! {
+        _ = token.cancelled() => return,
+        n = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut r, &mut w, &state.registry)) => n,
+    };
+    let neg = match neg {
+        Ok(Ok(n)) => n,
+        Ok(Err(HandshakeError::Aborted)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "handshake ended");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let export = Arc::clone(&neg.export);
+    tracing::debug!(%peer, export = %export.name, structured = neg.structured, extended = neg.extended, "transmission");
+    conn::count_connection(&export, 1);
+    let res = conn::serve(
+        r,
+        w,
+        neg,
+        Arc::clone(&state.engine),
+        Arc::clone(&state.pool),
+        token,
+    )
+    .await;
+    conn::count_connection(&export, -1);
+    if let Err(e) = res {
+        tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}

@@ -1,0 +1,237 @@
+//! The control API of a real `stagehand-nbd`: 401, 409, 404, 400, and exports added
+//! and removed at runtime while clients are connected.
+
+mod lease_support;
+
+use std::time::Duration;
+
+use lease_support::{Node, PyWriter, backing_file, have_python_libnbd};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+const TOKEN: &str = "api-secret-for-tests";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_and_auth() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = backing_file(dir.path(), "disk.img", 1 << 20);
+        let token_file = dir.path().join("api-token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        let node = Node::start(
+            &dir.path().join("data"),
+            &[
+                "--export".to_string(),
+                format!("disk={}", disk.display()),
+                "--api-token-file".to_string(),
+                token_file.display().to_string(),
+            ],
+            None,
+        )
+        .await;
+        let auth = Some(TOKEN);
+        let fence = |e: u64| json!({"epoch": e, "holder": "h"}).to_string();
+
+        // 401: missing or wrong token, and nothing changes.
+        for wrong in [None, Some("wrong")] {
+            let (s, v) = node
+                .call(
+                    Method::POST,
+                    "/v1/exports/disk/fence",
+                    Some(&fence(1)),
+                    wrong,
+                )
+                .await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+            assert_eq!(v["error"]["code"], "unauthorized");
+            let (s, _) = node.call(Method::GET, "/v1/exports", None, wrong).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED);
+            let (s, _) = node
+                .call(Method::DELETE, "/v1/exports/disk?force=true", None, wrong)
+                .await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED);
+        }
+        let (s, v) = node.call(Method::GET, "/v1/exports/disk", None, auth).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["lease"], serde_json::Value::Null, "a 401 call fenced");
+        let (s, _) = node.call(Method::GET, "/v1/health", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+
+        // 409: stale epoch.
+        let (s, _) = node
+            .call(
+                Method::POST,
+                "/v1/exports/disk/fence",
+                Some(&fence(3)),
+                auth,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        for stale in [3, 2] {
+            let (s, v) = node
+                .call(
+                    Method::POST,
+                    "/v1/exports/disk/fence",
+                    Some(&fence(stale)),
+                    auth,
+                )
+                .await;
+            assert_eq!(s, StatusCode::CONFLICT);
+            assert_eq!(v["error"]["code"], "stale_epoch");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .expect("message")
+                    .contains("higher")
+            );
+        }
+
+        // 404: unknown export.
+        for (m, path) in [
+            (Method::GET, "/v1/exports/nope"),
+            (Method::DELETE, "/v1/exports/nope"),
+        ] {
+            let (s, v) = node.call(m, path, None, auth).await;
+            assert_eq!(s, StatusCode::NOT_FOUND);
+            assert_eq!(v["error"]["code"], "export_not_found");
+        }
+        let (s, v) = node
+            .call(
+                Method::POST,
+                "/v1/exports/nope/fence",
+                Some(&fence(1)),
+                auth,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(v["error"]["code"], "export_not_found");
+
+        // 400: bad JSON, with a message that says so.
+        for bad in [
+            "{\"epoch\": 4",
+            "not json",
+            "{\"epoch\": -1, \"holder\": \"h\"}",
+        ] {
+            let (s, v) = node
+                .call(Method::POST, "/v1/exports/disk/fence", Some(bad), auth)
+                .await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(v["error"]["code"], "bad_request");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .expect("message")
+                    .contains("JSON")
+            );
+        }
+        let (s, v) = node
+            .call(
+                Method::PUT,
+                "/v1/exports/x",
+                Some("{\"size_bytes\": 1}"),
+                auth,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("path")
+        );
+
+        let (s, v) = node.call(Method::GET, "/metrics", None, auth).await;
+        assert_eq!(s, StatusCode::OK);
+        let text = v.as_str().expect("metrics text");
+        assert!(
+            text.contains("stagehand_nbd_fences_total{outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stagehand_nbd_fences_total{outcome=\"stale_epoch\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stagehand_nbd_connections{export=\"disk\"}"),
+            "{text}"
+        );
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_added_and_removed_at_runtime() {
+    if !have_python_libnbd() {
+        eprintln!("SKIPPED: python3-libnbd missing (make deps)");
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = Node::start(&dir.path().join("data"), &[], None).await;
+        let addr = node.nbd_addr();
+        let path = dir.path().join("new.img");
+        let body = json!({"path": path, "size_bytes": 4 << 20}).to_string();
+        let (s, v) = node
+            .call(Method::PUT, "/v1/exports/vm7", Some(&body), None)
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(
+            std::fs::metadata(&path).expect("sparse file").len(),
+            4 << 20
+        );
+        let (s, v) = node.call(Method::GET, "/v1/exports", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v[0]["name"], "vm7");
+        assert_eq!(v[0]["size_bytes"], 4 << 20);
+
+        // Plain name: read-only; the lease token: writable.
+        let (w, refused) = PyWriter::start(&addr, "vm7", 0.1, 1, 0);
+        assert_eq!(refused, None);
+        let r = w.finish(Duration::from_secs(20));
+        assert!(
+            !r.attempts.is_empty() && r.attempts.iter().all(|a| !a.1),
+            "plain name wrote"
+        );
+        let token = node.fence("vm7", 1).await;
+        let (w, refused) = PyWriter::start(&addr, &format!("vm7;lease={token}"), 30.0, 2, 0);
+        assert_eq!(refused, None);
+
+        let (s, v) = node.call(Method::GET, "/v1/exports/vm7", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["connections"], 2, "{v}");
+        let (s, v) = node
+            .call(Method::DELETE, "/v1/exports/vm7", None, None)
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert_eq!(v["error"]["code"], "export_busy");
+        let (s, _) = node
+            .call(Method::DELETE, "/v1/exports/vm7?force=true", None, None)
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let sum = lease_support::checksum(&path);
+        let (s, _) = node.call(Method::GET, "/v1/exports/vm7", None, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        // The writer keeps trying for a while; none of its later attempts may land.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(w);
+        assert_eq!(
+            lease_support::checksum(&path),
+            sum,
+            "write landed after removal"
+        );
+        let (_w, refused) = PyWriter::start(&addr, &format!("vm7;lease={token}"), 0.1, 1, 0);
+        assert!(refused.is_some(), "removed export still served");
+
+        // Re-added under the same name: served again, and epochs are not reused.
+        let (s, _) = node
+            .call(Method::PUT, "/v1/exports/vm7", Some(&body), None)
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (s, _) = node.try_fence("vm7", 1).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        node.fence("vm7", 2).await;
+    })
+    .await
+    .expect("test finished in time");
+}
