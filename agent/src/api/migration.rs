@@ -1,0 +1,277 @@
+//! HTTP routes of live migration (see docs/migration.md and api.md):
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `POST /v1/vms/{name}/migrate` | `MigrateRequest` | `202 {migration_id}` |
+//! | `GET /v1/migrations` | | `[MigrationInfo]` |
+//! | `GET /v1/migrations/{id}` | | `MigrationInfo` (query-migrate-like statistics) |
+//! | `PATCH /v1/migrations/{id}` | `LimitsPatch` | `MigrationInfo` with the new limits |
+//! | `POST /v1/migrations/{id}/cancel` | | `MigrationInfo`; the guest keeps running on the source |
+//! | `POST /v1/migrations/tickets` | `{vm}` | `{ticket}`: one-time credential for an incoming stream |
+//!
+//! The router carries no authentication itself: it is merged into the agent's router,
+//! whose bearer-token layer covers every route.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::contract::VmError;
+use crate::migration::service::{LimitsPatch, MigrateRequest, MigrationService, ServiceError};
+
+pub fn routes(svc: Arc<MigrationService>) -> Router {
+    Router::new()
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/migrations", get(list))
+        .route("/v1/migrations/tickets", post(ticket))
+        .route("/v1/migrations/{id}", get(show).patch(patch))
+        .route("/v1/migrations/{id}/cancel", post(cancel))
+        .with_state(svc)
+}
+
+/// `{"error": {"code", "message"}}` with a status, as api.md specifies.
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"error": {"code": self.1, "message": self.2}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, "not_found", msg),
+            ServiceError::BadRequest(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", msg),
+            ServiceError::NoCredentials => ApiError(StatusCode::BAD_REQUEST, "no_credentials", msg),
+            ServiceError::Ended(_) => ApiError(StatusCode::CONFLICT, "migration_ended", msg),
+            ServiceError::Vm(VmError::WrongState { .. }) => {
+                ApiError(StatusCode::CONFLICT, "wrong_state", msg)
+            }
+            ServiceError::Vm(VmError::Other(ref m))
+                if m.contains("no VM") || m.contains("not found") =>
+            {
+                ApiError(StatusCode::NOT_FOUND, "vm_not_found", msg)
+            }
+            ServiceError::Vm(_) => ApiError(StatusCode::CONFLICT, "vm_error", msg),
+        }
+    }
+}
+
+/// Rejections of malformed JSON in the same error shape.
+fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))
+}
+
+async fn migrate(
+    State(svc): State<Arc<MigrationService>>,
+    Path(name): Path<String>,
+    b: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = body(b)?;
+    let id = svc.start(&name, req)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"migration_id": id}))).into_response())
+}
+
+async fn list(State(svc): State<Arc<MigrationService>>) -> Response {
+    Json(svc.list()).into_response()
+}
+
+async fn show(
+    State(svc): State<Arc<MigrationService>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(svc.get(&id)?).into_response())
+}
+
+async fn patch(
+    State(svc): State<Arc<MigrationService>>,
+    Path(id): Path<String>,
+    b: Result<Json<LimitsPatch>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let p = body(b)?;
+    Ok(Json(svc.patch(&id, p)?).into_response())
+}
+
+async fn cancel(
+    State(svc): State<Arc<MigrationService>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(svc.cancel(&id)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TicketRequest {
+    vm: String,
+}
+
+async fn ticket(
+    State(svc): State<Arc<MigrationService>>,
+    b: Result<Json<TicketRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let t = body(b)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"ticket": svc.issue_ticket(&t.vm)})),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::fake::FakeHost;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    async fn call(
+        r: &Router,
+        method: &str,
+        uri: &str,
+        body: serde_json::Value,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let resp = r.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routes_start_show_patch_cancel_and_report_errors() {
+        let host = std::sync::Arc::new(FakeHost::plain(8 << 20, Duration::from_micros(1)));
+        let vm = host.add_running("vm1", 16);
+        let svc = MigrationService::new(host.clone(), Some("tok".into()));
+        let r = routes(svc.clone());
+
+        // A target that never answers keeps the migration in setup while we look at it.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = silent.local_addr().expect("addr").to_string();
+        let (s, v) = call(
+            &r,
+            "POST",
+            "/v1/vms/vm1/migrate",
+            json!({"target": target, "streams": 2, "compression": "lz4"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let id = v["migration_id"].as_str().expect("id").to_string();
+
+        let (s, v) = call(&r, "GET", &format!("/v1/migrations/{id}"), json!(null)).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["vm"], "vm1");
+        assert_eq!(
+            v["limits"]["downtime_limit_ms"], 300,
+            "default downtime limit"
+        );
+        assert_eq!(v["compression"], "lz4");
+
+        let (s, v) = call(
+            &r,
+            "PATCH",
+            &format!("/v1/migrations/{id}"),
+            json!({"downtime_limit_ms": 50, "max_bandwidth_mibs": 10}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["limits"]["downtime_limit_ms"], 50);
+        assert_eq!(v["limits"]["max_bandwidth_mibs"], 10);
+
+        // The VM is migrating: a second migrate is refused.
+        let (s, v) = call(
+            &r,
+            "POST",
+            "/v1/vms/vm1/migrate",
+            json!({"target": "127.0.0.1:1"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert_eq!(v["error"]["code"], "wrong_state");
+
+        let (s, _) = call(
+            &r,
+            "POST",
+            &format!("/v1/migrations/{id}/cancel"),
+            json!(null),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        drop(silent); // The sender's handshake now fails; the migration ends.
+        let mut state = serde_json::Value::Null;
+        for _ in 0..500 {
+            let (_, v) = call(&r, "GET", &format!("/v1/migrations/{id}"), json!(null)).await;
+            state = v["state"].clone();
+            if state == "failed" || state == "cancelled" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(state == "failed" || state == "cancelled", "{state}");
+        assert_eq!(
+            host.get("vm1").expect("still here").1,
+            crate::migration::fake::FakeState::Running
+        );
+        vm.kill();
+
+        let (s, v) = call(&r, "GET", "/v1/migrations/nope", json!(null)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(v["error"]["code"], "not_found");
+        let (s, v) = call(
+            &r,
+            "POST",
+            "/v1/vms/vm1/migrate",
+            json!({"target": "x", "bogus": 1}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .expect("sentence")
+                .contains("bogus")
+        );
+        let (s, v) = call(
+            &r,
+            "POST",
+            "/v1/vms/ghost/migrate",
+            json!({"target": "127.0.0.1:1"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        let (s, v) = call(&r, "POST", "/v1/migrations/tickets", json!({"vm": "vm9"})).await;
+        assert_eq!(s, StatusCode::CREATED);
+        assert!(
+            crate::migration::receiver::parse_ticket(v["ticket"].as_str().expect("ticket"))
+                .is_some()
+        );
+        let (s, _) = call(&r, "GET", "/v1/migrations", json!(null)).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+}

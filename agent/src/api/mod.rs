@@ -1,0 +1,2 @@
+//! HTTP API of the agent.
+pub mod migration;

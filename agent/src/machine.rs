@@ -1,0 +1,567 @@
+//! A whole guest: the KVM VM, its vCPU threads, its devices, and the auto-converge
+//! throttle. Implements the migration contract ([`MigrationSource`] and
+//! [`MigrationTarget`]).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{CpuId, kvm_cpuid_entry2};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::AtomicBitmap;
+
+use crate::contract::{BootSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec};
+use crate::devices::{DeviceState, Devices};
+use crate::vstate::memory;
+use crate::vstate::vcpu::{GuestStop, Vcpu, VcpuError, VcpuHandle, VcpuShared, VcpuState};
+use crate::vstate::vm::{self, Vm, VmState};
+
+pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Most vCPUs one guest may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Auto-converge time slice: a throttled vCPU runs this long, then sleeps.
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot read the guest image {path}: {source}")]
+    Image {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid VM configuration: {0}")]
+    Invalid(String),
+    #[error("the VM is in state {state}, but this needs it {needed}")]
+    WrongState {
+        state: &'static str,
+        needed: &'static str,
+    },
+    #[error("the guest's CPU features cannot be provided on this host: {0}")]
+    Incompatible(String),
+    #[error("saved VM state is invalid: {0}")]
+    BadState(String),
+    #[error("cannot write the memory dump to {path}: {source}")]
+    Dump {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<MachineError> for VmError {
+    fn from(e: MachineError) -> Self {
+        match e {
+            MachineError::Vm(vm::VmError::BadState(s)) | MachineError::BadState(s) => {
+                VmError::BadState(s)
+            }
+            MachineError::Vcpu(VcpuError::BadState(s)) => VmError::BadState(s),
+            MachineError::Vm(e) => VmError::Kvm(e.to_string()),
+            MachineError::Vcpu(e) => VmError::Kvm(e.to_string()),
+            MachineError::WrongState { state, needed } => VmError::WrongState {
+                state: state.to_string(),
+                needed,
+            },
+            MachineError::Incompatible(s) => VmError::Incompatible(s),
+            other => VmError::Other(other.to_string()),
+        }
+    }
+}
+
+/// Everything `save_state` produces: VM-wide, per-vCPU and device state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub version: u32,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DeviceState,
+}
+
+impl MachineState {
+    pub fn encode(&self) -> Result<Vec<u8>, MachineError> {
+        serde_json::to_vec(self).map_err(|e| MachineError::BadState(e.to_string()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, MachineError> {
+        let state: MachineState =
+            serde_json::from_slice(bytes).map_err(|e| MachineError::BadState(e.to_string()))?;
+        if state.version != MACHINE_STATE_VERSION {
+            return Err(MachineError::BadState(format!(
+                "machine state version {} is not supported (this agent reads {MACHINE_STATE_VERSION})",
+                state.version
+            )));
+        }
+        Ok(state)
+    }
+}
+
+/// CPUID leaves whose feature bits a guest may only use when the host has them:
+/// (function, index, which registers: eax, ebx, ecx, edx).
+const FEATURE_LEAVES: &[(u32, u32, [bool; 4])] = &[
+    (1, 0, [false, false, true, true]),
+    (7, 0, [false, true, true, true]),
+    (7, 1, [true, false, false, false]),
+    (0xd, 1, [true, false, false, false]),
+    (0x8000_0001, 0, [false, false, true, true]),
+];
+
+/// Checks that every CPU feature the guest was given exists on the host (pure).
+/// Leaf 1 ECX bit 27 (OSXSAVE) follows the guest's CR4 and is not a host feature.
+pub fn check_cpuid_compatible(guest: &[[u32; 6]], host: &[[u32; 6]]) -> Result<(), String> {
+    const REGS: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+    for &(function, index, regs) in FEATURE_LEAVES {
+        let Some(g) = guest.iter().find(|l| l[0] == function && l[1] == index) else {
+            continue;
+        };
+        let h = host
+            .iter()
+            .find(|l| l[0] == function && l[1] == index)
+            .copied()
+            .unwrap_or([function, index, 0, 0, 0, 0]);
+        for (r, check) in regs.iter().enumerate() {
+            let mut want = g[2 + r];
+            if function == 1 && r == 2 {
+                want &= !(1 << 27);
+            }
+            let missing = want & !h[2 + r];
+            if *check && missing != 0 {
+                return Err(format!(
+                    "CPUID leaf {function:#x}.{index} {}: guest bits {missing:#010x} are missing here",
+                    REGS[r]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cpuid_to_spec(cpuid: &CpuId) -> Vec<[u32; 6]> {
+    cpuid
+        .as_slice()
+        .iter()
+        .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
+        .collect()
+}
+
+/// Builds the target's CPUID from the spec's leaves, taking KVM's per-leaf flags
+/// (significant index and so on) from the host's own table.
+fn cpuid_from_spec(spec: &[[u32; 6]], host: &CpuId) -> Result<CpuId, MachineError> {
+    let entries: Vec<kvm_cpuid_entry2> = spec
+        .iter()
+        .map(|l| {
+            let flags = host
+                .as_slice()
+                .iter()
+                .find(|h| h.function == l[0] && h.index == l[1])
+                .map(|h| h.flags)
+                .unwrap_or(0);
+            kvm_cpuid_entry2 {
+                function: l[0],
+                index: l[1],
+                flags,
+                eax: l[2],
+                ebx: l[3],
+                ecx: l[4],
+                edx: l[5],
+                ..Default::default()
+            }
+        })
+        .collect();
+    CpuId::from_entries(&entries).map_err(|e| MachineError::Invalid(format!("CPUID table: {e:?}")))
+}
+
+struct Throttle {
+    stop: mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A guest on this host. Drop stops the vCPU threads, then frees RAM.
+pub struct Machine {
+    // Field order is drop order: the throttle thread (which holds vCPU handles) first,
+    // then the vCPU threads, and guest RAM (in `vm`) only after they are gone.
+    throttle: Mutex<Throttle>,
+    vcpus: Arc<Vec<VcpuHandle>>,
+    shared: Arc<VcpuShared>,
+    throttle_percent: Arc<AtomicU8>,
+    paused: Mutex<bool>,
+    spec: VmSpec,
+    vm: Vm,
+}
+
+impl Machine {
+    /// Reads `spec.boot.flat_binary` and boots it. `spec.cpuid` is ignored and filled
+    /// from this host.
+    pub fn boot(spec: VmSpec) -> Result<Self, MachineError> {
+        let image =
+            std::fs::read(&spec.boot.flat_binary).map_err(|source| MachineError::Image {
+                path: spec.boot.flat_binary.clone(),
+                source,
+            })?;
+        Self::boot_image(spec, &image)
+    }
+
+    /// Boots `image` at `spec.boot.load_addr` in real mode on vCPU 0 and starts it.
+    pub fn boot_image(mut spec: VmSpec, image: &[u8]) -> Result<Self, MachineError> {
+        check_shape(&spec)?;
+        let vm = Vm::new(spec.memory_mib)?;
+        let cpuid = vm.supported_cpuid()?;
+        spec.cpuid = cpuid_to_spec(&cpuid);
+        memory::load_image(vm.memory(), spec.boot.load_addr, image).map_err(vm::VmError::from)?;
+        let machine = Self::assemble(spec, vm, &cpuid, Some(image.len()))?;
+        machine.resume_vcpus()?;
+        Ok(machine)
+    }
+
+    /// An empty, paused VM shaped like `spec`, for an incoming migration. Refuses a
+    /// guest whose CPU features this host lacks.
+    pub fn create_incoming(spec: &VmSpec) -> Result<Self, MachineError> {
+        check_shape(spec)?;
+        let vm = Vm::new(spec.memory_mib)?;
+        let host = vm.supported_cpuid()?;
+        check_cpuid_compatible(&spec.cpuid, &cpuid_to_spec(&host))
+            .map_err(MachineError::Incompatible)?;
+        let cpuid = cpuid_from_spec(&spec.cpuid, &host)?;
+        Self::assemble(spec.clone(), vm, &cpuid, None)
+    }
+
+    fn assemble(
+        spec: VmSpec,
+        vm: Vm,
+        cpuid: &CpuId,
+        boot_image_len: Option<usize>,
+    ) -> Result<Self, MachineError> {
+        let msr_index = Arc::new(
+            vm.kvm()
+                .get_msr_index_list()
+                .map_err(|source| vm::VmError::Kvm {
+                    op: "GET_MSR_INDEX_LIST",
+                    source,
+                })?
+                .as_slice()
+                .to_vec(),
+        );
+        let shared = Arc::new(VcpuShared {
+            devices: Arc::new(Devices::default()),
+            stop: Mutex::new(None),
+        });
+        let mut handles = Vec::with_capacity(usize::from(spec.vcpus));
+        for id in 0..spec.vcpus {
+            let vcpu = Vcpu::new(vm.fd(), id, cpuid, msr_index.clone())?;
+            if id == 0 && boot_image_len.is_some() {
+                vcpu.configure_boot(spec.boot.load_addr)?;
+            }
+            handles.push(VcpuHandle::spawn(vcpu, shared.clone())?);
+        }
+        let vcpus = Arc::new(handles);
+        let throttle_percent = Arc::new(AtomicU8::new(0));
+        let throttle = spawn_throttle(vcpus.clone(), throttle_percent.clone())?;
+        tracing::info!(
+            vm = %spec.name,
+            memory_mib = spec.memory_mib,
+            vcpus = spec.vcpus,
+            manual_dirty_protect = vm.manual_dirty_protect(),
+            "VM created"
+        );
+        Ok(Machine {
+            throttle: Mutex::new(throttle),
+            vcpus,
+            shared,
+            throttle_percent,
+            paused: Mutex::new(true),
+            spec,
+            vm,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Whether the vCPUs are parked (by pause, or not yet started).
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().expect("pause lock is never poisoned")
+    }
+
+    /// How the guest stopped on its own, if it did (halt, triple fault, ...).
+    pub fn guest_stop(&self) -> Option<GuestStop> {
+        self.shared
+            .stop
+            .lock()
+            .expect("stop lock is never poisoned")
+            .clone()
+    }
+
+    /// The bytes the guest wrote to COM1 (the last MiB).
+    pub fn console(&self) -> Vec<u8> {
+        self.shared.devices.console()
+    }
+
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle_percent.load(Ordering::Relaxed)
+    }
+
+    /// Whether KVM_CLEAR_DIRTY_LOG (manual protect) is in use.
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.vm.manual_dirty_protect()
+    }
+
+    /// Writes guest RAM, byte for byte from guest-physical 0, to `path`. Paused only.
+    pub fn dump_memory(&self, path: &std::path::Path) -> Result<u64, MachineError> {
+        let paused = self.paused.lock().expect("pause lock is never poisoned");
+        if !*paused {
+            return Err(MachineError::WrongState {
+                state: "running",
+                needed: "paused",
+            });
+        }
+        let dump_err = |source| MachineError::Dump {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::create(path).map_err(dump_err)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        memory::dump(self.vm.memory(), &mut out).map_err(dump_err)?;
+        let file = out.into_inner().map_err(|e| dump_err(e.into_error()))?;
+        file.sync_all().map_err(dump_err)?;
+        Ok(memory::ram_size(self.vm.memory()))
+    }
+
+    fn pause_vcpus(&self) -> Result<(), MachineError> {
+        let mut paused = self.paused.lock().expect("pause lock is never poisoned");
+        // Ask all first, then wait: the vCPUs stop in parallel.
+        let acks = self
+            .vcpus
+            .iter()
+            .map(|v| v.request_pause())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (v, ack) in self.vcpus.iter().zip(&acks) {
+            v.wait_paused(ack)?;
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    fn resume_vcpus(&self) -> Result<(), MachineError> {
+        let mut paused = self.paused.lock().expect("pause lock is never poisoned");
+        for v in self.vcpus.iter() {
+            v.resume()?;
+        }
+        *paused = false;
+        Ok(())
+    }
+
+    fn require_paused(&self) -> Result<(), MachineError> {
+        if self.is_paused() {
+            Ok(())
+        } else {
+            Err(MachineError::WrongState {
+                state: "running",
+                needed: "paused",
+            })
+        }
+    }
+
+    /// The complete state as a [`MachineState`] (paused only).
+    pub fn save_machine_state(&self) -> Result<MachineState, MachineError> {
+        self.require_paused()?;
+        let vm = self.vm.save_state()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            version: MACHINE_STATE_VERSION,
+            vm,
+            vcpus,
+            devices: self.shared.devices.save_state(),
+        })
+    }
+
+    /// Loads a [`MachineState`] (paused only): VM-wide state, then vCPUs, then devices.
+    pub fn restore_machine_state(&self, state: MachineState) -> Result<(), MachineError> {
+        self.require_paused()?;
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(MachineError::BadState(format!(
+                "state has {} vCPUs, this VM {}",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        self.vm.restore_state(&state.vm)?;
+        for (v, s) in self.vcpus.iter().zip(state.vcpus) {
+            v.restore_state(s)?;
+        }
+        self.shared
+            .devices
+            .restore_state(&state.devices)
+            .map_err(MachineError::BadState)?;
+        Ok(())
+    }
+}
+
+fn check_shape(spec: &VmSpec) -> Result<(), MachineError> {
+    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+        return Err(MachineError::Invalid(format!(
+            "vcpus must be 1..={MAX_VCPUS}, got {}",
+            spec.vcpus
+        )));
+    }
+    if spec.memory_mib == 0 || spec.memory_mib > memory::MAX_MEMORY_MIB {
+        return Err(MachineError::Invalid(format!(
+            "memory_mib must be 1..={}, got {}",
+            memory::MAX_MEMORY_MIB,
+            spec.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// QEMU-style CPU throttling: every slice, each vCPU is told to stay out of the guest
+/// for `slice * p / (100 - p)`, so it runs `100 - p` percent of the time.
+fn spawn_throttle(
+    vcpus: Arc<Vec<VcpuHandle>>,
+    percent: Arc<AtomicU8>,
+) -> Result<Throttle, MachineError> {
+    let (stop, stop_rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("throttle".into())
+        .spawn(move || {
+            loop {
+                let p = u32::from(percent.load(Ordering::Relaxed).min(99));
+                let wait = if p == 0 {
+                    Duration::from_millis(50)
+                } else {
+                    let sleep = THROTTLE_SLICE * p / (100 - p);
+                    for v in vcpus.iter() {
+                        let _ = v.throttle_sleep(sleep);
+                    }
+                    THROTTLE_SLICE + sleep
+                };
+                match stop_rx.recv_timeout(wait) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
+        })
+        .map_err(|e| MachineError::Vcpu(VcpuError::Spawn(e)))?;
+    Ok(Throttle {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let mut t = self
+            .throttle
+            .lock()
+            .expect("throttle lock is never poisoned");
+        let _ = t.stop.send(());
+        if let Some(thread) = t.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(vm = %self.spec.name, "throttle thread panicked");
+        }
+        tracing::info!(vm = %self.spec.name, "VM destroyed");
+    }
+}
+
+impl MigrationSource for Machine {
+    fn spec(&self) -> VmSpec {
+        self.spec.clone()
+    }
+
+    fn guest_memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        self.vm.memory()
+    }
+
+    fn start_dirty_log(&self) -> Result<(), VmError> {
+        Ok(self.vm.start_dirty_log().map_err(MachineError::from)?)
+    }
+
+    fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        let bitmap = self.vm.take_dirty_bitmap().map_err(MachineError::from)?;
+        let pages = memory::ram_size(self.vm.memory()) / PAGE_SIZE;
+        Ok(memory::dirty_page_list(&bitmap, pages))
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), VmError> {
+        Ok(self.vm.stop_dirty_log().map_err(MachineError::from)?)
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        Ok(self.pause_vcpus()?)
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        Ok(self.resume_vcpus()?)
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.throttle_percent
+            .store(percent.min(99), Ordering::Relaxed);
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(self.save_machine_state()?.encode()?)
+    }
+}
+
+impl MigrationTarget for Machine {
+    fn guest_memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        self.vm.memory()
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+        let state = MachineState::decode(state)?;
+        Ok(self.restore_machine_state(state)?)
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        Ok(self.resume_vcpus()?)
+    }
+}
+
+/// A spec for a new VM from its boot description (CPUID is filled in at boot).
+pub fn new_spec(
+    name: &str,
+    memory_mib: u64,
+    vcpus: u8,
+    boot: BootSpec,
+    disks: Vec<String>,
+) -> VmSpec {
+    VmSpec {
+        name: name.to_string(),
+        memory_mib,
+        vcpus,
+        boot,
+        disks,
+        cpuid: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_subset_is_compatible() {
+        let host = vec![[1, 0, 0, 0, 0b1111, 0b1111], [7, 0, 0, 0b11, 0, 0]];
+        assert!(check_cpuid_compatible(&[[1, 0, 0, 0, 0b0101, 0b1000]], &host).is_ok());
+        // OSXSAVE follows CR4, never a host feature.
+        assert!(check_cpuid_compatible(&[[1, 0, 0, 0, 1 << 27, 0]], &host).is_ok());
+        let err = check_cpuid_compatible(&[[7, 0, 0, 0b111, 0, 0]], &host)
+            .expect_err("bit 2 of leaf 7 ebx is missing");
+        assert!(err.contains("0x7.0 ebx"), "{err}");
+        // A feature leaf the host lacks entirely cannot carry features.
+        assert!(check_cpuid_compatible(&[[0x8000_0001, 0, 0, 0, 1, 0]], &host).is_err());
+        // Non-feature leaves are not compared.
+        assert!(check_cpuid_compatible(&[[0, 0, 0xd, 1, 2, 3]], &host).is_ok());
+    }
+}

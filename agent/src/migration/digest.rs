@@ -1,0 +1,271 @@
+//! Per-chunk BLAKE3 digests of guest memory, kept up to date as pages flow so that the
+//! final "target memory == source paused image" check costs only the last pass.
+//!
+//! Both sides hash a chunk right after the pages of that chunk were collected (source:
+//! after the dirty set that contained them was taken; target: after they were written).
+//! Why this proves equality at the end: on the source, if a chunk was last hashed at
+//! time t after the dirty-set collection at t' < t, any guest write to it after t'
+//! would be in a later collection and the chunk would have been hashed again; so its
+//! last digest reflects the paused image. On the target only received pages change
+//! memory, and each Memory frame re-hashes the chunks it touched.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
+
+/// Default chunk size: 2 MiB, one huge page; a 1 GiB guest has 512 digests (16 KiB).
+pub const CHUNK_SIZE: u64 = 2 << 20;
+
+pub type Digest = [u8; 32];
+
+/// Digest table for a guest memory of `mem_size` bytes split in `chunk_size` chunks.
+pub struct ChunkDigests {
+    chunk_size: u64,
+    mem_size: u64,
+    digests: Mutex<Vec<Digest>>,
+    /// Chunks written by a Memory frame (target) since the table was made; the initial
+    /// scan of target memory must not overwrite their digests.
+    touched: Vec<AtomicBool>,
+    zero_full: Digest,
+}
+
+impl ChunkDigests {
+    /// A table whose every chunk holds zeros (a freshly mapped target memory).
+    pub fn zeroed(mem_size: u64, chunk_size: u64) -> Self {
+        let n = mem_size.div_ceil(chunk_size) as usize;
+        let zero_full = zero_digest(chunk_size);
+        let mut digests = vec![zero_full; n];
+        if !mem_size.is_multiple_of(chunk_size)
+            && let Some(last) = digests.last_mut()
+        {
+            *last = zero_digest(mem_size % chunk_size);
+        }
+        let touched = (0..n).map(|_| AtomicBool::new(false)).collect();
+        ChunkDigests {
+            chunk_size,
+            mem_size,
+            digests: Mutex::new(digests),
+            touched,
+            zero_full,
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.mem_size.div_ceil(self.chunk_size)
+    }
+
+    /// Guest-physical start and length of chunk `c`.
+    pub fn chunk_range(&self, c: u64) -> (u64, u64) {
+        let start = c * self.chunk_size;
+        (
+            start,
+            self.chunk_size.min(self.mem_size.saturating_sub(start)),
+        )
+    }
+
+    fn zero_of(&self, len: u64) -> Digest {
+        if len == self.chunk_size {
+            self.zero_full
+        } else {
+            zero_digest(len)
+        }
+    }
+
+    /// Records chunk `c` as all zero (known without reading it).
+    pub fn record_zero(&self, c: u64) {
+        let (_, len) = self.chunk_range(c);
+        let d = self.zero_of(len);
+        let mut g = self
+            .digests
+            .lock()
+            .expect("digest lock is never poisoned: no panics under it");
+        if let Some(slot) = g.get_mut(c as usize) {
+            *slot = d;
+        }
+    }
+
+    /// Digest of chunk `c`'s bytes, given as `data` (a copy the caller already made).
+    pub fn record(&self, c: u64, data: &[u8]) {
+        let d = if is_zero(data) {
+            if data.len() as u64 == self.chunk_size {
+                self.zero_full
+            } else {
+                zero_digest(data.len() as u64)
+            }
+        } else {
+            *blake3::hash(data).as_bytes()
+        };
+        let mut g = self
+            .digests
+            .lock()
+            .expect("digest lock is never poisoned: no panics under it");
+        if let Some(slot) = g.get_mut(c as usize) {
+            *slot = d;
+        }
+    }
+
+    /// Marks chunk `c` as written by a Memory frame (before the write happens).
+    pub fn mark_touched(&self, c: u64) {
+        if let Some(t) = self.touched.get(c as usize) {
+            t.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The target's initial scan: hashes chunk `c` as found in memory unless a Memory
+    /// frame touched it meanwhile (its own re-hash then holds the right digest). This
+    /// makes the final check cover memory the source never sent (zero pages), so a
+    /// target whose "fresh" memory is not zero fails verification.
+    pub fn scan_initial(
+        &self,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        c: u64,
+        known_zero: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        if self
+            .touched
+            .get(c as usize)
+            .is_none_or(|t| t.load(Ordering::SeqCst))
+        {
+            return Ok(());
+        }
+        let (start, len) = self.chunk_range(c);
+        let d = if known_zero {
+            self.zero_of(len)
+        } else {
+            scratch.resize(len as usize, 0);
+            mem.read_slice(scratch, GuestAddress(start))?;
+            if is_zero(scratch) {
+                self.zero_of(len)
+            } else {
+                *blake3::hash(scratch).as_bytes()
+            }
+        };
+        let mut g = self
+            .digests
+            .lock()
+            .expect("digest lock is never poisoned: no panics under it");
+        // Checked again under the lock: a frame that touched the chunk while we read
+        // re-hashes it after its write and must win.
+        if !self.touched[c as usize].load(Ordering::SeqCst) {
+            g[c as usize] = d;
+        }
+        Ok(())
+    }
+
+    /// Re-reads chunk `c` from guest memory into `scratch` and records its digest.
+    pub fn rehash(
+        &self,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        c: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        let (start, len) = self.chunk_range(c);
+        scratch.resize(len as usize, 0);
+        mem.read_slice(scratch, GuestAddress(start))?;
+        self.record(c, scratch);
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Vec<Digest> {
+        self.digests
+            .lock()
+            .expect("digest lock is never poisoned: no panics under it")
+            .clone()
+    }
+
+    /// Chunks whose digest differs from `other` (or all, if the tables differ in size).
+    pub fn mismatches(&self, other: &[Digest]) -> Vec<u64> {
+        let mine = self.snapshot();
+        if mine.len() != other.len() {
+            return (0..mine.len().max(other.len()) as u64).collect();
+        }
+        mine.iter()
+            .zip(other)
+            .enumerate()
+            .filter(|(_, (a, b))| blake3::Hash::from(**a) != blake3::Hash::from(**b))
+            .map(|(i, _)| i as u64)
+            .collect()
+    }
+}
+
+fn zero_digest(len: u64) -> Digest {
+    let mut h = blake3::Hasher::new();
+    let zeros = [0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        h.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Whether every byte is zero; 16 bytes at a time (zero pages are the common case in
+/// a fresh guest, so this runs over most of pass 0).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: every bit pattern is a valid u128, and align_to only reinterprets the
+        // correctly aligned middle part of the slice.
+        unsafe { data.align_to::<u128>() }
+    };
+    head.iter().all(|b| *b == 0) && body.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(size: usize) -> GuestMemoryMmap<AtomicBitmap> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("anonymous mapping")
+    }
+
+    #[test]
+    fn zeroed_table_matches_hashing_fresh_memory() {
+        let size = 5 << 20; // 2.5 chunks: the last one is partial
+        let m = mem(size);
+        let fresh = ChunkDigests::zeroed(size as u64, CHUNK_SIZE);
+        let hashed = ChunkDigests::zeroed(size as u64, CHUNK_SIZE);
+        let mut s = Vec::new();
+        for c in 0..hashed.chunks() {
+            m.write_slice(&[0], GuestAddress(c * CHUNK_SIZE))
+                .expect("in range");
+            hashed.rehash(&m, c, &mut s).expect("in range");
+        }
+        assert_eq!(fresh.chunks(), 3);
+        assert!(fresh.mismatches(&hashed.snapshot()).is_empty());
+    }
+
+    #[test]
+    fn one_changed_byte_is_found_in_its_chunk() {
+        let size = 6 << 20;
+        let (a, b) = (mem(size), mem(size));
+        let (da, db) = (
+            ChunkDigests::zeroed(size as u64, CHUNK_SIZE),
+            ChunkDigests::zeroed(size as u64, CHUNK_SIZE),
+        );
+        b.write_slice(&[1], GuestAddress(CHUNK_SIZE + 4097))
+            .expect("in range");
+        let mut s = Vec::new();
+        for c in 0..3 {
+            da.rehash(&a, c, &mut s).expect("in range");
+            db.rehash(&b, c, &mut s).expect("in range");
+        }
+        assert_eq!(da.mismatches(&db.snapshot()), vec![1]);
+        assert_eq!(da.mismatches(&db.snapshot()[..2]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn is_zero_checks_unaligned_edges() {
+        let mut v = [0u8; 100];
+        assert!(is_zero(&v[1..99]));
+        v[98] = 1;
+        assert!(!is_zero(&v[1..99]));
+        assert!(is_zero(&v[1..98]));
+    }
+}

@@ -1,0 +1,880 @@
+//! The receiving side: a pure state machine ([`ReceiverState`]) that says which message
+//! may come next, and the listener that drives it (an async accept loop handing each
+//! connection to a thread, since the work per frame is memory copies and hashing).
+//!
+//! Control connection states (see `protocol` for the sequence):
+//!
+//! ```text
+//! AwaitHello --Hello(auth ok)--> AwaitConfig --Config(checked, VM created)--> Memory
+//! AwaitConfig --Join(known session)--> Data            (data connections)
+//! Memory --Memory|Sync--> Memory --State--> StateReceived --Digests(match)--> Verified
+//! Verified --Complete(restored, resumed)--> Running
+//! Data --Memory|Sync--> Data
+//! any state before Running --Abandon--> Closed
+//! ```
+//!
+//! Anything else is refused with an Error frame and the session is discarded: the
+//! incoming VM never runs unless every step happened in order and the digests matched.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::VmHost;
+use super::digest::ChunkDigests;
+use super::protocol::{
+    self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, auth,
+    parse_memory,
+};
+use super::wire::{Conn, WireError};
+use crate::contract::{MigrationTarget, VmSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverState {
+    AwaitHello,
+    AwaitConfig,
+    Memory,
+    Data,
+    StateReceived,
+    Verified,
+    Running,
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{cmd:?} is not allowed in state {state:?}")]
+pub struct OutOfOrder {
+    pub state: ReceiverState,
+    pub cmd: Command,
+}
+
+impl ReceiverState {
+    /// The state after `cmd`, assuming its checks (auth, config, digests) pass; the
+    /// shell moves to `Closed` itself when they fail.
+    pub fn next(self, cmd: Command) -> Result<ReceiverState, OutOfOrder> {
+        use Command as C;
+        use ReceiverState as S;
+        Ok(match (self, cmd) {
+            (S::AwaitHello, C::Hello) => S::AwaitConfig,
+            (S::AwaitConfig, C::Config) => S::Memory,
+            (S::AwaitConfig, C::Join) => S::Data,
+            (S::Memory, C::Memory | C::Sync) => S::Memory,
+            (S::Memory, C::State) => S::StateReceived,
+            (S::StateReceived, C::Digests) => S::Verified,
+            (S::Verified, C::Complete) => S::Running,
+            (S::Data, C::Memory | C::Sync) => S::Data,
+            (S::AwaitConfig | S::Memory | S::Data | S::StateReceived | S::Verified, C::Abandon) => {
+                S::Closed
+            }
+            (state, cmd) => return Err(OutOfOrder { state, cmd }),
+        })
+    }
+}
+
+/// Largest guest a target accepts (a sanity bound before any allocation).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Checks a Config before the VM manager sees it. Pure.
+pub fn check_config(chunk_size: u64, streams: u16, spec: &VmSpec) -> Result<(), String> {
+    if !chunk_size.is_power_of_two() || !(64 << 10..=1 << 30).contains(&chunk_size) {
+        return Err(format!(
+            "chunk size {chunk_size} is not a power of two between 64 KiB and 1 GiB"
+        ));
+    }
+    if !(1..=64).contains(&streams) {
+        return Err(format!("{streams} streams; between 1 and 64 are allowed"));
+    }
+    if spec.memory_mib == 0 || spec.memory_mib > MAX_MEMORY_MIB {
+        return Err(format!(
+            "memory size {} MiB is out of range",
+            spec.memory_mib
+        ));
+    }
+    if spec.vcpus == 0 {
+        return Err("the VM has no vCPU".into());
+    }
+    if spec.name.is_empty() || spec.name.len() > 128 {
+        return Err("the VM name is empty or too long".into());
+    }
+    Ok(())
+}
+
+/// One incoming migration, shared by its control and data connections.
+struct Session {
+    name: String,
+    target: Arc<dyn MigrationTarget>,
+    digests: ChunkDigests,
+    mem_size: u64,
+    /// Set once State arrived (or the session died): data connections stop writing.
+    closed: AtomicBool,
+    /// The initial scan of target memory (see `ChunkDigests::scan_initial`).
+    scan: Mutex<Option<std::thread::JoinHandle<Result<(), String>>>>,
+    /// The session ended: the scan stops early.
+    ended: AtomicBool,
+    /// The session's data connections, shut down when it ends so that they release
+    /// the session (and its guest memory) at once.
+    data_conns: Mutex<Vec<TcpStream>>,
+}
+
+impl Session {
+    /// Writes the pages of a Memory frame and re-hashes the chunks they touched.
+    fn apply(&self, ranges: &[MemRange], data: &[u8], scratch: &mut Vec<u8>) -> Result<(), String> {
+        let mem = self.target.guest_memory();
+        let mut touched: Vec<u64> = Vec::new();
+        for r in ranges {
+            let end = r.gpa.checked_add(r.len).filter(|e| *e <= self.mem_size);
+            if end.is_none() {
+                return Err(format!(
+                    "range {:#x}+{:#x} is outside guest memory",
+                    r.gpa, r.len
+                ));
+            }
+            let cs = self.digests.chunk_size();
+            for c in r.gpa / cs..=(r.gpa + r.len - 1) / cs {
+                if touched.last() != Some(&c) {
+                    touched.push(c);
+                }
+            }
+        }
+        touched.dedup();
+        for c in &touched {
+            self.digests.mark_touched(*c);
+        }
+        let mut off = 0usize;
+        for r in ranges {
+            let len = r.len as usize;
+            mem.write_slice(&data[off..off + len], GuestAddress(r.gpa))
+                .map_err(|e| e.to_string())?;
+            off += len;
+        }
+        for c in touched {
+            // A frame that carries a whole chunk is hashed from its own bytes; anything
+            // else is hashed from memory after the write.
+            match ranges {
+                [r] if (r.gpa, r.len) == self.digests.chunk_range(c) => {
+                    self.digests.record(c, data)
+                }
+                _ => self
+                    .digests
+                    .rehash(mem, c, scratch)
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Secrets a peer may prove it holds.
+struct Ticket {
+    key: [u8; 32],
+    vm: String,
+    expires: Instant,
+}
+
+/// The migration listener's shared state.
+pub struct Receiver {
+    host: Arc<dyn VmHost>,
+    token_key: Option<[u8; 32]>,
+    tickets: Mutex<HashMap<[u8; ID_LEN], Ticket>>,
+    sessions: Mutex<HashMap<[u8; ID_LEN], Arc<Session>>>,
+    /// Connections being served; beyond `MAX_CONNECTIONS` new ones are closed at once.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Most migration connections served at once (64 streams × a few migrations).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time an unauthenticated peer gets to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an issued ticket stays valid.
+pub const TICKET_TTL: Duration = Duration::from_secs(600);
+
+impl Receiver {
+    pub fn new(host: Arc<dyn VmHost>, token: Option<&str>) -> Self {
+        Receiver {
+            host,
+            token_key: token.map(|t| auth::derive_key(t.as_bytes())),
+            tickets: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        }
+    }
+
+    /// Issues a one-time ticket for an incoming migration of `vm`: `ID.SECRET` in hex.
+    pub fn issue_ticket(&self, vm: &str) -> String {
+        let mut id = [0u8; ID_LEN];
+        let mut secret = [0u8; 32];
+        rand::rng().fill_bytes(&mut id);
+        rand::rng().fill_bytes(&mut secret);
+        let hex_secret = hex(&secret);
+        let mut t = self.tickets.lock().expect("ticket lock is never poisoned");
+        let now = Instant::now();
+        t.retain(|_, v| v.expires > now);
+        t.insert(
+            id,
+            Ticket {
+                key: auth::derive_key(hex_secret.as_bytes()),
+                vm: vm.to_string(),
+                expires: now + TICKET_TTL,
+            },
+        );
+        format!("{}.{}", hex(&id), hex_secret)
+    }
+
+    /// Accepts connections until `shutdown`; each connection runs on its own thread.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "migration listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let std_stream = match stream
+                .into_std()
+                .and_then(|s| s.set_nonblocking(false).map(|_| s))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "migration connection setup failed");
+                    continue;
+                }
+            };
+            if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(%peer, "too many migration connections; refusing one");
+                continue;
+            }
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("mig-recv".into())
+                .spawn(move || {
+                    me.handle(std_stream, peer);
+                    me.active.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start a migration receiver thread");
+            }
+        }
+    }
+
+    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr) {
+        let mut conn = match Conn::new(stream) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "migration connection setup failed");
+                return;
+            }
+        };
+        // A peer that has not proved anything gets little time to hold a thread.
+        let timeouts = conn.set_read_timeout(HANDSHAKE_TIMEOUT);
+        let ticket_vm = match timeouts
+            .map_err(WireError::Io)
+            .and_then(|_| self.handshake(&mut conn))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "migration peer refused");
+                return;
+            }
+        };
+        if let Err(e) = conn.set_read_timeout(super::wire::IO_TIMEOUT) {
+            tracing::warn!(%peer, error = %e, "migration connection setup failed");
+            return;
+        }
+        let state = ReceiverState::AwaitConfig;
+        let first = match conn.recv() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "migration peer left before Config");
+                return;
+            }
+        };
+        if let Err(e) = state.next(first.command()) {
+            conn.send_error(ErrorCode::Protocol, &e.to_string());
+            return;
+        }
+        match first {
+            Message::Config {
+                chunk_size,
+                streams,
+                spec,
+            } => {
+                if let Some(vm) = ticket_vm.filter(|vm| *vm != spec.name) {
+                    conn.send_error(
+                        ErrorCode::AuthFailed,
+                        &format!("the ticket was issued for VM {vm}, not {}", spec.name),
+                    );
+                    return;
+                }
+                self.control(conn, chunk_size, streams, spec, peer);
+            }
+            Message::Join { session } => self.data(conn, session),
+            Message::Abandon { .. } => {}
+            other => conn.send_error(
+                ErrorCode::Protocol,
+                &format!("{:?} before Config", other.command()),
+            ),
+        }
+    }
+
+    /// Challenge-response; returns the VM a ticket was bound to, if a ticket was used.
+    fn handshake(&self, conn: &mut Conn) -> Result<Option<String>, WireError> {
+        let mut nonce_r = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce_r);
+        conn.send(
+            &Message::Challenge {
+                version_min: protocol::MIN_VERSION,
+                version_max: protocol::VERSION,
+                nonce: nonce_r,
+            },
+            Compression::None,
+        )?;
+        let msg = conn.recv()?;
+        ReceiverState::AwaitHello
+            .next(msg.command())
+            .map_err(|_| WireError::Unexpected(msg.command()))?;
+        let Message::Hello {
+            version,
+            auth: kind,
+            nonce: nonce_s,
+            proof,
+        } = msg
+        else {
+            return Err(WireError::Unexpected(Command::Invalid));
+        };
+        if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&version) {
+            conn.send_error(ErrorCode::Version, "unsupported protocol version");
+            return Err(WireError::Remote {
+                code: ErrorCode::Version,
+                message: format!("version {version}"),
+            });
+        }
+        let (key, vm) = match kind {
+            AuthKind::Token => (self.token_key, None),
+            AuthKind::Ticket(id) => {
+                // One-time: the ticket is consumed by this attempt whatever its outcome.
+                let t = self
+                    .tickets
+                    .lock()
+                    .expect("ticket lock is never poisoned")
+                    .remove(&id);
+                match t.filter(|t| t.expires > Instant::now()) {
+                    Some(t) => (Some(t.key), Some(t.vm)),
+                    None => (None, None),
+                }
+            }
+        };
+        let ok =
+            key.is_some_and(|k| auth::verify(auth::sender_proof(&k, &nonce_r, &nonce_s), &proof));
+        let Some(key) = key.filter(|_| ok) else {
+            conn.send_error(
+                ErrorCode::AuthFailed,
+                "the peer did not prove it holds the cluster token or a valid ticket",
+            );
+            return Err(WireError::Remote {
+                code: ErrorCode::AuthFailed,
+                message: "bad proof".into(),
+            });
+        };
+        conn.send(
+            &Message::Ok {
+                payload: auth::receiver_proof(&key, &nonce_r, &nonce_s).to_vec(),
+            },
+            Compression::None,
+        )?;
+        Ok(vm)
+    }
+
+    fn control(
+        &self,
+        mut conn: Conn,
+        chunk_size: u64,
+        streams: u16,
+        spec: VmSpec,
+        peer: std::net::SocketAddr,
+    ) {
+        if let Err(msg) = check_config(chunk_size, streams, &spec) {
+            conn.send_error(ErrorCode::Incompatible, &msg);
+            return;
+        }
+        let target = match self.host.create_incoming(&spec) {
+            Ok(t) => t,
+            Err(e) => {
+                conn.send_error(super::sender::vm_error_code(&e), &e.to_string());
+                return;
+            }
+        };
+        let mem_size = spec.memory_mib << 20;
+        let have: u64 = target.guest_memory().iter().map(|r| r.len()).sum();
+        if have != mem_size {
+            self.host.end_incoming(&spec.name, false);
+            conn.send_error(
+                ErrorCode::Incompatible,
+                &format!("incoming VM has {have} bytes of memory, the source {mem_size}"),
+            );
+            return;
+        }
+        let mut id = [0u8; ID_LEN];
+        rand::rng().fill_bytes(&mut id);
+        let session = Arc::new(Session {
+            name: spec.name.clone(),
+            target,
+            digests: ChunkDigests::zeroed(mem_size, chunk_size),
+            mem_size,
+            closed: AtomicBool::new(false),
+            scan: Mutex::new(None),
+            ended: AtomicBool::new(false),
+            data_conns: Mutex::new(Vec::new()),
+        });
+        let scanner = session.clone();
+        let scan = std::thread::Builder::new()
+            .name("mig-scan".into())
+            .spawn(move || {
+                let mut scratch = Vec::new();
+                let mem = scanner.target.guest_memory();
+                // Chunks never populated are zero without reading them.
+                let populated = super::resident::populated(mem);
+                let ppc = scanner.digests.chunk_size() / crate::contract::PAGE_SIZE;
+                let pages = scanner.mem_size / crate::contract::PAGE_SIZE;
+                for c in 0..scanner.digests.chunks() {
+                    if scanner.ended.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let known_zero = populated.as_ref().is_some_and(|p| {
+                        !super::bitmap::any_in(p, c * ppc, ((c + 1) * ppc).min(pages))
+                    });
+                    scanner
+                        .digests
+                        .scan_initial(mem, c, known_zero, &mut scratch)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            });
+        match scan {
+            Ok(h) => *session.scan.lock().expect("scan lock is never poisoned") = Some(h),
+            Err(e) => {
+                self.host.end_incoming(&spec.name, false);
+                conn.send_error(
+                    ErrorCode::Internal,
+                    &format!("cannot start the memory scan: {e}"),
+                );
+                return;
+            }
+        }
+        self.sessions
+            .lock()
+            .expect("session lock is never poisoned")
+            .insert(id, session.clone());
+        tracing::info!(vm = %spec.name, %peer, streams, "incoming migration");
+        let result = match conn.send(
+            &Message::Ok {
+                payload: id.to_vec(),
+            },
+            Compression::None,
+        ) {
+            Ok(_) => drive_control(&mut conn, &session),
+            Err(e) => Err((ErrorCode::Internal, e.to_string())),
+        };
+        session.closed.store(true, Ordering::SeqCst);
+        session.ended.store(true, Ordering::SeqCst);
+        for c in session
+            .data_conns
+            .lock()
+            .expect("conns lock is never poisoned")
+            .drain(..)
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.sessions
+            .lock()
+            .expect("session lock is never poisoned")
+            .remove(&id);
+        match result {
+            Ok(ReceiverState::Running) => {
+                self.host.end_incoming(&session.name, true);
+                // Told only now, so the source frees its copy only once ours is running.
+                if let Err(e) = conn.send(&Message::Ok { payload: vec![] }, Compression::None) {
+                    tracing::warn!(vm = %session.name, error = %e, "guest running here, but the source did not hear it");
+                }
+                tracing::info!(vm = %session.name, "incoming migration completed; guest running");
+            }
+            Ok(state) => {
+                self.host.end_incoming(&session.name, false);
+                tracing::info!(vm = %session.name, ?state, "incoming migration abandoned by the source");
+            }
+            Err((code, msg)) => {
+                self.host.end_incoming(&session.name, false);
+                conn.send_error(code, &msg);
+                tracing::warn!(vm = %session.name, error = %msg, "incoming migration failed; VM discarded");
+            }
+        }
+    }
+
+    fn data(&self, mut conn: Conn, id: [u8; ID_LEN]) {
+        let session = self
+            .sessions
+            .lock()
+            .expect("session lock is never poisoned")
+            .get(&id)
+            .cloned();
+        let Some(session) = session else {
+            conn.send_error(ErrorCode::Protocol, "unknown migration session");
+            return;
+        };
+        match conn.try_clone_stream() {
+            Ok(s) => session
+                .data_conns
+                .lock()
+                .expect("conns lock is never poisoned")
+                .push(s),
+            Err(e) => {
+                conn.send_error(ErrorCode::Internal, &e.to_string());
+                return;
+            }
+        }
+        if conn
+            .send(&Message::Ok { payload: vec![] }, Compression::None)
+            .is_err()
+        {
+            return;
+        }
+        let mut state = ReceiverState::Data;
+        let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let h = match conn.recv_frame(&mut payload) {
+                Ok(h) => h,
+                Err(_) => return, // The control connection decides the outcome.
+            };
+            if session.closed.load(Ordering::SeqCst) {
+                conn.send_error(ErrorCode::Protocol, "the session no longer accepts memory");
+                return;
+            }
+            state = match state.next(h.cmd) {
+                Ok(s) => s,
+                Err(e) => {
+                    conn.send_error(ErrorCode::Protocol, &e.to_string());
+                    return;
+                }
+            };
+            let applied = match h.cmd {
+                Command::Memory => parse_memory(&h, &payload, &mut decompressed)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(ranges, data)| session.apply(&ranges, data, &mut scratch)),
+                Command::Sync => conn
+                    .send(&Message::Ok { payload: vec![] }, Compression::None)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                _ => return,
+            };
+            if let Err(e) = applied {
+                conn.send_error(ErrorCode::Protocol, &e);
+                return;
+            }
+        }
+    }
+}
+
+/// Runs the control connection from `Memory` to `Running` (or `Closed` on Abandon).
+/// Errors carry the code and sentence to send back.
+fn drive_control(conn: &mut Conn, s: &Session) -> Result<ReceiverState, (ErrorCode, String)> {
+    let mut state = ReceiverState::Memory;
+    let mut saved: Option<Vec<u8>> = None;
+    let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        let h = conn
+            .recv_frame(&mut payload)
+            .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        state = state
+            .next(h.cmd)
+            .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        if h.cmd == Command::Memory {
+            let (ranges, data) = parse_memory(&h, &payload, &mut decompressed)
+                .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+            s.apply(&ranges, data, &mut scratch)
+                .map_err(|e| (ErrorCode::Protocol, e))?;
+            continue;
+        }
+        let msg =
+            Message::decode(&h, &payload).map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        let ok = |conn: &mut Conn| {
+            conn.send(&Message::Ok { payload: vec![] }, Compression::None)
+                .map(|_| ())
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))
+        };
+        match msg {
+            Message::Sync { .. } => ok(conn)?,
+            Message::State { state: st } => {
+                // Data connections were synced before State; no more memory may land.
+                s.closed.store(true, Ordering::SeqCst);
+                saved = Some(st);
+                ok(conn)?;
+            }
+            Message::Digests {
+                chunk_size,
+                digests,
+            } => {
+                if chunk_size != s.digests.chunk_size() {
+                    return Err((
+                        ErrorCode::Protocol,
+                        format!("digest chunk size {chunk_size} differs from the session's"),
+                    ));
+                }
+                // The initial scan must be done before its digests mean anything.
+                let scan = s.scan.lock().expect("scan lock is never poisoned").take();
+                match scan.map(|h| h.join()) {
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        return Err((
+                            ErrorCode::Internal,
+                            format!("scanning target memory failed: {e}"),
+                        ));
+                    }
+                    Some(Err(_)) => {
+                        return Err((
+                            ErrorCode::Internal,
+                            "the memory scan thread panicked".into(),
+                        ));
+                    }
+                    None => {
+                        return Err((ErrorCode::Internal, "the memory scan did not run".into()));
+                    }
+                }
+                let bad = s.digests.mismatches(&digests);
+                if !bad.is_empty() {
+                    return Err((
+                        ErrorCode::DigestMismatch,
+                        format!(
+                            "target memory differs from the source image in {} of {} chunks (first: chunk {})",
+                            bad.len(),
+                            s.digests.chunks(),
+                            bad[0]
+                        ),
+                    ));
+                }
+                ok(conn)?;
+            }
+            Message::Complete => {
+                let st = saved
+                    .take()
+                    .ok_or((ErrorCode::Protocol, "Complete without State".to_string()))?;
+                s.target
+                    .restore_state(&st)
+                    .map_err(|e| (ErrorCode::RestoreFailed, e.to_string()))?;
+                s.target
+                    .resume()
+                    .map_err(|e| (ErrorCode::RestoreFailed, e.to_string()))?;
+                // The Ok is sent by the caller once the manager marked the VM running.
+                return Ok(ReceiverState::Running);
+            }
+            Message::Abandon { reason } => {
+                tracing::info!(vm = %s.name, %reason, "source abandoned the migration");
+                return Ok(ReceiverState::Closed);
+            }
+            _ => return Err((ErrorCode::Protocol, "unexpected message".into())),
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Parses a ticket `ID.SECRET` (hex) into its id and the secret the proofs use.
+pub fn parse_ticket(t: &str) -> Option<([u8; ID_LEN], Vec<u8>)> {
+    let (id, secret) = t.split_once('.')?;
+    if id.len() != ID_LEN * 2
+        || secret.len() != 64
+        || !secret.bytes().all(|c| c.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    let mut out = [0u8; ID_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(id.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some((out, secret.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::BootSpec;
+    use Command as C;
+    use ReceiverState as S;
+
+    const ALL: [Command; 13] = [
+        C::Invalid,
+        C::Challenge,
+        C::Hello,
+        C::Config,
+        C::Join,
+        C::Memory,
+        C::Sync,
+        C::State,
+        C::Digests,
+        C::Complete,
+        C::Abandon,
+        C::Ok,
+        C::Error,
+    ];
+
+    #[test]
+    fn the_documented_sequence_is_accepted() {
+        let seq = [
+            C::Hello,
+            C::Config,
+            C::Memory,
+            C::Sync,
+            C::Memory,
+            C::Memory,
+            C::Sync,
+            C::State,
+            C::Digests,
+            C::Complete,
+        ];
+        let mut s = S::AwaitHello;
+        for c in seq {
+            s = s.next(c).expect("documented sequence");
+        }
+        assert_eq!(s, S::Running);
+        let mut s = S::AwaitHello;
+        for c in [C::Hello, C::Join, C::Memory, C::Sync, C::Memory] {
+            s = s.next(c).expect("data sequence");
+        }
+        assert_eq!(s, S::Data);
+    }
+
+    #[test]
+    fn out_of_order_messages_are_refused() {
+        // Memory before Config, State twice, Complete before Digests, Digests before State,
+        // Join on a control connection, anything after Running.
+        assert!(S::AwaitHello.next(C::Config).is_err());
+        assert!(S::AwaitConfig.next(C::Memory).is_err());
+        assert!(S::StateReceived.next(C::State).is_err());
+        assert!(S::StateReceived.next(C::Memory).is_err());
+        assert!(S::StateReceived.next(C::Complete).is_err());
+        assert!(S::Memory.next(C::Digests).is_err());
+        assert!(S::Memory.next(C::Complete).is_err());
+        assert!(S::Memory.next(C::Join).is_err());
+        assert!(S::Data.next(C::State).is_err());
+        for c in ALL {
+            assert!(S::Running.next(c).is_err(), "{c:?} after Running");
+            assert!(S::Closed.next(c).is_err(), "{c:?} after Closed");
+            // A receiver never accepts response frames or Invalid.
+            if matches!(c, C::Invalid | C::Ok | C::Error | C::Challenge) {
+                for s in [
+                    S::AwaitHello,
+                    S::AwaitConfig,
+                    S::Memory,
+                    S::Data,
+                    S::StateReceived,
+                    S::Verified,
+                ] {
+                    assert!(s.next(c).is_err(), "{c:?} in {s:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_running_is_reached_through_complete_after_digests() {
+        // Exhaustive over sequences of length <= 6: Running needs Digests before Complete.
+        fn walk(s: S, depth: usize, saw_digests: bool) {
+            if s == S::Running {
+                assert!(saw_digests);
+                return;
+            }
+            if depth == 0 {
+                return;
+            }
+            for c in ALL {
+                if let Ok(n) = s.next(c) {
+                    walk(n, depth - 1, saw_digests || c == C::Digests);
+                }
+            }
+        }
+        walk(S::AwaitHello, 7, false);
+    }
+
+    #[test]
+    fn abandon_closes_before_running() {
+        for s in [
+            S::AwaitConfig,
+            S::Memory,
+            S::Data,
+            S::StateReceived,
+            S::Verified,
+        ] {
+            assert_eq!(s.next(C::Abandon), Ok(S::Closed));
+        }
+    }
+
+    #[test]
+    fn config_checks() {
+        let spec = VmSpec {
+            name: "a".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            boot: BootSpec {
+                flat_binary: "x".into(),
+                load_addr: 0x7c00,
+            },
+            disks: vec![],
+            cpuid: vec![],
+        };
+        assert!(check_config(2 << 20, 4, &spec).is_ok());
+        assert!(check_config(3 << 20, 4, &spec).is_err());
+        assert!(check_config(2 << 20, 0, &spec).is_err());
+        assert!(check_config(2 << 20, 65, &spec).is_err());
+        assert!(
+            check_config(
+                2 << 20,
+                1,
+                &VmSpec {
+                    memory_mib: 0,
+                    ..spec.clone()
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            check_config(
+                2 << 20,
+                1,
+                &VmSpec {
+                    vcpus: 0,
+                    ..spec.clone()
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn tickets_parse() {
+        let t = format!("{}.{}", "ab".repeat(16), "cd".repeat(32));
+        let (id, secret) = parse_ticket(&t).expect("valid ticket");
+        assert_eq!(id, [0xab; 16]);
+        assert_eq!(secret, "cd".repeat(32).into_bytes());
+        assert!(parse_ticket("abc.def").is_none());
+        assert!(parse_ticket(&format!("{}.{}", "zz".repeat(16), "cd".repeat(32))).is_none());
+    }
+}

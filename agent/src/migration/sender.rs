@@ -1,0 +1,595 @@
+//! The pre-copy sender: runs on its own thread, one scoped thread per stream per pass.
+//!
+//! Sequence (see `protocol` for the wire side): connect and authenticate every stream,
+//! Config (the target creates the VM), start dirty logging, pass 0 over all non-zero
+//! pages, then passes over the dirty pages until `policy::Precopy` says the rest fits
+//! the downtime limit; then pause, last dirty pages, State, Digests, Complete.
+//!
+//! Rollback rule: until the target has acknowledged `Complete` the guest's only running
+//! copy is the source's; any error before `Complete` was sent resumes the source. If
+//! the connection breaks after `Complete` was sent and before its answer, the outcome
+//! is unknown (the target may be running), so the source stays paused and the
+//! migration fails with `outcome_unknown` for an operator or the coordinator to settle.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
+
+use super::VmHost;
+use super::bitmap;
+use super::digest::{CHUNK_SIZE, ChunkDigests, is_zero};
+use super::policy::{Decision, PassReport, Precopy, RateLimiter};
+use super::protocol::{
+    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, auth,
+};
+use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, ms};
+use super::wire::{Conn, WireError};
+use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
+
+/// How the sender reaches and proves itself to the target.
+#[derive(Clone)]
+pub struct SendParams {
+    pub target: String,
+    pub streams: u16,
+    pub compression: Compression,
+    /// Token or ticket secret the proofs are made with.
+    pub secret: Vec<u8>,
+    pub auth: AuthKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("the VM failed: {0}")]
+    Vm(#[from] VmError),
+    #[error("the target did not prove it holds the cluster token or ticket")]
+    TargetAuth,
+    #[error("the target speaks protocol versions {0}..={1}, this agent {min}..={max}", min = protocol::MIN_VERSION, max = protocol::VERSION)]
+    Version(u16, u16),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("did not converge within the timeout; cancelled")]
+    Timeout,
+    #[error("guest memory access failed: {0}")]
+    Memory(String),
+    #[error(
+        "the connection broke after Complete was sent; the target may be running the guest, so the source stays paused: {0}"
+    )]
+    OutcomeUnknown(String),
+}
+
+impl SendError {
+    fn code(&self) -> &'static str {
+        match self {
+            SendError::Wire(WireError::Remote { code, .. }) => code.as_str(),
+            SendError::Wire(_) => "connection",
+            SendError::Vm(_) => "vm",
+            SendError::TargetAuth => "auth_failed",
+            SendError::Version(..) => "version",
+            SendError::Cancelled => "cancelled",
+            SendError::Timeout => "timeout",
+            SendError::Memory(_) => "memory",
+            SendError::OutcomeUnknown(_) => "outcome_unknown",
+        }
+    }
+}
+
+/// Runs a migration to its end and records the outcome; called on a dedicated thread.
+pub fn run(
+    out: Arc<Outgoing>,
+    host: Arc<dyn VmHost>,
+    name: String,
+    src: Arc<dyn MigrationSource>,
+    was_running: bool,
+    params: SendParams,
+) {
+    let mut progress = Progress::default();
+    let result = migrate(&out, src.as_ref(), &params, &mut progress);
+    let Progress { paused, logging } = progress;
+    let total = out.started.elapsed();
+    match result {
+        Ok(()) => {
+            host.end_outgoing(&name, true);
+            out.update(|i| {
+                i.state = MigrationState::Completed;
+                i.total_ms = ms(total);
+                i.remaining_bytes = 0;
+            });
+            tracing::info!(vm = %name, total_ms = ms(total), "migration completed");
+        }
+        Err(e) => {
+            src.set_throttle(0);
+            if logging && let Err(err) = src.stop_dirty_log() {
+                tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
+            }
+            let unknown = matches!(e, SendError::OutcomeUnknown(_));
+            if paused
+                && was_running
+                && !unknown
+                && let Err(err) = src.resume()
+            {
+                tracing::error!(vm = %name, %err, "resuming the source after a failed migration");
+            }
+            host.end_outgoing(&name, false);
+            let state = if matches!(e, SendError::Cancelled) {
+                MigrationState::Cancelled
+            } else {
+                MigrationState::Failed
+            };
+            tracing::warn!(vm = %name, error = %e, ?state, "migration did not complete; guest stays on the source");
+            out.update(|i| {
+                i.state = state;
+                i.total_ms = ms(total);
+                i.error = Some(ErrorInfo {
+                    code: e.code().to_string(),
+                    message: e.to_string(),
+                });
+            });
+        }
+    }
+}
+
+/// What the sender changed on the source, so that a failure undoes exactly that.
+#[derive(Default)]
+struct Progress {
+    paused: bool,
+    logging: bool,
+}
+
+/// Shared by the stream workers of a pass.
+struct PassCtx<'a> {
+    mem: &'a GuestMemoryMmap<AtomicBitmap>,
+    digests: &'a ChunkDigests,
+    dirty: &'a [u64],
+    chunks: &'a [u64],
+    next: AtomicUsize,
+    skip_zero: bool,
+    /// Pass 0 only: pages the guest ever populated (`resident::populated`).
+    populated: Option<&'a [u64]>,
+    out: &'a Outgoing,
+    limiter: &'a Mutex<RateLimiter>,
+    compression: Compression,
+    pass: u32,
+    /// Cancel checks are off once the guest is paused: stop and copy runs to the end.
+    cancellable: bool,
+}
+
+fn migrate(
+    out: &Outgoing,
+    src: &dyn MigrationSource,
+    p: &SendParams,
+    progress: &mut Progress,
+) -> Result<(), SendError> {
+    let spec = src.spec();
+    let mem = src.guest_memory();
+    let mem_size = spec.memory_mib << 20;
+    let pages = mem_size / PAGE_SIZE;
+    let streams = p.streams.clamp(1, 64);
+
+    // Setup: control connection, Config, data connections.
+    let mut control = connect(&p.target, p)?;
+    control.send(
+        &Message::Config {
+            chunk_size: CHUNK_SIZE,
+            streams,
+            spec: spec.clone(),
+        },
+        Compression::None,
+    )?;
+    let session: [u8; ID_LEN] = control
+        .expect_ok()?
+        .try_into()
+        .map_err(|_| WireError::Unexpected(protocol::Command::Ok))?;
+    let mut conns = vec![control];
+    for _ in 1..streams {
+        let mut c = connect(&p.target, p)?;
+        c.send(&Message::Join { session }, Compression::None)?;
+        c.expect_ok()?;
+        conns.push(c);
+    }
+    src.start_dirty_log()?;
+    progress.logging = true;
+    let setup = out.started.elapsed();
+    out.update(|i| {
+        i.setup_ms = ms(setup);
+        i.state = MigrationState::Active;
+    });
+    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), "migration set up");
+
+    let digests = ChunkDigests::zeroed(mem_size, CHUNK_SIZE);
+    // Read after the dirty log started: a page populated later is in a dirty set.
+    let populated = super::resident::populated(mem);
+    let limiter = Mutex::new(RateLimiter::new());
+    let mut precopy = Precopy::new();
+    let mut dirty = bitmap::all(pages);
+    let mut pass: u32 = 0;
+    loop {
+        if out.cancel_requested() {
+            abandon(&mut conns[0], "cancelled");
+            return Err(SendError::Cancelled);
+        }
+        let t = Instant::now();
+        let bytes = run_pass(
+            &mut conns,
+            &PassCtx {
+                mem,
+                digests: &digests,
+                dirty: &dirty,
+                chunks: &bitmap::dirty_chunks(&dirty, pages, CHUNK_SIZE / PAGE_SIZE),
+                next: AtomicUsize::new(0),
+                skip_zero: pass == 0,
+                populated: if pass == 0 {
+                    populated.as_deref()
+                } else {
+                    None
+                },
+                out,
+                limiter: &limiter,
+                compression: p.compression,
+                pass,
+                cancellable: true,
+            },
+            pages,
+        )
+        .inspect_err(|e| {
+            if matches!(e, SendError::Cancelled) {
+                abandon(&mut conns[0], "cancelled");
+            }
+        })?;
+        let duration = t.elapsed();
+        dirty = bitmap::from_pages(&src.take_dirty_pages()?, pages);
+        let dirty_pages = bitmap::count(&dirty, pages);
+        let limits = out.limits();
+        let decision = precopy.after_pass(
+            &limits,
+            PassReport {
+                bytes,
+                duration,
+                dirty_bytes: dirty_pages * PAGE_SIZE,
+            },
+            out.started.elapsed(),
+        );
+        src.set_throttle(precopy.throttle());
+        let throttle = precopy.throttle();
+        out.counters
+            .pass_pending
+            .store(dirty_pages * PAGE_SIZE, Ordering::Relaxed);
+        out.update(|i| {
+            i.passes.push(PassInfo {
+                bytes,
+                duration_ms: ms(duration),
+                dirty_pages,
+                throttle_percent: throttle,
+            });
+            i.bandwidth_mibs = precopy.bandwidth() / 1048576.0;
+            i.dirty_rate_pages_per_s = dirty_pages as f64 / duration.as_secs_f64().max(1e-6);
+            i.throttle_percent = throttle;
+            i.expected_downtime_ms = ms(precopy
+                .expected_downtime(dirty_pages * PAGE_SIZE)
+                .min(Duration::from_secs(1 << 30)));
+        });
+        tracing::debug!(
+            pass,
+            bytes,
+            dirty_pages,
+            ?duration,
+            ?decision,
+            "pre-copy pass"
+        );
+        pass += 1;
+        match decision {
+            Decision::Iterate => continue,
+            Decision::SwitchOver { forced } => {
+                tracing::info!(pass, forced, dirty_pages, "switching over");
+                break;
+            }
+            Decision::Cancel => {
+                abandon(&mut conns[0], "did not converge within the timeout");
+                return Err(SendError::Timeout);
+            }
+        }
+    }
+
+    // Stop and copy.
+    out.update(|i| i.state = MigrationState::Device);
+    let t_pause = Instant::now();
+    src.pause()?;
+    progress.paused = true;
+    let t_paused = Instant::now();
+    let mut last = bitmap::from_pages(&src.take_dirty_pages()?, pages);
+    bitmap::or_into(&mut last, &dirty);
+    out.counters
+        .pass_pending
+        .store(bitmap::count(&last, pages) * PAGE_SIZE, Ordering::Relaxed);
+    let bytes = run_pass(
+        &mut conns,
+        &PassCtx {
+            mem,
+            digests: &digests,
+            dirty: &last,
+            chunks: &bitmap::dirty_chunks(&last, pages, CHUNK_SIZE / PAGE_SIZE),
+            next: AtomicUsize::new(0),
+            skip_zero: false,
+            populated: None,
+            out,
+            limiter: &limiter,
+            compression: p.compression,
+            pass,
+            cancellable: false,
+        },
+        pages,
+    )?;
+    let t_final = Instant::now();
+    let control = &mut conns[0];
+    let state = src.save_state()?;
+    control.send(&Message::State { state }, Compression::None)?;
+    control.expect_ok()?;
+    let t_state = Instant::now();
+    control.send(
+        &Message::Digests {
+            chunk_size: CHUNK_SIZE,
+            digests: digests.snapshot(),
+        },
+        Compression::None,
+    )?;
+    control.expect_ok()?;
+    let t_verify = Instant::now();
+    control
+        .send(&Message::Complete, Compression::None)
+        .map_err(|e| SendError::OutcomeUnknown(e.to_string()))?;
+    match control.expect_ok() {
+        Ok(_) => {}
+        Err(WireError::Remote { code, message }) => {
+            return Err(WireError::Remote { code, message }.into());
+        }
+        Err(e) => return Err(SendError::OutcomeUnknown(e.to_string())),
+    }
+    let t_done = Instant::now();
+    if let Err(e) = src.stop_dirty_log() {
+        tracing::warn!(error = %e, "stopping the dirty log after the switchover");
+    }
+    out.update(|i| {
+        i.passes.push(PassInfo {
+            bytes,
+            duration_ms: ms(t_final - t_paused),
+            dirty_pages: bytes / PAGE_SIZE,
+            throttle_percent: precopy.throttle(),
+        });
+        i.downtime_ms = ms(t_done - t_pause);
+        i.downtime = Downtime {
+            pause_ms: ms(t_paused - t_pause),
+            final_pages_ms: ms(t_final - t_paused),
+            state_ms: ms(t_state - t_final),
+            verify_ms: ms(t_verify - t_state),
+            complete_ms: ms(t_done - t_verify),
+        };
+    });
+    for c in &conns {
+        c.shutdown();
+    }
+    Ok(())
+}
+
+fn abandon(c: &mut Conn, reason: &str) {
+    // Best effort: if the connection is gone the receiver discards the VM anyway.
+    let _ = c.send(
+        &Message::Abandon {
+            reason: reason.to_string(),
+        },
+        Compression::None,
+    );
+}
+
+/// Connects and runs the mutual challenge-response (see `protocol`).
+fn connect(target: &str, p: &SendParams) -> Result<Conn, SendError> {
+    let addr = target
+        .to_socket_addrs()
+        .map_err(WireError::Io)?
+        .next()
+        .ok_or_else(|| {
+            WireError::Io(std::io::Error::other(format!(
+                "{target} resolves to no address"
+            )))
+        })?;
+    let stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(WireError::Io)?;
+    let mut c = Conn::new(stream).map_err(WireError::Io)?;
+    let Message::Challenge {
+        version_min,
+        version_max,
+        nonce: nonce_r,
+    } = c.recv()?
+    else {
+        return Err(WireError::Unexpected(protocol::Command::Invalid).into());
+    };
+    let version = version_max.min(protocol::VERSION);
+    if version < version_min || version < protocol::MIN_VERSION {
+        return Err(SendError::Version(version_min, version_max));
+    }
+    let key = auth::derive_key(&p.secret);
+    let mut nonce_s = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce_s);
+    let proof = auth::sender_proof(&key, &nonce_r, &nonce_s);
+    c.send(
+        &Message::Hello {
+            version,
+            auth: p.auth,
+            nonce: nonce_s,
+            proof,
+        },
+        Compression::None,
+    )?;
+    let answer = c.expect_ok()?;
+    if !auth::verify(auth::receiver_proof(&key, &nonce_r, &nonce_s), &answer) {
+        return Err(SendError::TargetAuth);
+    }
+    Ok(c)
+}
+
+/// Sends the pages of `ctx.dirty` over all connections, then syncs each; returns the
+/// guest bytes sent.
+fn run_pass(conns: &mut [Conn], ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
+    let results: Vec<Result<u64, SendError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter_mut()
+            .map(|c| s.spawn(move || stream_worker(c, ctx, pages)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SendError::Memory("a stream worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut total = 0;
+    for r in results {
+        total += r?;
+    }
+    Ok(total)
+}
+
+fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
+    let ppc = CHUNK_SIZE / PAGE_SIZE;
+    let mut scratch = Vec::with_capacity(CHUNK_SIZE as usize);
+    let mut sent = 0u64;
+    let counters = &ctx.out.counters;
+    loop {
+        let i = ctx.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&c) = ctx.chunks.get(i) else { break };
+        if ctx.cancellable && ctx.out.cancel_requested() {
+            return Err(SendError::Cancelled);
+        }
+        let first = c * ppc;
+        let end_page = (first + ppc).min(pages);
+        let considered = (first..end_page)
+            .filter(|p| bitmap::is_set(ctx.dirty, *p))
+            .count() as u64;
+        let pending = |n: u64| {
+            let _ = counters
+                .pass_pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n * PAGE_SIZE))
+                });
+        };
+        // Pass 0: a chunk the guest never populated is zero; no need to read it.
+        if ctx
+            .populated
+            .is_some_and(|p| !bitmap::any_in(p, first, end_page))
+        {
+            ctx.digests.record_zero(c);
+            counters.zero_pages.fetch_add(considered, Ordering::Relaxed);
+            pending(considered);
+            continue;
+        }
+        let (start, len) = ctx.digests.chunk_range(c);
+        scratch.resize(len as usize, 0);
+        ctx.mem
+            .read_slice(&mut scratch, GuestAddress(start))
+            .map_err(|e| SendError::Memory(e.to_string()))?;
+        // Hashed after the dirty set holding these pages was collected (see `digest`).
+        ctx.digests.record(c, &scratch);
+
+        let mut ranges: Vec<MemRange> = Vec::new();
+        let mut bytes = 0u64;
+        for page in first..end_page {
+            if !bitmap::is_set(ctx.dirty, page) {
+                continue;
+            }
+            let off = ((page - first) * PAGE_SIZE) as usize;
+            if ctx.skip_zero && is_zero(&scratch[off..off + PAGE_SIZE as usize]) {
+                counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let gpa = page * PAGE_SIZE;
+            match ranges.last_mut() {
+                Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
+                _ => ranges.push(MemRange {
+                    gpa,
+                    len: PAGE_SIZE,
+                }),
+            }
+            bytes += PAGE_SIZE;
+        }
+        if !ranges.is_empty() {
+            let slices = ranges.iter().map(|r| {
+                let off = (r.gpa - start) as usize;
+                &scratch[off..off + r.len as usize]
+            });
+            // The cap counts wire bytes, so compression buys real headroom on a link.
+            let wire = if ctx.compression == Compression::None {
+                // Straight from the chunk copy: no frame buffer.
+                let prefix = protocol::memory_frame_prefix(&ranges, bytes);
+                throttle_send(ctx, prefix.len() as u64 + bytes)?;
+                conn.send_parts(std::iter::once(&prefix[..]).chain(slices))?
+            } else {
+                let mut data = Vec::with_capacity(bytes as usize);
+                slices.for_each(|s| data.extend_from_slice(s));
+                let frame = Message::Memory { ranges, data }.encode(ctx.compression);
+                throttle_send(ctx, frame.len() as u64)?;
+                conn.send_parts([&frame[..]])?
+            };
+            counters
+                .wire_bytes
+                .fetch_add(wire as u64, Ordering::Relaxed);
+            counters.ram_bytes.fetch_add(bytes, Ordering::Relaxed);
+            counters
+                .normal_pages
+                .fetch_add(bytes / PAGE_SIZE, Ordering::Relaxed);
+            sent += bytes;
+        }
+        pending(considered);
+    }
+    let wire = conn.send(&Message::Sync { pass: ctx.pass }, Compression::None)?;
+    counters
+        .wire_bytes
+        .fetch_add(wire as u64, Ordering::Relaxed);
+    conn.expect_ok()?;
+    Ok(sent)
+}
+
+/// Waits as the bandwidth cap requires, re-reading the cap and checking for cancel at
+/// least every 50 ms so that PATCH and cancel act quickly even on a slow link.
+fn throttle_send(ctx: &PassCtx<'_>, bytes: u64) -> Result<(), SendError> {
+    let mut cap = ctx.out.limits().max_bandwidth_mibs;
+    let now = Instant::now();
+    let mut until = now
+        + ctx
+            .limiter
+            .lock()
+            .expect("limiter lock is never poisoned")
+            .reserve(now, bytes, cap);
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        if ctx.cancellable && ctx.out.cancel_requested() {
+            return Err(SendError::Cancelled);
+        }
+        let new_cap = ctx.out.limits().max_bandwidth_mibs;
+        if new_cap != cap {
+            // The cap changed: forget the old schedule and reserve at the new rate.
+            cap = new_cap;
+            let mut l = ctx.limiter.lock().expect("limiter lock is never poisoned");
+            *l = RateLimiter::new();
+            until = now + l.reserve(now, bytes, cap);
+            continue;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// Error code for a `VmError` on the receiver side.
+pub(crate) fn vm_error_code(e: &VmError) -> ErrorCode {
+    match e {
+        VmError::Incompatible(_) => ErrorCode::Incompatible,
+        VmError::BadState(_) => ErrorCode::RestoreFailed,
+        _ => ErrorCode::Internal,
+    }
+}

@@ -1,0 +1,254 @@
+//! The migration service: starts outgoing migrations, keeps their handles for the API,
+//! and owns the listener state for incoming ones.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::RngCore;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::VmHost;
+use super::policy::{Limits, TimeoutAction};
+use super::protocol::{AuthKind, Compression};
+use super::receiver::{Receiver, parse_ticket};
+use super::sender::{self, SendParams};
+use super::stats::{Downtime, MigrationInfo, MigrationState, Outgoing};
+
+/// Body of `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The target agent's migration listener, `HOST:PORT`.
+    pub target: String,
+    pub downtime_limit_ms: Option<u64>,
+    pub max_bandwidth_mibs: Option<u64>,
+    pub streams: Option<u16>,
+    pub auto_converge: Option<bool>,
+    pub timeout_s: Option<u64>,
+    pub timeout_action: Option<TimeoutAction>,
+    pub compression: Option<Compression>,
+    /// A one-time ticket from the target (`POST /v1/migrations/tickets` there), used
+    /// instead of the cluster token.
+    pub ticket: Option<String>,
+}
+
+/// Body of `PATCH /v1/migrations/{id}`: limits to change while it runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsPatch {
+    pub downtime_limit_ms: Option<u64>,
+    pub max_bandwidth_mibs: Option<u64>,
+    pub auto_converge: Option<bool>,
+    pub timeout_s: Option<u64>,
+    pub timeout_action: Option<TimeoutAction>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("no migration {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Vm(#[from] crate::contract::VmError),
+    #[error(
+        "no cluster token is configured and no ticket was given; the target would refuse the stream"
+    )]
+    NoCredentials,
+    #[error("migration {0} has already ended")]
+    Ended(String),
+}
+
+pub struct MigrationService {
+    host: Arc<dyn VmHost>,
+    token: Option<String>,
+    receiver: Arc<Receiver>,
+    migrations: Mutex<HashMap<String, Arc<Outgoing>>>,
+}
+
+impl MigrationService {
+    /// `token` is the cluster token (`--api-token`): proofs to targets are made with it
+    /// and incoming streams must prove it (or a ticket this agent issued).
+    pub fn new(host: Arc<dyn VmHost>, token: Option<String>) -> Arc<Self> {
+        Arc::new(MigrationService {
+            receiver: Arc::new(Receiver::new(host.clone(), token.as_deref())),
+            host,
+            token,
+            migrations: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves the migration listener until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        self.receiver.clone().serve(listener, shutdown).await
+    }
+
+    pub fn issue_ticket(&self, vm: &str) -> String {
+        self.receiver.issue_ticket(vm)
+    }
+
+    /// Starts migrating VM `name`; returns the migration id at once.
+    pub fn start(&self, name: &str, req: MigrateRequest) -> Result<String, ServiceError> {
+        if req.target.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "target is required: the target agent's migration listener, HOST:PORT".into(),
+            ));
+        }
+        if let Some(s) = req.streams
+            && !(1..=64).contains(&s)
+        {
+            return Err(ServiceError::BadRequest(
+                "streams must be between 1 and 64".into(),
+            ));
+        }
+        let (secret, auth) = match (&req.ticket, &self.token) {
+            (Some(t), _) => {
+                let (id, secret) = parse_ticket(t).ok_or_else(|| {
+                    ServiceError::BadRequest(
+                        "ticket is not of the form ID.SECRET issued by the target".into(),
+                    )
+                })?;
+                (secret, AuthKind::Ticket(id))
+            }
+            (None, Some(tok)) => (tok.as_bytes().to_vec(), AuthKind::Token),
+            (None, None) => return Err(ServiceError::NoCredentials),
+        };
+        let d = Limits::default();
+        let limits = Limits {
+            downtime_limit_ms: req.downtime_limit_ms.unwrap_or(d.downtime_limit_ms),
+            max_bandwidth_mibs: req.max_bandwidth_mibs.unwrap_or(d.max_bandwidth_mibs),
+            auto_converge: req.auto_converge.unwrap_or(d.auto_converge),
+            timeout_s: req.timeout_s.unwrap_or(d.timeout_s),
+            timeout_action: req.timeout_action.unwrap_or(d.timeout_action),
+        };
+        let streams = req.streams.unwrap_or(1);
+        let compression = req.compression.unwrap_or_default();
+        let (src, was_running) = self.host.begin_outgoing(name)?;
+        let mut idb = [0u8; 8];
+        rand::rng().fill_bytes(&mut idb);
+        let id = format!(
+            "mig-{}",
+            idb.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let spec = src.spec();
+        let out = Arc::new(Outgoing::new(MigrationInfo {
+            id: id.clone(),
+            vm: name.to_string(),
+            target: req.target.clone(),
+            state: MigrationState::Setup,
+            error: None,
+            total_ms: 0.0,
+            setup_ms: 0.0,
+            downtime_ms: 0.0,
+            downtime: Downtime::default(),
+            expected_downtime_ms: 0.0,
+            transferred_bytes: 0,
+            ram_transferred_bytes: 0,
+            remaining_bytes: spec.memory_mib << 20,
+            total_bytes: spec.memory_mib << 20,
+            zero_pages: 0,
+            normal_pages: 0,
+            passes: vec![],
+            bandwidth_mibs: 0.0,
+            dirty_rate_pages_per_s: 0.0,
+            throttle_percent: 0,
+            streams,
+            compression,
+            limits,
+        }));
+        out.counters
+            .pass_pending
+            .store(spec.memory_mib << 20, std::sync::atomic::Ordering::Relaxed);
+        self.migrations
+            .lock()
+            .expect("migrations lock is never poisoned")
+            .insert(id.clone(), out.clone());
+        let params = SendParams {
+            target: req.target,
+            streams,
+            compression,
+            secret,
+            auth,
+        };
+        let host = self.host.clone();
+        let vm = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("mig-send-{name}"))
+            .spawn(move || sender::run(out, host, vm, src, was_running, params));
+        if let Err(e) = spawned {
+            self.host.end_outgoing(name, false);
+            return Err(ServiceError::BadRequest(format!(
+                "cannot start the migration thread: {e}"
+            )));
+        }
+        tracing::info!(vm = name, %id, "migration started");
+        Ok(id)
+    }
+
+    fn get_handle(&self, id: &str) -> Result<Arc<Outgoing>, ServiceError> {
+        self.migrations
+            .lock()
+            .expect("migrations lock is never poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServiceError::NotFound(id.to_string()))
+    }
+
+    pub fn get(&self, id: &str) -> Result<MigrationInfo, ServiceError> {
+        Ok(self.get_handle(id)?.snapshot())
+    }
+
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        let mut v: Vec<MigrationInfo> = self
+            .migrations
+            .lock()
+            .expect("migrations lock is never poisoned")
+            .values()
+            .map(|o| o.snapshot())
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Requests cancellation. Before the guest is paused the sender stops at the next
+    /// chunk and the guest keeps running on the source; once stop and copy began the
+    /// switchover runs to its end (or fails and resumes the source).
+    pub fn cancel(&self, id: &str) -> Result<MigrationInfo, ServiceError> {
+        let h = self.get_handle(id)?;
+        if h.state().is_final() {
+            return Err(ServiceError::Ended(id.to_string()));
+        }
+        h.request_cancel();
+        Ok(h.snapshot())
+    }
+
+    pub fn patch(&self, id: &str, p: LimitsPatch) -> Result<MigrationInfo, ServiceError> {
+        let h = self.get_handle(id)?;
+        if h.state().is_final() {
+            return Err(ServiceError::Ended(id.to_string()));
+        }
+        let mut l = h.limits();
+        if let Some(v) = p.downtime_limit_ms {
+            l.downtime_limit_ms = v;
+        }
+        if let Some(v) = p.max_bandwidth_mibs {
+            l.max_bandwidth_mibs = v;
+        }
+        if let Some(v) = p.auto_converge {
+            l.auto_converge = v;
+        }
+        if let Some(v) = p.timeout_s {
+            l.timeout_s = v;
+        }
+        if let Some(v) = p.timeout_action {
+            l.timeout_action = v;
+        }
+        h.set_limits(l);
+        Ok(h.snapshot())
+    }
+}

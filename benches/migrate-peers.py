@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Side-by-side live migration: QEMU 7.2 (QMP `migrate`) against stagehand-agent.
+
+Both run the same A-B sweeper boot sector (QEMU from a 1 MiB disk image through
+SeaBIOS, ours as a flat binary at 0x7c00), with the same memory, source and target on
+loopback, one run per case. Prints a table with total time and downtime and our
+ratios to QEMU. Called by benches/migrate-peers.sh (make bench-migrate).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+QEMU_ROOT = os.environ.get("QEMU_ROOT", os.path.expanduser("~/.cache/stagehand/qemu/root"))
+BIN_DIR = os.environ["STAGEHAND_BIN_DIR"]
+AGENT = os.path.join(BIN_DIR, "stagehand-agent")
+TOKEN = "bench-token"
+CONVERGE_TIMEOUT_S = float(os.environ.get("BENCH_CONVERGE_TIMEOUT_S", "60"))
+MIB = 1 << 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout, what):
+    t = time.time()
+    while time.time() - t < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+# ---------------------------------------------------------------- QEMU -----------
+
+class Qmp:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        wait_for(lambda: self._try(path), 20, f"QMP socket {path}")
+        self.f = self.s.makefile("rwb")
+        self._recv()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _try(self, path):
+        try:
+            self.s.connect(path)
+            return True
+        except OSError:
+            return False
+
+    def _recv(self):
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise EOFError("QMP closed")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def cmd(self, name, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.f.flush()
+        r = self._recv()
+        if "error" in r:
+            raise RuntimeError(f"QMP {name}: {r['error']}")
+        return r.get("return")
+
+
+def qemu(mem_mib, image, workdir, tag, incoming_port=None):
+    qmp = os.path.join(workdir, f"{tag}.qmp")
+    serial = os.path.join(workdir, f"{tag}.serial")
+    args = [
+        os.path.join(QEMU_ROOT, "usr/bin/qemu-system-x86_64"),
+        "-L", os.path.join(QEMU_ROOT, "usr/share/qemu"),
+        "-L", os.path.join(QEMU_ROOT, "usr/share/seabios"),
+        "-L", os.path.join(QEMU_ROOT, "usr/lib/ipxe/qemu"),
+        "-enable-kvm", "-m", f"{mem_mib}M", "-smp", "1",
+        "-nodefaults", "-display", "none", "-vga", "none", "-net", "none",
+        "-serial", f"file:{serial}",
+        "-drive", f"file={image},format=raw,if=ide,snapshot=on",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+    ]
+    if incoming_port:
+        args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.err"), "wb"))
+    return p, Qmp(qmp), serial
+
+
+def run_qemu(mem_mib, image, workdir, bandwidth_mibs, caps):
+    port = free_port()
+    src, sq, sserial = qemu(mem_mib, image, workdir, "qsrc")
+    dst, dq, dserial = qemu(mem_mib, image, workdir, "qdst", incoming_port=port)
+    try:
+        wait_for(lambda: b"A" in read(sserial), 60, "'A' from the QEMU guest")
+        time.sleep(2)
+        if caps:
+            sq.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+            dq.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+        # "Unlimited": QEMU's default cap is 128 MiB/s, so lift it.
+        bw = (bandwidth_mibs or 100 * 1024) * MIB
+        sq.cmd("migrate-set-parameters", **{"max-bandwidth": bw})
+        sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        t0 = time.time()
+        while True:
+            info = sq.cmd("query-migrate")
+            st = info.get("status")
+            if st in ("completed", "failed", "cancelled"):
+                break
+            if time.time() - t0 > CONVERGE_TIMEOUT_S:
+                sq.cmd("migrate_cancel")
+                return {"state": f"no convergence in {CONVERGE_TIMEOUT_S:.0f} s", "total_ms": None, "downtime_ms": None}
+            time.sleep(0.02)
+        if st != "completed":
+            return {"state": st, "total_ms": None, "downtime_ms": None}
+        # The guest must keep sweeping on the target ('B' comes only every ~30 s here,
+        # so look at the memory the sweeper writes instead).
+        first = dq.cmd("human-monitor-command", **{"command-line": "xp /1xb 0x100000"})
+        wait_for(lambda: dq.cmd("human-monitor-command", **{"command-line": "xp /1xb 0x100000"}) != first,
+                 10, "the sweeper to run on the QEMU target")
+        return {"state": st, "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait()
+
+
+# ------------------------------------------------------------- stagehand ---------
+
+def http(method, url, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+        return json.loads(raw) if raw and r.headers.get("Content-Type", "").startswith("application/json") else raw
+
+
+def agent(workdir, tag):
+    api, mig = free_port(), free_port()
+    p = subprocess.Popen([AGENT, "--api", f"127.0.0.1:{api}", "--migration-listen", f"127.0.0.1:{mig}",
+                          "--api-token", TOKEN, "--data-dir", os.path.join(workdir, tag)],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.log"), "wb"))
+    base = f"http://127.0.0.1:{api}"
+    wait_for(lambda: _health(base), 20, f"agent {tag}")
+    return p, base, f"127.0.0.1:{mig}"
+
+
+def _health(base):
+    try:
+        http("GET", base + "/v1/health")
+        return True
+    except Exception:
+        return False
+
+
+def run_ours(mem_mib, flat, workdir, bandwidth_mibs, extra):
+    src, sbase, _ = agent(workdir, "asrc")
+    dst, dbase, dmig = agent(workdir, "adst")
+    try:
+        http("PUT", f"{sbase}/v1/vms/ab", {"memory_mib": mem_mib, "vcpus": 1,
+                                            "boot": {"flat_binary": flat, "load_addr": 0x7C00}, "disks": []})
+        wait_for(lambda: b"A" in http("GET", f"{sbase}/v1/vms/ab/console"), 30, "'A' from our guest")
+        time.sleep(2)
+        body = {"target": dmig, "timeout_s": int(CONVERGE_TIMEOUT_S)}
+        if bandwidth_mibs:
+            body["max_bandwidth_mibs"] = bandwidth_mibs
+        body.update(extra)
+        mid = http("POST", f"{sbase}/v1/vms/ab/migrate", body)["migration_id"]
+        info = wait_for(lambda: _final(sbase, mid), CONVERGE_TIMEOUT_S + 30, "our migration")
+        if info["state"] != "completed":
+            err = (info.get("error") or {}).get("code", "")
+            st = f"no convergence in {CONVERGE_TIMEOUT_S:.0f} s" if err == "timeout" else f"{info['state']} {err}"
+            return {"state": st, "total_ms": None, "downtime_ms": None, "info": info}
+        st = http("GET", f"{dbase}/v1/vms/ab")["state"]
+        if st != "running":
+            raise RuntimeError(f"our target VM is {st} after the migration")
+        return {"state": "completed", "total_ms": info["total_ms"], "downtime_ms": info["downtime_ms"], "info": info}
+    finally:
+        for p in (src, dst):
+            p.send_signal(signal.SIGTERM)
+        for p in (src, dst):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _final(base, mid):
+    i = http("GET", f"{base}/v1/migrations/{mid}")
+    return i if i["state"] in ("completed", "failed", "cancelled") else None
+
+
+# ------------------------------------------------------------------ main ---------
+
+def fmt(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def main():
+    flat = sys.argv[1]
+    workdir = tempfile.mkdtemp(prefix="bench-migrate-")
+    image = os.path.join(workdir, "ab.img")
+    with open(flat, "rb") as f:
+        sector = f.read()
+    with open(image, "wb") as f:  # SeaBIOS will not boot a 512-byte disk.
+        f.write(sector.ljust(MIB, b"\0"))
+
+    cases = [
+        ("150 MiB unlimited", 150, None),
+        ("1 GiB unlimited", 1024, None),
+        ("1 GiB at 110 MiB/s", 1024, 110),
+    ]
+    rows = []
+    for name, mem, bw in cases:
+        q_variants = [("QEMU default", [])]
+        o_variants = [("stagehand default", {})]
+        if bw:
+            q_variants += [("QEMU auto-converge", ["auto-converge"]),
+                           ("QEMU xbzrle+auto-converge", ["xbzrle", "auto-converge"])]
+            o_variants += [("stagehand auto-converge", {"auto_converge": True}),
+                           ("stagehand lz4+auto-converge", {"compression": "lz4", "auto_converge": True})]
+        results = []
+        for label, caps in q_variants:
+            r = run_qemu(mem, image, workdir, bw, caps)
+            results.append((label, r))
+            print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
+        for label, extra in o_variants:
+            r = run_ours(mem, flat, workdir, bw, extra)
+            results.append((label, r))
+            print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
+            if os.environ.get("BENCH_VERBOSE"):
+                print(json.dumps(r.get("info"), indent=1))
+        rows.append((name, results))
+
+    print("\nRatios (ours / QEMU; best of each side; lower is better):")
+    for name, results in rows:
+        q = [r for l, r in results if l.startswith("QEMU") and r["total_ms"] is not None]
+        o = [r for l, r in results if l.startswith("stagehand") and r["total_ms"] is not None]
+        if not q or not o:
+            print(f"  {name}: one side never converged")
+            continue
+        qt, qd = min(r["total_ms"] for r in q), min(r["downtime_ms"] for r in q)
+        ot, od = min(r["total_ms"] for r in o), min(r["downtime_ms"] for r in o)
+        print(f"  {name}: total {ot:.0f}/{qt:.0f} ms = {ot / qt:.2f}x, downtime {od:.1f}/{qd:.1f} ms = {od / max(qd, 0.001):.2f}x")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
