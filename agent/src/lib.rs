@@ -1,8 +1,107 @@
-//! stagehand-agent: KVM host agent (see README.md).
+//! stagehand-agent: the KVM host agent (see README.md).
+//!
+//! `vstate` holds the KVM pieces, `devices` the userspace devices, `machine` a whole
+//! guest (implementing the migration [`contract`]), `manager` the table of guests,
+//! `migration` live pre-copy migration between agents, `api` the HTTP API, `guests`
+//! the test guests built from `agent/guests/`.
+
 pub mod api;
+pub mod config;
 pub mod contract;
 pub mod devices;
 pub mod guests;
 pub mod machine;
+pub mod manager;
 pub mod migration;
 pub mod vstate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, AgentFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for the API on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the API server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Addresses the agent actually listens on (port 0 resolved).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub api: SocketAddr,
+    /// The migration listener, when `--migration-listen` was given.
+    pub migration: Option<SocketAddr>,
+}
+
+/// Runs the agent until `shutdown` is cancelled; then stops every VM.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    serve(config, shutdown, |_| {}).await
+}
+
+/// [`run`], calling `on_ready` once the listeners are bound.
+pub async fn serve(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.api,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.api,
+        source,
+    })?;
+    if config.api_token.is_none() {
+        tracing::warn!("no --api-token: the API accepts every caller");
+    }
+    let manager = Arc::new(manager::VmManager::new());
+    let state = api::ApiState::new(manager.clone(), Arc::new(config.clone()));
+    let migrations = migration::MigrationService::new(manager.clone(), config.api_token.clone());
+    let migration_addr = match config.migration_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| AgentError::Bind { addr, source })?;
+            tokio::spawn(migrations.clone().serve(l, shutdown.clone()));
+            tracing::info!(migration = %bound, "migration listener ready");
+            Some(bound)
+        }
+        None => None,
+    };
+    let app = api::app(state, api::migration::routes(migrations));
+    tracing::info!(api = %api_addr, host_id = %config.host_id, "agent ready");
+    on_ready(&Bound {
+        api: api_addr,
+        migration: migration_addr,
+    });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(AgentError::Serve);
+    tracing::info!("shutting down: stopping all VMs");
+    let _ = tokio::task::spawn_blocking(move || manager.shutdown()).await;
+    result
+}

@@ -189,6 +189,9 @@ pub struct Machine {
     shared: Arc<VcpuShared>,
     throttle_percent: Arc<AtomicU8>,
     paused: Mutex<bool>,
+    /// KVM's XSAVE area on this host exceeds the 4 KiB `kvm_xsave` (AMX): saving would
+    /// truncate it, so `save_state` refuses instead.
+    xsave_too_big: bool,
     spec: VmSpec,
     vm: Vm,
 }
@@ -259,6 +262,8 @@ impl Machine {
         }
         let vcpus = Arc::new(handles);
         let throttle_percent = Arc::new(AtomicU8::new(0));
+        let xsave_too_big = vm.fd().check_extension_int(kvm_ioctls::Cap::Xsave2)
+            > std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32;
         let throttle = spawn_throttle(vcpus.clone(), throttle_percent.clone())?;
         tracing::info!(
             vm = %spec.name,
@@ -273,6 +278,7 @@ impl Machine {
             shared,
             throttle_percent,
             paused: Mutex::new(true),
+            xsave_too_big,
             spec,
             vm,
         })
@@ -369,6 +375,12 @@ impl Machine {
     /// The complete state as a [`MachineState`] (paused only).
     pub fn save_machine_state(&self) -> Result<MachineState, MachineError> {
         self.require_paused()?;
+        if self.xsave_too_big {
+            return Err(MachineError::Incompatible(
+                "this host's XSAVE state is larger than 4 KiB (AMX); saving it is not supported"
+                    .into(),
+            ));
+        }
         let vm = self.vm.save_state()?;
         let vcpus = self
             .vcpus

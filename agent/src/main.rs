@@ -1,4 +1,78 @@
-fn main() {
-    eprintln!("stagehand-agent: not built yet");
-    std::process::exit(2);
+//! `stagehand-agent`: parses flags, sets up logging, runs `agent::serve`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "stagehand-agent", version, about = "Stagehand KVM host agent")]
+struct Cli {
+    #[command(flatten)]
+    flags: agent::AgentFlags,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes a built-in test guest (a flat binary) to a file.
+    GuestImage {
+        /// Guest name: ab-sweeper.
+        name: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(Command::GuestImage { name, out }) = cli.command {
+        let (image, load_addr) = agent::guests::by_name(&name).with_context(|| {
+            format!(
+                "no guest {name:?}; known: {}",
+                agent::guests::NAMES.join(", ")
+            )
+        })?;
+        std::fs::write(&out, image).with_context(|| format!("writing {}", out.display()))?;
+        println!(
+            "{}: {} bytes, load at {load_addr:#x}",
+            out.display(),
+            image.len()
+        );
+        return Ok(());
+    }
+    let config = agent::AgentConfig::resolve(cli.flags).context("configuration")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot watch SIGTERM");
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            }
+            on_signal.cancel();
+        });
+        agent::serve(config, shutdown, |bound| {
+            // One line on stdout that scripts and tests wait for.
+            println!("stagehand-agent: api listening on {}", bound.api);
+        })
+        .await
+        .context("agent failed")
+    })
 }

@@ -147,7 +147,9 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(dump(&vm1) == ram, "RAM changed while paused");
 
+    let t = Instant::now();
     let state = vm1.save_state().expect("save while paused");
+    eprintln!("save_state: {} bytes in {:?}", state.len(), t.elapsed());
     let spec = vm1.spec();
     assert!(!spec.cpuid.is_empty(), "CPUID recorded in the spec");
     let vm2 = Machine::create_incoming(&spec).expect("incoming VM");
@@ -156,7 +158,9 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     MigrationTarget::guest_memory(&vm2)
         .write_slice(&ram, vm_memory::GuestAddress(0))
         .expect("copy RAM");
+    let t = Instant::now();
     vm2.restore_state(&state).expect("restore");
+    eprintln!("restore_state: {:?}", t.elapsed());
     assert_eq!(vm2.console(), vm1.console(), "console continues");
     drop(vm1); // the source is gone, as after a migration
     MigrationTarget::resume(&vm2).expect("resume VM2");
@@ -171,6 +175,54 @@ fn ab_guest_boots_dumps_and_moves_to_a_second_vm() {
     // A corrupted state is refused.
     let vm3 = Machine::create_incoming(&spec).expect("incoming VM");
     assert!(vm3.restore_state(b"{not json").is_err());
+}
+
+/// Two vCPUs (the second waits for INIT/SIPI, as an AP does): boot, save, restore into
+/// a second VM, and the guest goes on sweeping there with consistent RAM.
+#[test]
+fn two_vcpu_state_round_trip() {
+    if !kvm_ok() {
+        return;
+    }
+    let _serial = serial();
+    let mut spec = new_spec(
+        "smp1",
+        MEM_MIB,
+        2,
+        BootSpec {
+            flat_binary: "(embedded ab-sweeper)".into(),
+            load_addr: AB_SWEEPER_LOAD_ADDR,
+        },
+        vec![],
+    );
+    let vm1 = Machine::boot_image(spec.clone(), AB_SWEEPER).expect("boots with 2 vCPUs");
+    wait_for_a(&vm1);
+    std::thread::sleep(Duration::from_millis(300));
+    MigrationSource::pause(&vm1).expect("pause");
+    let state = vm1.save_state().expect("save");
+    spec = vm1.spec();
+    let ram = dump(&vm1);
+    check_ab_ram(&ram).expect("consistent");
+    drop(vm1);
+    let vm2 = Machine::create_incoming(&spec).expect("incoming");
+    use vm_memory::Bytes;
+    MigrationTarget::guest_memory(&vm2)
+        .write_slice(&ram, vm_memory::GuestAddress(0))
+        .expect("copy RAM");
+    vm2.restore_state(&state).expect("restore 2 vCPUs");
+    MigrationTarget::resume(&vm2).expect("resume");
+    std::thread::sleep(Duration::from_millis(500));
+    MigrationSource::pause(&vm2).expect("pause");
+    let ram2 = dump(&vm2);
+    check_ab_ram(&ram2).expect("consistent after the move");
+    assert!(ram2 != ram, "the guest ran on in the second VM");
+    assert!(vm2.guest_stop().is_none(), "{:?}", vm2.guest_stop());
+
+    // A state with the wrong vCPU count is refused.
+    let mut one = spec.clone();
+    one.vcpus = 1;
+    let vm3 = Machine::create_incoming(&one).expect("incoming");
+    assert!(vm3.restore_state(&state).is_err());
 }
 
 /// Pause stops the guest at once and resume restarts it, many times over.
@@ -282,4 +334,82 @@ fn triple_fault_marks_the_guest_failed_and_nothing_crashes() {
     assert!(stop.failed, "{stop:?}");
     MigrationSource::pause(&m).expect("a failed VM still pauses");
     MigrationSource::resume(&m).expect("and resumes (stays stopped)");
+}
+
+/// The manager's migration hooks: states move as migration expects and a failed
+/// migration leaves the guest running here.
+#[test]
+fn manager_migration_hooks() {
+    use agent::manager::{BootRequest, CreateVmRequest, ManagerError, VmLifecycle, VmManager};
+    if !kvm_ok() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("ab.bin");
+    std::fs::write(&image, AB_SWEEPER).expect("write image");
+    let mgr = VmManager::new();
+    let req = CreateVmRequest {
+        memory_mib: MEM_MIB,
+        vcpus: 1,
+        boot: BootRequest {
+            flat_binary: image.display().to_string(),
+            load_addr: AB_SWEEPER_LOAD_ADDR,
+        },
+        disks: vec![],
+    };
+    let state = |name: &str| mgr.info(name).map(|i| i.state);
+    assert_eq!(
+        mgr.create("m1", &req).expect("create").state,
+        VmLifecycle::Running
+    );
+    assert!(matches!(
+        mgr.create("m1", &req),
+        Err(ManagerError::AlreadyExists(_))
+    ));
+
+    let (src, was_running) = mgr.begin_outgoing("m1").expect("begin");
+    assert!(was_running);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Migrating);
+    assert!(mgr.begin_outgoing("m1").is_err(), "one migration at a time");
+    assert!(mgr.delete("m1").is_err(), "no delete while migrating");
+    assert!(mgr.pause("m1").is_err(), "no API pause while migrating");
+    src.pause().expect("sender pauses");
+    mgr.end_outgoing("m1", false);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Running);
+    assert!(
+        !mgr.machine("m1").expect("machine").is_paused(),
+        "resumed after failure"
+    );
+
+    // A paused VM stays paused after a failed migration.
+    mgr.pause("m1").expect("pause");
+    let (_src, was_running) = mgr.begin_outgoing("m1").expect("begin");
+    assert!(!was_running);
+    mgr.end_outgoing("m1", false);
+    assert_eq!(state("m1").expect("info"), VmLifecycle::Paused);
+
+    // Incoming: a name in use is refused; a new one is registered as incoming.
+    let mut spec = mgr.machine("m1").expect("machine").spec();
+    assert!(mgr.create_incoming(&spec).is_err(), "name in use");
+    spec.name = "m1-in".into();
+    let target = mgr.create_incoming(&spec).expect("incoming");
+    assert_eq!(state("m1-in").expect("info"), VmLifecycle::Incoming);
+    assert!(mgr.delete("m1-in").is_err(), "no delete while incoming");
+    target.resume().expect("resume");
+    mgr.end_incoming("m1-in", true);
+    assert_eq!(state("m1-in").expect("info"), VmLifecycle::Running);
+    spec.name = "m1-gone".into();
+    let _t = mgr.create_incoming(&spec).expect("incoming");
+    mgr.end_incoming("m1-gone", false);
+    assert!(matches!(
+        mgr.info("m1-gone"),
+        Err(ManagerError::NotFound(_))
+    ));
+
+    // Success removes the source.
+    let _ = mgr.begin_outgoing("m1").expect("begin");
+    mgr.end_outgoing("m1", true);
+    assert!(matches!(mgr.info("m1"), Err(ManagerError::NotFound(_))));
+    assert_eq!(mgr.list().len(), 1);
 }

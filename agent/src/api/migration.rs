@@ -9,14 +9,16 @@
 //! | `POST /v1/migrations/{id}/cancel` | | `MigrationInfo`; the guest keeps running on the source |
 //! | `POST /v1/migrations/tickets` | `{vm}` | `{ticket}`: one-time credential for an incoming stream |
 //!
-//! The router carries no authentication itself: it is merged into the agent's router,
-//! whose bearer-token layer covers every route.
+//! The router carries no authentication itself: `api::app` merges it behind the
+//! agent's bearer-token layer, which covers every route.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -35,44 +37,29 @@ pub fn routes(svc: Arc<MigrationService>) -> Router {
         .with_state(svc)
 }
 
-/// `{"error": {"code", "message"}}` with a status, as api.md specifies.
-pub struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(json!({"error": {"code": self.1, "message": self.2}})),
-        )
-            .into_response()
-    }
-}
-
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
-        match e {
-            ServiceError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, "not_found", msg),
-            ServiceError::BadRequest(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", msg),
-            ServiceError::NoCredentials => ApiError(StatusCode::BAD_REQUEST, "no_credentials", msg),
-            ServiceError::Ended(_) => ApiError(StatusCode::CONFLICT, "migration_ended", msg),
-            ServiceError::Vm(VmError::WrongState { .. }) => {
-                ApiError(StatusCode::CONFLICT, "wrong_state", msg)
+        let (status, code) = match e {
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ServiceError::NoCredentials => (StatusCode::BAD_REQUEST, "no_credentials"),
+            ServiceError::Ended(_) => (StatusCode::CONFLICT, "migration_ended"),
+            ServiceError::Vm(VmError::WrongState { .. }) => (StatusCode::CONFLICT, "wrong_state"),
+            // The manager reports a missing VM as "no VM named ...".
+            ServiceError::Vm(VmError::Other(ref m)) if m.starts_with("no VM") => {
+                (StatusCode::NOT_FOUND, "not_found")
             }
-            ServiceError::Vm(VmError::Other(ref m))
-                if m.contains("no VM") || m.contains("not found") =>
-            {
-                ApiError(StatusCode::NOT_FOUND, "vm_not_found", msg)
-            }
-            ServiceError::Vm(_) => ApiError(StatusCode::CONFLICT, "vm_error", msg),
-        }
+            ServiceError::Vm(_) => (StatusCode::CONFLICT, "vm_error"),
+        };
+        ApiError::new(status, code, msg)
     }
 }
 
 /// Rejections of malformed JSON in the same error shape.
 fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(v)| v)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))
+        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 async fn migrate(

@@ -1,2 +1,255 @@
-//! HTTP API of the agent.
+//! The agent's HTTP API (axum): VMs, console, pause/resume, memory dumps, health and
+//! metrics, behind bearer-token auth. Routes are documented in docs/agent-api.md.
+//!
+//! Composable: [`vm_routes`] is a `Router<ApiState>` without auth or state; [`app`]
+//! applies the state, merges any extra `Router` (live migration adds its own, e.g.
+//! `api::app(state, api::migration::routes(service))`), and wraps everything in the
+//! bearer-token check, so extra routes are authenticated too.
+
 pub mod migration;
+pub mod vms;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::AgentConfig;
+use crate::manager::{ManagerError, VmManager};
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct ApiState {
+    pub manager: Arc<VmManager>,
+    pub config: Arc<AgentConfig>,
+    pub metrics: Arc<ApiMetrics>,
+}
+
+impl ApiState {
+    pub fn new(manager: Arc<VmManager>, config: Arc<AgentConfig>) -> Self {
+        ApiState {
+            manager,
+            config,
+            metrics: Arc::new(ApiMetrics::default()),
+        }
+    }
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    pub requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// An API error: status plus `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorInner<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorInner<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorInner {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        use crate::machine::MachineError as M;
+        let (status, code) = match &e {
+            ManagerError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ManagerError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists"),
+            ManagerError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+            ManagerError::BadName(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ManagerError::Machine(M::Invalid(_)) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ManagerError::Machine(M::Image { .. }) => (StatusCode::BAD_REQUEST, "bad_image"),
+            ManagerError::Machine(M::Vm(crate::vstate::vm::VmError::Memory(_))) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            ManagerError::Machine(M::WrongState { .. }) => (StatusCode::CONFLICT, "wrong_state"),
+            ManagerError::Machine(M::Incompatible(_)) => (StatusCode::CONFLICT, "incompatible_cpu"),
+            ManagerError::Machine(M::Dump { .. }) => (StatusCode::BAD_REQUEST, "dump_failed"),
+            ManagerError::Machine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kvm_error"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// Runs blocking manager work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("worker task failed: {e}")))?
+}
+
+/// Checks `Authorization: Bearer TOKEN` in constant time when a token is configured.
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(expected) = &state.config.api_token {
+        let given = bearer(request.headers()).unwrap_or("");
+        let ok: bool = given.as_bytes().ct_eq(expected.as_bytes()).into();
+        if !ok {
+            state.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Send the agent's API token as 'Authorization: Bearer TOKEN'.",
+            )
+            .into_response();
+        }
+    }
+    let response = next.run(request).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Health and metrics, plus the VM routes; no auth, no state applied.
+pub fn vm_routes() -> Router<ApiState> {
+    vms::routes()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+}
+
+/// The whole API: [`vm_routes`] with `state`, merged with `extra` (routes with their
+/// own state already applied), all behind the token check.
+pub fn app(state: ApiState, extra: Router) -> Router {
+    vm_routes()
+        .with_state(state.clone())
+        .merge(extra)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state, require_token))
+}
+
+/// The API without extra routes.
+pub fn router(state: ApiState) -> Router {
+    app(state, Router::new())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route.")
+}
+
+async fn health(State(state): State<ApiState>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "host_id": state.config.host_id,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let counts = state.manager.state_counts();
+    let mut out = String::new();
+    out.push_str(
+        "# HELP stagehand_agent_vms VMs on this host by state.\n# TYPE stagehand_agent_vms gauge\n",
+    );
+    for s in [
+        "running",
+        "paused",
+        "incoming",
+        "migrating",
+        "stopped",
+        "failed",
+    ] {
+        let _ = writeln!(
+            out,
+            "stagehand_agent_vms{{state=\"{s}\"}} {}",
+            counts.get(s).copied().unwrap_or(0)
+        );
+    }
+    let vms = state.manager.list();
+    out.push_str("# HELP stagehand_agent_vm_memory_bytes Guest RAM per VM.\n# TYPE stagehand_agent_vm_memory_bytes gauge\n");
+    for vm in &vms {
+        let _ = writeln!(
+            out,
+            "stagehand_agent_vm_memory_bytes{{vm=\"{}\"}} {}",
+            vm.name,
+            vm.memory_mib << 20
+        );
+    }
+    let m = &state.metrics;
+    for (name, help, v) in [
+        (
+            "stagehand_agent_api_requests_total",
+            "API requests received.",
+            &m.requests,
+        ),
+        (
+            "stagehand_agent_api_unauthorized_total",
+            "API requests refused for a missing or wrong token.",
+            &m.unauthorized,
+        ),
+        (
+            "stagehand_agent_api_errors_total",
+            "API requests answered with an error status.",
+            &m.errors,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -12,6 +12,7 @@
 
 pub mod bitmap;
 pub mod digest;
+mod host;
 pub mod policy;
 pub mod protocol;
 pub mod receiver;

@@ -1,0 +1,114 @@
+//! `/v1/vms/{name}` routes: create, inspect, console, pause, resume, memory dump, delete.
+
+use std::path::PathBuf;
+
+use axum::Router;
+use axum::extract::{Path, State, rejection::JsonRejection};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use super::{ApiError, ApiState, blocking};
+use crate::manager::{CreateVmRequest, VmInfo};
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/vms", get(list))
+        .route("/v1/vms/{name}", get(show).put(create).delete(delete))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/pause", post(pause))
+        .route("/v1/vms/{name}/resume", post(resume))
+        .route("/v1/vms/{name}/memory-dump", post(memory_dump))
+}
+
+/// Turns axum's JSON rejections into our error shape.
+fn json<T>(body: Result<axum::Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|axum::Json(v)| v).map_err(|e| {
+        ApiError::bad_request(format!("The request body is not valid: {}", e.body_text()))
+    })
+}
+
+async fn list(State(state): State<ApiState>) -> axum::Json<Vec<VmInfo>> {
+    axum::Json(state.manager.list())
+}
+
+async fn show(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<VmInfo>, ApiError> {
+    Ok(axum::Json(state.manager.info(&name)?))
+}
+
+async fn create(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<CreateVmRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let req = json(body)?;
+    let manager = state.manager.clone();
+    let info = blocking(move || Ok(manager.create(&name, &req)?)).await?;
+    tracing::info!(vm = %info.name, memory_mib = info.memory_mib, vcpus = info.vcpus, "VM started");
+    Ok((StatusCode::CREATED, axum::Json(info)))
+}
+
+async fn delete(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let manager = state.manager.clone();
+    blocking(move || Ok(manager.delete(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn console(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let bytes = state.manager.console(&name)?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes))
+}
+
+async fn pause(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<VmInfo>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(axum::Json(
+        blocking(move || Ok(manager.pause(&name)?)).await?,
+    ))
+}
+
+async fn resume(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<VmInfo>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(axum::Json(
+        blocking(move || Ok(manager.resume(&name)?)).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DumpRequest {
+    path: PathBuf,
+}
+
+async fn memory_dump(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<DumpRequest>, JsonRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let req = json(body)?;
+    if !req.path.is_absolute() {
+        return Err(ApiError::bad_request("The dump path must be absolute."));
+    }
+    let manager = state.manager.clone();
+    let path = req.path.clone();
+    let bytes = blocking(move || Ok(manager.memory_dump(&name, &path)?)).await?;
+    Ok(axum::Json(serde_json::json!({
+        "path": req.path,
+        "bytes": bytes,
+    })))
+}
