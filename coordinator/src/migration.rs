@@ -231,6 +231,9 @@ pub enum RecoveryAction {
     FenceToSource { epoch: u64 },
     /// Stop and delete the target's copy (it never ran, or must not).
     DiscardTarget,
+    /// Fence the disks to the target at `epoch`: the target runs and the source copy
+    /// is gone (the agent frees it once the target runs), so forward is the only way.
+    FenceToTarget { epoch: u64 },
     /// Delete the source's paused copy: the target runs and holds the lease.
     DiscardSource,
     /// Journal the final phase.
@@ -259,6 +262,18 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
     if fence_happened && target_holds && obs.target == VmPresence::Running {
         let epoch = obs.storage_epoch;
         return vec![DiscardSource, Finish(Phase::Committed { epoch })];
+    }
+    // The target runs and the source has no copy left (today's agents free the source
+    // as soon as the target runs, before the coordinator fences): the running copy must
+    // get the lease, under an epoch above anything handed out, whatever phase was
+    // journaled. Discarding it would lose the guest.
+    if obs.target == VmPresence::Running && obs.source == VmPresence::Absent {
+        if fence_happened && target_holds {
+            let epoch = obs.storage_epoch;
+            return vec![Finish(Phase::Committed { epoch })];
+        }
+        let epoch = rec.next_epoch(obs.storage_epoch);
+        return vec![FenceToTarget { epoch }, Finish(Phase::Committed { epoch })];
     }
     // Before a fence intent was journaled no fence call can have been made: the source
     // still owns its disks under its original epoch.
@@ -398,6 +413,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn recovery_fences_to_a_lone_running_target_at_any_phase() {
+        // Journaled only Precopy, but the agents finished: the source copy is gone and
+        // the target runs. Its disks must follow it, under a fresh epoch.
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::Absent,
+            target: VmPresence::Running,
+            storage_epoch: 4,
+            storage_holder: Some("kvm-a1".into()),
+        };
+        assert_eq!(
+            plan_recovery(&r, &obs),
+            vec![
+                RecoveryAction::FenceToTarget { epoch: 5 },
+                RecoveryAction::Finish(Phase::Committed { epoch: 5 })
+            ]
+        );
+        // Fence intent at 5 journaled, storage never saw it: 5 is burnt, use 6.
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        assert_eq!(
+            plan_recovery(&r, &obs)[0],
+            RecoveryAction::FenceToTarget { epoch: 6 }
+        );
+        // The fence landed before the crash: nothing to fence, just commit.
+        let landed = Observation {
+            storage_epoch: 5,
+            storage_holder: Some("kvm-b1".into()),
+            ..obs
+        };
+        assert_eq!(
+            plan_recovery(&r, &landed),
+            vec![RecoveryAction::Finish(Phase::Committed { epoch: 5 })]
+        );
+    }
+
     fn arb_event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Started),
@@ -435,7 +487,7 @@ mod tests {
                     storage_holder: None,
                 };
                 for action in plan_recovery(&r, &obs) {
-                    if let RecoveryAction::FenceToSource { epoch } = action {
+                    if let RecoveryAction::FenceToSource { epoch } | RecoveryAction::FenceToTarget { epoch } = action {
                         prop_assert!(epoch > storage);
                         prop_assert!(epoch > r.source_epoch);
                     }
