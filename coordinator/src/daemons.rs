@@ -237,16 +237,17 @@ pub struct AgentVm {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct AgentMigration {
     pub state: String,
+    // The agent reports times and sizes as JSON numbers that may be fractional.
     #[serde(default)]
-    pub total_ms: u64,
+    pub total_ms: f64,
     #[serde(default)]
-    pub downtime_ms: u64,
+    pub downtime_ms: f64,
     #[serde(default)]
-    pub ram_transferred_bytes: u64,
+    pub ram_transferred_bytes: f64,
     #[serde(default)]
-    pub remaining_bytes: u64,
+    pub remaining_bytes: f64,
     #[serde(default)]
-    pub total_bytes: u64,
+    pub total_bytes: f64,
     #[serde(default)]
     pub passes: Vec<Value>,
     #[serde(default)]

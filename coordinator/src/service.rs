@@ -29,6 +29,9 @@ pub const FAILPOINT_ENV: &str = "STAGEHAND_COORD_FAILPOINT";
 /// Holder name used while the coordinator itself fills a new disk from an image.
 const FILL_HOLDER: &str = "coord-fill";
 
+/// Consecutive failed polls of the source agent (100 ms apart) before giving up.
+const POLL_ERRORS_MAX: u32 = 600;
+
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// The cluster token: used when calling daemons added without their own token.
@@ -891,6 +894,7 @@ impl Coordinator {
             .put("migrations", &doc.record.id, &*doc)
             .map_err(|e| e.to_string())?;
         let mut cancel_sent = false;
+        let mut poll_errors = 0u32;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
@@ -907,15 +911,22 @@ impl Coordinator {
                     return Err("the source agent forgot the migration (restarted?)".into());
                 }
                 Err(e) => {
+                    // A source agent that stays silent this long has outlived its own
+                    // 30 s socket timeouts: give up; recovery logic settles the copies.
+                    poll_errors += 1;
                     tracing::warn!(error = %e, "polling the source agent");
+                    if poll_errors > POLL_ERRORS_MAX {
+                        return Err(format!("the source agent stopped answering: {e}"));
+                    }
                     continue;
                 }
             };
-            doc.figures.total_ms = m.total_ms;
-            doc.figures.downtime_ms = m.downtime_ms;
-            doc.figures.memory_bytes = m.ram_transferred_bytes;
-            doc.figures.memory_total_bytes = m.total_bytes;
-            doc.figures.remaining_bytes = m.remaining_bytes;
+            poll_errors = 0;
+            doc.figures.total_ms = m.total_ms.round() as u64;
+            doc.figures.downtime_ms = m.downtime_ms.round() as u64;
+            doc.figures.memory_bytes = m.ram_transferred_bytes as u64;
+            doc.figures.memory_total_bytes = m.total_bytes as u64;
+            doc.figures.remaining_bytes = m.remaining_bytes as u64;
             doc.figures.passes = m.passes.len() as u64;
             if !m.finished() {
                 // Progress is not journaled (it is not needed for recovery), only stored.

@@ -39,7 +39,7 @@ fn inventory_verbs_and_their_errors() {
     ]);
     assert!(err.contains("site_not_found"), "{err}");
     let err = c.fails(&[
-        "vm", "create", "vm1", "--site", "nowhere", "--memory", "64M", "--image", "/x", "--disk",
+        "vm", "create", "vm1", "--site", "nowhere", "--memory", "128M", "--image", "/x", "--disk",
         "16M",
     ]);
     assert!(err.contains("site_not_found"), "{err}");
@@ -127,14 +127,14 @@ fn vm_create_show_list_delete() {
 
     // Without an image: epoch 1 to the host, placed in siteB.
     let vm = c.ok(&[
-        "vm", "create", "vm8", "--site", "siteB", "--memory", "64M", "--image", &guest, "--disk",
+        "vm", "create", "vm8", "--site", "siteB", "--memory", "128M", "--image", &guest, "--disk",
         "8M",
     ]);
     assert_eq!(vm["host"], "kvm-b1");
     assert_eq!(c.lease("vm8-disk0"), ("kvm-b1".to_owned(), 1));
 
     let err = c.fails(&[
-        "vm", "create", "vm8", "--site", "siteB", "--memory", "64M", "--image", &guest, "--disk",
+        "vm", "create", "vm8", "--site", "siteB", "--memory", "128M", "--image", &guest, "--disk",
         "8M",
     ]);
     assert!(err.contains("vm_exists"), "{err}");

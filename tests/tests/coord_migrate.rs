@@ -35,7 +35,7 @@ fn migrate_back_and_forth_hands_the_lease_over() {
     c.register();
     let guest = c.guest.display().to_string();
     c.ok(&[
-        "vm", "create", "vm7", "--site", "siteA", "--memory", "64M", "--image", &guest, "--disk",
+        "vm", "create", "vm7", "--site", "siteA", "--memory", "128M", "--image", &guest, "--disk",
         "16M",
     ]);
     let mut epoch = c.lease("vm7-disk0").1;

@@ -125,7 +125,12 @@ fn spawn(
 impl Cluster {
     /// Storage node + two agents + coordinator (started), nothing registered yet.
     pub fn start() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("STAGEHAND_KEEP_TEST_DIRS").is_some() {
+            // Logs of every daemon stay for a post-mortem.
+            dir.disable_cleanup(true);
+            eprintln!("test cluster in {}", dir.path().display());
+        }
         let d = dir.path();
         let nbd_api = format!("127.0.0.1:{}", free_port());
         let nbd_port = format!("127.0.0.1:{}", free_port());
