@@ -267,11 +267,8 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
     // as soon as the target runs, before the coordinator fences): the running copy must
     // get the lease, under an epoch above anything handed out, whatever phase was
     // journaled. Discarding it would lose the guest.
+    // (When the fence already landed, the roll-forward rule above has answered.)
     if obs.target == VmPresence::Running && obs.source == VmPresence::Absent {
-        if fence_happened && target_holds {
-            let epoch = obs.storage_epoch;
-            return vec![Finish(Phase::Committed { epoch })];
-        }
         let epoch = rec.next_epoch(obs.storage_epoch);
         return vec![FenceToTarget { epoch }, Finish(Phase::Committed { epoch })];
     }
@@ -438,7 +435,8 @@ mod tests {
             plan_recovery(&r, &obs)[0],
             RecoveryAction::FenceToTarget { epoch: 6 }
         );
-        // The fence landed before the crash: nothing to fence, just commit.
+        // The fence landed before the crash: nothing to fence, just commit (discarding
+        // an absent source is a no-op).
         let landed = Observation {
             storage_epoch: 5,
             storage_holder: Some("kvm-b1".into()),
@@ -446,7 +444,10 @@ mod tests {
         };
         assert_eq!(
             plan_recovery(&r, &landed),
-            vec![RecoveryAction::Finish(Phase::Committed { epoch: 5 })]
+            vec![
+                RecoveryAction::DiscardSource,
+                RecoveryAction::Finish(Phase::Committed { epoch: 5 })
+            ]
         );
     }
 
@@ -462,42 +463,61 @@ mod tests {
         ]
     }
 
+    fn arb_presence() -> impl Strategy<Value = VmPresence> {
+        prop_oneof![
+            Just(VmPresence::Running),
+            Just(VmPresence::Paused),
+            Just(VmPresence::InMigration),
+            Just(VmPresence::Absent),
+        ]
+    }
+
     proptest! {
-        /// Epochs handed out never repeat and never go below what storage has seen, and the
-        /// source never runs again under its old epoch once a fence intent was journaled.
+        /// Epochs handed out never repeat and never go below what storage has seen, the
+        /// source never runs again under its old epoch once a fence intent was journaled,
+        /// and recovery never discards the only running copy.
         #[test]
-        fn epochs_only_grow(events in proptest::collection::vec((arb_event(), 0u64..12), 0..20)) {
+        fn epochs_only_grow(
+            events in proptest::collection::vec((arb_event(), 0u64..12), 0..20),
+            source in arb_presence(),
+            target in arb_presence(),
+        ) {
             let mut r = rec();
             let mut handed: Vec<u64> = vec![r.source_epoch];
             let mut storage = r.source_epoch;
             for (ev, bump) in events {
                 // The storage node may have moved on by itself (another fence elsewhere).
                 storage = storage.max(r.source_epoch + bump % 3);
-                if r.apply(ev, storage).is_ok() {
-                    if let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = r.phase {
-                        prop_assert!(!handed.contains(&epoch), "epoch {} reused", epoch);
-                        prop_assert!(epoch > storage);
-                        handed.push(epoch);
-                    }
+                if r.apply(ev, storage).is_ok()
+                    && let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = r.phase
+                {
+                    prop_assert!(!handed.contains(&epoch), "epoch {} reused", epoch);
+                    prop_assert!(epoch > storage);
+                    handed.push(epoch);
                 }
                 let obs = Observation {
-                    source: VmPresence::Paused,
-                    target: VmPresence::InMigration,
+                    source,
+                    target,
                     storage_epoch: storage,
                     storage_holder: None,
                 };
-                for action in plan_recovery(&r, &obs) {
+                let plan = plan_recovery(&r, &obs);
+                let pos = |f: &dyn Fn(&RecoveryAction) -> bool| plan.iter().position(f);
+                for action in &plan {
                     if let RecoveryAction::FenceToSource { epoch } | RecoveryAction::FenceToTarget { epoch } = action {
-                        prop_assert!(epoch > storage);
-                        prop_assert!(epoch > r.source_epoch);
+                        prop_assert!(*epoch > storage);
+                        prop_assert!(*epoch > r.source_epoch);
                     }
-                    if action == RecoveryAction::ResumeSource && r.phase.past_fence_intent() {
+                }
+                if r.phase.past_fence_intent() && !r.phase.is_terminal() {
+                    if let Some(resume) = pos(&|a| *a == RecoveryAction::ResumeSource) {
                         // Resuming after a fence intent requires a FenceToSource first.
-                        let plan = plan_recovery(&r, &obs);
-                        let fenced_first = plan.iter().position(|a| matches!(a, RecoveryAction::FenceToSource { .. }))
-                            < plan.iter().position(|a| *a == RecoveryAction::ResumeSource);
-                        prop_assert!(fenced_first);
+                        let fence = pos(&|a| matches!(a, RecoveryAction::FenceToSource { .. }));
+                        prop_assert!(matches!(fence, Some(f) if f < resume), "plan {:?}", plan);
                     }
+                }
+                if !r.phase.is_terminal() && target == VmPresence::Running && source == VmPresence::Absent {
+                    prop_assert!(pos(&|a| *a == RecoveryAction::DiscardTarget).is_none(), "plan {:?} drops the only copy", plan);
                 }
             }
         }
