@@ -509,12 +509,13 @@ mod tests {
                         prop_assert!(*epoch > r.source_epoch);
                     }
                 }
-                if r.phase.past_fence_intent() && !r.phase.is_terminal() {
-                    if let Some(resume) = pos(&|a| *a == RecoveryAction::ResumeSource) {
-                        // Resuming after a fence intent requires a FenceToSource first.
-                        let fence = pos(&|a| matches!(a, RecoveryAction::FenceToSource { .. }));
-                        prop_assert!(matches!(fence, Some(f) if f < resume), "plan {:?}", plan);
-                    }
+                if r.phase.past_fence_intent()
+                    && !r.phase.is_terminal()
+                    && let Some(resume) = pos(&|a| *a == RecoveryAction::ResumeSource)
+                {
+                    // Resuming after a fence intent requires a FenceToSource first.
+                    let fence = pos(&|a| matches!(a, RecoveryAction::FenceToSource { .. }));
+                    prop_assert!(matches!(fence, Some(f) if f < resume), "plan {:?}", plan);
                 }
                 if !r.phase.is_terminal() && target == VmPresence::Running && source == VmPresence::Absent {
                     prop_assert!(pos(&|a| *a == RecoveryAction::DiscardTarget).is_none(), "plan {:?} drops the only copy", plan);
