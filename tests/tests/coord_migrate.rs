@@ -49,6 +49,7 @@ fn migrate_back_and_forth_hands_the_lease_over() {
         let old_token = c
             .agent_disk_token(at, "vm7")
             .expect("the source agent has the disk URI");
+        let t0 = std::time::Instant::now();
         let m = c.ok(&[
             "migrate",
             "vm7",
@@ -60,6 +61,16 @@ fn migrate_back_and_forth_hands_the_lease_over() {
             "--wait-timeout-s",
             "90",
         ]);
+        // Figures for the report: the CLI's wall time includes its 200 ms polling.
+        eprintln!(
+            "migrate -> {to_site}: cli {} ms, coordinator total {} ms, agent downtime {} ms, fence {} ms, memory {} B, passes {}",
+            t0.elapsed().as_millis(),
+            m["total_ms"],
+            m["downtime_ms"],
+            m["fence_ms"],
+            m["memory_bytes"],
+            m["passes"]
+        );
         assert_eq!(m["state"], "committed", "{m}");
         for key in [
             "id",

@@ -23,8 +23,8 @@ fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
     {
         let vm = format!("vm{n}");
         c.ok(&[
-            "vm", "create", &vm, "--site", "siteA", "--memory", "128M", "--image", &guest, "--disk",
-            "8M",
+            "vm", "create", &vm, "--site", "siteA", "--memory", "128M", "--image", &guest,
+            "--disk", "8M",
         ]);
         let export = format!("{vm}-disk0");
         // Restart the coordinator with the fail point armed.
