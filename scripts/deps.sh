@@ -11,6 +11,7 @@ have nbdkit    || need+=(nbdkit)
 have qemu-img  || need+=(qemu-utils)
 have clang     || need+=(clang)
 have as        || need+=(binutils)   # agent/build.rs assembles the test guests
+have curl      || need+=(curl)       # coordinator tests poll the daemons with curl
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 

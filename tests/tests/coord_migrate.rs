@@ -165,3 +165,52 @@ fn cancel_keeps_the_guest_on_the_source() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn limits_and_offline_move() {
+    if !have_kvm() {
+        eprintln!("SKIPPED: /dev/kvm missing");
+        return;
+    }
+    let c = Cluster::start();
+    c.register();
+    let guest = c.guest.display().to_string();
+    for vm in ["vm1", "vm2", "vm3"] {
+        c.ok(&[
+            "vm", "create", vm, "--site", "siteA", "--memory", "128M", "--image", &guest, "--disk",
+            "8M",
+        ]);
+    }
+    // Two slow migrations occupy kvm-a1 (limit 2 per host): a third is refused.
+    let m1 = c.ok(&["migrate", "vm1", "--to", "siteB", "--bandwidth", "1"]);
+    let m2 = c.ok(&["migrate", "vm2", "--to", "siteB", "--bandwidth", "1"]);
+    let err = c.fails(&["migrate", "vm3", "--to", "siteB"]);
+    assert!(err.contains("too_many_migrations"), "{err}");
+    let err = c.fails(&["migrate", "vm1", "--to", "siteB"]);
+    assert!(err.contains("vm_migrating"), "{err}");
+    let err = c.fails(&["vm", "delete", "vm1"]);
+    assert!(err.contains("vm_migrating"), "{err}");
+    for m in [&m1, &m2] {
+        let id = m["id"].as_str().expect("id");
+        c.ok(&["migration", "cancel", id]);
+        assert_eq!(
+            c.wait_migration(id, Duration::from_secs(60))["state"],
+            "cancelled"
+        );
+    }
+    // Offline: the guest stops on the source and boots on the target; the lease follows.
+    let m = c.ok(&[
+        "migrate",
+        "vm3",
+        "--to",
+        "siteB",
+        "--offline",
+        "--wait",
+        "--wait-timeout-s",
+        "60",
+    ]);
+    assert_eq!(m["state"], "committed", "{m}");
+    assert_eq!(c.lease("vm3-disk0"), ("kvm-b1".to_owned(), 2));
+    assert_eq!(c.agent_vm_state(1, "vm3"), "running");
+    assert_eq!(c.agent_vm_state(0, "vm3"), "absent");
+}
