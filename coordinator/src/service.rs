@@ -681,13 +681,17 @@ impl Coordinator {
         let driven = doc.clone();
         tokio::spawn(async move {
             let id = driven.record.id.clone();
-            if let Err(e) = me.drive(driven, cancel).await {
-                tracing::error!(migration = %id, error = %e, "migration driver stopped");
-            }
+            let result = me.drive(driven, cancel).await;
             me.running
                 .lock()
                 .expect("running map lock is never poisoned")
                 .remove(&id);
+            if let Err(e) = result {
+                // The driver stopped short of a terminal phase (a fence or store error):
+                // settle it the way a restarted coordinator would.
+                tracing::error!(migration = %id, error = %e, "migration driver stopped; recovering");
+                me.recover().await;
+            }
         });
         Ok(doc)
     }
@@ -984,6 +988,14 @@ impl Coordinator {
                 Ok(v) => v
                     .into_iter()
                     .filter(|m| !m.record.phase.is_terminal())
+                    // Migrations a live driver in this process owns are not recovery's.
+                    .filter(|m| {
+                        !self
+                            .running
+                            .lock()
+                            .expect("running map lock is never poisoned")
+                            .contains_key(&m.record.id)
+                    })
                     .collect(),
                 Err(e) => {
                     tracing::error!(error = %e, "recovery cannot read the journal");
