@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Fence benchmark (issue 3), two figures:
-#  1. fence latency while 8 NBD connections (fio, ioengine=nbd, one connection per
-#     job, queue depth 16 each) are busy writing with the current epoch's token:
-#     POST /fence is timed by curl from request to answer; p50 / p99 / max over
-#     FENCES fences. Each fence kills the writers (NBD_EPERM, then close), so every
-#     round starts a fresh fio with the new token.
-#  2. throughput cost of the lease check on the data path: the same fio random-write
-#     workload against a leased export (with its token) and an unleased one, ROUNDS
-#     alternating runs each, median IOPS, printed as a ratio.
+#  1. throughput cost of the lease check on the data path: the same fio random-write
+#     workload (ioengine=nbd, 4 jobs, qd 16) against a leased export (with its token)
+#     and an unleased export of the SAME file, ROUNDS alternating runs of RUNTIME s
+#     each, `sync` before each run, median IOPS, printed as a ratio.
+#  2. fence latency while 8 NBD connections (fio, one connection per job, queue
+#     depth 16 each) are busy writing with the current epoch's token: POST /fence is
+#     timed by curl from request to answer; p50 / p99 / max over FENCES fences, plus
+#     the server's own breakdown (persist = fdatasync of the new epoch, drain = wait
+#     for older-epoch writes in flight; they run concurrently). Each fence kills the
+#     writers (NBD_EPERM, then close), so every round starts a fresh fio.
 # Usage: STAGEHAND_BIN_DIR=target/release benches/fence.sh  (make bench-fence)
 set -euo pipefail
 
 BIN_DIR="${STAGEHAND_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/stagehand/target}/release}"
 SERVER="$BIN_DIR/stagehand-nbd"
 FENCES="${FENCES:-200}"
-ROUNDS="${ROUNDS:-5}"
-RUNTIME="${RUNTIME:-5}"
+ROUNDS="${ROUNDS:-7}"
+RUNTIME="${RUNTIME:-3}"
 SIZE_MIB="${SIZE_MIB:-256}"
 PY=/usr/bin/python3
 
@@ -23,6 +25,11 @@ for tool in fio curl "$PY"; do
   command -v "$tool" >/dev/null || { echo "fence.sh: $tool missing (make deps)" >&2; exit 1; }
 done
 [ -x "$SERVER" ] || { echo "fence.sh: $SERVER missing (make build)" >&2; exit 1; }
+
+if [ -x "$BIN_DIR/fence-gate" ]; then
+  echo "== the lease check alone (benches/src/bin/fence-gate.rs)"
+  "$BIN_DIR/fence-gate"
+fi
 
 work="$(mktemp -d /tmp/stagehand-fence.XXXXXX)"
 server_pid=""
@@ -37,14 +44,14 @@ NBD_PORT="$(free_port)"
 API_PORT="$(free_port)"
 API="http://127.0.0.1:$API_PORT"
 
-# Fully allocated files, so the two exports do the same work in the page cache.
-for f in leased unleased; do
-  dd if=/dev/zero of="$work/$f.img" bs=1M count="$SIZE_MIB" status=none
-done
+# One fully allocated file behind both exports, so that the leased and the unleased
+# runs find the same page cache and writeback state.
+dd if=/dev/zero of="$work/disk.img" bs=1M count="$SIZE_MIB" status=none
 
-RUST_LOG=warn "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
+NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
   --data-dir "$work/data" \
-  --export "leased=$work/leased.img" --export "unleased=$work/unleased.img,unleased" &
+  --export "leased=$work/disk.img" --export "unleased=$work/disk.img,unleased" \
+  2>"$work/server.log" >/dev/null &
 server_pid=$!
 for _ in $(seq 200); do
   curl -sf "$API/v1/health" >/dev/null && break
@@ -59,16 +66,40 @@ fence() { # fence EPOCH -> prints "TOKEN SECONDS"
     "$work/fence.json" "$work/fence.time"
 }
 
-fio_job() { # fio_job URI RUNTIME JOBS -> fio JSON on stdout
+fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
+  # fio's nbd engine prints to stdout too, so the JSON goes to a file.
   fio --name=w --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 \
     --numjobs="$3" --size="$((SIZE_MIB / 4))M" --time_based --runtime="$2" \
-    --group_reporting --output-format=json 2>/dev/null
+    --group_reporting --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+  "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$work/fio.json"
 }
 
-echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
 read -r token _ < <(fence 1)
+: >"$work/iops"
+for round in $(seq "$ROUNDS"); do
+  for kind in leased unleased; do
+    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
+    sync  # start every run with no dirty pages of the previous one
+    iops="$(fio_iops "$uri" "$RUNTIME" 4)"
+    echo "$kind $iops" >>"$work/iops"
+    echo "  round $round $kind: $iops IOPS"
+  done
+done
+"$PY" - "$work/iops" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    kind, iops = line.split()
+    runs.setdefault(kind, []).append(float(iops))
+l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
+print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
+EOF
+
+echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+read -r token _ < <(fence 2)
 : >"$work/latencies"
-for epoch in $(seq 2 $((FENCES + 1))); do
+for epoch in $(seq 3 $((FENCES + 2))); do
   fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token" \
     --rw=randwrite --bs=4k --iodepth=16 --numjobs=8 --size="$((SIZE_MIB / 4))M" \
     --time_based --runtime=30 >/dev/null 2>&1 &
@@ -92,25 +123,13 @@ xs = sorted(float(l) * 1000 for l in open(sys.argv[1]) if l.strip())
 pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]
 print(f"fence latency over {len(xs)} fences (ms): p50 {pick(0.50):.3f}  p99 {pick(0.99):.3f}  max {xs[-1]:.3f}  (target p99 <= 5)")
 EOF
-curl -s "$API/metrics" | grep -E '^stagehand_nbd_fence(s_total|_duration_seconds_(sum|count))'
-
-echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
-read -r token _ < <(fence $((FENCES + 2)))
-: >"$work/iops"
-for round in $(seq "$ROUNDS"); do
-  for kind in leased unleased; do
-    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
-    iops="$(fio_job "$uri" "$RUNTIME" 4 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["iops"])')"
-    echo "$kind $iops" >>"$work/iops"
-    echo "  round $round $kind: $iops IOPS"
-  done
-done
-"$PY" - "$work/iops" <<'EOF'
-import statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    kind, iops = line.split()
-    runs.setdefault(kind, []).append(float(iops))
-l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
-print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
+"$PY" - "$work/server.log" <<'EOF'
+import re, sys
+rows = [l for l in open(sys.argv[1]) if "fenced" in l and "persist_us" in l]
+def col(name):
+    xs = sorted(int(re.search(name + r"\D*?(\d+)", l).group(1)) / 1000 for l in rows)
+    return f"p50 {xs[len(xs) // 2]:.3f}  p99 {xs[min(len(xs) - 1, int(0.99 * len(xs)))]:.3f}  max {xs[-1]:.3f}"
+print(f"server side over {len(rows)} fences (ms): total {col('latency_us')}")
+print(f"  of which, concurrently: persist (fdatasync) {col('persist_us')};  drain of in-flight writes {col('drain_us')}")
 EOF
+

@@ -13,7 +13,9 @@ have clang     || need+=(clang)
 have as        || need+=(binutils)   # agent/build.rs assembles the test guests
 have curl      || need+=(curl)       # coordinator tests poll the daemons with curl
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
-python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
+# The system python: a pyenv or venv python3 on PATH does not see Debian's modules.
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
+have curl      || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all system packages present"

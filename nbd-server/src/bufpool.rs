@@ -78,10 +78,10 @@ impl BufPool {
             return;
         }
         let keep = (BYTES_PER_CLASS / class_cap(c)).max(2);
-        if let Ok(mut free) = self.classes[c].lock() {
-            if free.len() < keep {
-                free.push(vec);
-            }
+        if let Ok(mut free) = self.classes[c].lock()
+            && free.len() < keep
+        {
+            free.push(vec);
         }
     }
 }

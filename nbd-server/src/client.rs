@@ -264,7 +264,7 @@ impl Client {
         .encode(info.extended, &mut head);
         let sent = {
             let mut w = self.inner.writer.lock().await;
-            let r = write_all_vectored(&mut *w, &head, payload).await;
+            let r = write_all_vectored(&mut w, &head, payload).await;
             match r {
                 Ok(()) => w.flush().await,
                 Err(e) => Err(e),

@@ -1013,7 +1013,7 @@ impl ChunkPayload {
             }
             REPLY_TYPE_BLOCK_STATUS => {
                 let context_id = r.u32()?;
-                if r.remaining() == 0 || r.remaining() % 8 != 0 {
+                if r.remaining() == 0 || !r.remaining().is_multiple_of(8) {
                     return Err(CodecError::Malformed("block status extents"));
                 }
                 let mut extents = Vec::with_capacity(r.remaining() / 8);

@@ -10,12 +10,14 @@
 //! semaphore (one per request plus one per 64 KiB of payload) from before its
 //! payload is read until its reply has been written.
 
+use std::fs::File;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Interest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +30,9 @@ use crate::lease::Binding;
 
 /// Permit units per connection, one unit per 64 KiB of payload (48 MiB in all).
 const PERMIT_UNITS: u32 = 768;
+/// How long a fenced connection keeps answering (changes with NBD_EPERM) before it
+/// is closed; safety does not depend on it, the lease gate refuses every change.
+const FENCE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 const UNIT: u64 = 64 << 10;
 /// Reads at least this long check for holes first (one lseek) and may be answered
 /// with a single OFFSET_HOLE chunk instead of data.
@@ -48,14 +53,72 @@ pub(crate) struct ConnCtx {
     pub base_allocation: Option<u32>,
     pub engine: Arc<IoEngine>,
     pub pool: Arc<BufPool>,
+    /// Large reads are sent straight from the file (see [`SENDFILE_MIN`]).
+    pub zero_copy: bool,
 }
 
 /// One reply, written by the writer task; its permit is released once written.
 struct Frame {
     head: Vec<u8>,
     data: Option<Buf>,
+    /// Data sent straight from the file by the writer (zero copy), after `head`.
+    file: Option<FileRange>,
     _permit: Option<OwnedSemaphorePermit>,
 }
+
+struct FileRange {
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+}
+
+/// The write half of a connection: a byte stream that can also send file data
+/// without copying it through user space (sendfile).
+pub(crate) trait ReplySink: AsyncWrite + Unpin + Send + 'static {
+    fn send_file(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+macro_rules! sendfile_sink {
+    ($t:ty) => {
+        impl ReplySink for $t {
+            async fn send_file(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
+                let sock = self.as_ref();
+                let mut off = offset as libc::off_t;
+                let mut left = len;
+                while left > 0 {
+                    sock.writable().await?;
+                    let r = sock.try_io(Interest::WRITABLE, || {
+                        // SAFETY: both descriptors are open for the call (the socket
+                        // by `sock`, the file by `file`); `off` is a live off_t.
+                        let n = unsafe {
+                            libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &raw mut off, left)
+                        };
+                        if n < 0 {
+                            Err(io::Error::last_os_error())
+                        } else {
+                            Ok(n as usize)
+                        }
+                    });
+                    match r {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => left -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+sendfile_sink!(tokio::net::tcp::OwnedWriteHalf);
+sendfile_sink!(tokio::net::unix::OwnedWriteHalf);
 
 /// Serves one negotiated connection until DISC, a protocol violation, a vanished
 /// client, fencing, or server shutdown; in-flight requests finish before it returns.
@@ -69,8 +132,11 @@ pub(crate) async fn serve<R, W>(
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
 {
+    // sendfile never waits for a device or fails with a media error only on memory
+    // filesystems; elsewhere it could block the writer or fail after the header.
+    let neg_zero_copy = neg.export.backing == Backing::File && neg.export.nowait.memory();
     let ctx = Arc::new(ConnCtx {
         export: neg.export,
         binding: neg.binding,
@@ -79,6 +145,7 @@ where
         base_allocation: neg.base_allocation,
         engine,
         pool,
+        zero_copy: neg_zero_copy,
     });
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer_failed = CancellationToken::new();
@@ -86,15 +153,22 @@ where
     let permits = Arc::new(Semaphore::new(PERMIT_UNITS as usize));
     let mut rd = BufReader::with_capacity(IO_BUF, reader);
 
-    let result = tokio::select! {
+    let result = {
+        let reading = read_loop(&mut rd, &ctx, &tx, &permits);
+        tokio::pin!(reading);
+        tokio::select! {
         biased;
         _ = shutdown.cancelled() => Ok(()),
         _ = writer_failed.cancelled() => Ok(()),
         _ = ctx.export.lease.fenced(&ctx.binding) => {
             tracing::info!(export = %ctx.export.name, "connection fenced, closing");
+            // Answer what the client has already sent: every change now fails with
+            // NBD_EPERM in begin_change, which tells the client why, before the close.
+            let _ = tokio::time::timeout(FENCE_GRACE, &mut reading).await;
             Ok(())
         }
-        r = read_loop(&mut rd, &ctx, &tx, &permits) => r,
+        r = &mut reading => r,
+        }
     };
     // No more requests: once every handler has sent its reply (dropping its sender),
     // the writer drains, flushes and closes the socket.
@@ -130,6 +204,23 @@ impl Drop for Batch<'_> {
         self.flush();
     }
 }
+
+/// Largest request answered inline. Larger copies go to the engine's thread, so
+/// that they overlap with the connection's socket I/O.
+const INLINE_MAX: u64 = 128 << 10;
+
+/// The inline policy for an I/O of `len` bytes (see [`INLINE_MAX`]).
+fn inline_for(ctx: &ConnCtx, len: u64) -> Option<&crate::io::NoWait> {
+    (len <= INLINE_MAX).then_some(&ctx.export.nowait)
+}
+
+/// Reads of SENDFILE_MIN..=SENDFILE_MAX bytes on memory filesystems are sent with
+/// sendfile: the data goes from the page cache to the socket without a copy
+/// through user space. Measured here (2 cores, loopback): a clear win for 256 KiB
+/// reads over several connections (nbdcopy), a loss for 1 MiB reads on one
+/// connection, where the engine's copy on its own thread overlaps better.
+const SENDFILE_MIN: u64 = 64 << 10;
+const SENDFILE_MAX: u64 = 512 << 10;
 
 /// Most replies gathered before the reader hands them over anyway.
 const MAX_BATCH: usize = 64;
@@ -207,15 +298,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
             None
         };
         // Fast path: answer in place when no I/O wait is needed.
+        let small = req.length <= INLINE_MAX;
         let (permit, payload) = match (req.command, payload) {
-            (CMD_READ, None) => match read_inline(ctx, &req, permit) {
+            (CMD_READ, None) if small => match read_inline(ctx, &req, permit) {
                 Ok(f) => {
                     batch.frames.push(f);
                     continue;
                 }
                 Err(p) => (p, None),
             },
-            (CMD_WRITE, Some(buf)) => match write_inline(ctx, &req, buf, permit) {
+            (CMD_WRITE, Some(buf)) if small => match write_inline(ctx, &req, buf, permit) {
                 Ok(f) => {
                     batch.frames.push(f);
                     if batch.frames.len() >= MAX_BATCH {
@@ -239,7 +331,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: ReplySink>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
     failed: CancellationToken,
@@ -280,11 +372,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 }
 
 /// Stages a small reply, or writes a large one (with what is staged) at once.
-async fn put_frame<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    stage: &mut Vec<u8>,
-    f: Frame,
-) -> io::Result<()> {
+async fn put_frame<W: ReplySink>(w: &mut W, stage: &mut Vec<u8>, f: Frame) -> io::Result<()> {
+    if let Some(fr) = &f.file {
+        write_all_vectored(w, [&stage[..], &f.head[..], &[]]).await?;
+        stage.clear();
+        w.send_file(&fr.file, fr.offset, fr.len).await?;
+        return Ok(());
+    }
     match &f.data {
         Some(d) if d.len() >= DIRECT_WRITE_MIN => {
             write_all_vectored(w, [&stage[..], &f.head[..], &d[..]]).await?;
@@ -353,6 +447,7 @@ fn ok_frame(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> Frame
     Frame {
         head,
         data: None,
+        file: None,
         _permit: Some(permit),
     }
 }
@@ -388,6 +483,7 @@ fn error_frame(
     Frame {
         head,
         data: None,
+        file: None,
         _permit: permit,
     }
 }
@@ -449,12 +545,12 @@ enum ReadStep {
 fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> ReadStep {
     let allowed = CMD_FLAG_FUA | if ctx.structured { CMD_FLAG_DF } else { 0 };
     let too_long = if ctx.structured { EOVERFLOW } else { EINVAL };
-    let checked = check_flags(req, allowed)
-        .and_then(|_| match req.length > MAX_PAYLOAD as u64 {
-            true => Err(Fail(too_long, "read longer than 32 MiB")),
-            false => Ok(()),
-        })
-        .and_then(|_| check_range(&ctx.export, req, EINVAL));
+    let checked = check_flags(req, allowed).and_then(|()| {
+        if req.length > MAX_PAYLOAD as u64 {
+            return Err(Fail(too_long, "read longer than 32 MiB"));
+        }
+        check_range(&ctx.export, req, EINVAL)
+    });
     if let Err(Fail(errno, msg)) = checked {
         return ReadStep::Done(error_frame(ctx, req, errno, msg, Some(permit)));
     }
@@ -475,6 +571,7 @@ fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> R
         return ReadStep::Done(Frame {
             head,
             data: None,
+            file: None,
             _permit: Some(permit),
         });
     }
@@ -498,6 +595,7 @@ fn read_prelude(ctx: &ConnCtx, req: &Request, permit: OwnedSemaphorePermit) -> R
         return ReadStep::Done(Frame {
             head,
             data: None,
+            file: None,
             _permit: Some(permit),
         });
     }
@@ -530,6 +628,7 @@ fn read_data_frame(ctx: &ConnCtx, req: &Request, buf: Buf, permit: OwnedSemaphor
     Frame {
         head,
         data: Some(buf),
+        file: None,
         _permit: Some(permit),
     }
 }
@@ -566,10 +665,49 @@ async fn read(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit) -> Fram
         ReadStep::Done(f) => return f,
         ReadStep::Data(p) => p,
     };
+    if ctx.zero_copy && (SENDFILE_MIN..=SENDFILE_MAX).contains(&req.length) {
+        let len = req.length as usize;
+        let mut f = read_data_frame(ctx, &req, Buf::default(), permit);
+        ExportStats::add(&ctx.export.stats.bytes_read, len as u64);
+        // The header must announce the real length: rebuild it for `len` bytes.
+        f.head.clear();
+        if ctx.structured {
+            let p = ChunkPayload::OffsetData {
+                offset: req.offset,
+                data_len: len as u64,
+            };
+            encode_chunk(
+                ctx.extended,
+                REPLY_FLAG_DONE,
+                req.cookie,
+                req.offset,
+                &p,
+                &mut f.head,
+            );
+        } else {
+            ReplyHeader::Simple {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .encode(&mut f.head);
+        }
+        f.data = None;
+        f.file = Some(FileRange {
+            file: Arc::clone(&ctx.export.file),
+            offset: req.offset,
+            len,
+        });
+        return f;
+    }
     let buf = ctx.pool.get(req.length as usize);
     let (buf, r) = ctx
         .engine
-        .read_exact(&ctx.export.file, Some(&ctx.export.nowait), req.offset, buf)
+        .read_exact(
+            &ctx.export.file,
+            inline_for(ctx, req.length),
+            req.offset,
+            buf,
+        )
         .await;
     match r {
         Ok(()) => read_data_frame(ctx, &req, buf, permit),
@@ -661,13 +799,7 @@ async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(),
     let n = buf.len() as u64;
     let (_buf, r) = ctx
         .engine
-        .write_all(
-            &ctx.export.file,
-            Some(&ctx.export.nowait),
-            req.offset,
-            buf,
-            fua,
-        )
+        .write_all(&ctx.export.file, inline_for(ctx, n), req.offset, buf, fua)
         .await;
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
@@ -825,7 +957,7 @@ async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fa
             .engine
             .write_all(
                 &ctx.export.file,
-                Some(&ctx.export.nowait),
+                inline_for(ctx, n as u64),
                 offset + pos,
                 buf,
                 false,
@@ -899,6 +1031,7 @@ async fn block_status(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit)
     Frame {
         head,
         data: Some(data),
+        file: None,
         _permit: Some(permit),
     }
 }

@@ -284,7 +284,8 @@ where
                     Some(export) => match export.lease.bind(token, export.read_only) {
                         Err(e) => err(&mut out, option, REP_ERR_POLICY, &e.to_string()),
                         Ok(binding) => {
-                            let flags = binding.transmission_flags(export.transmission_flags(st.structured));
+                            let flags = binding
+                                .transmission_flags(export.transmission_flags(st.structured));
                             reply(
                                 &mut out,
                                 option,

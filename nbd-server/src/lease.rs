@@ -247,6 +247,10 @@ pub struct Binding {
     pub writable: bool,
     /// The epoch slot of a leased, writable binding; None when unleased or read-only.
     slot: Option<Arc<EpochSlot>>,
+    /// This connection's own child of the slot's fence signal: the connection polls
+    /// it on every wake-up, and a child keeps those polls off the lock that all
+    /// connections of the epoch would otherwise share.
+    signal: Option<CancellationToken>,
 }
 
 impl Binding {
@@ -396,6 +400,7 @@ impl LeaseGate {
             (Mode::Unleased, None) => Ok(Binding {
                 writable: !read_only_export,
                 slot: None,
+                signal: None,
             }),
             (Mode::Unleased, Some(_)) => Err(BindError::NotLeased),
             (Mode::Leased { policy, .. }, None) => {
@@ -405,6 +410,7 @@ impl LeaseGate {
                     Ok(Binding {
                         writable: false,
                         slot: None,
+                        signal: None,
                     })
                 }
             }
@@ -418,11 +424,13 @@ impl LeaseGate {
                     return Ok(Binding {
                         writable: false,
                         slot: None,
+                        signal: None,
                     });
                 }
                 Ok(Binding {
                     writable: true,
                     slot: Some(Arc::clone(&current.slot)),
+                    signal: Some(current.slot.fence_signal.child_token()),
                 })
             }
         }
@@ -463,8 +471,8 @@ impl LeaseGate {
     /// Resolves when this binding has been fenced (never for unleased or read-only
     /// bindings); the connection then closes.
     pub async fn fenced(&self, binding: &Binding) {
-        match &binding.slot {
-            Some(slot) => slot.fence_signal.cancelled().await,
+        match &binding.signal {
+            Some(signal) => signal.cancelled().await,
             None => std::future::pending().await,
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -155,7 +155,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = crate::control::node::open_registry(&config, &store)?;
     let server = Server::bind_with_registry(&config, std::sync::Arc::clone(&registry)).await?;
     let api_shutdown = CancellationToken::new();
-    let api = crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
+    let api =
+        crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
     tracing::info!(
         engine = server.state.engine.name(),
         exports = server.state.registry.list().len(),
@@ -247,7 +248,7 @@ async fn connection<R, W>(
     peer: String,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: conn::ReplySink,
 {
     // Option haggling is small messages; a small buffer keeps the reader honest
     // about what it has consumed before transmission takes over the stream.

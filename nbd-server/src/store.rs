@@ -2,12 +2,21 @@
 //! through the API) and every export's lease record (epoch high-water mark, holder,
 //! token hash).
 //!
-//! One small JSON file, `state.json`, replaced atomically: write `state.json.tmp`,
-//! fsync it, rename it over `state.json`, fsync the directory. After a crash (kill -9
-//! or power loss) the file is either the old or the new version, never a mix, and once
-//! `update` has returned the new version survives. The state is a few hundred bytes
-//! per export and changes only on fences and export changes, so rewriting the whole
-//! file costs two fsyncs and nothing else; a database would buy nothing here.
+//! One file, `state.bin`, with two fixed-size slots written alternately in place
+//! (the A/B scheme of boot loaders and firmware updates). A slot holds a sequence
+//! number, the length and BLAKE3 hash of its payload, and the payload (JSON). An
+//! update writes the whole new state into the older slot and `fdatasync`s; loading
+//! picks the valid slot with the higher sequence number. A write torn by a crash
+//! (kill -9, power loss) fails its hash and the other slot, the previous state, wins,
+//! and that write was never acknowledged. Because the file is created full size
+//! (zeros written, not a hole) and never changes size, `fdatasync` flushes the slot
+//! and the device cache and no file-system metadata: one flush per fence, which is
+//! what makes fences fast (a write-temp-fsync-rename-fsync-directory update costs
+//! two journal commits). The file itself is created, or grown when the state
+//! outgrows a slot, by write-temp, fsync, rename, fsync of the directory.
+//!
+//! The state is a few hundred bytes per export and changes only on fences and
+//! export changes; a database would buy nothing here.
 //!
 //! Lease epochs are merged monotonically: a record only replaces one with a lower
 //! epoch, so two fences racing to persist can never leave an older epoch on disk.
@@ -15,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -22,9 +32,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::lease::{LeasePolicy, LeaseRecord};
 
-const STATE_FILE: &str = "state.json";
-const TMP_FILE: &str = "state.json.tmp";
+const STATE_FILE: &str = "state.bin";
+const TMP_FILE: &str = "state.bin.tmp";
 const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"SHSTATE1";
+/// magic, sequence number, payload length, slot size, payload hash.
+const HEADER: usize = 8 + 8 + 4 + 4 + 32;
+/// Slot size of a new file; a state that outgrows it doubles it.
+const INITIAL_SLOT: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,12 +49,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("state file {path} is corrupt: {source}")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
     #[error(
         "state file {path} has format version {found}; this build reads version {FORMAT_VERSION}"
     )]
@@ -108,7 +119,22 @@ impl StoreState {
 #[derive(Debug)]
 pub struct Store {
     dir: Option<PathBuf>,
-    state: Mutex<StoreState>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: StoreState,
+    /// The open state file and its layout; None for an ephemeral store.
+    file: Option<SlotFile>,
+}
+
+#[derive(Debug)]
+struct SlotFile {
+    file: File,
+    slot_size: usize,
+    /// Sequence number of the newest valid slot.
+    seq: u64,
 }
 
 impl Store {
@@ -119,35 +145,39 @@ impl Store {
             source,
         };
         fs::create_dir_all(dir).map_err(io)?;
-        // A leftover temporary file is a write that never reached its rename: the
-        // update did not return, so dropping it loses nothing that was promised.
+        // A leftover temporary file is a creation or growth that never reached its
+        // rename: nothing it held was acknowledged.
         match fs::remove_file(dir.join(TMP_FILE)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
         let path = dir.join(STATE_FILE);
-        let state = match fs::read(&path) {
-            Ok(bytes) => {
-                let state: StoreState =
-                    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                        path: path.clone(),
-                        source,
-                    })?;
-                if state.version != FORMAT_VERSION {
-                    return Err(StoreError::Version {
-                        path,
-                        found: state.version,
-                    });
-                }
-                state
+        let (state, file) = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => {
+                let (state, slot_size, seq) = read_slots(&file, &path)?;
+                (
+                    state,
+                    SlotFile {
+                        file,
+                        slot_size,
+                        seq,
+                    },
+                )
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreState::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let state = StoreState::default();
+                let file = create_file(dir, &state, INITIAL_SLOT).map_err(io)?;
+                (state, file)
+            }
             Err(e) => return Err(io(e)),
         };
         Ok(Self {
             dir: Some(dir.to_path_buf()),
-            state: Mutex::new(state),
+            inner: Mutex::new(Inner {
+                state,
+                file: Some(file),
+            }),
         })
     }
 
@@ -155,7 +185,10 @@ impl Store {
     pub fn ephemeral() -> Self {
         Self {
             dir: None,
-            state: Mutex::new(StoreState::default()),
+            inner: Mutex::new(Inner {
+                state: StoreState::default(),
+                file: None,
+            }),
         }
     }
 
@@ -164,40 +197,131 @@ impl Store {
     }
 
     pub fn snapshot(&self) -> StoreState {
-        self.lock().clone()
+        self.lock().state.clone()
     }
 
     /// Applies `change` and makes the result durable before returning. On error the
-    /// in-memory state is unchanged (the file is the old or the new version; a caller
-    /// must treat the outcome as unknown and fail closed).
+    /// in-memory state is unchanged (on disk it is the old or the new version; a
+    /// caller must treat the outcome as unknown and fail closed).
     pub fn update(&self, change: impl FnOnce(&mut StoreState)) -> Result<(), StoreError> {
         let mut guard = self.lock();
-        let mut next = guard.clone();
+        let mut next = guard.state.clone();
         change(&mut next);
-        if next == *guard {
+        if next == guard.state {
             return Ok(());
         }
-        if let Some(dir) = &self.dir {
-            write_atomically(dir, &next).map_err(|source| StoreError::Io {
+        if let (Some(dir), Some(file)) = (&self.dir, guard.file.as_mut()) {
+            let io = |source| StoreError::Io {
                 dir: dir.clone(),
                 source,
-            })?;
+            };
+            let payload = serde_json::to_vec(&next).map_err(|e| io(std::io::Error::other(e)))?;
+            if HEADER + payload.len() > file.slot_size {
+                let mut slot_size = file.slot_size * 2;
+                while HEADER + payload.len() > slot_size {
+                    slot_size *= 2;
+                }
+                *file = create_file(dir, &next, slot_size).map_err(io)?;
+            } else {
+                let seq = file.seq + 1;
+                let record = slot_record(seq, file.slot_size, &payload);
+                // Slot seq % 2 holds the older state; the newer one stays intact until
+                // this write is on disk.
+                let offset = (seq % 2) * file.slot_size as u64;
+                file.file.write_all_at(&record, offset).map_err(io)?;
+                file.file.sync_data().map_err(io)?;
+                file.seq = seq;
+            }
         }
-        *guard = next;
+        guard.state = next;
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, StoreState> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // `update` swaps in a whole new state only after the write succeeded, so a
         // panic elsewhere cannot leave a half-applied state behind the lock.
-        self.state
+        self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-fn write_atomically(dir: &Path, state: &StoreState) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+fn slot_record(seq: u64, slot_size: usize, payload: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(HEADER + payload.len());
+    r.extend_from_slice(MAGIC);
+    r.extend_from_slice(&seq.to_le_bytes());
+    let len = u32::try_from(payload.len()).expect("a slot is far smaller than 4 GiB");
+    r.extend_from_slice(&len.to_le_bytes());
+    let size = u32::try_from(slot_size).expect("a slot is far smaller than 4 GiB");
+    r.extend_from_slice(&size.to_le_bytes());
+    r.extend_from_slice(blake3::hash(payload).as_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+/// Parses one slot: Some((seq, slot_size, payload)) when it is intact.
+fn parse_slot(bytes: &[u8]) -> Option<(u64, usize, &[u8])> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let seq = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    let len = u32::from_le_bytes(bytes[16..20].try_into().ok()?) as usize;
+    let slot_size = u32::from_le_bytes(bytes[20..24].try_into().ok()?) as usize;
+    let payload = bytes.get(HEADER..HEADER + len)?;
+    (blake3::hash(payload).as_bytes() == &bytes[24..56]).then_some((seq, slot_size, payload))
+}
+
+/// Reads the newest intact slot of the state file.
+fn read_slots(file: &File, path: &Path) -> Result<(StoreState, usize, u64), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let len = file.metadata().map_err(|e| corrupt(e.to_string()))?.len();
+    let mut bytes = vec![0u8; usize::try_from(len).map_err(|e| corrupt(e.to_string()))?];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| corrupt(e.to_string()))?;
+    // Slot A starts at 0 and names the slot size, so slot B can be found; if A is
+    // torn, B is at the file's midpoint (the file is always two slots long).
+    let a = parse_slot(&bytes);
+    let half = bytes.len() / 2;
+    let b = bytes.get(half..).and_then(parse_slot);
+    let newest = match (a, b) {
+        (Some(a), Some(b)) => {
+            if a.0 >= b.0 {
+                a
+            } else {
+                b
+            }
+        }
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => return Err(corrupt("no intact slot".into())),
+    };
+    let (seq, slot_size, payload) = newest;
+    if slot_size * 2 != bytes.len() {
+        return Err(corrupt(format!(
+            "slot size {slot_size} does not match file size {}",
+            bytes.len()
+        )));
+    }
+    let state: StoreState = serde_json::from_slice(payload).map_err(|e| corrupt(e.to_string()))?;
+    if state.version != FORMAT_VERSION {
+        return Err(StoreError::Version {
+            path: path.to_path_buf(),
+            found: state.version,
+        });
+    }
+    Ok((state, slot_size, seq))
+}
+
+/// Writes a new two-slot state file holding `state` (slot A, sequence 0) and
+/// atomically puts it in place: write temp, fsync, rename, fsync the directory.
+fn create_file(dir: &Path, state: &StoreState, slot_size: usize) -> std::io::Result<SlotFile> {
+    let payload = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    let mut bytes = slot_record(0, slot_size, &payload);
+    // Zeros written for real (not a hole), so later in-place slot writes allocate
+    // nothing and fdatasync has no metadata to flush.
+    bytes.resize(slot_size * 2, 0);
     let tmp = dir.join(TMP_FILE);
     {
         let mut f = OpenOptions::new()
@@ -210,11 +334,17 @@ fn write_atomically(dir: &Path, state: &StoreState) -> std::io::Result<()> {
         // could leave a renamed but empty file.
         f.sync_all()?;
     }
-    fs::rename(&tmp, dir.join(STATE_FILE))?;
+    let path = dir.join(STATE_FILE);
+    fs::rename(&tmp, &path)?;
     // The rename itself lives in the directory: without this fsync a crash could
     // bring back the old file after we told the caller the new state is durable.
     File::open(dir)?.sync_all()?;
-    Ok(())
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    Ok(SlotFile {
+        file,
+        slot_size,
+        seq: 0,
+    })
 }
 
 #[cfg(test)]
@@ -263,11 +393,75 @@ mod tests {
         fs::write(dir.path().join(TMP_FILE), b"{half").expect("write");
         let store = Store::open(dir.path()).expect("opens despite tmp");
         assert!(store.snapshot().leases.is_empty());
-        fs::write(dir.path().join(STATE_FILE), b"{half").expect("write");
+        drop(store);
+        fs::write(dir.path().join(STATE_FILE), vec![7u8; 4096]).expect("write");
         assert!(matches!(
             Store::open(dir.path()),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_torn_slot_falls_back_to_the_previous_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let (r1, r2, r3) = (record(1), record(2), record(3));
+        store.update(|s| s.merge_lease("d", r1)).expect("seq 1");
+        store
+            .update(|s| s.merge_lease("d", r2.clone()))
+            .expect("seq 2");
+        store
+            .update(|s| s.merge_lease("d", r3.clone()))
+            .expect("seq 3");
+        drop(store);
+        assert_eq!(
+            Store::open(dir.path()).expect("reopens").snapshot().leases["d"],
+            r3
+        );
+        // Tear the newest write (seq 3, in slot B): a crash mid-write.
+        let path = dir.path().join(STATE_FILE);
+        let mut bytes = fs::read(&path).expect("read");
+        let b = bytes.len() / 2;
+        bytes[b + HEADER + 5] ^= 0xff;
+        fs::write(&path, &bytes).expect("write");
+        let store = Store::open(dir.path()).expect("reopens");
+        assert_eq!(store.snapshot().leases["d"], r2);
+        // The next update overwrites the torn slot, and it is read back.
+        let r4 = record(4);
+        store
+            .update(|s| s.merge_lease("d", r4.clone()))
+            .expect("update");
+        drop(store);
+        assert_eq!(
+            Store::open(dir.path()).expect("reopens").snapshot().leases["d"],
+            r4
+        );
+    }
+
+    #[test]
+    fn a_state_larger_than_a_slot_grows_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        store
+            .update(|s| {
+                for i in 0..2000 {
+                    s.merge_lease(&format!("export-{i:05}"), record(i + 1));
+                }
+            })
+            .expect("grows");
+        drop(store);
+        let len = fs::metadata(dir.path().join(STATE_FILE))
+            .expect("meta")
+            .len();
+        assert!(len > 2 * INITIAL_SLOT as u64);
+        let store = Store::open(dir.path()).expect("reopens");
+        assert_eq!(store.snapshot().leases.len(), 2000);
+        store
+            .update(|s| s.merge_lease("export-00000", record(9999)))
+            .expect("in-place update after growth");
+        drop(store);
+        let snap = Store::open(dir.path()).expect("reopens").snapshot();
+        assert_eq!(snap.leases["export-00000"].epoch, 9999);
     }
 
     #[test]
@@ -294,9 +488,15 @@ mod tests {
     fn failed_write_leaves_memory_unchanged() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("opens");
-        // A directory where the temp file should go makes the write fail.
+        // A state that must grow the file, with a directory where its temporary file
+        // should go, makes the write fail.
         fs::create_dir(dir.path().join(TMP_FILE)).expect("mkdir");
-        assert!(store.update(|s| s.merge_lease("d", record(1))).is_err());
+        let result = store.update(|s| {
+            for i in 0..2000 {
+                s.merge_lease(&format!("export-{i:05}"), record(1));
+            }
+        });
+        assert!(result.is_err());
         assert!(store.snapshot().leases.is_empty());
     }
 }

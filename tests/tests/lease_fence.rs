@@ -7,7 +7,12 @@
 mod lease_support;
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use nbd_server::client::{Client, ClientOptions};
+use nbd_server::codec::consts::EPERM;
 
 use lease_support::{
     Node, PyWriter, backing_file, checksum, have, have_python_libnbd, monotonic_ns,
@@ -49,6 +54,23 @@ async fn run() {
         assert_eq!(refused, None, "epoch-1 token refused");
         py.push(w);
     }
+    // The project's own client: 4 connections with 8 writes in flight each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut ours = Vec::new();
+    for conn in 0..4u64 {
+        let client = Arc::new(
+            Client::connect_tcp(&addr, ClientOptions::new(&export1))
+                .await
+                .expect("own client binds with the epoch-1 token"),
+        );
+        for lane in 0..8u64 {
+            let client = Arc::clone(&client);
+            let stop = Arc::clone(&stop);
+            ours.push(tokio::spawn(async move {
+                own_writer(client, stop, (2 << 20) + (conn * 8 + lane) * 32 * 4096).await
+            }));
+        }
+    }
     // Real client 2: qemu-io, one connection, a write every few milliseconds.
     let mut qemu_args = vec!["-f".to_string(), "raw".to_string()];
     for i in 0..400u64 {
@@ -84,7 +106,30 @@ async fn run() {
         );
     }
 
+    stop.store(true, Ordering::SeqCst);
     let mut stale_attempts = 0;
+    let mut eperm = 0;
+    for task in ours {
+        let attempts = task.await.expect("own writer task");
+        assert!(
+            attempts.iter().any(|a| a.0 < fenced_at && a.1.is_none()),
+            "own client never wrote before the fence"
+        );
+        let after: Vec<_> = attempts.iter().filter(|a| a.0 > fenced_at).collect();
+        assert!(
+            !after.is_empty(),
+            "own client stopped trying after the fence"
+        );
+        assert!(
+            after.iter().all(|a| a.1.is_some()),
+            "a stale write of the own client succeeded after the fence"
+        );
+        eperm += attempts.iter().filter(|a| a.1 == Some(Some(EPERM))).count();
+        stale_attempts += after.len();
+    }
+    // Requests already queued on a fenced connection are answered NBD_EPERM (the
+    // rest fail because the server closed the connection).
+    assert!(eperm > 0, "no stale write was answered with NBD_EPERM");
     for w in py {
         let report = w.finish(Duration::from_secs(30));
         let before = report
@@ -135,4 +180,29 @@ async fn run() {
     let report = w.finish(Duration::from_secs(20));
     assert!(!report.attempts.is_empty() && report.attempts.iter().all(|a| a.1));
     assert_ne!(checksum(&disk), sum_at_fence);
+}
+
+/// One lane of the own client: writes a different 4 KiB block each time until told
+/// to stop, recording (start time, None on success or Some(errno) on failure).
+async fn own_writer(
+    client: Arc<Client>,
+    stop: Arc<AtomicBool>,
+    base: u64,
+) -> Vec<(u64, Option<Option<u32>>)> {
+    let mut attempts = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let data: Vec<u8> = (0..4096u64).map(|b| (b ^ i ^ base) as u8).collect();
+        let start = monotonic_ns();
+        match client.write(base + (i % 32) * 4096, &data, false).await {
+            Ok(()) => attempts.push((start, None)),
+            Err(e) => {
+                attempts.push((start, Some(e.errno())));
+                // A closed connection fails at once; do not spin.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        i += 1;
+    }
+    attempts
 }

@@ -2,6 +2,9 @@
 //! qemu-nbd (a real peer), with extended headers, structured replies only, and
 //! plain simple replies.
 
+// Test helpers panic to report a failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

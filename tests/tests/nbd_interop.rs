@@ -2,6 +2,9 @@
 //! qemu 10 negotiates extended headers; libnbd 1.14 (nbdinfo, nbdcopy, fio) does
 //! not, so both reply formats are exercised.
 
+// Test helpers panic to report a failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -269,7 +272,8 @@ fn fio_nbd_engine_verifies_crc32c() {
     sparse_file(&img, 16 << 20);
     let d = start_nbd(&["--export", &format!("f={},unleased", img.display())]);
     let out = run_ok(
-        Command::new("fio").args([
+        // fio writes a verify state file into its working directory.
+        Command::new("fio").current_dir(dir.path()).args([
             "--name=verify",
             "--ioengine=nbd",
             &format!("--uri={}", uri(&d, "f")),
@@ -355,4 +359,149 @@ fn sigterm_shuts_down_cleanly_with_data_on_disk() {
             .iter()
             .all(|b| *b == 0x42)
     );
+}
+
+#[test]
+fn memory_filesystem_export_uses_the_inline_path_correctly() {
+    require_tool!("nbdcopy");
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("SKIPPED: /dev/shm (tmpfs) missing");
+        return;
+    };
+    let img = dir.path().join("m.img");
+    let src = dir.path().join("src.raw");
+    let back = dir.path().join("back.raw");
+    let mut data = pattern(16 << 20, 21);
+    data[2 << 20..6 << 20].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    sparse_file(&img, 16 << 20);
+    let sock = dir.path().join("m.sock");
+    let d = start_nbd(&[
+        "--unix",
+        sock.to_str().unwrap(),
+        "--export",
+        &format!("m={},unleased", img.display()),
+    ]);
+    let u = uri(&d, "m");
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["-C", "4", "--request-size=65536"])
+            .arg(&src)
+            .arg(&u),
+        T,
+    );
+    // 256 KiB reads (nbdcopy's default) go out with sendfile, over TCP and Unix.
+    run_ok(
+        Command::new("nbdcopy").args(["-C", "4"]).arg(&u).arg(&back),
+        T,
+    );
+    let back2 = dir.path().join("back2.raw");
+    let unix = format!("nbd+unix:///m?socket={}", sock.display());
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["-C", "2", "--request-size=524288"])
+            .arg(&unix)
+            .arg(&back2),
+        T,
+    );
+    assert!(
+        std::fs::read(&back2).unwrap() == data,
+        "sendfile over a Unix socket differs"
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "round trip through tmpfs differs"
+    );
+    if stagehand_tests::have_tool("qemu-io") {
+        let out = run_ok(
+            Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x61 1M 4k",
+                    "-c",
+                    "read -P 0x61 1M 4k",
+                ])
+                .arg(&u),
+            T,
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
+
+/// Detaches a loop device on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_export() {
+    require_tool!("losetup");
+    require_tool!("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("loop.img");
+    sparse_file(&backing, 16 << 20);
+    let out = run_timeout(
+        Command::new("losetup").args(["-f", "--show"]).arg(&backing),
+        T,
+    )
+    .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: loop devices missing ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let d = start_nbd(&["--export", &format!("blk={},unleased", dev.0)]);
+    let u = uri(&d, "blk");
+    let info = run_ok(Command::new("nbdinfo").args(["--json", &u]), T);
+    let j: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(j["exports"][0]["export-size"], 16u64 << 20, "BLKGETSIZE64");
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args([
+                "-c",
+                "write -P 0x5a 0 2M",
+                "-c",
+                "write -z 64k 64k",
+                "-c",
+                "discard 1M 64k",
+                "-c",
+                "read -P 0 64k 64k",
+                "-c",
+                "read -P 0x5a 0 64k",
+                "-c",
+                "flush",
+            ])
+            .arg(&u),
+        T,
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // FAST_ZERO cannot be promised on a block device: qemu falls back, still zeroes.
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -z -u 1536k 64k",
+                "-c",
+                "read -P 0 1536k 64k",
+            ])
+            .arg(&u),
+        T,
+    );
+    drop(d);
+    let f = std::fs::read(&backing).unwrap();
+    assert!(f[..64 << 10].iter().all(|b| *b == 0x5a));
+    assert!(f[64 << 10..128 << 10].iter().all(|b| *b == 0));
+    assert!(f[128 << 10..1 << 20].iter().all(|b| *b == 0x5a));
 }

@@ -1,6 +1,9 @@
 //! Malformed and hostile input over raw sockets: every case gets the spec's answer
 //! (an error reply or a clean disconnect), and the server keeps serving others.
 
+// Test helpers panic to report a failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ApiError;
 use metrics::FenceMetrics;
 
-use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseRecord, LeaseToken, TokenHash};
+use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseToken, TokenHash};
 use crate::store::{ExportRecord, Store};
 
 /// Counters of one export, read at the moment of the request.
@@ -507,32 +507,47 @@ async fn fence_export(
     let store = Arc::clone(&state.store);
     let record = ticket.record.clone();
     let n = name.clone();
-    let persist = tokio::task::spawn_blocking(move || store.update(|s| s.merge_lease(&n, record)));
+    let persist = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        store
+            .update(|s| s.merge_lease(&n, record))
+            .map(|()| t.elapsed())
+    });
     let drain = async {
+        let t = Instant::now();
         let slow = tokio::time::sleep(Duration::from_secs(1));
         tokio::pin!(slow);
         let drained = ticket.drained();
         tokio::pin!(drained);
         tokio::select! {
-            () = &mut drained => return,
+            () = &mut drained => return t.elapsed(),
             () = &mut slow => tracing::warn!(export = %name, in_flight = ticket.in_flight(), "fence still waiting for older-epoch changes in flight"),
         }
         drained.await;
+        t.elapsed()
     };
-    let (persisted, ()) = tokio::join!(persist, drain);
-    if let Err(err) = flatten(persisted) {
-        state.fences.record_failure();
-        tracing::error!(export = %name, epoch = req.epoch, error = %err, "fence not durable");
-        // Fail closed: memory keeps the new epoch (no old-epoch writer can resume),
-        // but the caller must not rely on it surviving a restart.
-        return Err(ApiError::internal(
-            "persist_failed",
-            format!(
-                "Epoch {} is in force on this node but could not be made durable ({err}); fence again with a higher epoch.",
-                req.epoch
-            ),
-        ));
-    }
+    let (persisted, drain_time) = tokio::join!(persist, drain);
+    let persist_time = match persisted {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("store task failed: {e}")),
+    };
+    let persist_time = match persist_time {
+        Ok(t) => t,
+        Err(err) => {
+            state.fences.record_failure();
+            tracing::error!(export = %name, epoch = req.epoch, error = %err, "fence not durable");
+            // Fail closed: memory keeps the new epoch (no old-epoch writer can resume),
+            // but the caller must not rely on it surviving a restart.
+            return Err(ApiError::internal(
+                "persist_failed",
+                format!(
+                    "Epoch {} is in force on this node but could not be made durable ({err}); fence again with a higher epoch.",
+                    req.epoch
+                ),
+            ));
+        }
+    };
     let latency = start.elapsed();
     state.fences.record_success(latency);
     tracing::info!(
@@ -541,6 +556,8 @@ async fn fence_export(
         holder = %req.holder,
         previous_epoch = ticket.previous.epoch,
         latency_us = latency.as_micros() as u64,
+        persist_us = persist_time.as_micros() as u64,
+        drain_us = drain_time.as_micros() as u64,
         "fenced"
     );
     Ok(Json(FenceReply {
@@ -567,16 +584,6 @@ async fn metrics_text(State(state): State<Arc<ControlState>>) -> impl IntoRespon
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(&exports, &state.fences),
     )
-}
-
-/// The record a flag-defined export starts from (used by the server at start).
-pub fn lease_record(store: &Store, name: &str) -> LeaseRecord {
-    store
-        .snapshot()
-        .leases
-        .get(name)
-        .cloned()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -341,6 +341,11 @@ async fn fence_is_durable_across_a_restart_of_the_store() {
     let gate = gate_for(&store, "disk", true, LeasePolicy::default());
     assert_eq!(gate.record().expect("leased").epoch, 5);
     assert!(gate.bind(Some(&token), false).is_ok());
-    let raw = std::fs::read_to_string(data.join("state.json")).expect("state");
+    let raw = String::from_utf8_lossy(&std::fs::read(data.join("state.bin")).expect("state"))
+        .into_owned();
+    assert!(
+        raw.contains("holder"),
+        "state file not readable as expected"
+    );
     assert!(!raw.contains(&token), "token stored in clear");
 }

@@ -8,18 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The built `stagehand-nbd`: `$STAGEHAND_BIN_DIR`, else next to this test binary's
-/// `deps/` directory (cargo's target/release).
+/// The built `stagehand-nbd` (`$STAGEHAND_BIN_DIR`, else cargo's target/release;
+/// built on demand so a bare `cargo test --release` works).
 pub fn server_bin() -> PathBuf {
-    if let Some(dir) = std::env::var_os("STAGEHAND_BIN_DIR") {
-        return PathBuf::from(dir).join("stagehand-nbd");
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/release/deps");
-    release.join("stagehand-nbd")
+    stagehand_tests::bin("stagehand-nbd", "nbd-server")
 }
 
 /// A free loopback port (bound then released; the server binds it right after).

@@ -1,0 +1,93 @@
+//! The library entry points in one process: `Server::bind` on port 0, the async
+//! client, per-export stats, runtime export registry changes, clean shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nbd_server::client::{Client, ClientOptions};
+use nbd_server::export::{Export, ExportSpec};
+use nbd_server::{Config, Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stats_registry_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&b).unwrap().set_len(2 << 20).unwrap();
+    let spec = |name: &str, path: &std::path::Path| ExportSpec {
+        name: name.into(),
+        path: path.into(),
+        read_only: false,
+        unleased: true,
+        description: Some("test disk".into()),
+    };
+    let config = Config {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        exports: vec![spec("a", &a)],
+        ..Config::default()
+    };
+    let server = Server::bind(&config).await.unwrap();
+    let addr = server.tcp_addr().unwrap().to_string();
+    let state = Arc::clone(server.state());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(async {
+        let _ = stopped.await;
+    }));
+
+    let c = Client::connect_tcp(&addr, ClientOptions::new("a"))
+        .await
+        .unwrap();
+    c.write(0, &[9u8; 8192], false).await.unwrap();
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
+    let ea = state.registry.get("a").unwrap();
+    assert_eq!(ea.stats.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(ea.stats.bytes_written.load(Ordering::Relaxed), 8192);
+    assert_eq!(ea.stats.bytes_read.load(Ordering::Relaxed), 4096);
+    assert!(ea.stats.requests.load(Ordering::Relaxed) >= 2);
+
+    // Exports come and go at runtime; bound connections keep theirs.
+    assert!(
+        Client::connect_tcp(&addr, ClientOptions::new("b"))
+            .await
+            .is_err()
+    );
+    state
+        .registry
+        .insert(Arc::new(Export::open(&spec("b", &b)).unwrap()))
+        .unwrap();
+    let cb = Client::connect_tcp(&addr, ClientOptions::new("b"))
+        .await
+        .unwrap();
+    assert_eq!(cb.size(), 2 << 20);
+    state.registry.remove("a").unwrap();
+    assert_eq!(
+        c.read(0, 16).await.unwrap(),
+        vec![9u8; 16],
+        "bound connection survives removal"
+    );
+    assert!(
+        Client::connect_tcp(&addr, ClientOptions::new("a"))
+            .await
+            .is_err()
+    );
+
+    c.disconnect().await.unwrap();
+    // Give the server a moment to notice the disconnect.
+    for _ in 0..100 {
+        if ea.stats.connections.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ea.stats.connections.load(Ordering::Relaxed), 0);
+
+    // Shutdown with a connection still open: serve returns, the client sees EOF.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("shutdown in time")
+        .unwrap();
+    assert!(cb.read(0, 16).await.is_err());
+}
