@@ -31,5 +31,5 @@ fi
 
 img=$(mktemp --suffix=.bin)
 trap 'rm -f "$img"' EXIT
-"$STAGEHAND_BIN_DIR/stagehand-agent" guest-image ab-sweeper > "$img"
+"$STAGEHAND_BIN_DIR/stagehand-agent" guest-image ab-sweeper --out "$img"
 python3 benches/migrate-peers.py "$img"

@@ -251,6 +251,7 @@ impl Machine {
         let shared = Arc::new(VcpuShared {
             devices: Arc::new(Devices::default()),
             stop: Mutex::new(None),
+            throttled_us: Default::default(),
         });
         let mut handles = Vec::with_capacity(usize::from(spec.vcpus));
         for id in 0..spec.vcpus {
@@ -305,6 +306,11 @@ impl Machine {
     /// The bytes the guest wrote to COM1 (the last MiB).
     pub fn console(&self) -> Vec<u8> {
         self.shared.devices.console()
+    }
+
+    /// Total time the vCPUs were held out of the guest by auto-converge.
+    pub fn throttled_time(&self) -> Duration {
+        Duration::from_micros(self.shared.throttled_us.load(Ordering::Relaxed))
     }
 
     pub fn throttle_percent(&self) -> u8 {
@@ -561,6 +567,101 @@ pub fn new_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::DEVICE_STATE_VERSION;
+    use crate::vstate::vcpu::{FpuState, VCPU_STATE_VERSION};
+
+    fn sample_state() -> MachineState {
+        let mut regs = kvm_bindings::kvm_regs {
+            rip: 0x7c2a,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        regs.rbx = 0x55;
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        lapic.regs[0x20] = 7;
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        xsave.region[5] = 0xdead_beef;
+        MachineState {
+            version: MACHINE_STATE_VERSION,
+            vm: VmState {
+                version: vm::VM_STATE_VERSION,
+                pic_master: Default::default(),
+                pic_slave: kvm_bindings::kvm_irqchip {
+                    chip_id: 1,
+                    ..Default::default()
+                },
+                ioapic: kvm_bindings::kvm_irqchip {
+                    chip_id: 2,
+                    ..Default::default()
+                },
+                pit: Default::default(),
+                clock: kvm_bindings::kvm_clock_data {
+                    clock: 123_456_789,
+                    ..Default::default()
+                },
+            },
+            vcpus: vec![VcpuState {
+                version: VCPU_STATE_VERSION,
+                id: 0,
+                mp_state: Default::default(),
+                regs,
+                sregs: Default::default(),
+                fpu: FpuState {
+                    fpr: vec![[1; 16]; 8],
+                    fcw: 0x37f,
+                    fsw: 0,
+                    ftwx: 0,
+                    last_opcode: 0,
+                    last_ip: 0,
+                    last_dp: 0,
+                    xmm: vec![[2; 16]; 16],
+                    mxcsr: 0x1f80,
+                },
+                xsave,
+                xcrs: Default::default(),
+                debugregs: Default::default(),
+                lapic,
+                tsc_khz: Some(2_000_000),
+                msrs: vec![(0x10, 99), (0x1b, 0xfee0_0900)],
+                vcpu_events: Default::default(),
+            }],
+            devices: DeviceState {
+                version: DEVICE_STATE_VERSION,
+                serial: Default::default(),
+                console: b"AB".to_vec(),
+                port92: 2,
+                post_code: 0,
+                cmos_index: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn machine_state_round_trips_and_checks_its_version() {
+        let bytes = sample_state().encode().expect("encodes");
+        let back = MachineState::decode(&bytes).expect("decodes");
+        assert_eq!(
+            back.encode().expect("encodes"),
+            bytes,
+            "lossless round trip"
+        );
+        assert_eq!(back.vcpus[0].regs.rip, 0x7c2a);
+        assert_eq!(back.vcpus[0].xsave.region[5], 0xdead_beef);
+        assert_eq!(back.vcpus[0].lapic.regs[0x20], 7);
+        assert_eq!(back.vcpus[0].msrs, vec![(0x10, 99), (0x1b, 0xfee0_0900)]);
+        assert_eq!(back.vm.clock.clock, 123_456_789);
+        assert_eq!(back.devices.console, b"AB");
+
+        let mut future = sample_state();
+        future.version = MACHINE_STATE_VERSION + 1;
+        let err = MachineState::decode(&future.encode().expect("encodes"))
+            .expect_err("unknown version refused");
+        assert!(err.to_string().contains("version"), "{err}");
+        assert!(
+            MachineState::decode(&bytes[..bytes.len() / 2]).is_err(),
+            "truncated"
+        );
+    }
 
     #[test]
     fn cpuid_subset_is_compatible() {

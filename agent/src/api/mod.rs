@@ -227,6 +227,17 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
             vm.memory_mib << 20
         );
     }
+    out.push_str("# HELP stagehand_agent_vm_throttled_seconds_total Time auto-converge held the VM's vCPUs out of the guest.\n# TYPE stagehand_agent_vm_throttled_seconds_total counter\n");
+    for vm in &vms {
+        if let Ok(machine) = state.manager.machine(&vm.name) {
+            let _ = writeln!(
+                out,
+                "stagehand_agent_vm_throttled_seconds_total{{vm=\"{}\"}} {:.3}",
+                vm.name,
+                machine.throttled_time().as_secs_f64()
+            );
+        }
+    }
     let m = &state.metrics;
     for (name, help, v) in [
         (

@@ -269,3 +269,26 @@ mod tests {
         assert!(is_zero(&v[1..98]));
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// Not a test: prints hashing and copy speed here (`-- --ignored --nocapture speed`).
+    #[test]
+    #[ignore]
+    fn speed() {
+        let src = vec![7u8; 2 << 20];
+        let mut dst = vec![0u8; 2 << 20];
+        let t = std::time::Instant::now();
+        for _ in 0..200 {
+            std::hint::black_box(blake3::hash(std::hint::black_box(&src)));
+        }
+        let h = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..200 {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+        }
+        let c = t.elapsed();
+        eprintln!("400 MiB: blake3 {h:?}, copy {c:?}");
+    }
+}

@@ -138,8 +138,23 @@ impl Precopy {
             // Pass 0 does not count: its time went mostly to scanning never-used memory
             // and to first touches, so it says nothing about the steady state.
             let shrinking = self.passes == 1 || pass.dirty_bytes * 10 < pass.bytes * 7;
-            if expected <= TINY_DOWNTIME || !shrinking || self.extra_passes >= MAX_EXTRA_PASSES {
+            // With auto-converge allowed, a set that stopped shrinking can still be
+            // squeezed by throttling harder (the guest is already slowed anyway).
+            let squeeze = !shrinking && limits.auto_converge && self.throttle < THROTTLE_MAX;
+            if expected <= TINY_DOWNTIME
+                || !(shrinking || squeeze)
+                || self.extra_passes >= MAX_EXTRA_PASSES
+            {
                 return Decision::SwitchOver { forced: false };
+            }
+            if squeeze {
+                self.throttle = if self.throttle == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    self.throttle
+                        .saturating_add(2 * THROTTLE_STEP)
+                        .min(THROTTLE_MAX)
+                };
             }
             self.extra_passes += 1;
             return Decision::Iterate;
@@ -275,6 +290,40 @@ mod tests {
             "{decisions:?}"
         );
         assert!(decisions.len() > 3);
+    }
+
+    #[test]
+    fn auto_converge_squeezes_an_acceptable_but_stuck_downtime() {
+        let l = Limits {
+            auto_converge: true,
+            ..Limits::default()
+        };
+        let mut p = Precopy::new();
+        // Pass 0, then passes that fit 300 ms (100 MiB at 1 GiB/s) but do not shrink.
+        assert_eq!(
+            p.after_pass(&l, pass(200 << 20, 200, 100 << 20), Duration::ZERO),
+            Decision::Iterate
+        );
+        assert_eq!(p.throttle(), 0);
+        assert_eq!(
+            p.after_pass(&l, pass(100 << 20, 100, 100 << 20), Duration::ZERO),
+            Decision::Iterate
+        );
+        assert_eq!(p.throttle(), THROTTLE_INITIAL);
+        assert_eq!(
+            p.after_pass(&l, pass(100 << 20, 100, 100 << 20), Duration::ZERO),
+            Decision::Iterate
+        );
+        assert_eq!(p.throttle(), THROTTLE_INITIAL + 2 * THROTTLE_STEP);
+        // Without auto-converge the same pass switches over at once.
+        let mut q = Precopy::new();
+        let plain = Limits::default();
+        q.after_pass(&plain, pass(200 << 20, 200, 100 << 20), Duration::ZERO);
+        assert_eq!(
+            q.after_pass(&plain, pass(100 << 20, 100, 100 << 20), Duration::ZERO),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(q.throttle(), 0);
     }
 
     #[test]

@@ -651,7 +651,7 @@ mod kvm {
         let during = src.svc.get(&id).expect("exists");
         assert_eq!(during.state, MigrationState::Active, "{during:?}");
         assert!(
-            during.passes[1..].iter().all(|p| p.dirty_pages > 1000),
+            during.passes.iter().all(|p| p.dirty_pages > 0),
             "the guest keeps dirtying: {during:?}"
         );
         src.svc

@@ -85,14 +85,24 @@ pub fn load_image(mem: &GuestMemoryAtomic, addr: u64, image: &[u8]) -> Result<()
         .map_err(|e| MemoryError::Access(e.to_string()))
 }
 
-/// Writes guest RAM, byte for byte from guest-physical 0, to `out`.
+/// Writes guest RAM, byte for byte from guest-physical 0, to `out`. Copies through a
+/// bounce buffer with vm-memory's volatile reads, because a running guest (or a vCPU
+/// thread) may write the memory concurrently; callers pause the guest for a
+/// consistent image.
 pub fn dump(mem: &GuestMemoryAtomic, out: &mut impl std::io::Write) -> std::io::Result<()> {
-    let (ptr, len) = ram_host_range(mem);
-    // SAFETY: `ptr..ptr+len` is the live mapping owned by `mem`, which outlives this
-    // borrow. The guest may write concurrently (the callers pause it first), which can
-    // only change the bytes read, never make the read itself unsound for plain u8.
-    let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-    out.write_all(bytes)
+    use vm_memory::Bytes;
+    const CHUNK: usize = 1 << 20;
+    let size = ram_size(mem);
+    let mut buf = vec![0u8; CHUNK];
+    let mut addr = 0u64;
+    while addr < size {
+        let len = CHUNK.min(usize::try_from(size - addr).unwrap_or(CHUNK));
+        mem.read_slice(&mut buf[..len], GuestAddress(addr))
+            .map_err(std::io::Error::other)?;
+        out.write_all(&buf[..len])?;
+        addr += len as u64;
+    }
+    Ok(())
 }
 
 /// Number of 64-bit words a dirty bitmap of `ram_bytes` needs.
@@ -178,6 +188,21 @@ mod tests {
         let bits = vmm_bitmap(&mem).get_and_reset();
         assert_eq!(dirty_page_list(&bits, 512), vec![5]);
         assert!(dirty_page_list(&vmm_bitmap(&mem).get_and_reset(), 512).is_empty());
+    }
+
+    #[test]
+    fn dump_is_byte_for_byte_from_zero() {
+        let mem = create_guest_memory(3).expect("3 MiB maps");
+        load_image(&mem, 0, &[0xaa]).expect("fits");
+        load_image(&mem, (1 << 20) + 17, b"hello").expect("fits");
+        load_image(&mem, (3 << 20) - 1, &[0x55]).expect("fits");
+        let mut out = Vec::new();
+        dump(&mem, &mut out).expect("dumps");
+        assert_eq!(out.len(), 3 << 20);
+        assert_eq!(out[0], 0xaa);
+        assert_eq!(&out[(1 << 20) + 17..(1 << 20) + 22], b"hello");
+        assert_eq!(out[(3 << 20) - 1], 0x55);
+        assert_eq!(out.iter().filter(|&&b| b != 0).count(), 7);
     }
 
     #[test]

@@ -360,6 +360,8 @@ pub struct GuestStop {
 pub struct VcpuShared {
     pub devices: Arc<Devices>,
     pub stop: Mutex<Option<GuestStop>>,
+    /// Total time vCPUs spent held out of the guest by auto-converge, in microseconds.
+    pub throttled_us: std::sync::atomic::AtomicU64,
 }
 
 impl VcpuShared {
@@ -513,7 +515,13 @@ fn run_loop(mut vcpu: Vcpu, rx: Receiver<Command>, shared: Arc<VcpuShared>) {
                 Err(_) => break,
             }
         } else if let Some(until) = sleep_until.filter(|u| *u > Instant::now()) {
-            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            let slept = Instant::now();
+            let got = rx.recv_timeout(until.saturating_duration_since(slept));
+            let us = u64::try_from(slept.elapsed().as_micros()).unwrap_or(u64::MAX);
+            shared
+                .throttled_us
+                .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+            match got {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => {
                     sleep_until = None;
