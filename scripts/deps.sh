@@ -11,7 +11,6 @@ have nbdkit    || need+=(nbdkit)
 have qemu-img  || need+=(qemu-utils)
 have clang     || need+=(clang)
 have as        || need+=(binutils)   # agent/build.rs assembles the test guests
-have curl      || need+=(curl)       # coordinator tests poll the daemons with curl
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 # The system python: a pyenv or venv python3 on PATH does not see Debian's modules.
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
