@@ -1,5 +1,78 @@
-//! coord: the Stagehand coordinator (see README.md). The orchestration itself arrives
-//! with its issue; for now the crate holds the durable state store.
+//! coord: the Stagehand coordinator (see README.md and docs/coordinator.md).
+//!
+//! - `store`: RocksDB state, atomic synced batches.
+//! - `migration`: the pure migration state machine and crash-recovery planner.
+//! - `model`: inventory records; `daemons`: HTTP clients of stagehand-nbd and agents.
+//! - `service`: inventory, placement, VM creation, the migration driver, recovery.
+//! - `api`: the HTTP/JSON API (axum); `config`: `coord serve` flags and TOML.
+//! - `cli`: the client verbs (`coord site add`, `coord migrate`, ...).
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemons;
+pub mod error;
 pub mod migration;
+pub mod model;
+pub mod service;
 pub mod store;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the state store in {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        source: store::StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the API server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the coordinator until `shutdown` fires: opens the store, settles migrations a
+/// previous run left unfinished (in the background), and serves the API. Prints
+/// `coord: api listening on ADDR` once it accepts connections.
+pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Store {
+        dir: cfg.data_dir.clone(),
+        source: store::StoreError::Io(source),
+    })?;
+    let st = store::Store::open(&cfg.data_dir).map_err(|source| ServeError::Store {
+        dir: cfg.data_dir.clone(),
+        source,
+    })?;
+    let coord = service::Coordinator::new(
+        st,
+        service::ServiceConfig {
+            cluster_token: cfg.api_token.clone(),
+            max_migrations_per_host: cfg.max_migrations_per_host,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.api,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(ServeError::Serve)?;
+    let recovering = Arc::clone(&coord);
+    tokio::spawn(async move { recovering.recover().await });
+    println!("coord: api listening on {bound}");
+    tracing::info!(%bound, "coordinator serving");
+    let app = api::router(Arc::clone(&coord), cfg.api_token);
+    let stop = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .map_err(ServeError::Serve)?;
+    coord.shutdown.cancel();
+    Ok(())
+}

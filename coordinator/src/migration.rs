@@ -231,6 +231,9 @@ pub enum RecoveryAction {
     FenceToSource { epoch: u64 },
     /// Stop and delete the target's copy (it never ran, or must not).
     DiscardTarget,
+    /// Fence the disks to the target at `epoch`: the target runs and the source copy
+    /// is gone (the agent frees it once the target runs), so forward is the only way.
+    FenceToTarget { epoch: u64 },
     /// Delete the source's paused copy: the target runs and holds the lease.
     DiscardSource,
     /// Journal the final phase.
@@ -259,6 +262,15 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
     if fence_happened && target_holds && obs.target == VmPresence::Running {
         let epoch = obs.storage_epoch;
         return vec![DiscardSource, Finish(Phase::Committed { epoch })];
+    }
+    // The target runs and the source has no copy left (today's agents free the source
+    // as soon as the target runs, before the coordinator fences): the running copy must
+    // get the lease, under an epoch above anything handed out, whatever phase was
+    // journaled. Discarding it would lose the guest.
+    // (When the fence already landed, the roll-forward rule above has answered.)
+    if obs.target == VmPresence::Running && obs.source == VmPresence::Absent {
+        let epoch = rec.next_epoch(obs.storage_epoch);
+        return vec![FenceToTarget { epoch }, Finish(Phase::Committed { epoch })];
     }
     // Before a fence intent was journaled no fence call can have been made: the source
     // still owns its disks under its original epoch.
@@ -398,6 +410,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn recovery_fences_to_a_lone_running_target_at_any_phase() {
+        // Journaled only Precopy, but the agents finished: the source copy is gone and
+        // the target runs. Its disks must follow it, under a fresh epoch.
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::Absent,
+            target: VmPresence::Running,
+            storage_epoch: 4,
+            storage_holder: Some("kvm-a1".into()),
+        };
+        assert_eq!(
+            plan_recovery(&r, &obs),
+            vec![
+                RecoveryAction::FenceToTarget { epoch: 5 },
+                RecoveryAction::Finish(Phase::Committed { epoch: 5 })
+            ]
+        );
+        // Fence intent at 5 journaled, storage never saw it: 5 is burnt, use 6.
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        assert_eq!(
+            plan_recovery(&r, &obs)[0],
+            RecoveryAction::FenceToTarget { epoch: 6 }
+        );
+        // The fence landed before the crash: nothing to fence, just commit (discarding
+        // an absent source is a no-op).
+        let landed = Observation {
+            storage_epoch: 5,
+            storage_holder: Some("kvm-b1".into()),
+            ..obs
+        };
+        assert_eq!(
+            plan_recovery(&r, &landed),
+            vec![
+                RecoveryAction::DiscardSource,
+                RecoveryAction::Finish(Phase::Committed { epoch: 5 })
+            ]
+        );
+    }
+
     fn arb_event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Started),
@@ -410,42 +463,62 @@ mod tests {
         ]
     }
 
+    fn arb_presence() -> impl Strategy<Value = VmPresence> {
+        prop_oneof![
+            Just(VmPresence::Running),
+            Just(VmPresence::Paused),
+            Just(VmPresence::InMigration),
+            Just(VmPresence::Absent),
+        ]
+    }
+
     proptest! {
-        /// Epochs handed out never repeat and never go below what storage has seen, and the
-        /// source never runs again under its old epoch once a fence intent was journaled.
+        /// Epochs handed out never repeat and never go below what storage has seen, the
+        /// source never runs again under its old epoch once a fence intent was journaled,
+        /// and recovery never discards the only running copy.
         #[test]
-        fn epochs_only_grow(events in proptest::collection::vec((arb_event(), 0u64..12), 0..20)) {
+        fn epochs_only_grow(
+            events in proptest::collection::vec((arb_event(), 0u64..12), 0..20),
+            source in arb_presence(),
+            target in arb_presence(),
+        ) {
             let mut r = rec();
             let mut handed: Vec<u64> = vec![r.source_epoch];
             let mut storage = r.source_epoch;
             for (ev, bump) in events {
                 // The storage node may have moved on by itself (another fence elsewhere).
                 storage = storage.max(r.source_epoch + bump % 3);
-                if r.apply(ev, storage).is_ok() {
-                    if let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = r.phase {
-                        prop_assert!(!handed.contains(&epoch), "epoch {} reused", epoch);
-                        prop_assert!(epoch > storage);
-                        handed.push(epoch);
-                    }
+                if r.apply(ev, storage).is_ok()
+                    && let Phase::Fencing { epoch } | Phase::RollingBack { epoch, .. } = r.phase
+                {
+                    prop_assert!(!handed.contains(&epoch), "epoch {} reused", epoch);
+                    prop_assert!(epoch > storage);
+                    handed.push(epoch);
                 }
                 let obs = Observation {
-                    source: VmPresence::Paused,
-                    target: VmPresence::InMigration,
+                    source,
+                    target,
                     storage_epoch: storage,
                     storage_holder: None,
                 };
-                for action in plan_recovery(&r, &obs) {
-                    if let RecoveryAction::FenceToSource { epoch } = action {
-                        prop_assert!(epoch > storage);
-                        prop_assert!(epoch > r.source_epoch);
+                let plan = plan_recovery(&r, &obs);
+                let pos = |f: &dyn Fn(&RecoveryAction) -> bool| plan.iter().position(f);
+                for action in &plan {
+                    if let RecoveryAction::FenceToSource { epoch } | RecoveryAction::FenceToTarget { epoch } = action {
+                        prop_assert!(*epoch > storage);
+                        prop_assert!(*epoch > r.source_epoch);
                     }
-                    if action == RecoveryAction::ResumeSource && r.phase.past_fence_intent() {
-                        // Resuming after a fence intent requires a FenceToSource first.
-                        let plan = plan_recovery(&r, &obs);
-                        let fenced_first = plan.iter().position(|a| matches!(a, RecoveryAction::FenceToSource { .. }))
-                            < plan.iter().position(|a| *a == RecoveryAction::ResumeSource);
-                        prop_assert!(fenced_first);
-                    }
+                }
+                if r.phase.past_fence_intent()
+                    && !r.phase.is_terminal()
+                    && let Some(resume) = pos(&|a| *a == RecoveryAction::ResumeSource)
+                {
+                    // Resuming after a fence intent requires a FenceToSource first.
+                    let fence = pos(&|a| matches!(a, RecoveryAction::FenceToSource { .. }));
+                    prop_assert!(matches!(fence, Some(f) if f < resume), "plan {:?}", plan);
+                }
+                if !r.phase.is_terminal() && target == VmPresence::Running && source == VmPresence::Absent {
+                    prop_assert!(pos(&|a| *a == RecoveryAction::DiscardTarget).is_none(), "plan {:?} drops the only copy", plan);
                 }
             }
         }

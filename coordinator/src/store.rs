@@ -31,6 +31,8 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("cannot create the state directory: {0}")]
+    Io(std::io::Error),
     #[error("unknown table {0}; this is a bug in the coordinator")]
     UnknownTable(String),
 }

@@ -1,0 +1,337 @@
+//! The coordinator's HTTP/JSON API (axum): a thin translation of `service.rs`.
+//! Secrets (daemon tokens, lease tokens) never leave through it: records are shown
+//! through the `*View` shapes below.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::model::*;
+use crate::service::{Coordinator, CreateVmRequest, MigrateRequest};
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    coord: Arc<Coordinator>,
+    token: Option<Arc<String>>,
+}
+
+/// The router, with bearer auth on everything except /v1/health.
+pub fn router(coord: Arc<Coordinator>, token: Option<String>) -> Router {
+    let state = AppState {
+        coord,
+        token: token.map(Arc::new),
+    };
+    let authed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/sites", get(list_sites))
+        .route("/v1/sites/{name}", put(add_site))
+        .route("/v1/storage", get(list_storage))
+        .route("/v1/storage/{name}", put(add_storage))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{name}", put(add_host))
+        .route("/v1/vms", get(list_vms))
+        .route(
+            "/v1/vms/{name}",
+            put(create_vm).get(show_vm).delete(delete_vm),
+        )
+        .route("/v1/migrations", get(list_migrations).post(migrate))
+        .route("/v1/migrations/{id}", get(show_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
+        .merge(authed)
+        .fallback(|| async {
+            ApiError::not_found("not_found", "No such API path; see docs/coordinator.md.")
+        })
+        .with_state(state)
+}
+
+async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(want) = &st.token {
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compare hashes so the comparison time does not depend on the token's length.
+        let (a, b) = (blake3::hash(got.as_bytes()), blake3::hash(want.as_bytes()));
+        if !bool::from(a.as_bytes().ct_eq(b.as_bytes())) {
+            return ApiError::new(
+                401,
+                "unauthorized",
+                "Missing or wrong bearer token; set STAGEHAND_TOKEN.",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.coord.metrics(),
+    )
+}
+
+async fn list_sites(State(st): State<AppState>) -> ApiResult<Vec<Site>> {
+    Ok(Json(st.coord.sites()?))
+}
+
+async fn add_site(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Site> {
+    Ok(Json(st.coord.add_site(&name).await?))
+}
+
+#[derive(Serialize)]
+pub struct StorageView {
+    name: String,
+    site: String,
+    api: String,
+    nbd: String,
+    reachable_from: Vec<String>,
+    disk_dir: String,
+    own_token: bool,
+}
+
+impl From<StorageNode> for StorageView {
+    fn from(s: StorageNode) -> Self {
+        Self {
+            own_token: s.token.is_some(),
+            name: s.name,
+            site: s.site,
+            api: s.api,
+            nbd: s.nbd,
+            reachable_from: s.reachable_from,
+            disk_dir: s.disk_dir,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddStorage {
+    site: String,
+    api: String,
+    nbd: String,
+    #[serde(default)]
+    reachable_from: Vec<String>,
+    disk_dir: String,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+async fn list_storage(State(st): State<AppState>) -> ApiResult<Vec<StorageView>> {
+    Ok(Json(
+        st.coord
+            .storage_nodes()?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+async fn add_storage(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<StorageView> {
+    let b: AddStorage = body(&raw)?;
+    let node = StorageNode {
+        name,
+        site: b.site,
+        api: b.api,
+        nbd: b.nbd,
+        reachable_from: b.reachable_from,
+        disk_dir: b.disk_dir,
+        token: b.token,
+    };
+    Ok(Json(st.coord.add_storage(node).await?.into()))
+}
+
+#[derive(Serialize)]
+pub struct HostView {
+    name: String,
+    site: String,
+    api: String,
+    migration: String,
+    memory_mib: u64,
+    own_token: bool,
+}
+
+impl From<Host> for HostView {
+    fn from(h: Host) -> Self {
+        Self {
+            own_token: h.token.is_some(),
+            name: h.name,
+            site: h.site,
+            api: h.api,
+            migration: h.migration,
+            memory_mib: h.memory_mib,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddHost {
+    site: String,
+    api: String,
+    migration: String,
+    memory_mib: u64,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+async fn list_hosts(State(st): State<AppState>) -> ApiResult<Vec<HostView>> {
+    Ok(Json(
+        st.coord.hosts()?.into_iter().map(Into::into).collect(),
+    ))
+}
+
+async fn add_host(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> ApiResult<HostView> {
+    let b: AddHost = body(&raw)?;
+    let host = Host {
+        name,
+        site: b.site,
+        api: b.api,
+        migration: b.migration,
+        memory_mib: b.memory_mib,
+        token: b.token,
+    };
+    Ok(Json(st.coord.add_host(host).await?.into()))
+}
+
+/// A VM as shown: the stored record without lease tokens, plus the live agent state.
+pub fn vm_view(vm: &Vm, agent_state: Option<String>) -> Value {
+    let disks: Vec<Value> = vm
+        .disks
+        .iter()
+        .map(|d| json!({"storage": d.storage, "export": d.export, "size_bytes": d.size_bytes, "epoch": d.epoch, "holder": d.holder}))
+        .collect();
+    let state = serde_json::to_value(vm.state).unwrap_or(Value::Null);
+    json!({
+        "name": vm.name, "site": vm.site, "host": vm.host, "state": state,
+        "memory_mib": vm.memory_mib, "vcpus": vm.vcpus, "image": vm.image,
+        "load_addr": vm.load_addr, "disks": disks, "migration": vm.migration,
+        "agent_state": agent_state,
+    })
+}
+
+async fn list_vms(State(st): State<AppState>) -> ApiResult<Vec<Value>> {
+    Ok(Json(
+        st.coord.vms()?.iter().map(|v| vm_view(v, None)).collect(),
+    ))
+}
+
+async fn show_vm(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Value> {
+    let vm = st.coord.vm(&name)?;
+    let live = st.coord.vm_agent_state(&vm).await;
+    Ok(Json(vm_view(&vm, live)))
+}
+
+async fn create_vm(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: CreateVmRequest = body(&raw)?;
+    let vm = st.coord.create_vm(&name, req).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(vm_view(&vm, Some("running".into()))),
+    ))
+}
+
+async fn delete_vm(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.coord.delete_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A migration as shown (the fields api.md fixes, then the rest).
+pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> Value {
+    let r = &m.record;
+    let f = &m.figures;
+    let mut v = json!({
+        "id": r.id, "vm": r.vm, "from_host": r.from_host, "to_host": r.to_host,
+        "to_site": m.to_site, "state": r.phase.name(), "phase": r.phase,
+        "total_ms": f.total_ms, "downtime_ms": f.downtime_ms, "fence_ms": f.fence_ms,
+        "memory_bytes": f.memory_bytes, "memory_total_bytes": f.memory_total_bytes,
+        "remaining_bytes": f.remaining_bytes, "disk_bytes": f.disk_bytes, "passes": f.passes,
+        "source_epoch": r.source_epoch, "offline": m.options.offline,
+        "agent_migration": m.agent_migration, "created_ms": m.created_ms,
+        "finished_ms": m.finished_ms, "error": m.error,
+    });
+    if let Some(j) = journal {
+        v["journal"] = json!(j);
+    }
+    v
+}
+
+async fn list_migrations(State(st): State<AppState>) -> ApiResult<Vec<Value>> {
+    Ok(Json(
+        st.coord
+            .migrations()?
+            .iter()
+            .map(|m| migration_view(m, None))
+            .collect(),
+    ))
+}
+
+async fn show_migration(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Value> {
+    let m = st.coord.migration(&id)?;
+    let j = st.coord.journal(&id)?;
+    Ok(Json(migration_view(&m, Some(j))))
+}
+
+async fn migrate(
+    State(st): State<AppState>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: MigrateRequest = body(&raw)?;
+    let m = st.coord.start_migration(req).await?;
+    Ok((StatusCode::ACCEPTED, Json(migration_view(&m, None))))
+}
+
+async fn cancel_migration(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Value> {
+    let m = st.coord.cancel_migration(&id)?;
+    Ok(Json(migration_view(&m, None)))
+}

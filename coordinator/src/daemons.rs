@@ -1,0 +1,381 @@
+//! HTTP clients of the daemons the coordinator drives: the storage node's control API
+//! (exports and fences) and the agent's VM and migration API. Only the fields the
+//! coordinator reads are modelled; the daemons own their full schemas.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{what} at {url} is unreachable: {source}")]
+    Unreachable {
+        what: &'static str,
+        url: String,
+        source: reqwest::Error,
+    },
+    #[error(
+        "{what} at {url} refused the token (401); check the cluster token or the node's own token"
+    )]
+    Unauthorized { what: &'static str, url: String },
+    #[error("{what} answered {status} {code}: {message}")]
+    Refused {
+        what: &'static str,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("{what} answered something that is not the expected JSON: {detail}")]
+    BadAnswer { what: &'static str, detail: String },
+}
+
+impl DaemonError {
+    /// The daemon's error code when it refused the call.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DaemonError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DaemonError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A bearer-token JSON client of one daemon.
+#[derive(Clone)]
+pub struct DaemonClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    what: &'static str,
+}
+
+impl DaemonClient {
+    pub fn new(
+        http: reqwest::Client,
+        base: &str,
+        token: Option<String>,
+        what: &'static str,
+    ) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            what,
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<T>, DaemonError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| DaemonError::Unreachable {
+                what: self.what,
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(DaemonError::Unauthorized {
+                what: self.what,
+                url,
+            });
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| DaemonError::Unreachable {
+                what: self.what,
+                url: url.clone(),
+                source,
+            })?;
+        if !status.is_success() {
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(DaemonError::Refused {
+                what: self.what,
+                status: status.as_u16(),
+                code: v["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DaemonError::BadAnswer {
+                what: self.what,
+                detail: e.to_string(),
+            })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, DaemonError> {
+        self.call(method, path, body)
+            .await?
+            .ok_or_else(|| DaemonError::BadAnswer {
+                what: self.what,
+                detail: "empty body".into(),
+            })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExportInfo {
+    pub name: String,
+    pub size_bytes: u64,
+    pub lease: Option<Lease>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FenceReply {
+    pub epoch: u64,
+    pub holder: String,
+    pub token: String,
+}
+
+/// stagehand-nbd's control API.
+#[derive(Clone)]
+pub struct StorageClient(pub DaemonClient);
+
+impl StorageClient {
+    pub async fn health(&self) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(reqwest::Method::GET, "/v1/health", None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn put_export(
+        &self,
+        name: &str,
+        path: &str,
+        size_bytes: u64,
+    ) -> Result<ExportInfo, DaemonError> {
+        let body = json!({"path": path, "size_bytes": size_bytes});
+        self.0
+            .json(
+                reqwest::Method::PUT,
+                &format!("/v1/exports/{name}"),
+                Some(&body),
+            )
+            .await
+    }
+
+    pub async fn get_export(&self, name: &str) -> Result<ExportInfo, DaemonError> {
+        self.0
+            .json(reqwest::Method::GET, &format!("/v1/exports/{name}"), None)
+            .await
+    }
+
+    pub async fn delete_export(&self, name: &str) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(
+                reqwest::Method::DELETE,
+                &format!("/v1/exports/{name}?force=true"),
+                None,
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn fence(
+        &self,
+        name: &str,
+        epoch: u64,
+        holder: &str,
+    ) -> Result<FenceReply, DaemonError> {
+        let body = json!({"epoch": epoch, "holder": holder});
+        self.0
+            .json(
+                reqwest::Method::POST,
+                &format!("/v1/exports/{name}/fence"),
+                Some(&body),
+            )
+            .await
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentVm {
+    pub name: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct AgentMigration {
+    pub state: String,
+    // The agent reports times and sizes as JSON numbers that may be fractional.
+    #[serde(default)]
+    pub total_ms: f64,
+    #[serde(default)]
+    pub downtime_ms: f64,
+    #[serde(default)]
+    pub ram_transferred_bytes: f64,
+    #[serde(default)]
+    pub remaining_bytes: f64,
+    #[serde(default)]
+    pub total_bytes: f64,
+    #[serde(default)]
+    pub passes: Vec<Value>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+impl AgentMigration {
+    pub fn finished(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+    }
+
+    pub fn error_code(&self) -> Option<String> {
+        self.error
+            .as_ref()
+            .and_then(|e| e["code"].as_str())
+            .map(str::to_owned)
+    }
+
+    pub fn error_text(&self) -> String {
+        match &self.error {
+            Some(e) => format!(
+                "{}: {}",
+                e["code"].as_str().unwrap_or("error"),
+                e["message"].as_str().unwrap_or("")
+            ),
+            None => self.state.clone(),
+        }
+    }
+}
+
+/// stagehand-agent's API.
+#[derive(Clone)]
+pub struct AgentClient(pub DaemonClient);
+
+pub const POLL: Duration = Duration::from_millis(100);
+
+impl AgentClient {
+    pub async fn health(&self) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(reqwest::Method::GET, "/v1/health", None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn put_vm(&self, name: &str, spec: &Value) -> Result<AgentVm, DaemonError> {
+        self.0
+            .json(reqwest::Method::PUT, &format!("/v1/vms/{name}"), Some(spec))
+            .await
+    }
+
+    /// The VM, or None when the agent has no VM of that name.
+    pub async fn get_vm(&self, name: &str) -> Result<Option<AgentVm>, DaemonError> {
+        match self
+            .0
+            .json(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
+            .await
+        {
+            Ok(vm) => Ok(Some(vm)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the VM; absent already counts as done.
+    pub async fn delete_vm(&self, name: &str) -> Result<(), DaemonError> {
+        match self
+            .0
+            .call::<Value>(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<AgentVm, DaemonError> {
+        self.0
+            .json(
+                reqwest::Method::POST,
+                &format!("/v1/vms/{name}/pause"),
+                None,
+            )
+            .await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<AgentVm, DaemonError> {
+        self.0
+            .json(
+                reqwest::Method::POST,
+                &format!("/v1/vms/{name}/resume"),
+                None,
+            )
+            .await
+    }
+
+    pub async fn migrate(&self, name: &str, body: &Value) -> Result<String, DaemonError> {
+        let v: Value = self
+            .0
+            .json(
+                reqwest::Method::POST,
+                &format!("/v1/vms/{name}/migrate"),
+                Some(body),
+            )
+            .await?;
+        v["migration_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| DaemonError::BadAnswer {
+                what: "agent",
+                detail: "no migration_id".into(),
+            })
+    }
+
+    pub async fn migration(&self, id: &str) -> Result<AgentMigration, DaemonError> {
+        self.0
+            .json(reqwest::Method::GET, &format!("/v1/migrations/{id}"), None)
+            .await
+    }
+
+    pub async fn cancel_migration(&self, id: &str) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(
+                reqwest::Method::POST,
+                &format!("/v1/migrations/{id}/cancel"),
+                None,
+            )
+            .await
+            .map(|_| ())
+    }
+}

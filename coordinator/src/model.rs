@@ -1,0 +1,188 @@
+//! Inventory records as stored (JSON in the store's column families) and as served by
+//! the API. Secrets (daemon tokens, lease tokens) live in the records but are skipped
+//! when a record is shown: see the `*View` conversions in `api.rs`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::migration::MigrationRecord;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Site {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StorageNode {
+    pub name: String,
+    pub site: String,
+    /// Base URL of the node's control API, e.g. `http://10.0.0.5:7080`.
+    pub api: String,
+    /// The node's NBD listener `HOST:PORT` (what hosts connect to).
+    pub nbd: String,
+    /// Sites other than its own whose hosts reach it (shared storage across sites).
+    #[serde(default)]
+    pub reachable_from: Vec<String>,
+    /// Directory on the storage node where the coordinator creates disk files.
+    pub disk_dir: String,
+    /// Token for this node's API when it differs from the cluster token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl StorageNode {
+    pub fn reaches(&self, site: &str) -> bool {
+        self.site == site || self.reachable_from.iter().any(|s| s == site)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub site: String,
+    /// Base URL of the agent's API.
+    pub api: String,
+    /// The agent's migration listener `HOST:PORT`.
+    pub migration: String,
+    /// Guest memory this host may hold, MiB (the agent does not report it yet).
+    pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Disk {
+    pub storage: String,
+    pub export: String,
+    pub size_bytes: u64,
+    /// Lease epoch and holder as last confirmed by the storage node.
+    pub epoch: u64,
+    pub holder: String,
+    /// The holder's lease token (secret: never shown by the API, never logged).
+    #[serde(default)]
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Migrating,
+    /// A step failed in a way the coordinator could not settle by itself.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vm {
+    pub name: String,
+    pub site: String,
+    pub host: String,
+    pub state: VmState,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// The guest's flat binary (a path on the hosts) and where it is loaded.
+    pub image: String,
+    pub load_addr: u64,
+    pub disks: Vec<Disk>,
+    /// The migration in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+}
+
+/// Options of one migration, as requested.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct MigrationOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mibs: Option<u64>,
+    #[serde(default)]
+    pub offline: bool,
+}
+
+/// Figures of a migration, copied from the source agent's statistics as it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct MigrationFigures {
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+    /// How long the fence call to the storage node took.
+    pub fence_ms: u64,
+    pub memory_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub remaining_bytes: u64,
+    /// Disk bytes copied: 0 on shared storage (no mirror).
+    pub disk_bytes: u64,
+    pub passes: u64,
+}
+
+/// A migration as stored: the pure state machine's record plus what the shell needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationDoc {
+    pub record: MigrationRecord,
+    pub to_site: String,
+    pub options: MigrationOptions,
+    /// The source agent's migration id, once it accepted the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_migration: Option<String>,
+    pub figures: MigrationFigures,
+    /// Unix milliseconds.
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One journal entry: a phase as it was made durable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub at_ms: u64,
+    pub phase: crate::migration::Phase,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Valid names for sites, nodes, hosts and VMs: what every daemon accepts in a path.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("vm7"));
+        assert!(valid_name("kvm-a1.x_y"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(".hidden"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn storage_reach() {
+        let s = StorageNode {
+            name: "nbd-a1".into(),
+            site: "siteA".into(),
+            api: "http://x".into(),
+            nbd: "x:1".into(),
+            reachable_from: vec!["siteB".into()],
+            disk_dir: "/d".into(),
+            token: None,
+        };
+        assert!(s.reaches("siteA"));
+        assert!(s.reaches("siteB"));
+        assert!(!s.reaches("siteC"));
+    }
+}

@@ -1,0 +1,158 @@
+//! The `coord` CLI against a real coordinator, storage node and agents on loopback:
+//! every verb's happy path and its errors (unknown site/VM, no capacity, unreachable
+//! storage, bad token), tables and `--json`.
+
+mod coord_support;
+
+use coord_support::{Cluster, have_kvm};
+
+#[test]
+fn inventory_verbs_and_their_errors() {
+    let c = Cluster::start();
+    c.register();
+    let sites = c.ok(&["site", "list"]);
+    assert_eq!(sites.as_array().map(Vec::len), Some(2));
+    let storage = c.ok(&["storage", "list"]);
+    assert_eq!(storage[0]["name"], "nbd-a1");
+    assert_eq!(storage[0]["reachable_from"][0], "siteB");
+    let hosts = c.ok(&["host", "list"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(2));
+    assert_eq!(hosts[0]["memory_mib"], 1024);
+
+    // Bad token: refused, one line, non-zero, and nothing changes.
+    let (ok, _, err) = c.cli_with_token(&["site", "add", "siteX"], "wrong-token");
+    assert!(!ok);
+    assert!(err.contains("unauthorized"), "{err}");
+    assert_eq!(c.ok(&["site", "list"]).as_array().map(Vec::len), Some(2));
+
+    // Unknown site, for a host and for a VM.
+    let err = c.fails(&[
+        "host",
+        "add",
+        "kvm-x",
+        "--site",
+        "nowhere",
+        "--api",
+        "http://127.0.0.1:1",
+        "--migration",
+        "127.0.0.1:2",
+    ]);
+    assert!(err.contains("site_not_found"), "{err}");
+    let err = c.fails(&[
+        "vm", "create", "vm1", "--site", "nowhere", "--memory", "128M", "--image", "/x", "--disk",
+        "16M",
+    ]);
+    assert!(err.contains("site_not_found"), "{err}");
+
+    // Unreachable storage node: refused at add time.
+    let dead = format!("http://127.0.0.1:{}", stagehand_tests::free_port());
+    let err = c.fails(&[
+        "storage",
+        "add",
+        "nbd-dead",
+        "--site",
+        "siteA",
+        "--api",
+        &dead,
+        "--nbd",
+        "127.0.0.1:1",
+        "--disk-dir",
+        "/tmp",
+    ]);
+    assert!(err.contains("storage_unreachable"), "{err}");
+
+    // No capacity: hosts hold 1 GiB of guests each.
+    let err = c.fails(&[
+        "vm", "create", "big", "--site", "siteA", "--memory", "2G", "--image", "/x", "--disk",
+        "16M",
+    ]);
+    assert!(err.contains("no_capacity"), "{err}");
+
+    // Unknown VM and migration.
+    let err = c.fails(&["vm", "show", "nope"]);
+    assert!(err.contains("vm_not_found"), "{err}");
+    let err = c.fails(&["migrate", "nope", "--to", "siteB"]);
+    assert!(err.contains("vm_not_found"), "{err}");
+    let err = c.fails(&["migration", "show", "mig-nope"]);
+    assert!(err.contains("migration_not_found"), "{err}");
+    let err = c.fails(&["vm", "delete", "nope"]);
+    assert!(err.contains("vm_not_found"), "{err}");
+
+    // Coordinator down: a clear one-line reason.
+    let mut c = c;
+    if let Some(p) = c.coord.as_mut() {
+        p.kill();
+    }
+    let err = c.fails(&["vm", "list"]);
+    assert!(err.contains("cannot reach the coordinator"), "{err}");
+}
+
+#[test]
+fn vm_create_show_list_delete() {
+    if !have_kvm() {
+        eprintln!("SKIPPED: /dev/kvm missing");
+        return;
+    }
+    let c = Cluster::start();
+    c.register();
+    let guest = c.guest.display().to_string();
+    // A disk image: the coordinator writes it through NBD under its own lease.
+    let img = c.dir.path().join("disk.img");
+    let pattern: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&img, &pattern).expect("write image");
+    let vm = c.ok(&[
+        "vm",
+        "create",
+        "vm7",
+        "--site",
+        "siteA",
+        "--memory",
+        "64M",
+        "--image",
+        &guest,
+        "--disk",
+        "16M",
+        "--disk-image",
+        &img.display().to_string(),
+    ]);
+    assert_eq!(vm["host"], "kvm-a1");
+    assert_eq!(vm["disks"][0]["storage"], "nbd-a1");
+    // Epoch 1 went to the filler, 2 to the host.
+    assert_eq!(vm["disks"][0]["epoch"], 2);
+    assert_eq!(c.lease("vm7-disk0"), ("kvm-a1".to_owned(), 2));
+    let file = std::fs::read(c.dir.path().join("disks/vm7-disk0.img")).expect("disk file");
+    assert_eq!(file.len(), 16 << 20);
+    assert_eq!(&file[..pattern.len()], &pattern[..]);
+    assert_eq!(c.agent_vm_state(0, "vm7"), "running");
+
+    // Without an image: epoch 1 to the host, placed in siteB.
+    let vm = c.ok(&[
+        "vm", "create", "vm8", "--site", "siteB", "--memory", "128M", "--image", &guest, "--disk",
+        "8M",
+    ]);
+    assert_eq!(vm["host"], "kvm-b1");
+    assert_eq!(c.lease("vm8-disk0"), ("kvm-b1".to_owned(), 1));
+
+    let err = c.fails(&[
+        "vm", "create", "vm8", "--site", "siteB", "--memory", "128M", "--image", &guest, "--disk",
+        "8M",
+    ]);
+    assert!(err.contains("vm_exists"), "{err}");
+
+    let show = c.ok(&["vm", "show", "vm7"]);
+    for key in ["name", "site", "host", "state", "memory_mib", "disks"] {
+        assert!(!show[key].is_null(), "vm show lacks {key}: {show}");
+    }
+    assert_eq!(show["agent_state"], "running");
+    assert!(
+        show.to_string().find("token").is_none(),
+        "tokens must not leak: {show}"
+    );
+    let list = c.ok(&["vm", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+
+    c.ok(&["vm", "delete", "vm8"]);
+    assert_eq!(c.agent_vm_state(1, "vm8"), "absent");
+    let err = c.fails(&["vm", "show", "vm8"]);
+    assert!(err.contains("vm_not_found"), "{err}");
+}

@@ -1,0 +1,397 @@
+//! A loopback cluster for the coordinator tests: one stagehand-nbd, two
+//! stagehand-agents (siteA, siteB), `coord serve`, and the `coord` CLI. Every process
+//! is killed on drop; every wait is bounded.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stagehand_tests::{bin, free_port, run_timeout};
+
+pub const TOKEN: &str = "coord-test-cluster-token-0123456789";
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for the process to exit by itself; true when it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn have_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Waits until GET `url` answers 200 (bounded).
+pub fn wait_health(url: &str, token: Option<&str>, p: &mut Proc) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited during start-up: {status}", p.name);
+        }
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "-m", "2", "-o", "/dev/null", url]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if run_timeout(&mut cmd, Duration::from_secs(5))
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} did not become healthy at {url}",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Node {
+    pub proc: Proc,
+    pub api: String,
+    pub nbd: String,
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub api: String,
+    pub migration: String,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nbd: Node,
+    pub agents: Vec<Agent>,
+    pub coord: Option<Proc>,
+    pub coord_api: String,
+    pub guest: PathBuf,
+}
+
+fn spawn(
+    exe: &Path,
+    args: &[String],
+    name: &'static str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Proc {
+    let logf = std::fs::File::create(log).expect("create log file");
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}")),
+        name,
+    }
+}
+
+impl Cluster {
+    /// Storage node + two agents + coordinator (started), nothing registered yet.
+    pub fn start() -> Cluster {
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("STAGEHAND_KEEP_TEST_DIRS").is_some() {
+            // Logs of every daemon stay for a post-mortem.
+            dir.disable_cleanup(true);
+            eprintln!("test cluster in {}", dir.path().display());
+        }
+        let d = dir.path();
+        let nbd_api = format!("127.0.0.1:{}", free_port());
+        let nbd_port = format!("127.0.0.1:{}", free_port());
+        std::fs::create_dir_all(d.join("nbd-data")).expect("mkdir");
+        std::fs::create_dir_all(d.join("disks")).expect("mkdir");
+        let mut nbd = spawn(
+            &bin("stagehand-nbd", "nbd-server"),
+            &[
+                "--listen".into(),
+                nbd_port.clone(),
+                "--api".into(),
+                nbd_api.clone(),
+                "--data-dir".into(),
+                d.join("nbd-data").display().to_string(),
+                "--api-token".into(),
+                TOKEN.into(),
+            ],
+            "stagehand-nbd",
+            &d.join("nbd.log"),
+            &[],
+        );
+        wait_health(
+            &format!("http://{nbd_api}/v1/health"),
+            Some(TOKEN),
+            &mut nbd,
+        );
+        let agent_exe = bin("stagehand-agent", "agent");
+        let mut agents = Vec::new();
+        for host in ["kvm-a1", "kvm-b1"] {
+            let api = format!("127.0.0.1:{}", free_port());
+            let mig = format!("127.0.0.1:{}", free_port());
+            let data = d.join(format!("{host}-data"));
+            std::fs::create_dir_all(&data).expect("mkdir");
+            let mut p = spawn(
+                &agent_exe,
+                &[
+                    "--api".into(),
+                    api.clone(),
+                    "--migration-listen".into(),
+                    mig.clone(),
+                    "--host-id".into(),
+                    host.into(),
+                    "--data-dir".into(),
+                    data.display().to_string(),
+                    "--api-token".into(),
+                    TOKEN.into(),
+                ],
+                "stagehand-agent",
+                &d.join(format!("{host}.log")),
+                &[],
+            );
+            wait_health(&format!("http://{api}/v1/health"), Some(TOKEN), &mut p);
+            agents.push(Agent {
+                proc: p,
+                api,
+                migration: mig,
+            });
+        }
+        let guest = d.join("ab.bin");
+        let out = run_timeout(
+            Command::new(&agent_exe)
+                .args(["guest-image", "ab-sweeper", "--out"])
+                .arg(&guest),
+            Duration::from_secs(30),
+        )
+        .expect("guest-image runs");
+        assert!(out.status.success(), "guest-image failed: {out:?}");
+        let mut c = Cluster {
+            dir,
+            nbd: Node {
+                proc: nbd,
+                api: nbd_api,
+                nbd: nbd_port,
+            },
+            agents,
+            coord: None,
+            coord_api: format!("127.0.0.1:{}", free_port()),
+            guest,
+        };
+        c.start_coord(&[]);
+        c
+    }
+
+    pub fn start_coord(&mut self, env: &[(&str, &str)]) {
+        let d = self.dir.path();
+        let n = std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+        let mut p = spawn(
+            &bin("coord", "coordinator"),
+            &[
+                "serve".into(),
+                "--api".into(),
+                self.coord_api.clone(),
+                "--data-dir".into(),
+                d.join("coord-data").display().to_string(),
+                "--api-token".into(),
+                TOKEN.into(),
+            ],
+            "coord serve",
+            &d.join(format!("coord-{n}.log")),
+            env,
+        );
+        wait_health(
+            &format!("http://{}/v1/health", self.coord_api),
+            None,
+            &mut p,
+        );
+        self.coord = Some(p);
+    }
+
+    /// Runs `coord ARGS --json` with the cluster token; returns (success, stdout JSON or
+    /// Null, stderr).
+    pub fn cli_with_token(&self, args: &[&str], token: &str) -> (bool, Value, String) {
+        let out = run_timeout(
+            Command::new(bin("coord", "coordinator"))
+                .args(args)
+                .arg("--json")
+                .env(
+                    "STAGEHAND_COORDINATOR",
+                    format!("http://{}", self.coord_api),
+                )
+                .env("STAGEHAND_TOKEN", token),
+            Duration::from_secs(120),
+        )
+        .expect("coord CLI runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        (
+            out.status.success(),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn cli(&self, args: &[&str]) -> (bool, Value, String) {
+        self.cli_with_token(args, TOKEN)
+    }
+
+    /// Runs the CLI and panics with its stderr unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> Value {
+        let (ok, v, err) = self.cli(args);
+        assert!(ok, "coord {args:?} failed: {err}");
+        v
+    }
+
+    /// Runs the CLI expecting failure; returns its one-line stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let (ok, _, err) = self.cli(args);
+        assert!(!ok, "coord {args:?} should have failed");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one-line error expected: {err}"
+        );
+        err
+    }
+
+    /// site add siteA siteB; the storage node in siteA reachable from siteB; a host per site.
+    pub fn register(&self) {
+        self.ok(&["site", "add", "siteA"]);
+        self.ok(&["site", "add", "siteB"]);
+        let disks = self.dir.path().join("disks").display().to_string();
+        self.ok(&[
+            "storage",
+            "add",
+            "nbd-a1",
+            "--site",
+            "siteA",
+            "--api",
+            &format!("http://{}", self.nbd.api),
+            "--nbd",
+            &self.nbd.nbd,
+            "--reachable-from",
+            "siteB",
+            "--disk-dir",
+            &disks,
+        ]);
+        for (i, (host, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
+            .iter()
+            .enumerate()
+        {
+            self.ok(&[
+                "host",
+                "add",
+                host,
+                "--site",
+                site,
+                "--api",
+                &format!("http://{}", self.agents[i].api),
+                "--migration",
+                &self.agents[i].migration,
+                "--memory",
+                "1G",
+            ]);
+        }
+    }
+
+    /// GET on a daemon with the cluster token; (status, JSON body).
+    pub fn get(&self, url: &str) -> (u16, Value) {
+        let out = run_timeout(
+            Command::new("curl").args([
+                "-s",
+                "-m",
+                "10",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                url,
+            ]),
+            Duration::from_secs(15),
+        )
+        .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The VM's state on agent `i` ("absent" when the agent has none).
+    pub fn agent_vm_state(&self, i: usize, vm: &str) -> String {
+        let (code, v) = self.get(&format!("http://{}/v1/vms/{vm}", self.agents[i].api));
+        if code == 404 {
+            return "absent".into();
+        }
+        v["state"].as_str().unwrap_or("?").to_owned()
+    }
+
+    /// The export's lease `(holder, epoch)` as the storage node reports it.
+    pub fn lease(&self, export: &str) -> (String, u64) {
+        let (_, v) = self.get(&format!("http://{}/v1/exports/{export}", self.nbd.api));
+        (
+            v["lease"]["holder"].as_str().unwrap_or("").to_owned(),
+            v["lease"]["epoch"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// The lease token the agent on `i` was given for the VM's first disk (from the
+    /// NBD URI the coordinator passed it).
+    pub fn agent_disk_token(&self, i: usize, vm: &str) -> Option<String> {
+        let (_, v) = self.get(&format!("http://{}/v1/vms/{vm}", self.agents[i].api));
+        let uri = v["disks"][0]["nbd"].as_str()?.to_owned();
+        uri.split_once(";lease=").map(|(_, t)| t.to_owned())
+    }
+
+    /// Polls `coord migration show` until the migration is terminal (bounded).
+    pub fn wait_migration(&self, id: &str, limit: Duration) -> Value {
+        let end = Instant::now() + limit;
+        loop {
+            let (ok, v, _) = self.cli(&["migration", "show", id]);
+            if ok
+                && matches!(
+                    v["state"].as_str(),
+                    Some("committed" | "rolled_back" | "cancelled")
+                )
+            {
+                return v;
+            }
+            assert!(Instant::now() < end, "migration {id} did not end: {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
