@@ -69,7 +69,7 @@ cat <<MSG
 Demo passed: stagehand-nbd served a sparse disk to nbdinfo and qemu-img, over TCP
 and a Unix socket, with holes preserved.
 
-Try next (run `make demo` in a terminal: the server then stays up until Ctrl-C):
+Try next (run "make demo" in a terminal: the server then stays up until Ctrl-C):
   nbdinfo --json $URI
   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' $URI
   nbdcopy -C 4 --progress $URI null:
