@@ -342,6 +342,23 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Prints a JSON array of records as a table: each column is a header and the JSON
+/// pointer of its field in a record (a missing field prints as "-").
+fn list_table(v: &Value, cols: &[(&str, &str)]) {
+    let headers: Vec<&str> = cols.iter().map(|(h, _)| *h).collect();
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            cols.iter()
+                .map(|(_, ptr)| s(x.pointer(ptr).unwrap_or(&Value::Null)))
+                .collect()
+        })
+        .collect();
+    table(&headers, rows);
+}
+
 /// Prints rows as aligned columns.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -468,16 +485,7 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         }
         Command::Site(SiteCmd::List) => {
             let v = c.call(M::GET, "/v1/sites", None).await?;
-            emit(j, &v, |v| {
-                table(
-                    &["SITE"],
-                    v.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| vec![s(&x["name"])])
-                        .collect(),
-                )
-            });
+            emit(j, &v, |v| list_table(v, &[("SITE", "/name")]));
         }
         Command::Storage(StorageCmd::Add {
             name,
@@ -504,21 +512,15 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         Command::Storage(StorageCmd::List) => {
             let v = c.call(M::GET, "/v1/storage", None).await?;
             emit(j, &v, |v| {
-                table(
-                    &["STORAGE", "SITE", "REACHABLE FROM", "NBD", "API"],
-                    v.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| {
-                            vec![
-                                s(&x["name"]),
-                                s(&x["site"]),
-                                s(&x["reachable_from"]),
-                                s(&x["nbd"]),
-                                s(&x["api"]),
-                            ]
-                        })
-                        .collect(),
+                list_table(
+                    v,
+                    &[
+                        ("STORAGE", "/name"),
+                        ("SITE", "/site"),
+                        ("REACHABLE FROM", "/reachable_from"),
+                        ("NBD", "/nbd"),
+                        ("API", "/api"),
+                    ],
                 )
             });
         }
@@ -546,21 +548,15 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         Command::Host(HostCmd::List) => {
             let v = c.call(M::GET, "/v1/hosts", None).await?;
             emit(j, &v, |v| {
-                table(
-                    &["HOST", "SITE", "MEMORY MIB", "MIGRATION", "API"],
-                    v.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| {
-                            vec![
-                                s(&x["name"]),
-                                s(&x["site"]),
-                                s(&x["memory_mib"]),
-                                s(&x["migration"]),
-                                s(&x["api"]),
-                            ]
-                        })
-                        .collect(),
+                list_table(
+                    v,
+                    &[
+                        ("HOST", "/name"),
+                        ("SITE", "/site"),
+                        ("MEMORY MIB", "/memory_mib"),
+                        ("MIGRATION", "/migration"),
+                        ("API", "/api"),
+                    ],
                 )
             });
         }
@@ -577,22 +573,16 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         Command::Vm(VmCmd::List) => {
             let v = c.call(M::GET, "/v1/vms", None).await?;
             emit(j, &v, |v| {
-                table(
-                    &["VM", "SITE", "HOST", "STATE", "MEMORY MIB", "DISK EPOCH"],
-                    v.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| {
-                            vec![
-                                s(&x["name"]),
-                                s(&x["site"]),
-                                s(&x["host"]),
-                                s(&x["state"]),
-                                s(&x["memory_mib"]),
-                                s(&x["disks"][0]["epoch"]),
-                            ]
-                        })
-                        .collect(),
+                list_table(
+                    v,
+                    &[
+                        ("VM", "/name"),
+                        ("SITE", "/site"),
+                        ("HOST", "/host"),
+                        ("STATE", "/state"),
+                        ("MEMORY MIB", "/memory_mib"),
+                        ("DISK EPOCH", "/disks/0/epoch"),
+                    ],
                 )
             });
         }
@@ -645,23 +635,17 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         Command::Migration(MigrationCmd::List) => {
             let v = c.call(M::GET, "/v1/migrations", None).await?;
             emit(j, &v, |v| {
-                table(
-                    &["ID", "VM", "FROM", "TO", "STATE", "TOTAL MS", "DOWNTIME MS"],
-                    v.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| {
-                            vec![
-                                s(&x["id"]),
-                                s(&x["vm"]),
-                                s(&x["from_host"]),
-                                s(&x["to_host"]),
-                                s(&x["state"]),
-                                s(&x["total_ms"]),
-                                s(&x["downtime_ms"]),
-                            ]
-                        })
-                        .collect(),
+                list_table(
+                    v,
+                    &[
+                        ("ID", "/id"),
+                        ("VM", "/vm"),
+                        ("FROM", "/from_host"),
+                        ("TO", "/to_host"),
+                        ("STATE", "/state"),
+                        ("TOTAL MS", "/total_ms"),
+                        ("DOWNTIME MS", "/downtime_ms"),
+                    ],
                 )
             });
         }
