@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/stagehand/target
 CARGO_PROFILE := --release
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: deps build test demo bench bench-migrate bench-fence fmt clippy lint fuzz-build clean
+.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build clean
 
 deps:
 	@bash scripts/deps.sh
@@ -19,7 +19,11 @@ test: deps
 	@bash scripts/fuzz-build.sh
 
 demo: build
+	cargo build $(CARGO_PROFILE) -p stagehand-tests --example check_disk_writer
 	STAGEHAND_BIN_DIR=$(BIN) bash scripts/demo.sh
+
+demo-nbd: build
+	STAGEHAND_BIN_DIR=$(BIN) bash scripts/demo-nbd.sh
 
 bench: build
 	STAGEHAND_BIN_DIR=$(BIN) bash benches/nbd-peers.sh

@@ -1,84 +1,140 @@
 #!/usr/bin/env bash
-# Stagehand demo, part 1: the storage node. Starts stagehand-nbd on a sparse image,
-# proves it with nbdinfo and a qemu-img round trip, then tells you what to try.
-# Cleans up (server, temporary files) on exit and on Ctrl-C.
+# Stagehand demo: a VM moves between two sites while it writes to its disk.
+# Starts, on loopback in a temporary directory, a storage node (stagehand-nbd), two
+# KVM host agents (siteA, siteB) and the coordinator; registers them with `coord`;
+# creates vm7 in siteA running the disk-writer guest; live-migrates it to siteB with
+# the coordinated switchover (the disk lease is fenced to the target while the guest
+# is paused); prints the figures and checks the guest on the target. Cleans up on
+# exit and on Ctrl-C.
 set -euo pipefail
 
 BIN="${STAGEHAND_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/stagehand/target}/release}"
-NBD="$BIN/stagehand-nbd"
-[ -x "$NBD" ] || { echo "demo: $NBD not built; run 'make demo' (it builds first)" >&2; exit 1; }
-for t in nbdinfo qemu-img; do
+CHECK="${STAGEHAND_CHECK_BIN:-$BIN/examples/check_disk_writer}"
+for b in "$BIN/stagehand-nbd" "$BIN/stagehand-agent" "$BIN/coord" "$CHECK"; do
+  [ -x "$b" ] || { echo "demo: $b not built; run 'make demo' (it builds first)" >&2; exit 1; }
+done
+for t in curl jq; do
   command -v "$t" >/dev/null || { echo "demo: $t missing; run 'make deps'" >&2; exit 1; }
 done
+if ! [ -r /dev/kvm ] || ! [ -w /dev/kvm ]; then
+  echo "demo: /dev/kvm is not usable here; the agents need KVM (try 'make demo-nbd' for the storage part)" >&2
+  exit 1
+fi
 
 WORK="$(mktemp -d -t stagehand-demo.XXXXXX)"
-PID=""
+PIDS=()
 cleanup() {
   trap - EXIT INT TERM
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$WORK"
-  echo "demo: stopped stagehand-nbd and removed $WORK"
+  echo "demo: stopped the storage node, both agents and the coordinator; removed $WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# Waits until URL answers 200 (with the token); fails with the daemon's log otherwise.
+wait_up() {
+  local url="$1" pid="$2" log="$3"
+  for _ in $(seq 150); do
+    curl -sf -m 1 -o /dev/null -H "Authorization: Bearer $TOKEN" "$url" && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "demo: daemon died; its log:" >&2; cat "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "demo: $url did not come up; log:" >&2
+  cat "$log" >&2
+  exit 1
+}
 
-IMG="$WORK/disk.img"
-PROGRESS=""
-[ -t 1 ] && PROGRESS="-p"
-SOCK="$WORK/nbd.sock"
-truncate -s 256M "$IMG"
-step "Starting stagehand-nbd on a 256 MiB sparse image"
-"$NBD" --listen 127.0.0.1:0 --unix "$SOCK" --export "demo=$IMG,unleased" \
-  >"$WORK/stdout" 2>"$WORK/server.log" &
-PID=$!
-for _ in $(seq 100); do
-  grep -q 'listening on unix' "$WORK/stdout" 2>/dev/null && break
-  kill -0 "$PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
-  sleep 0.1
+TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+mkdir -p "$WORK/nbd-data" "$WORK/disks"
+
+step "Starting a storage node, two agents (siteA, siteB) and the coordinator on loopback"
+NBD_PORT="$(free_port)"; NBD_API="$(free_port)"
+"$BIN/stagehand-nbd" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$NBD_API" \
+  --data-dir "$WORK/nbd-data" --api-token "$TOKEN" >/dev/null 2>"$WORK/nbd.log" &
+PIDS+=($!)
+wait_up "http://127.0.0.1:$NBD_API/v1/health" "$!" "$WORK/nbd.log"
+echo "stagehand-nbd     nbd 127.0.0.1:$NBD_PORT, api 127.0.0.1:$NBD_API"
+declare -A AGENT_API AGENT_MIG
+for host in kvm-a1 kvm-b1; do
+  AGENT_API[$host]="127.0.0.1:$(free_port)"
+  AGENT_MIG[$host]="127.0.0.1:$(free_port)"
+  mkdir -p "$WORK/$host"
+  "$BIN/stagehand-agent" --api "${AGENT_API[$host]}" --migration-listen "${AGENT_MIG[$host]}" \
+    --host-id "$host" --data-dir "$WORK/$host" --api-token "$TOKEN" >/dev/null 2>"$WORK/$host.log" &
+  PIDS+=($!)
+  wait_up "http://${AGENT_API[$host]}/v1/health" "$!" "$WORK/$host.log"
+  echo "stagehand-agent   $host: api ${AGENT_API[$host]}, migration ${AGENT_MIG[$host]}"
 done
-ADDR="$(sed -n 's/^stagehand-nbd: listening on tcp //p' "$WORK/stdout")"
-URI="nbd://$ADDR/demo"
-echo "listening on $ADDR and $SOCK (export 'demo')"
+COORD_API="127.0.0.1:$(free_port)"
+"$BIN/coord" serve --api "$COORD_API" --data-dir "$WORK/coord" --api-token "$TOKEN" \
+  >/dev/null 2>"$WORK/coord.log" &
+PIDS+=($!)
+wait_up "http://$COORD_API/v1/health" "$!" "$WORK/coord.log"
+echo "coord serve       api $COORD_API"
+export STAGEHAND_COORDINATOR="http://$COORD_API" STAGEHAND_TOKEN="$TOKEN"
+PATH="$BIN:$PATH"
 
-step "nbdinfo $URI"
-nbdinfo "$URI"
+step "Registering sites, the storage node (reachable from both sites) and the hosts"
+run coord site add siteA
+run coord site add siteB
+run coord storage add nbd-a1 --site siteA --api "http://127.0.0.1:$NBD_API" \
+  --nbd "127.0.0.1:$NBD_PORT" --reachable-from siteB --disk-dir "$WORK/disks"
+run coord host add kvm-a1 --site siteA --api "http://${AGENT_API[kvm-a1]}" \
+  --migration "${AGENT_MIG[kvm-a1]}" --memory 1G
+run coord host add kvm-b1 --site siteB --api "http://${AGENT_API[kvm-b1]}" \
+  --migration "${AGENT_MIG[kvm-b1]}" --memory 1G
 
-step "Writing 32 MiB of data through qemu-img, leaving holes"
-SRC="$WORK/source.raw"
-head -c 16M /dev/urandom >"$SRC"
-truncate -s 128M "$SRC"
-head -c 16M /dev/urandom >>"$SRC"
-truncate -s 256M "$SRC"
-qemu-img convert -n $PROGRESS -f raw -O raw "$SRC" "$URI"
-qemu-img compare -f raw -F raw "$SRC" "$URI"
+step "Creating vm7 in siteA: the disk-writer guest, 128 MiB, a 64 MiB leased disk"
+stagehand-agent guest-image disk-writer --out "$WORK/disk-writer.bin" >/dev/null
+run coord vm create vm7 --site siteA --memory 128M --image "$WORK/disk-writer.bin" --disk 64M
+sleep 1
+run coord vm show vm7
+console() { curl -sf -H "Authorization: Bearer $TOKEN" "http://${AGENT_API[$1]}/v1/vms/vm7/console" | wc -c; }
+echo "console on kvm-a1: $(console kvm-a1) bytes ('A' at start, then a 'W' every 4096 disk records)"
+"$CHECK" "http://${AGENT_API[kvm-a1]}" vm7 "127.0.0.1:$NBD_PORT" vm7-disk0 "$WORK"
 
-step "Allocation map as a client sees it (nbdinfo --map, base:allocation)"
-nbdinfo --map "$URI"
+step "Live-migrating vm7 to siteB (coordinated switchover: fence the disk while paused)"
+run coord migrate vm7 --to siteB --wait
+ID="$(coord --json migration list | jq -r '.[-1].id')"
+run coord migration show "$ID"
 
-step "Reading it all back over the Unix socket (qemu-img convert)"
-qemu-img convert $PROGRESS -f raw -O raw "nbd+unix:///demo?socket=$SOCK" "$WORK/back.raw"
-cmp "$SRC" "$WORK/back.raw" && echo "round trip: identical, $(du -h --apparent-size "$WORK/back.raw" | cut -f1) checked"
+step "Checking the guest on the target (kvm-b1)"
+run coord vm show vm7
+[ "$(curl -sf -H "Authorization: Bearer $TOKEN" "http://${AGENT_API[kvm-a1]}/v1/vms/vm7" -o /dev/null -w '%{http_code}' || true)" = 404 ] \
+  && echo "kvm-a1 has no copy left"
+c1="$(console kvm-b1)"; sleep 1; c2="$(console kvm-b1)"
+echo "console on kvm-b1: $c1 -> $c2 bytes a second later"
+[ "$c2" -gt "$c1" ] || { echo "demo: the guest's console did not grow on the target" >&2; exit 1; }
+"$CHECK" "http://${AGENT_API[kvm-b1]}" vm7 "127.0.0.1:$NBD_PORT" vm7-disk0 "$WORK"
 
 cat <<MSG
 
-Demo passed: stagehand-nbd served a sparse disk to nbdinfo and qemu-img, over TCP
-and a Unix socket, with holes preserved.
+Demo passed: vm7 moved from siteA to siteB while writing to its disk; the storage node
+fenced the disk to kvm-b1 under a new epoch while the guest was paused, and every
+record the guest saw acknowledged is on the disk.
 
-Try next (run "make demo" in a terminal: the server then stays up until Ctrl-C):
-  nbdinfo --json $URI
-  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' $URI
-  nbdcopy -C 4 --progress $URI null:
-  fio --name=t --ioengine=nbd --uri=$URI --rw=randread --bs=4k --iodepth=32 --runtime=5 --time_based
-  make bench     # stagehand-nbd against nbdkit and qemu-nbd
+Try next (in this shell: export STAGEHAND_COORDINATOR=$STAGEHAND_COORDINATOR STAGEHAND_TOKEN=$TOKEN PATH=$BIN:\$PATH):
+  coord migrate vm7 --to siteA --wait          # and back
+  coord migrate vm7 --to siteA --offline --wait
+  coord migration list
+  coord vm list
+  curl -s -H "Authorization: Bearer $TOKEN" http://$COORD_API/metrics
+  make bench-migrate                           # agents, coordinator and peers, measured
 MSG
 
 if [ -t 0 ]; then
   echo
-  echo "The server keeps running; press Ctrl-C to stop it and clean up."
-  wait "$PID" || true
+  echo "Everything keeps running; press Ctrl-C to stop it and clean up."
+  wait "${PIDS[0]}" || true
 fi

@@ -59,6 +59,15 @@ pub enum Command {
     /// Migrations and their journal.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Print a VM's disk lease tokens (JSON) from the coordinator's state directory.
+    /// Needs read access to that directory, which holds them anyway; for tests and
+    /// break-glass use. The API never shows tokens.
+    #[command(hide = true)]
+    LeaseTokens {
+        vm: String,
+        #[arg(long, value_name = "DIR")]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +271,8 @@ pub enum CliError {
     Api { code: String, message: String },
     #[error("the coordinator answered something unexpected: {0}")]
     BadAnswer(String),
+    #[error("{0}")]
+    Local(String),
     #[error("gave up waiting for migration {0}; it goes on (see `coord migration show {0}`)")]
     WaitTimeout(String),
     #[error("migration {id} ended {phase}: {reason}")]
@@ -443,10 +454,23 @@ fn print_figures(m: &Value) {
     );
     println!("  total:     {} ms", s(&m["total_ms"]));
     println!(
-        "  downtime:  {} ms (agent stop-and-copy)",
+        "  downtime:  {} ms (guest paused: last pages, fence, go-ahead, resume)",
         s(&m["downtime_ms"])
     );
-    println!("  fence:     {} ms (disk lease handoff)", s(&m["fence_ms"]));
+    let (down, fence) = (
+        m["downtime_ms"].as_u64().unwrap_or(0),
+        m["fence_ms"].as_u64().unwrap_or(0),
+    );
+    let share = if down > 0 {
+        format!(", {}% of the downtime", (fence * 100).div_ceil(down))
+    } else {
+        String::new()
+    };
+    println!("  fence:     {fence} ms (disk lease handoff while the guest is paused{share})");
+    println!(
+        "  handover:  {} ms (coordinator: quiesced seen -> go-ahead sent)",
+        s(&m["handover_ms"])
+    );
     println!(
         "  memory:    {} in {} passes",
         human_bytes(m["memory_bytes"].as_u64().unwrap_or(0)),
@@ -479,6 +503,20 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
     let j = cli.json;
     match cli.command {
         Command::Serve(_) => unreachable!("main runs serve itself"),
+        Command::LeaseTokens { vm, data_dir } => {
+            let st = crate::store::Store::open_read_only(&data_dir)
+                .map_err(|e| CliError::Local(e.to_string()))?;
+            let rec: crate::model::Vm = st
+                .get("vms", &vm)
+                .map_err(|e| CliError::Local(e.to_string()))?
+                .ok_or_else(|| CliError::Local(format!("no VM named {vm} in {}", data_dir.display())))?;
+            let v: Vec<Value> = rec
+                .disks
+                .iter()
+                .map(|d| json!({"export": d.export, "epoch": d.epoch, "holder": d.holder, "token": d.token}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
         Command::Site(SiteCmd::Add { name }) => {
             let v = c.call(M::PUT, &format!("/v1/sites/{name}"), None).await?;
             emit(j, &v, |v| println!("site {} added", s(&v["name"])));

@@ -46,6 +46,9 @@ pub struct ServeFlags {
     /// Concurrent migrations each host may take part in (default 2, as KubeVirt).
     #[arg(long, value_name = "N")]
     pub max_migrations_per_host: Option<usize>,
+    /// Concurrent migrations each site may take part in, in or out (default 4).
+    #[arg(long, value_name = "N")]
+    pub max_migrations_per_site: Option<usize>,
     /// TOML file with the same keys (api, data_dir, api_token, api_token_file, ...).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -59,6 +62,7 @@ struct FileConfig {
     api_token: Option<String>,
     api_token_file: Option<PathBuf>,
     max_migrations_per_host: Option<usize>,
+    max_migrations_per_site: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub api_token: Option<String>,
     pub max_migrations_per_host: usize,
+    pub max_migrations_per_site: usize,
 }
 
 impl ServeFlags {
@@ -117,6 +122,11 @@ impl ServeFlags {
                 .or(file.max_migrations_per_host)
                 .unwrap_or(2)
                 .max(1),
+            max_migrations_per_site: self
+                .max_migrations_per_site
+                .or(file.max_migrations_per_site)
+                .unwrap_or(4)
+                .max(1),
         })
     }
 }
@@ -131,7 +141,7 @@ mod tests {
         let cfg = dir.path().join("c.toml");
         std::fs::write(
             &cfg,
-            "api = \"127.0.0.1:9\"\napi_token = \"file\"\nmax_migrations_per_host = 4\n",
+            "api = \"127.0.0.1:9\"\napi_token = \"file\"\nmax_migrations_per_host = 4\nmax_migrations_per_site = 3\n",
         )
         .unwrap();
         let flags = ServeFlags {
@@ -143,6 +153,7 @@ mod tests {
         assert_eq!(c.api.port(), 7);
         assert_eq!(c.api_token.as_deref(), Some("file"));
         assert_eq!(c.max_migrations_per_host, 4);
+        assert_eq!(c.max_migrations_per_site, 3);
         std::fs::write(&cfg, "bogus = 1\n").unwrap();
         let flags = ServeFlags {
             config: Some(cfg),

@@ -252,11 +252,19 @@ pub struct AgentMigration {
     pub passes: Vec<Value>,
     #[serde(default)]
     pub error: Option<Value>,
+    /// Coordinated switchover: ms after the start at which the source quiesced.
+    #[serde(default)]
+    pub quiesced_at_ms: Option<f64>,
 }
 
 impl AgentMigration {
     pub fn finished(&self) -> bool {
         matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+    }
+
+    /// The source paused, drained its disks and waits for the go-ahead.
+    pub fn quiesced(&self) -> bool {
+        self.state == "quiesced"
     }
 
     pub fn error_code(&self) -> Option<String> {
@@ -342,6 +350,35 @@ impl AgentClient {
                 None,
             )
             .await
+    }
+
+    /// Reconnects the paused VM's disks with `disks` (new lease tokens), then resumes it.
+    pub async fn resume_with_disks(
+        &self,
+        name: &str,
+        disks: &[String],
+    ) -> Result<AgentVm, DaemonError> {
+        let body = json!({ "disks": disks });
+        self.0
+            .json(
+                reqwest::Method::POST,
+                &format!("/v1/vms/{name}/resume"),
+                Some(&body),
+            )
+            .await
+    }
+
+    /// The go-ahead of a coordinated switchover: the target opens `disks` and resumes.
+    pub async fn switchover(&self, id: &str, disks: &[String]) -> Result<(), DaemonError> {
+        let body = json!({ "disks": disks });
+        self.0
+            .call::<Value>(
+                reqwest::Method::POST,
+                &format!("/v1/migrations/{id}/switchover"),
+                Some(&body),
+            )
+            .await
+            .map(|_| ())
     }
 
     pub async fn migrate(&self, name: &str, body: &Value) -> Result<String, DaemonError> {

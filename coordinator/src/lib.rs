@@ -54,6 +54,7 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
         service::ServiceConfig {
             cluster_token: cfg.api_token.clone(),
             max_migrations_per_host: cfg.max_migrations_per_host,
+            max_migrations_per_site: cfg.max_migrations_per_site,
         },
     );
     let listener = tokio::net::TcpListener::bind(cfg.api)

@@ -5,19 +5,26 @@
 //! can tell from its journal what may already have happened:
 //!
 //! ```text
-//!  Planned --start--> Precopy --quiesced--> Quiesced --fence intent--> Fencing{epoch}
-//!     |                  |                     |                          |
-//!     +-----cancel/error-+---------------------+                   fence ok|   fence refused
-//!                        v                                                v   or error
-//!                    Cancelled  (source resumes; nothing else changed)  Fenced{epoch}
-//!                                                                          |     |
-//!                                                    target reports running|     |error / cancel
-//!                                                                          v     v
-//!                                                             TargetRunning  RollingBack{epoch'}
-//!                                                                   |             |
-//!                                                            commit v             v source fenced to
-//!                                                              Committed      RolledBack  epoch' > epoch
+//!  Planned --start--> Precopy --source quiesced--> Quiesced --fence intent--> Fencing{e}
+//!     |                  |                            |                        |
+//!     +-----cancel/error-+----------------------------+              fence ok  |  fence refused,
+//!                        v                                                     v  error or cancel
+//!                    Cancelled  (source resumes; nothing else changed)     Fenced{e} ---+
+//!                                                                              |        |
+//!                                            go-ahead sent, target runs       |        | target died,
+//!                                                                              v        v stream cut
+//!                                                                  TargetRunning{e}  RollingBack{e'}
+//!                                                                        |              |
+//!                                                                 commit v              v source fenced
+//!                                                                  Committed{e}     RolledBack{e'}  at e' > e
 //! ```
+//!
+//! In the agents' coordinated switchover mode the source pauses and quiesces its disks
+//! (`Quiesced`) and waits for the coordinator's go-ahead; only then does the
+//! coordinator fence the disks to the target and hand the target the new lease
+//! tokens. A source that quiesced never resumes on its own: before the fence intent
+//! the coordinator cancels (the source resumes with its disks); after it, the source
+//! runs again only once the disks were fenced back to it under a newer epoch.
 //!
 //! Invariants (checked by the tests below):
 //! - Epochs handed out only grow; an epoch once journaled in a `Fencing` or
@@ -106,7 +113,10 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Started,
+    /// The source paused and drained its disk I/O; it waits for the go-ahead.
     SourceQuiesced,
+    /// The coordinator decided to hand the disks over (journaled before the fence call).
+    FenceIntent,
     FenceConfirmed,
     TargetRunning,
     Commit,
@@ -167,7 +177,8 @@ impl MigrationRecord {
         };
         let next = match (&self.phase, &event) {
             (Phase::Planned, Event::Started) => Phase::Precopy,
-            (Phase::Precopy, Event::SourceQuiesced) => {
+            (Phase::Precopy, Event::SourceQuiesced) => Phase::Quiesced,
+            (Phase::Quiesced, Event::FenceIntent) => {
                 let epoch = self.next_epoch(observed_epoch);
                 Phase::Fencing { epoch }
             }
@@ -217,6 +228,9 @@ pub enum VmPresence {
 pub struct Observation {
     pub source: VmPresence,
     pub target: VmPresence,
+    /// The source agent's migration is `quiesced`: the guest is paused with its disk
+    /// I/O drained, and the agent waits for the go-ahead (or a cancel) for ever.
+    pub source_quiesced: bool,
     /// The storage node's current epoch and holder for the VM's disk.
     pub storage_epoch: u64,
     pub storage_holder: Option<String>,
@@ -225,15 +239,23 @@ pub struct Observation {
 /// The steps recovery takes, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryAction {
-    /// Cancel any migration on the source and resume its VM (original epoch).
+    /// The agents are still moving the guest (or do not answer): look again later.
+    Wait,
+    /// Cancel the source agent's quiesced migration: it resumes the guest with its
+    /// current disks. Only valid while the source still owns them (no fence intent).
+    CancelSource,
+    /// Resume the source's paused VM; with the new tokens when a `FenceToSource`
+    /// came before it in the plan, else with its current disks.
     ResumeSource,
     /// Fence the disks to the source at `epoch` and hand the source the new token.
     FenceToSource { epoch: u64 },
     /// Stop and delete the target's copy (it never ran, or must not).
     DiscardTarget,
-    /// Fence the disks to the target at `epoch`: the target runs and the source copy
-    /// is gone (the agent frees it once the target runs), so forward is the only way.
+    /// Fence the disks to the target at `epoch`.
     FenceToTarget { epoch: u64 },
+    /// Send the quiesced source the go-ahead with the target's new disk URIs (from the
+    /// `FenceToTarget` before it) and wait until the target runs.
+    Switchover,
     /// Delete the source's paused copy: the target runs and holds the lease.
     DiscardSource,
     /// Journal the final phase.
@@ -255,6 +277,37 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
             _ => vec![],
         };
     }
+    if obs.source_quiesced && obs.source != VmPresence::Unreachable {
+        // The source waits for us. Before a fence intent it still owns its disks: a
+        // cancel resumes it. After one, the disks may already be the target's: finish
+        // the handover under a fresh epoch (the target verified the memory and waits
+        // for its tokens), unless a rollback was already decided - then the source's
+        // switchover timeout fails the migration and the rollback goes on from there.
+        return match &rec.phase {
+            Phase::Planned | Phase::Precopy | Phase::Quiesced => vec![
+                CancelSource,
+                Finish(Phase::Cancelled {
+                    reason: "coordinator restarted before the disk handover".to_owned(),
+                }),
+            ],
+            Phase::RollingBack { .. } => vec![Wait],
+            _ => {
+                let epoch = rec.next_epoch(obs.storage_epoch);
+                vec![
+                    FenceToTarget { epoch },
+                    Switchover,
+                    Finish(Phase::Committed { epoch }),
+                ]
+            }
+        };
+    }
+    // An agent-to-agent migration outlives the coordinator: let it end first.
+    if [obs.source, obs.target]
+        .iter()
+        .any(|p| matches!(p, VmPresence::Unreachable | VmPresence::InMigration))
+    {
+        return vec![Wait];
+    }
     let fence_happened = obs.storage_epoch > rec.source_epoch;
     let target_holds = obs.storage_holder.as_deref() == Some(rec.to_host.as_str());
     // Roll forward only when the target already runs under its lease: its memory was
@@ -263,10 +316,10 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
         let epoch = obs.storage_epoch;
         return vec![DiscardSource, Finish(Phase::Committed { epoch })];
     }
-    // The target runs and the source has no copy left (today's agents free the source
-    // as soon as the target runs, before the coordinator fences): the running copy must
-    // get the lease, under an epoch above anything handed out, whatever phase was
-    // journaled. Discarding it would lose the guest.
+    // The target runs and the source has no copy left (the agents finished without the
+    // coordinator, e.g. an auto-mode migration): the running copy must get the lease,
+    // under an epoch above anything handed out, whatever phase was journaled.
+    // Discarding it would lose the guest.
     // (When the fence already landed, the roll-forward rule above has answered.)
     if obs.target == VmPresence::Running && obs.source == VmPresence::Absent {
         let epoch = rec.next_epoch(obs.storage_epoch);
@@ -291,7 +344,10 @@ pub fn plan_recovery(rec: &MigrationRecord, obs: &Observation) -> Vec<RecoveryAc
         Phase::RollingBack { epoch, .. } if *epoch > obs.storage_epoch => *epoch,
         _ => rec.next_epoch(obs.storage_epoch),
     };
-    let reason = "coordinator restarted after the fence; rolled back to the source".to_owned();
+    let reason = match &rec.phase {
+        Phase::RollingBack { reason, .. } => reason.clone(),
+        _ => "coordinator restarted after the fence; rolled back to the source".to_owned(),
+    };
     vec![
         FenceToSource { epoch },
         DiscardTarget,
@@ -315,6 +371,10 @@ mod tests {
         r.apply(Event::Started, 4).unwrap();
         assert_eq!(
             r.apply(Event::SourceQuiesced, 4).unwrap(),
+            &Phase::Quiesced
+        );
+        assert_eq!(
+            r.apply(Event::FenceIntent, 4).unwrap(),
             &Phase::Fencing { epoch: 5 }
         );
         r.apply(Event::FenceConfirmed, 5).unwrap();
@@ -331,6 +391,7 @@ mod tests {
         let mut r = rec();
         r.apply(Event::Started, 4).unwrap();
         r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceIntent, 4).unwrap();
         let p = r
             .apply(
                 Event::Abort {
@@ -363,7 +424,8 @@ mod tests {
         r.apply(Event::Started, 4).unwrap();
         let obs = Observation {
             source: VmPresence::Paused,
-            target: VmPresence::InMigration,
+            target: VmPresence::Absent,
+            source_quiesced: false,
             storage_epoch: 4,
             storage_holder: Some("kvm-a1".into()),
         };
@@ -379,9 +441,11 @@ mod tests {
         let mut r = rec();
         r.apply(Event::Started, 4).unwrap();
         r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceIntent, 4).unwrap();
         let obs = Observation {
             source: VmPresence::Paused,
-            target: VmPresence::InMigration,
+            target: VmPresence::Absent,
+            source_quiesced: false,
             storage_epoch: 5,
             storage_holder: Some("kvm-b1".into()),
         };
@@ -394,10 +458,12 @@ mod tests {
         let mut r = rec();
         r.apply(Event::Started, 4).unwrap();
         r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceIntent, 4).unwrap();
         r.apply(Event::FenceConfirmed, 5).unwrap();
         let obs = Observation {
             source: VmPresence::Paused,
             target: VmPresence::Running,
+            source_quiesced: false,
             storage_epoch: 5,
             storage_holder: Some("kvm-b1".into()),
         };
@@ -419,6 +485,7 @@ mod tests {
         let obs = Observation {
             source: VmPresence::Absent,
             target: VmPresence::Running,
+            source_quiesced: false,
             storage_epoch: 4,
             storage_holder: Some("kvm-a1".into()),
         };
@@ -431,6 +498,7 @@ mod tests {
         );
         // Fence intent at 5 journaled, storage never saw it: 5 is burnt, use 6.
         r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceIntent, 4).unwrap();
         assert_eq!(
             plan_recovery(&r, &obs)[0],
             RecoveryAction::FenceToTarget { epoch: 6 }
@@ -451,10 +519,95 @@ mod tests {
         );
     }
 
+    #[test]
+    fn recovery_waits_while_the_agents_move_the_guest() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::InMigration,
+            target: VmPresence::InMigration,
+            source_quiesced: false,
+            storage_epoch: 4,
+            storage_holder: Some("kvm-a1".into()),
+        };
+        assert_eq!(plan_recovery(&r, &obs), vec![RecoveryAction::Wait]);
+        let gone = Observation {
+            target: VmPresence::Unreachable,
+            source: VmPresence::Paused,
+            ..obs
+        };
+        assert_eq!(plan_recovery(&r, &gone), vec![RecoveryAction::Wait]);
+    }
+
+    #[test]
+    fn recovery_of_a_quiesced_source_cancels_before_the_fence_intent() {
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::InMigration,
+            target: VmPresence::InMigration,
+            source_quiesced: true,
+            storage_epoch: 4,
+            storage_holder: Some("kvm-a1".into()),
+        };
+        // Journaled Precopy (killed before journaling Quiesced) or Quiesced: the same.
+        for journaled_quiesced in [false, true] {
+            if journaled_quiesced {
+                r.apply(Event::SourceQuiesced, 4).unwrap();
+            }
+            let plan = plan_recovery(&r, &obs);
+            assert_eq!(plan[0], RecoveryAction::CancelSource);
+            assert!(matches!(
+                plan[1],
+                RecoveryAction::Finish(Phase::Cancelled { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn recovery_of_a_quiesced_source_hands_over_after_the_fence_intent() {
+        // Fence intent at 5 journaled; maybe applied, maybe not: fence again at 6 and
+        // send the go-ahead with the new token.
+        let mut r = rec();
+        r.apply(Event::Started, 4).unwrap();
+        r.apply(Event::SourceQuiesced, 4).unwrap();
+        r.apply(Event::FenceIntent, 4).unwrap();
+        let obs = Observation {
+            source: VmPresence::InMigration,
+            target: VmPresence::InMigration,
+            source_quiesced: true,
+            storage_epoch: 5,
+            storage_holder: Some("kvm-b1".into()),
+        };
+        assert_eq!(
+            plan_recovery(&r, &obs),
+            vec![
+                RecoveryAction::FenceToTarget { epoch: 6 },
+                RecoveryAction::Switchover,
+                RecoveryAction::Finish(Phase::Committed { epoch: 6 })
+            ]
+        );
+        // A rollback already decided waits for the source's switchover timeout.
+        r.apply(Event::Abort { reason: "x".into() }, 5).unwrap();
+        assert_eq!(plan_recovery(&r, &obs), vec![RecoveryAction::Wait]);
+        // Then the source is paused and the rollback epoch is used.
+        let failed = Observation {
+            source: VmPresence::Paused,
+            target: VmPresence::Absent,
+            source_quiesced: false,
+            ..obs
+        };
+        assert_eq!(
+            plan_recovery(&r, &failed)[0],
+            RecoveryAction::FenceToSource { epoch: 6 }
+        );
+    }
+
     fn arb_event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Started),
             Just(Event::SourceQuiesced),
+            Just(Event::FenceIntent),
             Just(Event::FenceConfirmed),
             Just(Event::TargetRunning),
             Just(Event::Commit),
@@ -481,6 +634,7 @@ mod tests {
             events in proptest::collection::vec((arb_event(), 0u64..12), 0..20),
             source in arb_presence(),
             target in arb_presence(),
+            source_quiesced in any::<bool>(),
         ) {
             let mut r = rec();
             let mut handed: Vec<u64> = vec![r.source_epoch];
@@ -498,6 +652,7 @@ mod tests {
                 let obs = Observation {
                     source,
                     target,
+                    source_quiesced,
                     storage_epoch: storage,
                     storage_holder: None,
                 };
@@ -517,7 +672,16 @@ mod tests {
                     let fence = pos(&|a| matches!(a, RecoveryAction::FenceToSource { .. }));
                     prop_assert!(matches!(fence, Some(f) if f < resume), "plan {:?}", plan);
                 }
-                if !r.phase.is_terminal() && target == VmPresence::Running && source == VmPresence::Absent {
+                if r.phase.past_fence_intent() {
+                    // The source resumes with its own (possibly fenced) disks only before it.
+                    prop_assert!(pos(&|a| *a == RecoveryAction::CancelSource).is_none(), "plan {:?}", plan);
+                }
+                if let Some(go) = pos(&|a| *a == RecoveryAction::Switchover) {
+                    // The go-ahead carries tokens from a fence in the same plan.
+                    let fence = pos(&|a| matches!(a, RecoveryAction::FenceToTarget { .. }));
+                    prop_assert!(matches!(fence, Some(f) if f < go), "plan {:?}", plan);
+                }
+                if !r.phase.is_terminal() && target == VmPresence::Running && source == VmPresence::Absent && !source_quiesced {
                     prop_assert!(pos(&|a| *a == RecoveryAction::DiscardTarget).is_none(), "plan {:?} drops the only copy", plan);
                 }
             }

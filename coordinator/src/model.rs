@@ -104,8 +104,16 @@ pub struct MigrationOptions {
 pub struct MigrationFigures {
     pub total_ms: u64,
     pub downtime_ms: u64,
-    /// How long the fence call to the storage node took.
+    /// How long the fence calls to the storage node took (inside the downtime: the
+    /// guest is paused while the coordinator fences).
     pub fence_ms: u64,
+    /// From the moment the driver saw the source quiesced until it sent the go-ahead:
+    /// the coordinator's share of the downtime (journal writes and the fence).
+    #[serde(default)]
+    pub handover_ms: u64,
+    /// When the source quiesced, ms after the agent started the migration.
+    #[serde(default)]
+    pub quiesced_at_ms: u64,
     pub memory_bytes: u64,
     pub memory_total_bytes: u64,
     pub remaining_bytes: u64,

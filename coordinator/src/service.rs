@@ -2,11 +2,15 @@
 //! migration driver that walks `migration.rs`'s state machine, journaling each phase
 //! before acting on it. The HTTP layer (`api.rs`) is a thin translation of this.
 //!
-//! Switchover today: the agents have no coordinated switchover mode yet, so the
-//! driver fences the disk to the target right after the source agent reports the
-//! migration `completed` (the target runs). See docs/coordinator.md, "Gaps".
+//! Switchover: the agents run the migration in their coordinated mode. The source
+//! pauses, drains its disk I/O and reports `quiesced`; the driver then fences the disks
+//! to the target host (while the last pages still flow) and sends the go-ahead with
+//! the target's own lease tokens, which the target uses to open the disks before it
+//! resumes. See docs/coordinator.md.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,8 +33,43 @@ pub const FAILPOINT_ENV: &str = "STAGEHAND_COORD_FAILPOINT";
 /// Holder name used while the coordinator itself fills a new disk from an image.
 const FILL_HOLDER: &str = "coord-fill";
 
-/// Consecutive failed polls of the source agent (100 ms apart) before giving up.
-const POLL_ERRORS_MAX: u32 = 600;
+/// Test hook: `<phase>:<file>`, see `Coordinator::hold`.
+pub const HOLD_ENV: &str = "STAGEHAND_COORD_HOLD";
+
+/// Consecutive failed polls of the source agent (`FAST_POLL` apart) before giving up.
+const POLL_ERRORS_MAX: u32 = 3000;
+
+/// How often the driver asks the source agent while memory moves: the moment it
+/// quiesces starts the guest's downtime, so it is noticed within this.
+const FAST_POLL: Duration = Duration::from_millis(20);
+
+/// The longest the driver waits for a quiesced source to settle (its switchover
+/// timeout is 30 s by default) or for a migration to end after the go-ahead.
+const SETTLE_MAX: Duration = Duration::from_secs(120);
+
+/// A driven migration's controls, shared by the driver and `cancel_migration`.
+struct DriveControl {
+    cancel: CancellationToken,
+    /// Set (under the `running` map lock) once the go-ahead may be sent: from then on a
+    /// cancel is refused.
+    go_ahead: AtomicBool,
+}
+
+/// The two hosts of a migration and their agents.
+struct Pair<'a> {
+    src: &'a Host,
+    dst: &'a Host,
+    sa: AgentClient,
+    da: AgentClient,
+}
+
+/// Why the driver stopped before the source quiesced.
+enum Stop {
+    /// The source keeps its disks: undo and journal `cancelled`.
+    Abort(String),
+    /// The outcome is unclear: leave it to recovery.
+    Recover(ApiError),
+}
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -38,6 +77,8 @@ pub struct ServiceConfig {
     pub cluster_token: Option<String>,
     /// Concurrent migrations per host (in or out).
     pub max_migrations_per_host: usize,
+    /// Concurrent migrations per site (in or out).
+    pub max_migrations_per_site: usize,
 }
 
 pub struct Coordinator {
@@ -47,8 +88,9 @@ pub struct Coordinator {
     /// Serializes inventory changes (placement reads then writes).
     inventory: tokio::sync::Mutex<()>,
     /// Migrations driven by this process: id -> cancel signal.
-    running: Mutex<HashMap<String, CancellationToken>>,
+    running: Mutex<HashMap<String, Arc<DriveControl>>>,
     failpoint: Option<String>,
+    hold: Option<(String, PathBuf)>,
     pub shutdown: CancellationToken,
 }
 
@@ -113,6 +155,10 @@ impl Coordinator {
             inventory: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             failpoint: std::env::var(FAILPOINT_ENV).ok(),
+            hold: std::env::var(HOLD_ENV).ok().and_then(|v| {
+                v.split_once(':')
+                    .map(|(p, f)| (p.to_owned(), PathBuf::from(f)))
+            }),
             shutdown: CancellationToken::new(),
         })
     }
@@ -579,13 +625,22 @@ impl Coordinator {
         Ok(())
     }
 
-    fn outgoing_and_incoming(&self, host: &str) -> Result<usize, ApiError> {
+    fn migrations_touching(&self, pred: impl Fn(&MigrationDoc) -> bool) -> Result<usize, ApiError> {
         Ok(self
             .migrations()?
             .iter()
             .filter(|m| !m.record.phase.is_terminal())
-            .filter(|m| m.record.from_host == host || m.record.to_host == host)
+            .filter(|m| pred(m))
             .count())
+    }
+
+    /// The site a host is in (None for a host removed since).
+    fn site_of(&self, host: &str) -> Option<String> {
+        self.store
+            .get::<Host>("hosts", host)
+            .ok()
+            .flatten()
+            .map(|h| h.site)
     }
 
     /// Pre-checks, journals the migration as Planned and starts driving it.
@@ -632,7 +687,10 @@ impl Coordinator {
         }
         let limit = self.cfg.max_migrations_per_host;
         for h in [&vm.host, &target.name] {
-            if self.outgoing_and_incoming(h)? >= limit {
+            let n = self.migrations_touching(|m| {
+                m.record.from_host == *h || m.record.to_host == *h
+            })?;
+            if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",
                     format!(
@@ -641,7 +699,29 @@ impl Coordinator {
                 ));
             }
         }
-        // The agents must answer before anything is journaled.
+        // Per site as well: the inter-site link and the storage node serving the site
+        // carry every migration in or out of it.
+        let limit = self.cfg.max_migrations_per_site;
+        let mut sites = vec![vm.site.clone()];
+        if target.site != vm.site {
+            sites.push(target.site.clone());
+        }
+        for site in &sites {
+            let n = self.migrations_touching(|m| {
+                m.to_site == *site || self.site_of(&m.record.from_host).as_deref() == Some(site.as_str())
+            })?;
+            if n >= limit {
+                return Err(ApiError::conflict(
+                    "too_many_migrations",
+                    format!(
+                        "Site {site} already takes part in {limit} migrations; try again when one ends."
+                    ),
+                ));
+            }
+        }
+        // The agents must answer before anything is journaled. (CPU compatibility is
+        // not pre-checked here: the agents do not report CPUID; the target agent compares
+        // it with the source's before any memory moves and refuses with `incompatible`.)
         let src = self.host(&vm.host)?;
         self.agent_client(&src)
             .health()
@@ -672,23 +752,26 @@ impl Coordinator {
         vm.state = VmState::Migrating;
         vm.migration = Some(id.clone());
         self.journal_phase(&doc, Some(&vm))?;
-        let cancel = self.shutdown.child_token();
+        let ctl = Arc::new(DriveControl {
+            cancel: self.shutdown.child_token(),
+            go_ahead: AtomicBool::new(false),
+        });
         self.running
             .lock()
             .expect("running map lock is never poisoned")
-            .insert(id.clone(), cancel.clone());
+            .insert(id.clone(), Arc::clone(&ctl));
         let me = Arc::clone(self);
         let driven = doc.clone();
         tokio::spawn(async move {
             let id = driven.record.id.clone();
-            let result = me.drive(driven, cancel).await;
+            let result = me.drive(driven, &ctl).await;
             me.running
                 .lock()
                 .expect("running map lock is never poisoned")
                 .remove(&id);
             if let Err(e) = result {
-                // The driver stopped short of a terminal phase (a fence or store error):
-                // settle it the way a restarted coordinator would.
+                // The driver stopped short of a terminal phase (a fence or store error,
+                // an agent gone silent): settle it the way a restarted coordinator would.
                 tracing::error!(migration = %id, error = %e, "migration driver stopped; recovering");
                 me.recover().await;
             }
@@ -696,6 +779,9 @@ impl Coordinator {
         Ok(doc)
     }
 
+    /// Cancels a migration: before the fence the source simply resumes; after it (but
+    /// before the target got the go-ahead) the disks are fenced back to the source
+    /// under a new epoch first. Once the go-ahead went out: 409 `too_late`.
     pub fn cancel_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
         let doc = self.migration(id)?;
         if doc.record.phase.is_terminal() {
@@ -707,34 +793,56 @@ impl Coordinator {
                 ),
             ));
         }
-        if doc.record.phase.past_fence_intent() {
-            return Err(ApiError::conflict(
+        let phase = doc.record.phase.name();
+        let too_late = || {
+            ApiError::conflict(
                 "too_late",
                 format!(
-                    "Migration {id} is past the disk handover ({}); it can no longer be cancelled.",
-                    doc.record.phase.name()
+                    "Migration {id} is past the switchover ({phase}); it can no longer be cancelled."
                 ),
-            ));
+            )
+        };
+        if matches!(
+            doc.record.phase,
+            Phase::TargetRunning { .. } | Phase::RollingBack { .. }
+        ) {
+            return Err(too_late());
         }
-        match self
+        let running = self
             .running
             .lock()
-            .expect("running map lock is never poisoned")
-            .get(id)
-        {
-            Some(c) => c.cancel(),
-            None => {
-                return Err(ApiError::conflict(
-                    "not_driven",
-                    format!("Migration {id} is being recovered; try again shortly."),
-                ));
+            .expect("running map lock is never poisoned");
+        match running.get(id) {
+            // Checked and set under the map lock, like `pass_point_of_no_return`.
+            Some(c) if c.go_ahead.load(Ordering::SeqCst) => Err(too_late()),
+            Some(c) => {
+                c.cancel.cancel();
+                Ok(doc)
             }
+            None => Err(ApiError::conflict(
+                "not_driven",
+                format!("Migration {id} is being recovered; try again shortly."),
+            )),
         }
-        Ok(doc)
     }
 
-    /// Applies an event and journals the resulting phase.
-    fn step(
+    /// True when the driver may send the go-ahead (and from now on refuses cancels);
+    /// false when a cancel came first. Atomic with `cancel_migration`.
+    fn pass_point_of_no_return(&self, ctl: &DriveControl) -> bool {
+        let _map = self
+            .running
+            .lock()
+            .expect("running map lock is never poisoned");
+        if ctl.cancel.is_cancelled() {
+            return false;
+        }
+        ctl.go_ahead.store(true, Ordering::SeqCst);
+        true
+    }
+
+    /// Applies an event and journals the resulting phase, then honours the test hold
+    /// point (`STAGEHAND_COORD_HOLD`).
+    async fn step(
         &self,
         doc: &mut MigrationDoc,
         ev: Event,
@@ -747,100 +855,260 @@ impl Coordinator {
         if doc.record.phase.is_terminal() {
             doc.finished_ms = Some(now_ms());
         }
-        self.journal_phase(doc, vm)
+        self.journal_phase(doc, vm)?;
+        self.hold(doc.record.phase.name()).await;
+        Ok(())
     }
 
-    async fn drive(
-        &self,
-        mut doc: MigrationDoc,
-        cancel: CancellationToken,
-    ) -> Result<(), ApiError> {
+    /// Test hook: `STAGEHAND_COORD_HOLD=<phase>:<file>` makes the driver stop right after
+    /// journaling `<phase>`, create `<file>.held`, and go on once `<file>` exists (or
+    /// after ten minutes). Lets a test break something at an exact phase.
+    async fn hold(&self, phase: &str) {
+        let Some((at, file)) = &self.hold else {
+            return;
+        };
+        if at != phase {
+            return;
+        }
+        tracing::warn!(phase, file = %file.display(), "hold point reached; waiting for the file");
+        let mut held = file.clone().into_os_string();
+        held.push(".held");
+        let _ = std::fs::write(&held, b"");
+        let end = Instant::now() + Duration::from_secs(600);
+        while !file.exists() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Disk URIs for the VM's current leases (`nbd://HOST:PORT/EXPORT;lease=TOKEN`).
+    fn disk_uris(&self, vm: &Vm) -> Result<Vec<String>, ApiError> {
+        vm.disks
+            .iter()
+            .map(|d| {
+                let s = self.storage(&d.storage)?;
+                Ok(format!("nbd://{}/{};lease={}", s.nbd, d.export, d.token))
+            })
+            .collect()
+    }
+
+    async fn drive(&self, mut doc: MigrationDoc, ctl: &DriveControl) -> Result<(), ApiError> {
         let mut vm = self.vm(&doc.record.vm)?;
         let src = self.host(&doc.record.from_host)?;
         let dst = self.host(&doc.record.to_host)?;
-        let (sa, da) = (self.agent_client(&src), self.agent_client(&dst));
-        let started = Instant::now();
-        self.step(&mut doc, Event::Started, 0, None)?;
-
-        let outcome = if doc.options.offline {
-            self.offline_move(&vm, &sa, &da).await
-        } else {
-            self.live_precopy(&mut doc, &vm, &sa, &cancel).await
+        let hosts = Pair {
+            src: &src,
+            dst: &dst,
+            sa: self.agent_client(&src),
+            da: self.agent_client(&dst),
         };
-        if let Err(reason) = outcome {
-            // Before the fence intent: the source agent resumed the guest itself (or it
-            // never stopped); make sure no half-built copy stays on the target.
-            if let Ok(Some(t)) = da.get_vm(&vm.name).await
-                && t.state != "running"
-            {
-                let _ = da.delete_vm(&vm.name).await;
+        let started = Instant::now();
+        let offline = doc.options.offline;
+        self.step(&mut doc, Event::Started, 0, None).await?;
+
+        // Until the source quiesces it owns its disks: any failure or cancel ends with
+        // the source running under its original lease.
+        let quiesced = if offline {
+            hosts
+                .sa
+                .pause(&vm.name)
+                .await
+                .map(|_| ())
+                .map_err(|e| Stop::Abort(format!("pausing the source: {e}")))
+        } else {
+            self.live_until_quiesced(&mut doc, &vm, &hosts, &ctl.cancel)
+                .await
+        };
+        match quiesced {
+            Ok(()) => {}
+            Err(Stop::Abort(reason)) => {
+                return self
+                    .abort_before_fence(doc, vm, &hosts, started, reason)
+                    .await;
             }
-            if let Ok(Some(s)) = sa.get_vm(&vm.name).await
-                && s.state == "paused"
-            {
-                let _ = sa.resume(&vm.name).await;
+            Err(Stop::Recover(e)) => return Err(e),
+        }
+        let quiesced_at = Instant::now();
+        self.step(&mut doc, Event::SourceQuiesced, 0, None).await?;
+        if ctl.cancel.is_cancelled() {
+            if let Some(id) = &doc.agent_migration {
+                // Before the go-ahead the agent resumes the source with its own disks.
+                let _ = hosts.sa.cancel_migration(id).await;
+                let _ = self.wait_source_settled(&hosts.sa, id).await;
             }
-            vm.state = VmState::Running;
-            vm.migration = None;
-            doc.error = Some(reason.clone());
-            doc.figures.total_ms = started.elapsed().as_millis() as u64;
-            return self.step(&mut doc, Event::Abort { reason }, 0, Some(&vm));
+            return self
+                .abort_before_fence(doc, vm, &hosts, started, "cancelled by the operator".into())
+                .await;
         }
 
-        // The target runs the guest. Hand it the disks: journal the intent, fence, and
-        // only then record the new owner.
-        self.step(
-            &mut doc,
-            Event::SourceQuiesced,
-            self.observed_epoch(&vm).await,
-            None,
-        )?;
+        // Hand the disks over: journal the intent (the epoch is burnt from here on),
+        // fence, journal the new tokens, then give the target the go-ahead.
+        let observed = self.observed_epoch(&vm).await;
+        self.step(&mut doc, Event::FenceIntent, observed, None)
+            .await?;
         let Phase::Fencing { epoch } = doc.record.phase else {
             return Err(ApiError::new(500, "internal", "expected a fence intent"));
         };
         let fence_start = Instant::now();
-        match self.fence_all(&mut vm, epoch, &dst.name).await {
-            Ok(()) => {}
-            Err(e) => {
-                // The source copy is gone (the agent freed it once the target ran), so the
-                // only safe direction is forward: the restart recovery fences the disk to
-                // the running copy. Mark the VM failed until then.
-                vm.state = VmState::Failed;
-                doc.error = Some(format!("fence failed: {e}"));
-                self.journal_phase(&doc, Some(&vm))?;
-                return Err(e);
-            }
+        if let Err(e) = self.fence_all(&mut vm, epoch, &dst.name).await {
+            let reason = format!("fencing the disks to the target failed: {e}");
+            return self
+                .roll_back(doc, vm, &hosts, started, reason, !offline)
+                .await;
         }
         doc.figures.fence_ms = fence_start.elapsed().as_millis() as u64;
         // The VM record keeps its host until the commit but takes the new tokens now, so
         // a recovery that rolls forward finds the target's token.
-        self.step(&mut doc, Event::FenceConfirmed, epoch, Some(&vm))?;
-        match da.get_vm(&vm.name).await {
-            Ok(Some(t)) if t.state == "running" => {}
-            other => {
-                vm.state = VmState::Failed;
-                doc.error = Some(format!(
-                    "the target does not run the VM after the migration: {other:?}"
-                ));
-                self.journal_phase(&doc, Some(&vm))?;
-                return Err(ApiError::new(
-                    502,
-                    "target_not_running",
-                    doc.error.clone().unwrap_or_default(),
-                ));
-            }
+        self.step(&mut doc, Event::FenceConfirmed, epoch, Some(&vm))
+            .await?;
+        if !self.pass_point_of_no_return(ctl) {
+            let reason = "cancelled by the operator after the fence".to_owned();
+            return self
+                .roll_back(doc, vm, &hosts, started, reason, !offline)
+                .await;
         }
-        self.step(&mut doc, Event::TargetRunning, epoch, None)?;
+        doc.figures.handover_ms = quiesced_at.elapsed().as_millis() as u64;
+        let uris = self.disk_uris(&vm)?;
+        let outcome = if offline {
+            self.offline_start(&vm, &uris, &hosts.da).await
+        } else {
+            self.live_switchover(&mut doc, &hosts.sa, &uris).await
+        };
+        let target_runs = matches!(hosts.da.get_vm(&vm.name).await, Ok(Some(t)) if t.state == "running");
+        if !target_runs {
+            let reason = match outcome {
+                Err(reason) => reason,
+                Ok(()) => "the target does not run the VM after the switchover".to_owned(),
+            };
+            return self
+                .roll_back(doc, vm, &hosts, started, reason, !offline)
+                .await;
+        }
+        if let Err(reason) = outcome {
+            // The target runs under its new lease although the migration reported a
+            // failure afterwards: forward is the only way that keeps one copy.
+            tracing::warn!(migration = %doc.record.id, %reason, "target runs; rolling forward");
+        }
+        self.step(&mut doc, Event::TargetRunning, epoch, None)
+            .await?;
         vm.host = dst.name.clone();
         vm.site = dst.site.clone();
         vm.state = VmState::Running;
         vm.migration = None;
-        doc.figures.total_ms = started.elapsed().as_millis() as u64;
-        self.step(&mut doc, Event::Commit, epoch, Some(&vm))?;
-        // The source agent frees its copy after a completed migration; an offline move
-        // stopped it already. Anything left there must not run.
-        let _ = sa.delete_vm(&vm.name).await;
+        if offline || doc.figures.total_ms == 0 {
+            doc.figures.total_ms = started.elapsed().as_millis() as u64;
+        }
+        if offline {
+            // Offline downtime is the whole pause: source paused until the target ran.
+            doc.figures.downtime_ms = quiesced_at.elapsed().as_millis() as u64;
+        }
+        self.step(&mut doc, Event::Commit, epoch, Some(&vm)).await?;
+        // The source agent frees its paused copy once the target runs; an offline move
+        // leaves it paused. Anything left there must not run.
+        let _ = hosts.sa.delete_vm(&vm.name).await;
         Ok(())
+    }
+
+    /// Before the fence intent: the source keeps its disks. Remove any half-built target
+    /// copy, resume a paused source, journal `cancelled`.
+    async fn abort_before_fence(
+        &self,
+        mut doc: MigrationDoc,
+        mut vm: Vm,
+        hosts: &Pair<'_>,
+        started: Instant,
+        reason: String,
+    ) -> Result<(), ApiError> {
+        if let Ok(Some(t)) = hosts.da.get_vm(&vm.name).await
+            && t.state != "running"
+        {
+            let _ = hosts.da.delete_vm(&vm.name).await;
+        }
+        if let Ok(Some(s)) = hosts.sa.get_vm(&vm.name).await
+            && s.state == "paused"
+        {
+            hosts
+                .sa
+                .resume(&vm.name)
+                .await
+                .map_err(|e| ApiError::daemon("resuming the source", &e))?;
+        }
+        vm.state = VmState::Running;
+        vm.migration = None;
+        doc.error = Some(reason.clone());
+        doc.figures.total_ms = started.elapsed().as_millis() as u64;
+        self.step(&mut doc, Event::Abort { reason }, 0, Some(&vm))
+            .await
+    }
+
+    /// After the fence intent, with the target not running: fence the disks back to
+    /// the source under a new, higher epoch, discard the target's copy, and resume the
+    /// source with the new tokens. `live`: the source agent's migration must first
+    /// leave `quiesced` (it fails by itself once the target is gone or its switchover
+    /// timeout passes), so that it stays paused instead of resuming with stale tokens.
+    async fn roll_back(
+        &self,
+        mut doc: MigrationDoc,
+        mut vm: Vm,
+        hosts: &Pair<'_>,
+        started: Instant,
+        reason: String,
+        live: bool,
+    ) -> Result<(), ApiError> {
+        tracing::warn!(migration = %doc.record.id, %reason, "rolling back to the source");
+        doc.error = Some(reason.clone());
+        let observed = self.observed_epoch(&vm).await;
+        self.step(&mut doc, Event::Abort { reason }, observed, None)
+            .await?;
+        let Phase::RollingBack { epoch, .. } = doc.record.phase else {
+            return Err(ApiError::new(500, "internal", "expected a rollback intent"));
+        };
+        if live && let Some(id) = doc.agent_migration.clone() {
+            // Speed the source's failure up: without a target the stream ends.
+            let _ = hosts.da.delete_vm(&vm.name).await;
+            self.wait_source_settled(&hosts.sa, &id).await?;
+        }
+        let fence_start = Instant::now();
+        self.fence_all(&mut vm, epoch, &hosts.src.name).await?;
+        doc.figures.fence_ms += fence_start.elapsed().as_millis() as u64;
+        if let Ok(Some(t)) = hosts.da.get_vm(&vm.name).await
+            && t.state != "running"
+        {
+            let _ = hosts.da.delete_vm(&vm.name).await;
+        }
+        let uris = self.disk_uris(&vm)?;
+        hosts
+            .sa
+            .resume_with_disks(&vm.name, &uris)
+            .await
+            .map_err(|e| ApiError::daemon("resuming the source with its new lease", &e))?;
+        vm.host = hosts.src.name.clone();
+        vm.site = hosts.src.site.clone();
+        vm.state = VmState::Running;
+        vm.migration = None;
+        doc.figures.total_ms = started.elapsed().as_millis() as u64;
+        self.step(&mut doc, Event::RollbackConfirmed, epoch, Some(&vm))
+            .await
+    }
+
+    /// Waits (bounded) until the source agent's migration is no longer `quiesced`.
+    async fn wait_source_settled(&self, sa: &AgentClient, id: &str) -> Result<(), ApiError> {
+        let end = Instant::now() + SETTLE_MAX;
+        loop {
+            match sa.migration(id).await {
+                Ok(m) if !m.quiesced() => return Ok(()),
+                // The agent forgot it (restarted): nothing waits for a go-ahead any more.
+                Err(DaemonError::Refused { status: 404, .. }) => return Ok(()),
+                _ => {}
+            }
+            if Instant::now() > end {
+                return Err(ApiError::new(
+                    502,
+                    "host_unreachable",
+                    "the source agent's migration did not leave the quiesced state",
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     async fn observed_epoch(&self, vm: &Vm) -> u64 {
@@ -872,110 +1140,155 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Runs the agents' live migration to completion. Err(reason) means the target
-    /// does not run the guest and the source keeps (or got back) it.
-    async fn live_precopy(
+    fn copy_figures(doc: &mut MigrationDoc, m: &AgentMigration) {
+        doc.figures.total_ms = m.total_ms.round() as u64;
+        doc.figures.downtime_ms = m.downtime_ms.round() as u64;
+        doc.figures.memory_bytes = m.ram_transferred_bytes as u64;
+        doc.figures.memory_total_bytes = m.total_bytes as u64;
+        doc.figures.remaining_bytes = m.remaining_bytes as u64;
+        doc.figures.passes = m.passes.len() as u64;
+        if let Some(q) = m.quiesced_at_ms {
+            doc.figures.quiesced_at_ms = q.round() as u64;
+        }
+    }
+
+    /// Runs the agents' live migration in coordinated mode until the source quiesced.
+    async fn live_until_quiesced(
         &self,
         doc: &mut MigrationDoc,
         vm: &Vm,
-        sa: &AgentClient,
+        hosts: &Pair<'_>,
         cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let dst = self.host(&doc.record.to_host).map_err(|e| e.message)?;
-        let mut body = json!({"target": dst.migration});
+    ) -> Result<(), Stop> {
+        let mut body = json!({"target": hosts.dst.migration, "switchover": "coordinated"});
         if let Some(d) = doc.options.downtime_ms {
             body["downtime_limit_ms"] = json!(d);
         }
         if let Some(b) = doc.options.bandwidth_mibs {
             body["max_bandwidth_mibs"] = json!(b);
         }
-        let agent_id = sa
+        let agent_id = hosts
+            .sa
             .migrate(&vm.name, &body)
             .await
-            .map_err(|e| format!("the source agent refused the migration: {e}"))?;
+            .map_err(|e| Stop::Abort(format!("the source agent refused the migration: {e}")))?;
         doc.agent_migration = Some(agent_id.clone());
         self.store
             .put("migrations", &doc.record.id, &*doc)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Stop::Recover(e.into()))?;
         let mut cancel_sent = false;
         let mut poll_errors = 0u32;
+        let mut stored = Instant::now();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(FAST_POLL) => {}
                 _ = cancel.cancelled(), if !cancel_sent => {
                     cancel_sent = true;
-                    if let Err(e) = sa.cancel_migration(&agent_id).await {
+                    if let Err(e) = hosts.sa.cancel_migration(&agent_id).await {
                         tracing::warn!(migration = %doc.record.id, error = %e, "cancel at the agent failed");
                     }
                 }
             }
-            let m: AgentMigration = match sa.migration(&agent_id).await {
+            let m: AgentMigration = match hosts.sa.migration(&agent_id).await {
                 Ok(m) => m,
                 Err(DaemonError::Refused { status: 404, .. }) => {
-                    return Err("the source agent forgot the migration (restarted?)".into());
+                    return Err(Stop::Abort(
+                        "the source agent forgot the migration (restarted?)".into(),
+                    ));
                 }
                 Err(e) => {
                     // A source agent that stays silent this long has outlived its own
-                    // 30 s socket timeouts: give up; recovery logic settles the copies.
+                    // socket timeouts: give up; recovery settles the copies.
                     poll_errors += 1;
                     tracing::warn!(error = %e, "polling the source agent");
                     if poll_errors > POLL_ERRORS_MAX {
-                        return Err(format!("the source agent stopped answering: {e}"));
+                        return Err(Stop::Recover(ApiError::daemon(
+                            "the source agent stopped answering",
+                            &e,
+                        )));
                     }
                     continue;
                 }
             };
             poll_errors = 0;
-            doc.figures.total_ms = m.total_ms.round() as u64;
-            doc.figures.downtime_ms = m.downtime_ms.round() as u64;
-            doc.figures.memory_bytes = m.ram_transferred_bytes as u64;
-            doc.figures.memory_total_bytes = m.total_bytes as u64;
-            doc.figures.remaining_bytes = m.remaining_bytes as u64;
-            doc.figures.passes = m.passes.len() as u64;
+            Self::copy_figures(doc, &m);
+            if m.quiesced() {
+                return Ok(());
+            }
             if !m.finished() {
-                // Progress is not journaled (it is not needed for recovery), only stored.
-                let _ = self.store.put("migrations", &doc.record.id, &*doc);
+                // Progress is not journaled (recovery does not need it), only stored.
+                if stored.elapsed() >= POLL {
+                    let _ = self.store.put("migrations", &doc.record.id, &*doc);
+                    stored = Instant::now();
+                }
                 continue;
             }
             return match m.state.as_str() {
-                "completed" => Ok(()),
-                _ if m.error_code().as_deref() == Some("outcome_unknown") => {
-                    // The target may or may not run; the source stays paused. Settle it.
-                    let da = self.agent_client(&dst);
-                    match da.get_vm(&vm.name).await {
-                        Ok(Some(t)) if t.state == "running" => {
-                            let _ = sa.delete_vm(&vm.name).await;
-                            Ok(())
-                        }
-                        _ => Err(format!("migration failed: {}", m.error_text())),
-                    }
-                }
-                "cancelled" => Err("cancelled by the operator".into()),
-                _ => Err(format!("migration failed: {}", m.error_text())),
+                // Without a go-ahead a coordinated migration cannot complete; an agent
+                // that did anyway runs the target under the source's lease: recovery
+                // fences the disks to the running copy.
+                "completed" => Err(Stop::Recover(ApiError::new(
+                    502,
+                    "daemon_bad_answer",
+                    "the source agent completed a coordinated migration without the go-ahead",
+                ))),
+                "cancelled" => Err(Stop::Abort("cancelled by the operator".into())),
+                _ => Err(Stop::Abort(format!("migration failed: {}", m.error_text()))),
             };
         }
     }
 
-    /// `--offline`: stop the guest on the source and boot it on the target (the
-    /// definition moves, not the memory: the agents have no way to move a paused
-    /// guest's memory without the live path).
-    async fn offline_move(
+    /// Sends the go-ahead with the target's disk URIs and follows the migration until
+    /// it ends. Ok when the agent reports it completed.
+    async fn live_switchover(
         &self,
-        vm: &Vm,
+        doc: &mut MigrationDoc,
         sa: &AgentClient,
-        da: &AgentClient,
+        uris: &[String],
     ) -> Result<(), String> {
-        sa.pause(&vm.name)
-            .await
-            .map_err(|e| format!("pausing the source: {e}"))?;
-        let spec = self.agent_spec(vm).map_err(|e| e.message)?;
+        let Some(agent_id) = doc.agent_migration.clone() else {
+            return Err("no agent migration to switch over".into());
+        };
+        let end = Instant::now() + SETTLE_MAX;
+        let mut sent = false;
+        loop {
+            if !sent {
+                match sa.switchover(&agent_id, uris).await {
+                    Ok(()) => sent = true,
+                    // Not quiesced any more (it failed meanwhile): the poll says why.
+                    Err(e) if e.status() == Some(409) => sent = true,
+                    Err(e) => tracing::warn!(error = %e, "sending the go-ahead; retrying"),
+                }
+            }
+            match sa.migration(&agent_id).await {
+                Ok(m) => {
+                    Self::copy_figures(doc, &m);
+                    match m.state.as_str() {
+                        "completed" => return Ok(()),
+                        "failed" | "cancelled" => {
+                            return Err(format!("switchover failed: {}", m.error_text()));
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "polling the source agent after the go-ahead"),
+            }
+            if Instant::now() > end {
+                return Err("the migration did not end after the go-ahead".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `--offline`, after the fence: start the VM from its definition on the target with
+    /// the target's own disk tokens. The guest's memory does not move (it cold-boots).
+    async fn offline_start(&self, vm: &Vm, uris: &[String], da: &AgentClient) -> Result<(), String> {
+        let mut spec = self.agent_spec(vm).map_err(|e| e.message)?;
+        spec["disks"] = uris.iter().map(|u| json!({ "nbd": u })).collect();
         da.put_vm(&vm.name, &spec)
             .await
-            .map_err(|e| format!("starting the VM on the target: {e}"))?;
-        sa.delete_vm(&vm.name)
-            .await
-            .map_err(|e| format!("stopping the source copy: {e}"))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| format!("starting the VM on the target: {e}"))
     }
 
     // ---------------------------------------------------------------- recovery
@@ -1051,14 +1364,10 @@ impl Coordinator {
             self.presence(&sa, &vm.name).await,
             self.presence(&da, &vm.name).await,
         );
-        // An agent-to-agent migration outlives the coordinator: let it end first.
-        if [source, target]
-            .iter()
-            .any(|p| matches!(p, VmPresence::Unreachable | VmPresence::InMigration))
-        {
-            tracing::info!(migration = %doc.record.id, ?source, ?target, "waiting for the agents to settle");
-            return Ok(false);
-        }
+        let source_quiesced = match &doc.agent_migration {
+            Some(id) => matches!(sa.migration(id).await, Ok(m) if m.quiesced()),
+            None => false,
+        };
         let disk = vm
             .disks
             .first()
@@ -1073,21 +1382,37 @@ impl Coordinator {
         let obs = Observation {
             source,
             target,
+            source_quiesced,
             storage_epoch: info.lease.as_ref().map(|l| l.epoch).unwrap_or(0),
             storage_holder: info.lease.map(|l| l.holder),
         };
         let plan = plan_recovery(&doc.record, &obs);
         tracing::info!(migration = %doc.record.id, ?obs, ?plan, "recovery plan");
+        // Set once the disks were fenced back to the source in this plan: the source
+        // then resumes with the new tokens.
+        let mut source_refenced = false;
         for action in plan {
             match action {
-                RecoveryAction::ResumeSource => {
+                RecoveryAction::Wait => return Ok(false),
+                RecoveryAction::CancelSource => {
                     if let Some(a) = &doc.agent_migration {
-                        let _ = sa.cancel_migration(a).await;
-                    }
-                    if source == VmPresence::Paused {
-                        sa.resume(&vm.name)
+                        sa.cancel_migration(a)
                             .await
-                            .map_err(|e| ApiError::daemon("resuming the source", &e))?;
+                            .map_err(|e| ApiError::daemon("cancelling at the source", &e))?;
+                        self.wait_source_settled(&sa, a).await?;
+                    }
+                    vm.host = src.name.clone();
+                    vm.site = src.site.clone();
+                }
+                RecoveryAction::ResumeSource => {
+                    if source == VmPresence::Paused {
+                        let r = if source_refenced {
+                            let uris = self.disk_uris(&vm)?;
+                            sa.resume_with_disks(&vm.name, &uris).await
+                        } else {
+                            sa.resume(&vm.name).await
+                        };
+                        r.map_err(|e| ApiError::daemon("resuming the source", &e))?;
                     }
                     vm.host = src.name.clone();
                     vm.site = src.site.clone();
@@ -1107,15 +1432,36 @@ impl Coordinator {
                 RecoveryAction::FenceToSource { epoch } => {
                     self.burn_epoch(&mut doc, epoch)?;
                     self.fence_all(&mut vm, epoch, &src.name).await?;
+                    source_refenced = true;
+                    // Journal the new tokens now: a failed resume is retried with them.
+                    self.store.put("vms", &vm.name, &vm)?;
                 }
                 RecoveryAction::FenceToTarget { epoch } => {
                     self.burn_epoch(&mut doc, epoch)?;
                     self.fence_all(&mut vm, epoch, &dst.name).await?;
+                    self.store.put("vms", &vm.name, &vm)?;
+                }
+                RecoveryAction::Switchover => {
+                    let uris = self.disk_uris(&vm)?;
+                    // Err: the go-ahead did not make the target run; the next round
+                    // observes a paused source and rolls back.
+                    self.live_switchover(&mut doc, &sa, &uris)
+                        .await
+                        .map_err(|e| ApiError::new(502, "target_not_running", e))?;
+                    if !matches!(da.get_vm(&vm.name).await, Ok(Some(t)) if t.state == "running") {
+                        return Err(ApiError::new(
+                            502,
+                            "target_not_running",
+                            "the target does not run after the go-ahead",
+                        ));
+                    }
                     vm.host = dst.name.clone();
                     vm.site = dst.site.clone();
                 }
                 RecoveryAction::Finish(phase) => {
                     if let Phase::Committed { epoch } = &phase {
+                        vm.host = dst.name.clone();
+                        vm.site = dst.site.clone();
                         // Roll forward: make sure the record carries the lease the target holds.
                         for d in vm.disks.iter_mut() {
                             if d.holder != dst.name {

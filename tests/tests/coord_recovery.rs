@@ -1,6 +1,7 @@
 //! The coordinator killed at each phase of a migration (fail point), then restarted
 //! on the same state: it ends with exactly one running copy whose host holds the
-//! disk lease, and the migration reaches a terminal phase.
+//! disk lease, the migration reaches a terminal phase, and the disk-writer guest's
+//! disk checks out.
 
 mod coord_support;
 
@@ -16,8 +17,15 @@ fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
     }
     let mut c = Cluster::start();
     c.register();
-    let guest = c.guest.display().to_string();
-    for (n, phase) in ["planned", "precopy", "fencing", "fenced", "target_running"]
+    let guest = c.guest_image("disk-writer").display().to_string();
+    for (n, phase) in [
+        "planned",
+        "precopy",
+        "quiesced",
+        "fencing",
+        "fenced",
+        "target_running",
+    ]
         .iter()
         .enumerate()
     {
@@ -76,10 +84,18 @@ fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
         );
         assert_eq!(shown["state"], "running", "phase {phase}");
         if matches!(*phase, "fencing" | "fenced" | "target_running") {
-            // Past the fence intent the VM moved (the agents finished without us).
+            // Past the fence intent the VM moves on: the quiesced source got the go-ahead
+            // from the restarted coordinator, with tokens of a fresh epoch.
             assert_eq!(m["state"], "committed", "phase {phase}: {m}");
             assert!(epoch >= 2);
+        } else {
+            assert_eq!(m["state"], "cancelled", "phase {phase}: {m}");
+            assert_eq!(epoch, 1, "phase {phase}: no fence before the intent");
         }
+        let idx = if host == "kvm-a1" { 0 } else { 1 };
+        c.check_disk_writer(idx, &vm, &export);
+        // One guest at a time: the machine has few cores.
+        c.ok(&["vm", "delete", &vm]);
         eprintln!(
             "fail point {phase}: ended {} on {host} at epoch {epoch}",
             m["state"]

@@ -189,15 +189,7 @@ impl Cluster {
                 migration: mig,
             });
         }
-        let guest = d.join("ab.bin");
-        let out = run_timeout(
-            Command::new(&agent_exe)
-                .args(["guest-image", "ab-sweeper", "--out"])
-                .arg(&guest),
-            Duration::from_secs(30),
-        )
-        .expect("guest-image runs");
-        assert!(out.status.success(), "guest-image failed: {out:?}");
+        let guest = guest_image(&agent_exe, "ab-sweeper", &d.join("ab.bin"));
         let mut c = Cluster {
             dir,
             nbd: Node {
@@ -215,19 +207,26 @@ impl Cluster {
     }
 
     pub fn start_coord(&mut self, env: &[(&str, &str)]) {
+        self.start_coord_with(&[], env);
+    }
+
+    /// Starts `coord serve` on the cluster's state with extra flags and environment.
+    pub fn start_coord_with(&mut self, flags: &[&str], env: &[(&str, &str)]) {
         let d = self.dir.path();
         let n = std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--api".into(),
+            self.coord_api.clone(),
+            "--data-dir".into(),
+            d.join("coord-data").display().to_string(),
+            "--api-token".into(),
+            TOKEN.into(),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
         let mut p = spawn(
             &bin("coord", "coordinator"),
-            &[
-                "serve".into(),
-                "--api".into(),
-                self.coord_api.clone(),
-                "--data-dir".into(),
-                d.join("coord-data").display().to_string(),
-                "--api-token".into(),
-                TOKEN.into(),
-            ],
+            &args,
             "coord serve",
             &d.join(format!("coord-{n}.log")),
             env,
@@ -369,12 +368,113 @@ impl Cluster {
         )
     }
 
-    /// The lease token the agent on `i` was given for the VM's first disk (from the
-    /// NBD URI the coordinator passed it).
-    pub fn agent_disk_token(&self, i: usize, vm: &str) -> Option<String> {
-        let (_, v) = self.get(&format!("http://{}/v1/vms/{vm}", self.agents[i].api));
-        let uri = v["disks"][0]["nbd"].as_str()?.to_owned();
-        uri.split_once(";lease=").map(|(_, t)| t.to_owned())
+    /// Writes the built-in guest `kind` (`ab-sweeper`, `disk-writer`) into the cluster dir.
+    pub fn guest_image(&self, kind: &str) -> PathBuf {
+        guest_image(
+            &bin("stagehand-agent", "agent"),
+            kind,
+            &self.dir.path().join(format!("{kind}.bin")),
+        )
+    }
+
+    /// The VM's disk lease tokens `(epoch, holder, token)`, read from the coordinator's
+    /// state directory (the API never shows them).
+    pub fn lease_tokens(&self, vm: &str) -> Vec<(u64, String, String)> {
+        let dir = self.dir.path().join("coord-data");
+        let out = run_timeout(
+            Command::new(bin("coord", "coordinator"))
+                .args(["lease-tokens", vm, "--data-dir"])
+                .arg(&dir),
+            Duration::from_secs(30),
+        )
+        .expect("coord lease-tokens runs");
+        assert!(out.status.success(), "coord lease-tokens: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                (
+                    d["epoch"].as_u64().unwrap_or(0),
+                    d["holder"].as_str().unwrap_or("").to_owned(),
+                    d["token"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// POST on agent `i` with the cluster token; (status, JSON body).
+    pub fn agent_post(&self, i: usize, path: &str, body: &str) -> (u16, Value) {
+        let url = format!("http://{}{path}", self.agents[i].api);
+        let out = run_timeout(
+            Command::new("curl").args([
+                "-s",
+                "-m",
+                "60",
+                "-X",
+                "POST",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                &url,
+            ]),
+            Duration::from_secs(70),
+        )
+        .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Bytes of COM1 output of the VM on agent `i`.
+    pub fn console_len(&self, i: usize, vm: &str) -> usize {
+        let out = run_timeout(
+            Command::new("curl").args([
+                "-s",
+                "-m",
+                "10",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                &format!("http://{}/v1/vms/{vm}/console", self.agents[i].api),
+            ]),
+            Duration::from_secs(15),
+        )
+        .expect("curl runs");
+        out.stdout.len()
+    }
+
+    /// Checks the disk-writer guest of `vm` on agent `i`: pause, dump its RAM, read its
+    /// disk read-only through NBD, run the agent's checkers, resume. Returns the last
+    /// acknowledged record's seq.
+    pub fn check_disk_writer(&self, i: usize, vm: &str, export: &str) -> u64 {
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/pause"), "");
+        assert_eq!(code, 200, "pause {vm}: {v}");
+        let dump = self.dir.path().join(format!("{vm}.ram"));
+        let body = serde_json::json!({"path": dump}).to_string();
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/memory-dump"), &body);
+        assert_eq!(code, 200, "memory-dump {vm}: {v}");
+        let ram = std::fs::read(&dump).expect("read the dump");
+        let _ = std::fs::remove_file(&dump);
+        let at = agent::guests::DISK_WRITER_ACKED_ADDR as usize;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&ram[at..at + 8]);
+        let acked = u64::from_le_bytes(word);
+        let disk = read_disk(&self.nbd.nbd, export, 1 << 20);
+        let check = agent::guests::check_disk_records(&disk, acked)
+            .unwrap_or_else(|e| panic!("disk of {vm} on agent {i}: {e}"));
+        agent::guests::check_ab_ram(&ram).unwrap_or_else(|e| panic!("RAM of {vm}: {e}"));
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/resume"), "");
+        assert_eq!(code, 200, "resume {vm}: {v}");
+        assert!(acked > 0, "the guest acknowledged no write: {check:?}");
+        acked
     }
 
     /// Polls `coord migration show` until the migration is terminal (bounded).
@@ -394,4 +494,60 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+fn guest_image(agent_exe: &Path, kind: &str, out_path: &Path) -> PathBuf {
+    let out = run_timeout(
+        Command::new(agent_exe)
+            .args(["guest-image", kind, "--out"])
+            .arg(out_path),
+        Duration::from_secs(30),
+    )
+    .expect("guest-image runs");
+    assert!(out.status.success(), "guest-image {kind} failed: {out:?}");
+    out_path.to_path_buf()
+}
+
+/// The first `len` bytes of `export`, read through a read-only NBD connection (plain
+/// export name, no lease).
+pub fn read_disk(nbd: &str, export: &str, len: u32) -> Vec<u8> {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let fut = async {
+            let c = nbd_server::client::Client::connect_tcp(
+                nbd,
+                nbd_server::client::ClientOptions::new(export),
+            )
+            .await?;
+            let data = c.read(0, len).await?;
+            c.disconnect().await?;
+            Ok::<_, nbd_server::client::ClientError>(data)
+        };
+        match tokio::time::timeout(Duration::from_secs(20), fut).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => panic!("reading {export} over NBD: {e}"),
+            Err(_) => panic!("reading {export} over NBD hung"),
+        }
+    })
+}
+
+/// True when the storage node refuses a write to `export` under `token`, with EPERM.
+pub fn token_refused(nbd: &str, export: &str, token: &str) -> bool {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let opts = nbd_server::client::ClientOptions::new(&format!("{export};lease={token}"));
+        let fut = async {
+            let c = nbd_server::client::Client::connect_tcp(nbd, opts).await?;
+            c.write(0, b"stale", true).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), fut).await {
+            Ok(Ok(())) => false,
+            Ok(Err(e)) => {
+                // Refused at connect (unknown token) or EPERM on the write: both fence.
+                eprintln!("stale token refused: {e}");
+                e.errno().is_none_or(|n| n == 1)
+            }
+            Err(_) => panic!("NBD write with a stale token hung"),
+        }
+    })
 }
