@@ -572,6 +572,23 @@ pub fn new_spec(
     }
 }
 
+// placeholder until the block device lands: records the URIs only
+impl Machine {
+    /// Replaces the VM's disk URIs. This build has no guest block device, so there is
+    /// nothing to reconnect, and the spec is not behind a lock to record them in: the
+    /// call only checks that one URI per disk came. agent-blk's version replaces it.
+    pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
+        if disks.len() != self.spec.disks.len() {
+            return Err(MachineError::Invalid(format!(
+                "{} disk URIs given for a VM with {} disks",
+                disks.len(),
+                self.spec.disks.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,22 +701,5 @@ mod tests {
         assert!(check_cpuid_compatible(&[[0x8000_0001, 0, 0, 0, 1, 0]], &host).is_err());
         // Non-feature leaves are not compared.
         assert!(check_cpuid_compatible(&[[0, 0, 0xd, 1, 2, 3]], &host).is_ok());
-    }
-}
-
-// placeholder until the block device lands: records the URIs only
-impl Machine {
-    /// Replaces the VM's disk URIs. This build has no guest block device, so there is
-    /// nothing to reconnect, and the spec is not behind a lock to record them in: the
-    /// call only checks that one URI per disk came. agent-blk's version replaces it.
-    pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
-        if disks.len() != self.spec.disks.len() {
-            return Err(MachineError::Invalid(format!(
-                "{} disk URIs given for a VM with {} disks",
-                disks.len(),
-                self.spec.disks.len()
-            )));
-        }
-        Ok(())
     }
 }
