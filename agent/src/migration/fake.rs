@@ -291,6 +291,10 @@ pub struct FakeHost {
     pub poison_incoming: Option<u64>,
     /// CPUID this host can give; a spec asking for another is incompatible.
     pub cpuid: Vec<[u32; 6]>,
+    /// Leave the sweep range zero but for the sweeper's byte (pages travel as Sparse
+    /// frames); otherwise it is filled with a dense, compressible pattern first, so
+    /// every page costs 4 KiB on the wire like real guest data.
+    pub sparse_guest: bool,
 }
 
 impl FakeHost {
@@ -301,6 +305,7 @@ impl FakeHost {
             page_delay,
             poison_incoming: None,
             cpuid: vec![[0, 0, 1, 2, 3, 4]],
+            sparse_guest: false,
         }
     }
     pub fn add_running(&self, name: &str, memory_mib: u64) -> Arc<FakeVm> {
@@ -313,6 +318,17 @@ impl FakeHost {
         disks: Vec<String>,
     ) -> Arc<FakeVm> {
         let vm = FakeVm::with_disks(name, memory_mib, self.sweep_end, self.page_delay, disks);
+        if !self.sparse_guest {
+            // Bytes 1.. of each page: the sweeper and the A-B check use byte 0 only.
+            let page: Vec<u8> = (1..PAGE_SIZE).map(|i| (i % 251 + 1) as u8).collect();
+            let mut a = SWEEP_START;
+            while a < self.sweep_end {
+                vm.mem
+                    .write_slice(&page, GuestAddress(a + 1))
+                    .expect("in range");
+                a += PAGE_SIZE;
+            }
+        }
         vm.start();
         self.vms
             .lock()

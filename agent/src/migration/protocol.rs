@@ -41,7 +41,7 @@
 //! sender   -> Config{chunk_size, streams, switchover mode, switchover timeout, VmSpec (JSON)}
 //! receiver -> Ok{session id}        (memory size, vCPUs and CPUID checked, VM created)
 //!   repeated, one round per pass (pass 0 = all non-zero pages, then dirty pages):
-//! sender   -> Memory{ranges, bytes}*           (on any connection of the session)
+//! sender   -> Memory{ranges, bytes}* | Sparse{pages}*  (on any connection of the session)
 //! sender   -> Sync{pass}                       (on every connection)
 //! receiver -> Ok                               (per connection: all its Memory applied)
 //!   stop and copy (source paused):
@@ -67,7 +67,14 @@
 //! allows the sender `switchover_timeout_s` (from Config) plus the usual I/O timeout of
 //! silence on the control connection.
 //!
-//! Data connection: `Join{session id}` <- `Ok`, then `Memory*` and `Sync` as above.
+//! `Sparse` carries pages that are zero except for a few 64-bit words (at most
+//! [`MAX_SPARSE_WORDS`]): `{gpa, [(word index, value)]}` per page, about 10 bytes per
+//! word instead of 4 KiB per page. A guest that dirties a byte or two per page (counters,
+//! flags, the A-B sweeper) costs almost nothing on the wire; the receiver writes the
+//! whole page (zeros plus the words), so the result is the same as a Memory frame.
+//!
+//! Data connection: `Join{session id}` <- `Ok`, then `Memory*`, `Sparse*` and `Sync` as
+//! above.
 //! `Abandon{reason}` may be sent at any time on the control connection; the receiver
 //! discards the incoming VM. A closed control connection before `Complete` means the
 //! same. Any frame out of sequence is answered with `Error` and the session is
@@ -102,6 +109,12 @@ pub const AUTH_CONTEXT: &str = "stagehand 2026 live-migration auth v1";
 /// Most disks a Switchover message may carry, and the longest URI in it.
 pub const MAX_DISKS: usize = 64;
 pub const MAX_URI_LEN: usize = 4096;
+/// Most non-zero 64-bit words a page may have to travel as a Sparse page (then it costs
+/// at most 2 + 32 × 10 bytes instead of 4096), and most pages in one Sparse frame.
+pub const MAX_SPARSE_WORDS: usize = 32;
+pub const MAX_SPARSE_PAGES: usize = 4096;
+/// Words per page.
+pub const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
 /// Length of nonces, proofs, session ids and ticket ids.
 pub const NONCE_LEN: usize = 32;
 pub const ID_LEN: usize = 16;
@@ -124,6 +137,7 @@ pub enum Command {
     Ok = 11,
     Error = 12,
     Switchover = 13,
+    Sparse = 14,
 }
 
 impl Command {
@@ -142,6 +156,7 @@ impl Command {
             11 => Command::Ok,
             12 => Command::Error,
             13 => Command::Switchover,
+            14 => Command::Sparse,
             _ => Command::Invalid,
         }
     }
@@ -154,6 +169,7 @@ impl Command {
             Command::Hello => 2 + 1 + (ID_LEN + 2 * NONCE_LEN) as u64,
             Command::Config => 1 << 20,
             Command::Switchover => 4 + (MAX_DISKS * (4 + MAX_URI_LEN)) as u64,
+            Command::Sparse => 4 + (MAX_SPARSE_PAGES * (10 + MAX_SPARSE_WORDS * 10)) as u64,
             Command::Join => ID_LEN as u64,
             Command::Sync => 4,
             Command::Complete => 0,
@@ -259,6 +275,10 @@ pub enum ProtocolError {
     TooManyDisks(usize),
     #[error("a disk URI is empty or longer than allowed")]
     BadUri,
+    #[error(
+        "sparse page {gpa:#x} is not page aligned, has too many words or unordered word indices"
+    )]
+    BadSparse { gpa: u64 },
 }
 
 /// A parsed header. Whole frames are only decoded once `length` bytes are present.
@@ -316,6 +336,47 @@ pub enum AuthKind {
     Token,
     /// Proof made with the secret of a one-time ticket the receiver issued.
     Ticket([u8; ID_LEN]),
+}
+
+/// A page that is zero except for `words` (`(index of the u64 in the page, value)`,
+/// indices strictly increasing), carried by a Sparse frame.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SparsePage {
+    pub gpa: u64,
+    pub words: Vec<(u16, u64)>,
+}
+
+impl SparsePage {
+    /// The page's non-zero words if there are at most `MAX_SPARSE_WORDS`, else None
+    /// (stops reading at the first word past the limit, so dense pages cost little).
+    pub fn encode(gpa: u64, page: &[u8]) -> Option<SparsePage> {
+        let mut words = Vec::new();
+        for (i, w) in page.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            let v = u64::from_le_bytes(a);
+            if v != 0 {
+                if words.len() == MAX_SPARSE_WORDS {
+                    return None;
+                }
+                words.push((i as u16, v));
+            }
+        }
+        Some(SparsePage { gpa, words })
+    }
+
+    /// Writes the page's bytes (zeros plus its words) into `out` (one page long).
+    pub fn expand_into(&self, out: &mut [u8]) {
+        out.fill(0);
+        for &(i, v) in &self.words {
+            let o = usize::from(i) * 8;
+            out[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn wire_len(&self) -> usize {
+        10 + 10 * self.words.len()
+    }
 }
 
 /// A `{gpa, len}` run of guest memory carried by a Memory frame.
@@ -405,6 +466,10 @@ pub enum Message {
     Digests {
         chunk_size: u64,
         digests: Vec<[u8; 32]>,
+    },
+    /// Pages that are zero but for a few words.
+    Sparse {
+        pages: Vec<SparsePage>,
     },
     /// The coordinator's go-ahead: the disk URIs the target opens (coordinated mode).
     Switchover {
@@ -497,6 +562,7 @@ impl Message {
             Message::State { .. } => Command::State,
             Message::Digests { .. } => Command::Digests,
             Message::Switchover { .. } => Command::Switchover,
+            Message::Sparse { .. } => Command::Sparse,
             Message::Complete => Command::Complete,
             Message::Abandon { .. } => Command::Abandon,
             Message::Ok { .. } => Command::Ok,
@@ -577,6 +643,18 @@ impl Message {
                     p.extend_from_slice(d);
                 }
             }
+            Message::Sparse { pages } => {
+                p.reserve(4 + pages.iter().map(SparsePage::wire_len).sum::<usize>());
+                p.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+                for pg in pages {
+                    p.extend_from_slice(&pg.gpa.to_le_bytes());
+                    p.extend_from_slice(&(pg.words.len() as u16).to_le_bytes());
+                    for (i, v) in &pg.words {
+                        p.extend_from_slice(&i.to_le_bytes());
+                        p.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
             Message::Switchover { disks } => {
                 // The sender checked count and lengths (service::switchover); a longer
                 // list would be refused by the receiver, never silently cut.
@@ -652,6 +730,33 @@ impl Message {
                     switchover_timeout_s,
                     spec,
                 }
+            }
+            Command::Sparse => {
+                let n = r.u32()? as usize;
+                if n > MAX_SPARSE_PAGES {
+                    return Err(ProtocolError::TooManyRanges(n));
+                }
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let gpa = r.u64()?;
+                    let nw = usize::from(r.u16()?);
+                    if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
+                        return Err(ProtocolError::BadSparse { gpa });
+                    }
+                    let mut words = Vec::with_capacity(nw);
+                    for _ in 0..nw {
+                        let i = r.u16()?;
+                        let v = r.u64()?;
+                        if usize::from(i) >= PAGE_WORDS
+                            || words.last().is_some_and(|(p, _)| *p >= i)
+                        {
+                            return Err(ProtocolError::BadSparse { gpa });
+                        }
+                        words.push((i, v));
+                    }
+                    pages.push(SparsePage { gpa, words });
+                }
+                Message::Sparse { pages }
             }
             Command::Switchover => {
                 let n = r.u32()? as usize;
@@ -961,6 +1066,23 @@ mod tests {
                 switchover_timeout_s: u32::MAX,
                 spec: spec(),
             },
+            Message::Sparse { pages: vec![] },
+            Message::Sparse {
+                pages: vec![
+                    SparsePage {
+                        gpa: 0x10_0000,
+                        words: vec![(0, 0x42)],
+                    },
+                    SparsePage {
+                        gpa: 0x20_0000,
+                        words: vec![],
+                    },
+                    SparsePage {
+                        gpa: 0x3000,
+                        words: vec![(3, u64::MAX), (511, 1)],
+                    },
+                ],
+            },
             Message::Switchover { disks: vec![] },
             Message::Switchover {
                 disks: vec![
@@ -1197,7 +1319,59 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sparse_refuses_unaligned_pages_bad_indices_and_too_many_words() {
+        let frame = |pages: Vec<SparsePage>| {
+            let b = Message::Sparse { pages }.encode(Compression::None);
+            let mut hdr = [0u8; HEADER_LEN];
+            hdr.copy_from_slice(&b[..HEADER_LEN]);
+            let h = FrameHeader::parse(&hdr).expect("header");
+            Message::decode(&h, &b[HEADER_LEN..])
+        };
+        let page = |gpa, words| SparsePage { gpa, words };
+        assert!(frame(vec![page(0x10, vec![(0, 1)])]).is_err());
+        assert!(frame(vec![page(0, vec![(512, 1)])]).is_err());
+        assert!(frame(vec![page(0, vec![(5, 1), (5, 2)])]).is_err());
+        assert!(frame(vec![page(0, vec![(6, 1), (5, 2)])]).is_err());
+        let many: Vec<(u16, u64)> = (0..=MAX_SPARSE_WORDS as u16).map(|i| (i, 1)).collect();
+        assert!(frame(vec![page(0, many)]).is_err());
+        // The encoder never produces what the decoder refuses.
+        let mut dense = vec![0u8; PAGE_SIZE as usize];
+        for i in 0..=MAX_SPARSE_WORDS {
+            dense[i * 8] = 1;
+        }
+        assert_eq!(SparsePage::encode(0, &dense), None);
+        dense[MAX_SPARSE_WORDS * 8] = 0;
+        let sp = SparsePage::encode(0x5000, &dense).expect("sparse enough");
+        assert_eq!(sp.words.len(), MAX_SPARSE_WORDS);
+        assert_eq!(
+            frame(vec![sp.clone()]),
+            Ok(Message::Sparse { pages: vec![sp] })
+        );
+    }
+
     proptest! {
+        #[test]
+        fn sparse_pages_expand_to_the_page_they_encode(words in proptest::collection::btree_map(0usize..512, any::<u64>(), 0..40),
+                                                        page_no in 0u64..1 << 20) {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            for (i, v) in &words {
+                page[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            let nonzero = words.values().filter(|v| **v != 0).count();
+            match SparsePage::encode(page_no * PAGE_SIZE, &page) {
+                None => prop_assert!(nonzero > MAX_SPARSE_WORDS),
+                Some(sp) => {
+                    prop_assert_eq!(sp.words.len(), nonzero);
+                    let mut out = vec![0xffu8; PAGE_SIZE as usize];
+                    sp.expand_into(&mut out);
+                    prop_assert_eq!(&out, &page);
+                    let m = Message::Sparse { pages: vec![sp] };
+                    prop_assert_eq!(roundtrip(&m, Compression::None), m);
+                }
+            }
+        }
+
         #[test]
         fn switchover_round_trips(disks in proptest::collection::vec(".{1,40}", 0..8)) {
             let m = Message::Switchover { disks };
@@ -1214,7 +1388,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_payload_under_any_command_never_panics(cmd in 1u16..=13, flags in 0u16..3,
+        fn arbitrary_payload_under_any_command_never_panics(cmd in 1u16..=14, flags in 0u16..3,
                                                            payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let h = FrameHeader { cmd: Command::from_u16(cmd), flags, length: payload.len() as u64 };
             let _ = Message::decode(&h, &payload);

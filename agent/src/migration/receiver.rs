@@ -7,10 +7,10 @@
 //! ```text
 //! AwaitHello --Hello(auth ok)--> AwaitConfig --Config(checked, VM created)--> Memory
 //! AwaitConfig --Join(known session)--> Data            (data connections)
-//! Memory --Memory|Sync--> Memory --State--> StateReceived --Digests(match)--> Verified
+//! Memory --Memory|Sparse|Sync--> Memory --State--> StateReceived --Digests(match)--> Verified
 //! Verified --Complete(restored, resumed)--> Running                  (auto mode only)
 //! Verified --Switchover(set_disks)--> GoAhead --Complete--> Running  (coordinated only)
-//! Data --Memory|Sync--> Data
+//! Data --Memory|Sparse|Sync--> Data
 //! any state before Running --Abandon--> Closed
 //! ```
 //!
@@ -70,13 +70,13 @@ impl ReceiverState {
             (S::AwaitHello, C::Hello, _) => S::AwaitConfig,
             (S::AwaitConfig, C::Config, _) => S::Memory,
             (S::AwaitConfig, C::Join, _) => S::Data,
-            (S::Memory, C::Memory | C::Sync, _) => S::Memory,
+            (S::Memory, C::Memory | C::Sparse | C::Sync, _) => S::Memory,
             (S::Memory, C::State, _) => S::StateReceived,
             (S::StateReceived, C::Digests, _) => S::Verified,
             (S::Verified, C::Complete, M::Auto) => S::Running,
             (S::Verified, C::Switchover, M::Coordinated) => S::GoAhead,
             (S::GoAhead, C::Complete, M::Coordinated) => S::Running,
-            (S::Data, C::Memory | C::Sync, _) => S::Data,
+            (S::Data, C::Memory | C::Sparse | C::Sync, _) => S::Data,
             (
                 S::AwaitConfig | S::Memory | S::Data | S::StateReceived | S::Verified | S::GoAhead,
                 C::Abandon,
@@ -133,6 +133,35 @@ struct Session {
 }
 
 impl Session {
+    /// Writes the pages of a Sparse frame (expanded to whole pages, coalesced into
+    /// runs) through `apply`, so digests are kept exactly as for Memory frames.
+    fn apply_sparse(
+        &self,
+        h: &protocol::FrameHeader,
+        payload: &[u8],
+        expanded: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let Message::Sparse { pages } = Message::decode(h, payload).map_err(|e| e.to_string())?
+        else {
+            return Err("not a Sparse frame".into());
+        };
+        let ps = crate::contract::PAGE_SIZE as usize;
+        expanded.resize(pages.len() * ps, 0);
+        let mut ranges: Vec<MemRange> = Vec::new();
+        for (i, pg) in pages.iter().enumerate() {
+            pg.expand_into(&mut expanded[i * ps..(i + 1) * ps]);
+            match ranges.last_mut() {
+                Some(r) if r.gpa.checked_add(r.len) == Some(pg.gpa) => r.len += ps as u64,
+                _ => ranges.push(MemRange {
+                    gpa: pg.gpa,
+                    len: ps as u64,
+                }),
+            }
+        }
+        self.apply(&ranges, expanded, scratch)
+    }
+
     /// Writes the pages of a Memory frame and re-hashes the chunks they touched.
     fn apply(&self, ranges: &[MemRange], data: &[u8], scratch: &mut Vec<u8>) -> Result<(), String> {
         let mem = self.target.guest_memory();
@@ -595,6 +624,9 @@ impl Receiver {
                 Command::Memory => parse_memory(&h, &payload, &mut decompressed)
                     .map_err(|e| e.to_string())
                     .and_then(|(ranges, data)| session.apply(&ranges, data, &mut scratch)),
+                Command::Sparse => {
+                    session.apply_sparse(&h, &payload, &mut decompressed, &mut scratch)
+                }
                 Command::Sync => conn
                     .send(&Message::Ok { payload: vec![] }, Compression::None)
                     .map(|_| ())
@@ -633,6 +665,11 @@ fn drive_control(
         state = state
             .next(h.cmd, mode.switchover)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        if h.cmd == Command::Sparse {
+            s.apply_sparse(&h, &payload, &mut decompressed, &mut scratch)
+                .map_err(|e| (ErrorCode::Protocol, e))?;
+            continue;
+        }
         if h.cmd == Command::Memory {
             let (ranges, data) = parse_memory(&h, &payload, &mut decompressed)
                 .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
@@ -779,7 +816,7 @@ mod tests {
         S::Closed,
     ];
 
-    const ALL: [Command; 14] = [
+    const ALL: [Command; 15] = [
         C::Invalid,
         C::Challenge,
         C::Hello,
@@ -794,6 +831,7 @@ mod tests {
         C::Ok,
         C::Error,
         C::Switchover,
+        C::Sparse,
     ];
 
     #[test]
@@ -803,7 +841,7 @@ mod tests {
             C::Config,
             C::Memory,
             C::Sync,
-            C::Memory,
+            C::Sparse,
             C::Memory,
             C::Sync,
             C::State,
@@ -839,6 +877,8 @@ mod tests {
             assert!(S::AwaitConfig.next(C::Memory, m).is_err());
             assert!(S::StateReceived.next(C::State, m).is_err());
             assert!(S::StateReceived.next(C::Memory, m).is_err());
+            assert!(S::StateReceived.next(C::Sparse, m).is_err());
+            assert!(S::AwaitConfig.next(C::Sparse, m).is_err());
             assert!(S::StateReceived.next(C::Complete, m).is_err());
             assert!(S::Memory.next(C::Digests, m).is_err());
             assert!(S::Memory.next(C::Complete, m).is_err());
@@ -925,7 +965,7 @@ mod tests {
         /// unless Digests and then Switchover came, and once Closed or Running it
         /// accepts nothing.
         #[test]
-        fn arbitrary_sequences_respect_the_go_ahead(cmds in proptest::collection::vec(0usize..14, 0..24),
+        fn arbitrary_sequences_respect_the_go_ahead(cmds in proptest::collection::vec(0usize..15, 0..24),
                                                     coordinated in any::<bool>()) {
             let m = if coordinated { M::Coordinated } else { M::Auto };
             let mut s = S::AwaitHello;

@@ -31,8 +31,8 @@ use super::bitmap;
 use super::digest::{CHUNK_SIZE, ChunkDigests, is_zero};
 use super::policy::{Decision, PassReport, Precopy, RateLimiter};
 use super::protocol::{
-    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SwitchoverMode,
-    auth,
+    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparsePage,
+    SwitchoverMode, auth,
 };
 use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms};
 use super::wire::{Conn, WireError};
@@ -112,15 +112,19 @@ pub fn run(
         quiesced,
     } = progress;
     let total = out.started.elapsed();
-    // Whatever happened, the window takes no go-ahead or cancel any more.
-    out.with_window(|w| {
-        if !matches!(w, Window::Cancelled) {
-            *w = if result.is_ok() {
-                Window::Closed
-            } else {
-                Window::Failed
-            };
+    // Whatever happened, the window takes no go-ahead or cancel any more. A cancel it
+    // accepted stands even if the stream failed afterwards: the coordinator cancels
+    // only when it did not fence, so the source may (and must) run again.
+    let cancel_accepted = out.with_window(|w| {
+        if matches!(w, Window::Cancelled) {
+            return true;
         }
+        *w = if result.is_ok() {
+            Window::Closed
+        } else {
+            Window::Failed
+        };
+        false
     });
     match result {
         Ok(()) => {
@@ -137,7 +141,7 @@ pub fn run(
             if logging && let Err(err) = src.stop_dirty_log() {
                 tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
             }
-            let cancelled = matches!(e, SendError::Cancelled);
+            let cancelled = matches!(e, SendError::Cancelled) || cancel_accepted;
             // Once quiesced, only a cancel (before the go-ahead) may resume the source;
             // after a lost Complete answer the target may run the guest.
             let keep_paused = matches!(e, SendError::OutcomeUnknown(_)) || (quiesced && !cancelled);
@@ -617,17 +621,24 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         ctx.digests.record(c, &scratch);
 
         let mut ranges: Vec<MemRange> = Vec::new();
+        let mut sparse: Vec<SparsePage> = Vec::new();
         let mut bytes = 0u64;
         for page in first..end_page {
             if !bitmap::is_set(ctx.dirty, page) {
                 continue;
             }
             let off = ((page - first) * PAGE_SIZE) as usize;
-            if ctx.skip_zero && is_zero(&scratch[off..off + PAGE_SIZE as usize]) {
+            let data = &scratch[off..off + PAGE_SIZE as usize];
+            if ctx.skip_zero && is_zero(data) {
                 counters.zero_pages.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let gpa = page * PAGE_SIZE;
+            // A page that is zero but for a few words travels as those words.
+            if let Some(sp) = SparsePage::encode(gpa, data) {
+                sparse.push(sp);
+                continue;
+            }
             match ranges.last_mut() {
                 Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
                 _ => ranges.push(MemRange {
@@ -636,6 +647,20 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
                 }),
             }
             bytes += PAGE_SIZE;
+        }
+        if !sparse.is_empty() {
+            let n = sparse.len() as u64;
+            let frame = Message::Sparse { pages: sparse }.encode(Compression::None);
+            throttle_send(ctx, frame.len() as u64)?;
+            let wire = conn.send_parts([&frame[..]])?;
+            counters
+                .wire_bytes
+                .fetch_add(wire as u64, Ordering::Relaxed);
+            counters
+                .ram_bytes
+                .fetch_add(n * PAGE_SIZE, Ordering::Relaxed);
+            counters.normal_pages.fetch_add(n, Ordering::Relaxed);
+            sent += n * PAGE_SIZE;
         }
         if !ranges.is_empty() {
             let slices = ranges.iter().map(|r| {
