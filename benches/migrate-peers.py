@@ -3,10 +3,13 @@
 
 Both run the same A-B sweeper boot sector (QEMU from a 1 MiB disk image through
 SeaBIOS, ours as a flat binary at 0x7c00), with the same memory, source and target on
-loopback, one run per case. Prints a table with total time and downtime and our
+loopback, one run per case, plus a case whose target runs in a network namespace
+behind a veth pair shaped to 110 MiB/s with tc (so compression counts on the wire, as
+on a real WAN link). BENCH_CASES=substring,... picks cases. Prints a table with total time and downtime and our
 ratios to QEMU. Called by benches/migrate-peers.sh (make bench-migrate).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +43,55 @@ def wait_for(pred, timeout, what):
             return v
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class ShapedLink:
+    """A veth pair into a network namespace, shaped with tc (tbf) in both directions.
+
+    The migration target runs inside the namespace, so every byte of the stream crosses
+    a real 110 MiB/s bottleneck: compression and delta encoding count on both sides,
+    unlike an application-level bandwidth cap, which limits bytes before compression.
+    """
+
+    NS = "shb-target"
+    HOST_IF, NS_IF = "shb0", "shb1"
+    HOST_IP, NS_IP = "10.77.0.1", "10.77.0.2"
+
+    def __init__(self, mibs):
+        self.mibs = mibs
+
+    def _ip(self, *args, ns=False, check=True):
+        cmd = (["ip", "netns", "exec", self.NS] if ns else []) + list(args)
+        return subprocess.run(cmd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self):
+        self.__exit__()
+        rate = f"{self.mibs * 8 * 1024 * 1024 // 1000}kbit"
+        self._ip("ip", "netns", "add", self.NS)
+        self._ip("ip", "link", "add", self.HOST_IF, "type", "veth", "peer", "name", self.NS_IF)
+        self._ip("ip", "link", "set", self.NS_IF, "netns", self.NS)
+        self._ip("ip", "addr", "add", f"{self.HOST_IP}/24", "dev", self.HOST_IF)
+        self._ip("ip", "link", "set", self.HOST_IF, "up")
+        self._ip("ip", "addr", "add", f"{self.NS_IP}/24", "dev", self.NS_IF, ns=True)
+        self._ip("ip", "link", "set", self.NS_IF, "up", ns=True)
+        self._ip("ip", "link", "set", "lo", "up", ns=True)
+        for dev, ns in ((self.HOST_IF, False), (self.NS_IF, True)):
+            self._ip("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                     "burst", "512kb", "latency", "20ms", ns=ns)
+        return self
+
+    def __exit__(self, *exc):
+        self._ip("ip", "link", "del", self.HOST_IF, check=False)
+        self._ip("ip", "netns", "del", self.NS, check=False)
+
+    def prefix(self):
+        return ["ip", "netns", "exec", self.NS]
+
+    @staticmethod
+    def available():
+        if os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("ip") is None:
+            return False
+        return True
 
 
 def read(path):
@@ -85,7 +137,7 @@ class Qmp:
         return r.get("return")
 
 
-def qemu(mem_mib, image, workdir, tag, incoming_port=None):
+def qemu(mem_mib, image, workdir, tag, incoming_port=None, link=None):
     qmp = os.path.join(workdir, f"{tag}.qmp")
     serial = os.path.join(workdir, f"{tag}.serial")
     args = [
@@ -100,15 +152,19 @@ def qemu(mem_mib, image, workdir, tag, incoming_port=None):
         "-qmp", f"unix:{qmp},server=on,wait=off",
     ]
     if incoming_port:
-        args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+        host = link.NS_IP if link else "127.0.0.1"
+        args += ["-incoming", f"tcp:{host}:{incoming_port}"]
+    if link:
+        args = link.prefix() + args
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.err"), "wb"))
     return p, Qmp(qmp), serial
 
 
-def run_qemu(mem_mib, image, workdir, bandwidth_mibs, caps):
+def run_qemu(mem_mib, image, workdir, bandwidth_mibs, caps, link=None):
     port = free_port()
     src, sq, sserial = qemu(mem_mib, image, workdir, "qsrc")
-    dst, dq, dserial = qemu(mem_mib, image, workdir, "qdst", incoming_port=port)
+    dst, dq, dserial = qemu(mem_mib, image, workdir, "qdst", incoming_port=port, link=link)
+    dst_host = link.NS_IP if link else "127.0.0.1"
     try:
         wait_for(lambda: b"A" in read(sserial), 60, "'A' from the QEMU guest")
         time.sleep(2)
@@ -118,7 +174,7 @@ def run_qemu(mem_mib, image, workdir, bandwidth_mibs, caps):
         # "Unlimited": QEMU's default cap is 128 MiB/s, so lift it.
         bw = (bandwidth_mibs or 100 * 1024) * MIB
         sq.cmd("migrate-set-parameters", **{"max-bandwidth": bw})
-        sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        sq.cmd("migrate", uri=f"tcp:{dst_host}:{port}")
         t0 = time.time()
         while True:
             info = sq.cmd("query-migrate")
@@ -154,14 +210,17 @@ def http(method, url, body=None):
         return json.loads(raw) if raw and r.headers.get("Content-Type", "").startswith("application/json") else raw
 
 
-def agent(workdir, tag):
+def agent(workdir, tag, link=None):
     api, mig = free_port(), free_port()
-    p = subprocess.Popen([AGENT, "--api", f"127.0.0.1:{api}", "--migration-listen", f"127.0.0.1:{mig}",
-                          "--api-token", TOKEN, "--data-dir", os.path.join(workdir, tag)],
-                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.log"), "wb"))
-    base = f"http://127.0.0.1:{api}"
+    host = link.NS_IP if link else "127.0.0.1"
+    args = [AGENT, "--api", f"{host}:{api}", "--migration-listen", f"{host}:{mig}",
+            "--api-token", TOKEN, "--data-dir", os.path.join(workdir, tag)]
+    if link:
+        args = link.prefix() + args
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.log"), "wb"))
+    base = f"http://{host}:{api}"
     wait_for(lambda: _health(base), 20, f"agent {tag}")
-    return p, base, f"127.0.0.1:{mig}"
+    return p, base, f"{host}:{mig}"
 
 
 def _health(base):
@@ -172,9 +231,9 @@ def _health(base):
         return False
 
 
-def run_ours(mem_mib, flat, workdir, bandwidth_mibs, extra):
+def run_ours(mem_mib, flat, workdir, bandwidth_mibs, extra, link=None):
     src, sbase, _ = agent(workdir, "asrc")
-    dst, dbase, dmig = agent(workdir, "adst")
+    dst, dbase, dmig = agent(workdir, "adst", link=link)
     try:
         http("PUT", f"{sbase}/v1/vms/ab", {"memory_mib": mem_mib, "vcpus": 1,
                                             "boot": {"flat_binary": flat, "load_addr": 0x7C00}, "disks": []})
@@ -215,6 +274,19 @@ def fmt(v):
     return "-" if v is None else f"{v:.1f}"
 
 
+def run_case(name, mem, bw, link, q_variants, o_variants, image, flat, workdir, results):
+    for label, caps in q_variants:
+        r = run_qemu(mem, image, workdir, bw, caps, link=link)
+        results.append((label, r))
+        print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
+    for label, extra in o_variants:
+        r = run_ours(mem, flat, workdir, bw, extra, link=link)
+        results.append((label, r))
+        print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
+        if os.environ.get("BENCH_VERBOSE"):
+            print(json.dumps(r.get("info"), indent=1))
+
+
 def main():
     flat = sys.argv[1]
     workdir = tempfile.mkdtemp(prefix="bench-migrate-")
@@ -224,31 +296,32 @@ def main():
     with open(image, "wb") as f:  # SeaBIOS will not boot a 512-byte disk.
         f.write(sector.ljust(MIB, b"\0"))
 
+    # (name, memory MiB, application bandwidth cap MiB/s, tc-shaped link MiB/s)
     cases = [
-        ("150 MiB unlimited", 150, None),
-        ("1 GiB unlimited", 1024, None),
-        ("1 GiB at 110 MiB/s", 1024, 110),
+        ("150 MiB unlimited", 150, None, None),
+        ("1 GiB unlimited", 1024, None, None),
+        ("1 GiB at 110 MiB/s", 1024, 110, None),
     ]
+    if ShapedLink.available():
+        cases.append(("1 GiB tc link 110", 1024, None, 110))
+    else:
+        print("NOTE: the tc-shaped 110 MiB/s case needs root, ip and tc; skipped", file=sys.stderr)
+    only = os.environ.get("BENCH_CASES")
+    if only:
+        cases = [c for c in cases if any(o.strip() in c[0] for o in only.split(","))]
     rows = []
-    for name, mem, bw in cases:
+    for name, mem, bw, shaped in cases:
         q_variants = [("QEMU default", [])]
         o_variants = [("stagehand default", {})]
-        if bw:
+        if bw or shaped:
             q_variants += [("QEMU auto-converge", ["auto-converge"]),
                            ("QEMU xbzrle+auto-converge", ["xbzrle", "auto-converge"])]
             o_variants += [("stagehand auto-converge", {"auto_converge": True}),
                            ("stagehand lz4+auto-converge", {"compression": "lz4", "auto_converge": True})]
         results = []
-        for label, caps in q_variants:
-            r = run_qemu(mem, image, workdir, bw, caps)
-            results.append((label, r))
-            print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
-        for label, extra in o_variants:
-            r = run_ours(mem, flat, workdir, bw, extra)
-            results.append((label, r))
-            print(f"{name:20} {label:30} {r['state']:28} total {fmt(r['total_ms']):>8} ms  downtime {fmt(r['downtime_ms']):>7} ms", flush=True)
-            if os.environ.get("BENCH_VERBOSE"):
-                print(json.dumps(r.get("info"), indent=1))
+        with contextlib.ExitStack() as stack:
+            link = stack.enter_context(ShapedLink(shaped)) if shaped else None
+            run_case(name, mem, bw, link, q_variants, o_variants, image, flat, workdir, results)
         rows.append((name, results))
 
     print("\nRatios (ours / QEMU; best of each side; lower is better):")

@@ -72,6 +72,9 @@ pub trait MigrationSource: Send + Sync {
     /// vcpu_events, mp_state, debugregs, TSC, kvmclock, irqchip/PIT if used, devices).
     /// Only while paused. Opaque bytes to migration; versioned by the VMM.
     fn save_state(&self) -> Result<Vec<u8>, VmError>;
+    /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks; only
+    /// while paused (source rollback) or before the first resume (target).
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError>;
 }
 
 /// The target side: an empty VM created from a `VmSpec`, filled by migration, then
@@ -82,4 +85,7 @@ pub trait MigrationTarget: Send + Sync {
     fn restore_state(&self, state: &[u8]) -> Result<(), VmError>;
     /// Starts the vCPUs after `restore_state`.
     fn resume(&self) -> Result<(), VmError>;
+    /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks; only
+    /// while paused (source rollback) or before the first resume (target).
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError>;
 }

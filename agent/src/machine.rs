@@ -529,6 +529,10 @@ impl MigrationSource for Machine {
     fn save_state(&self) -> Result<Vec<u8>, VmError> {
         Ok(self.save_machine_state()?.encode()?)
     }
+
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+        Ok(Machine::set_disks(self, disks)?)
+    }
 }
 
 impl MigrationTarget for Machine {
@@ -543,6 +547,10 @@ impl MigrationTarget for Machine {
 
     fn resume(&self) -> Result<(), VmError> {
         Ok(self.resume_vcpus()?)
+    }
+
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+        Ok(Machine::set_disks(self, disks)?)
     }
 }
 
@@ -561,6 +569,23 @@ pub fn new_spec(
         boot,
         disks,
         cpuid: Vec::new(),
+    }
+}
+
+// placeholder until the block device lands: records the URIs only
+impl Machine {
+    /// Replaces the VM's disk URIs. This build has no guest block device, so there is
+    /// nothing to reconnect, and the spec is not behind a lock to record them in: the
+    /// call only checks that one URI per disk came. agent-blk's version replaces it.
+    pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
+        if disks.len() != self.spec.disks.len() {
+            return Err(MachineError::Invalid(format!(
+                "{} disk URIs given for a VM with {} disks",
+                disks.len(),
+                self.spec.disks.len()
+            )));
+        }
+        Ok(())
     }
 }
 

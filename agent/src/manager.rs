@@ -408,6 +408,26 @@ impl VmManager {
         Ok(())
     }
 
+    /// Source side (migration): ends an outgoing migration leaving the VM paused and
+    /// marked `paused` (see `migration::VmHost::end_outgoing_paused`); never resumes.
+    pub fn end_outgoing_paused(&self, name: &str) {
+        let r = self.with_entry(name, |e| {
+            if e.state != VmLifecycle::Migrating {
+                return Err(ManagerError::WrongState {
+                    name: name.to_string(),
+                    state: e.state.as_str(),
+                    needed: "migrating",
+                });
+            }
+            e.before_migration = None;
+            e.state = VmLifecycle::Paused;
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::error!(vm = name, error = %e, "cannot end the outgoing migration");
+        }
+    }
+
     /// Target side: creates an empty, paused VM from `spec` and registers it as
     /// `incoming`. Refuses a name in use and CPU features this host lacks.
     pub fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, VmError> {

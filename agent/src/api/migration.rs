@@ -6,7 +6,8 @@
 //! | `GET /v1/migrations` | | `[MigrationInfo]` |
 //! | `GET /v1/migrations/{id}` | | `MigrationInfo` (query-migrate-like statistics) |
 //! | `PATCH /v1/migrations/{id}` | `LimitsPatch` | `MigrationInfo` with the new limits |
-//! | `POST /v1/migrations/{id}/cancel` | | `MigrationInfo`; the guest keeps running on the source |
+//! | `POST /v1/migrations/{id}/cancel` | | `MigrationInfo`; the guest keeps running on the source (409 `wrong_state` after a switchover go-ahead) |
+//! | `POST /v1/migrations/{id}/switchover` | `{disks: [URI]}` | `MigrationInfo`; the go-ahead of a `quiesced` coordinated migration, else 409 `wrong_state` |
 //! | `POST /v1/migrations/tickets` | `{vm}` | `{ticket}`: one-time credential for an incoming stream |
 //!
 //! The router carries no authentication itself: `api::app` merges it behind the
@@ -25,7 +26,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::contract::VmError;
-use crate::migration::service::{LimitsPatch, MigrateRequest, MigrationService, ServiceError};
+use crate::migration::service::{
+    LimitsPatch, MigrateRequest, MigrationService, ServiceError, SwitchoverRequest,
+};
 
 pub fn routes(svc: Arc<MigrationService>) -> Router {
     Router::new()
@@ -34,6 +37,7 @@ pub fn routes(svc: Arc<MigrationService>) -> Router {
         .route("/v1/migrations/tickets", post(ticket))
         .route("/v1/migrations/{id}", get(show).patch(patch))
         .route("/v1/migrations/{id}/cancel", post(cancel))
+        .route("/v1/migrations/{id}/switchover", post(switchover))
         .with_state(svc)
 }
 
@@ -45,6 +49,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ServiceError::NoCredentials => (StatusCode::BAD_REQUEST, "no_credentials"),
             ServiceError::Ended(_) => (StatusCode::CONFLICT, "migration_ended"),
+            ServiceError::WrongState(_) => (StatusCode::CONFLICT, "wrong_state"),
             ServiceError::Vm(VmError::WrongState { .. }) => (StatusCode::CONFLICT, "wrong_state"),
             // The manager reports a missing VM as "no VM named ...".
             ServiceError::Vm(VmError::Other(ref m)) if m.starts_with("no VM") => {
@@ -97,6 +102,15 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(svc.cancel(&id)?).into_response())
+}
+
+async fn switchover(
+    State(svc): State<Arc<MigrationService>>,
+    Path(id): Path<String>,
+    b: Result<Json<SwitchoverRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = body(b)?;
+    Ok(Json(svc.switchover(&id, req)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -190,6 +204,33 @@ mod tests {
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["limits"]["downtime_limit_ms"], 50);
         assert_eq!(v["limits"]["max_bandwidth_mibs"], 10);
+
+        // Not quiesced (and not coordinated): the go-ahead is a conflict.
+        let (s, v) = call(
+            &r,
+            "POST",
+            &format!("/v1/migrations/{id}/switchover"),
+            json!({"disks": []}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert_eq!(v["error"]["code"], "wrong_state");
+        let (s, v) = call(
+            &r,
+            "POST",
+            &format!("/v1/migrations/{id}/switchover"),
+            json!({"disk": []}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let (s, _) = call(
+            &r,
+            "POST",
+            "/v1/migrations/nope/switchover",
+            json!({"disks": []}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
 
         // The VM is migrating: a second migrate is refused.
         let (s, v) = call(

@@ -31,10 +31,18 @@ pub struct FakeVm {
     pub logging: AtomicBool,
     /// Pause between pages, to model a guest slower than memcpy.
     page_delay: Duration,
+    /// The URIs of the last `set_disks` (None: never called).
+    pub disks: Mutex<Option<Vec<String>>>,
 }
 
 impl FakeVm {
-    pub fn new(name: &str, memory_mib: u64, sweep_end: u64, page_delay: Duration) -> Arc<Self> {
+    pub fn with_disks(
+        name: &str,
+        memory_mib: u64,
+        sweep_end: u64,
+        page_delay: Duration,
+        disks: Vec<String>,
+    ) -> Arc<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (memory_mib << 20) as usize)])
             .expect("anonymous mapping");
         Arc::new(FakeVm {
@@ -46,7 +54,7 @@ impl FakeVm {
                     flat_binary: "fake".into(),
                     load_addr: 0x7c00,
                 },
-                disks: vec![],
+                disks,
                 cpuid: vec![[0, 0, 1, 2, 3, 4]],
             },
             mem,
@@ -60,6 +68,7 @@ impl FakeVm {
             started: AtomicBool::new(false),
             logging: AtomicBool::new(false),
             page_delay,
+            disks: Mutex::new(None),
         })
     }
 
@@ -120,6 +129,11 @@ impl FakeVm {
     /// predecessor's, except for at most one step of -1 (mod 256) where the sweep is.
     pub fn check_ab(&self) -> Result<(), String> {
         check_ab_ram(&self.mem, self.sweep_end)
+    }
+
+    /// Whether the sweeper is held (paused, or a target not started yet).
+    pub fn is_paused(&self) -> bool {
+        *self.gate.lock().expect("gate")
     }
 
     pub fn kill(&self) {
@@ -219,6 +233,21 @@ impl MigrationSource for FakeVm {
         }
         Ok(self.pos.load(Ordering::SeqCst).to_le_bytes().to_vec())
     }
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+        record_disks(self, disks)
+    }
+}
+
+/// Both sides' `set_disks`: like the real VMM, only while the vCPUs do not run.
+fn record_disks(vm: &FakeVm, disks: &[String]) -> Result<(), VmError> {
+    if !*vm.gate.lock().expect("gate") {
+        return Err(VmError::WrongState {
+            state: "running".into(),
+            needed: "paused",
+        });
+    }
+    *vm.disks.lock().expect("disks") = Some(disks.to_vec());
+    Ok(())
 }
 
 /// The target side of a fake VM (it needs the `Arc` to start its sweeper thread).
@@ -239,11 +268,15 @@ impl MigrationTarget for FakeTarget {
         self.0.start();
         Ok(())
     }
+    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+        record_disks(&self.0, disks)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FakeState {
     Running,
+    Paused,
     Migrating,
     Incoming,
 }
@@ -258,6 +291,10 @@ pub struct FakeHost {
     pub poison_incoming: Option<u64>,
     /// CPUID this host can give; a spec asking for another is incompatible.
     pub cpuid: Vec<[u32; 6]>,
+    /// Leave the sweep range zero but for the sweeper's byte (pages travel as Sparse
+    /// frames); otherwise it is filled with a dense, compressible pattern first, so
+    /// every page costs 4 KiB on the wire like real guest data.
+    pub sparse_guest: bool,
 }
 
 impl FakeHost {
@@ -268,10 +305,30 @@ impl FakeHost {
             page_delay,
             poison_incoming: None,
             cpuid: vec![[0, 0, 1, 2, 3, 4]],
+            sparse_guest: false,
         }
     }
     pub fn add_running(&self, name: &str, memory_mib: u64) -> Arc<FakeVm> {
-        let vm = FakeVm::new(name, memory_mib, self.sweep_end, self.page_delay);
+        self.add_running_with_disks(name, memory_mib, vec![])
+    }
+    pub fn add_running_with_disks(
+        &self,
+        name: &str,
+        memory_mib: u64,
+        disks: Vec<String>,
+    ) -> Arc<FakeVm> {
+        let vm = FakeVm::with_disks(name, memory_mib, self.sweep_end, self.page_delay, disks);
+        if !self.sparse_guest {
+            // Bytes 1.. of each page: the sweeper and the A-B check use byte 0 only.
+            let page: Vec<u8> = (1..PAGE_SIZE).map(|i| (i % 251 + 1) as u8).collect();
+            let mut a = SWEEP_START;
+            while a < self.sweep_end {
+                vm.mem
+                    .write_slice(&page, GuestAddress(a + 1))
+                    .expect("in range");
+                a += PAGE_SIZE;
+            }
+        }
         vm.start();
         self.vms
             .lock()
@@ -312,6 +369,11 @@ impl VmHost for FakeHost {
             *st = FakeState::Running;
         }
     }
+    fn end_outgoing_paused(&self, name: &str) {
+        if let Some((_, st)) = self.vms.lock().expect("vms").get_mut(name) {
+            *st = FakeState::Paused;
+        }
+    }
     fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, VmError> {
         if spec.cpuid.iter().any(|l| !self.cpuid.contains(l)) {
             return Err(VmError::Incompatible("CPUID leaf not available".into()));
@@ -320,7 +382,13 @@ impl VmHost for FakeHost {
         if g.contains_key(&spec.name) {
             return Err(VmError::Other(format!("a VM named {} exists", spec.name)));
         }
-        let vm = FakeVm::new(&spec.name, spec.memory_mib, self.sweep_end, self.page_delay);
+        let vm = FakeVm::with_disks(
+            &spec.name,
+            spec.memory_mib,
+            self.sweep_end,
+            self.page_delay,
+            spec.disks.clone(),
+        );
         if let Some(a) = self.poison_incoming {
             vm.mem.write_obj(0x5au8, GuestAddress(a)).expect("in range");
         }

@@ -13,6 +13,9 @@ impl VmHost for VmManager {
     fn end_outgoing(&self, name: &str, moved: bool) {
         VmManager::end_outgoing(self, name, moved)
     }
+    fn end_outgoing_paused(&self, name: &str) {
+        VmManager::end_outgoing_paused(self, name)
+    }
     fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, VmError> {
         VmManager::create_incoming(self, spec)
     }

@@ -43,6 +43,11 @@ pub trait VmHost: Send + Sync {
     /// Ends an outgoing migration. `moved`: the target reported the guest running, so
     /// the (paused) source copy is freed. Otherwise the VM returns to its state before.
     fn end_outgoing(&self, name: &str, moved: bool);
+    /// Ends an outgoing migration whose outcome leaves the source copy paused for
+    /// good (a coordinated switchover that failed after quiescing, or a Complete whose
+    /// answer was lost): the VM is marked `paused` and is NOT resumed, whatever its
+    /// state before. Only an operator or the coordinator resumes it.
+    fn end_outgoing_paused(&self, name: &str);
     /// Creates an empty `incoming` VM shaped by `spec` (memory, vCPUs, CPUID checked
     /// here, before any memory is sent). Fails if a VM of that name exists.
     fn create_incoming(&self, spec: &VmSpec) -> Result<Arc<dyn MigrationTarget>, VmError>;

@@ -1,4 +1,4 @@
-//! The live-migration wire protocol between two agents, version 1.
+//! The live-migration wire protocol between two agents, version 2.
 //!
 //! Pure: no I/O. The async/threaded shells in `sender` and `receiver` read a 16-byte
 //! header, check its declared length against the per-command limit, read exactly that
@@ -38,10 +38,10 @@
 //! Control connection, after authentication:
 //!
 //! ```text
-//! sender   -> Config{chunk_size, streams, VmSpec (JSON)}
+//! sender   -> Config{chunk_size, streams, switchover mode, switchover timeout, VmSpec (JSON)}
 //! receiver -> Ok{session id}        (memory size, vCPUs and CPUID checked, VM created)
 //!   repeated, one round per pass (pass 0 = all non-zero pages, then dirty pages):
-//! sender   -> Memory{ranges, bytes}*           (on any connection of the session)
+//! sender   -> Memory{ranges, bytes}* | Sparse{pages}*  (on any connection of the session)
 //! sender   -> Sync{pass}                       (on every connection)
 //! receiver -> Ok                               (per connection: all its Memory applied)
 //!   stop and copy (source paused):
@@ -49,18 +49,41 @@
 //! sender   -> State{opaque VMM state}          <- Ok
 //! sender   -> Digests{chunk_size, BLAKE3 per chunk}
 //! receiver -> Ok | Error(digest_mismatch)      (target memory == source paused image)
+//!   switchover "coordinated" only (the source waits for the coordinator's go-ahead):
+//! sender   -> Switchover{disk URIs}             (new lease tokens, one per VM disk)
+//! receiver -> Ok                                (MigrationTarget::set_disks done)
+//!   both modes:
 //! sender   -> Complete
 //! receiver -> Ok                               (state restored, guest running)
 //! ```
 //!
-//! Data connection: `Join{session id}` <- `Ok`, then `Memory*` and `Sync` as above.
+//! Switchover modes (`Config.switchover`): in `auto` the sender goes from Digests
+//! straight to Complete and the target opens the spec's disks at resume (the source has
+//! paused and drained them). In `coordinated` the source stays paused ("quiesced") after
+//! Digests until the coordinator has fenced the disks to the target and gives the
+//! go-ahead with the new URIs; the receiver refuses `Complete` before `Switchover` and
+//! `Switchover` in auto mode, so the target never opens a disk with the source's lease
+//! and never resumes before the go-ahead. While it waits for `Switchover` the receiver
+//! allows the sender `switchover_timeout_s` (from Config) plus the usual I/O timeout of
+//! silence on the control connection.
+//!
+//! `Sparse` carries pages that are zero except for a few 64-bit words (at most
+//! [`MAX_SPARSE_WORDS`]): `{gpa, [(word index, value)]}` per page, about 10 bytes per
+//! word instead of 4 KiB per page. A guest that dirties a byte or two per page (counters,
+//! flags, the A-B sweeper) costs almost nothing on the wire; the receiver writes the
+//! whole page (zeros plus the words), so the result is the same as a Memory frame.
+//!
+//! Data connection: `Join{session id}` <- `Ok`, then `Memory*`, `Sparse*` and `Sync` as
+//! above.
 //! `Abandon{reason}` may be sent at any time on the control connection; the receiver
 //! discards the incoming VM. A closed control connection before `Complete` means the
 //! same. Any frame out of sequence is answered with `Error` and the session is
 //! abandoned (see `receiver::ReceiverState`).
 //!
 //! Versioning: a receiver accepts the versions in `[MIN_VERSION, VERSION]` and says so
-//! in its challenge; the sender picks the highest it also speaks.
+//! in its challenge; the sender picks the highest it also speaks. Version 2 added the
+//! switchover mode and timeout to Config and the Switchover message; version 1 peers
+//! are refused (a version-1 receiver would resume without waiting for the go-ahead).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -68,9 +91,9 @@ use std::fmt;
 use crate::contract::{PAGE_SIZE, VmSpec};
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The oldest version this build still accepts as a receiver.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload of any frame (a Memory frame carries at most one 2 MiB chunk plus
@@ -83,6 +106,15 @@ pub const MAX_RANGES: usize = 4096;
 pub const MAX_DIGESTS: usize = 1 << 25;
 /// Context string for deriving the authentication key from a token or ticket.
 pub const AUTH_CONTEXT: &str = "stagehand 2026 live-migration auth v1";
+/// Most disks a Switchover message may carry, and the longest URI in it.
+pub const MAX_DISKS: usize = 64;
+pub const MAX_URI_LEN: usize = 4096;
+/// Most non-zero 64-bit words a page may have to travel as a Sparse page (then it costs
+/// at most 2 + 32 × 10 bytes instead of 4096), and most pages in one Sparse frame.
+pub const MAX_SPARSE_WORDS: usize = 32;
+pub const MAX_SPARSE_PAGES: usize = 4096;
+/// Words per page.
+pub const PAGE_WORDS: usize = (PAGE_SIZE / 8) as usize;
 /// Length of nonces, proofs, session ids and ticket ids.
 pub const NONCE_LEN: usize = 32;
 pub const ID_LEN: usize = 16;
@@ -104,6 +136,8 @@ pub enum Command {
     Abandon = 10,
     Ok = 11,
     Error = 12,
+    Switchover = 13,
+    Sparse = 14,
 }
 
 impl Command {
@@ -121,6 +155,8 @@ impl Command {
             10 => Command::Abandon,
             11 => Command::Ok,
             12 => Command::Error,
+            13 => Command::Switchover,
+            14 => Command::Sparse,
             _ => Command::Invalid,
         }
     }
@@ -132,6 +168,8 @@ impl Command {
             Command::Challenge => 4 + NONCE_LEN as u64,
             Command::Hello => 2 + 1 + (ID_LEN + 2 * NONCE_LEN) as u64,
             Command::Config => 1 << 20,
+            Command::Switchover => 4 + (MAX_DISKS * (4 + MAX_URI_LEN)) as u64,
+            Command::Sparse => 4 + (MAX_SPARSE_PAGES * (10 + MAX_SPARSE_WORDS * 10)) as u64,
             Command::Join => ID_LEN as u64,
             Command::Sync => 4,
             Command::Complete => 0,
@@ -181,6 +219,33 @@ impl fmt::Display for Compression {
     }
 }
 
+/// When the source hands the guest over (`switchover` of the migrate request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchoverMode {
+    /// As soon as the target verified the memory (the target opens the spec's disks).
+    #[default]
+    Auto,
+    /// Only after the coordinator's go-ahead, with the disk URIs it gives.
+    Coordinated,
+}
+
+impl SwitchoverMode {
+    fn byte(self) -> u8 {
+        match self {
+            SwitchoverMode::Auto => 0,
+            SwitchoverMode::Coordinated => 1,
+        }
+    }
+    fn from_byte(b: u8) -> Result<Self, ProtocolError> {
+        match b {
+            0 => Ok(SwitchoverMode::Auto),
+            1 => Ok(SwitchoverMode::Coordinated),
+            other => Err(ProtocolError::BadMode(other)),
+        }
+    }
+}
+
 /// Errors from decoding. Each is a sentence naming what the peer got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
@@ -204,6 +269,16 @@ pub enum ProtocolError {
     BadConfig(String),
     #[error("text field is not UTF-8")]
     BadText,
+    #[error("unknown switchover mode {0}")]
+    BadMode(u8),
+    #[error("switchover carries {0} disks, more than allowed")]
+    TooManyDisks(usize),
+    #[error("a disk URI is empty or longer than allowed")]
+    BadUri,
+    #[error(
+        "sparse page {gpa:#x} is not page aligned, has too many words or unordered word indices"
+    )]
+    BadSparse { gpa: u64 },
 }
 
 /// A parsed header. Whole frames are only decoded once `length` bytes are present.
@@ -261,6 +336,47 @@ pub enum AuthKind {
     Token,
     /// Proof made with the secret of a one-time ticket the receiver issued.
     Ticket([u8; ID_LEN]),
+}
+
+/// A page that is zero except for `words` (`(index of the u64 in the page, value)`,
+/// indices strictly increasing), carried by a Sparse frame.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SparsePage {
+    pub gpa: u64,
+    pub words: Vec<(u16, u64)>,
+}
+
+impl SparsePage {
+    /// The page's non-zero words if there are at most `MAX_SPARSE_WORDS`, else None
+    /// (stops reading at the first word past the limit, so dense pages cost little).
+    pub fn encode(gpa: u64, page: &[u8]) -> Option<SparsePage> {
+        let mut words = Vec::new();
+        for (i, w) in page.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            let v = u64::from_le_bytes(a);
+            if v != 0 {
+                if words.len() == MAX_SPARSE_WORDS {
+                    return None;
+                }
+                words.push((i as u16, v));
+            }
+        }
+        Some(SparsePage { gpa, words })
+    }
+
+    /// Writes the page's bytes (zeros plus its words) into `out` (one page long).
+    pub fn expand_into(&self, out: &mut [u8]) {
+        out.fill(0);
+        for &(i, v) in &self.words {
+            let o = usize::from(i) * 8;
+            out[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn wire_len(&self) -> usize {
+        10 + 10 * self.words.len()
+    }
 }
 
 /// A `{gpa, len}` run of guest memory carried by a Memory frame.
@@ -328,6 +444,9 @@ pub enum Message {
     Config {
         chunk_size: u64,
         streams: u16,
+        switchover: SwitchoverMode,
+        /// How long the source waits for the go-ahead (coordinated mode), seconds.
+        switchover_timeout_s: u32,
         spec: VmSpec,
     },
     Join {
@@ -347,6 +466,14 @@ pub enum Message {
     Digests {
         chunk_size: u64,
         digests: Vec<[u8; 32]>,
+    },
+    /// Pages that are zero but for a few words.
+    Sparse {
+        pages: Vec<SparsePage>,
+    },
+    /// The coordinator's go-ahead: the disk URIs the target opens (coordinated mode).
+    Switchover {
+        disks: Vec<String>,
     },
     Complete,
     Abandon {
@@ -434,6 +561,8 @@ impl Message {
             Message::Sync { .. } => Command::Sync,
             Message::State { .. } => Command::State,
             Message::Digests { .. } => Command::Digests,
+            Message::Switchover { .. } => Command::Switchover,
+            Message::Sparse { .. } => Command::Sparse,
             Message::Complete => Command::Complete,
             Message::Abandon { .. } => Command::Abandon,
             Message::Ok { .. } => Command::Ok,
@@ -479,10 +608,14 @@ impl Message {
             Message::Config {
                 chunk_size,
                 streams,
+                switchover,
+                switchover_timeout_s,
                 spec,
             } => {
                 p.extend_from_slice(&chunk_size.to_le_bytes());
                 p.extend_from_slice(&streams.to_le_bytes());
+                p.push(switchover.byte());
+                p.extend_from_slice(&switchover_timeout_s.to_le_bytes());
                 let json = serde_json::to_vec(spec).expect("VmSpec serializes to JSON");
                 p.extend_from_slice(&json);
             }
@@ -508,6 +641,27 @@ impl Message {
                 p.extend_from_slice(&(digests.len() as u32).to_le_bytes());
                 for d in digests {
                     p.extend_from_slice(d);
+                }
+            }
+            Message::Sparse { pages } => {
+                p.reserve(4 + pages.iter().map(SparsePage::wire_len).sum::<usize>());
+                p.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+                for pg in pages {
+                    p.extend_from_slice(&pg.gpa.to_le_bytes());
+                    p.extend_from_slice(&(pg.words.len() as u16).to_le_bytes());
+                    for (i, v) in &pg.words {
+                        p.extend_from_slice(&i.to_le_bytes());
+                        p.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            Message::Switchover { disks } => {
+                // The sender checked count and lengths (service::switchover); a longer
+                // list would be refused by the receiver, never silently cut.
+                p.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+                for d in disks {
+                    p.extend_from_slice(&(d.len() as u32).to_le_bytes());
+                    p.extend_from_slice(d.as_bytes());
                 }
             }
             Message::Complete => {}
@@ -565,13 +719,59 @@ impl Message {
             Command::Config => {
                 let chunk_size = r.u64()?;
                 let streams = r.u16()?;
+                let switchover = SwitchoverMode::from_byte(r.u8()?)?;
+                let switchover_timeout_s = r.u32()?;
                 let spec = serde_json::from_slice(r.rest())
                     .map_err(|e| ProtocolError::BadConfig(e.to_string()))?;
                 Message::Config {
                     chunk_size,
                     streams,
+                    switchover,
+                    switchover_timeout_s,
                     spec,
                 }
+            }
+            Command::Sparse => {
+                let n = r.u32()? as usize;
+                if n > MAX_SPARSE_PAGES {
+                    return Err(ProtocolError::TooManyRanges(n));
+                }
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let gpa = r.u64()?;
+                    let nw = usize::from(r.u16()?);
+                    if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
+                        return Err(ProtocolError::BadSparse { gpa });
+                    }
+                    let mut words = Vec::with_capacity(nw);
+                    for _ in 0..nw {
+                        let i = r.u16()?;
+                        let v = r.u64()?;
+                        if usize::from(i) >= PAGE_WORDS
+                            || words.last().is_some_and(|(p, _)| *p >= i)
+                        {
+                            return Err(ProtocolError::BadSparse { gpa });
+                        }
+                        words.push((i, v));
+                    }
+                    pages.push(SparsePage { gpa, words });
+                }
+                Message::Sparse { pages }
+            }
+            Command::Switchover => {
+                let n = r.u32()? as usize;
+                if n > MAX_DISKS {
+                    return Err(ProtocolError::TooManyDisks(n));
+                }
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u32()? as usize;
+                    if len == 0 || len > MAX_URI_LEN {
+                        return Err(ProtocolError::BadUri);
+                    }
+                    disks.push(text(r.take(len)?)?);
+                }
+                Message::Switchover { disks }
             }
             Command::Join => Message::Join {
                 session: r.array()?,
@@ -855,7 +1055,40 @@ mod tests {
             Message::Config {
                 chunk_size: 2 << 20,
                 streams: 4,
+                switchover: SwitchoverMode::Auto,
+                switchover_timeout_s: 30,
                 spec: spec(),
+            },
+            Message::Config {
+                chunk_size: 2 << 20,
+                streams: 1,
+                switchover: SwitchoverMode::Coordinated,
+                switchover_timeout_s: u32::MAX,
+                spec: spec(),
+            },
+            Message::Sparse { pages: vec![] },
+            Message::Sparse {
+                pages: vec![
+                    SparsePage {
+                        gpa: 0x10_0000,
+                        words: vec![(0, 0x42)],
+                    },
+                    SparsePage {
+                        gpa: 0x20_0000,
+                        words: vec![],
+                    },
+                    SparsePage {
+                        gpa: 0x3000,
+                        words: vec![(3, u64::MAX), (511, 1)],
+                    },
+                ],
+            },
+            Message::Switchover { disks: vec![] },
+            Message::Switchover {
+                disks: vec![
+                    "nbd://10.0.0.2:10809/vm7-root;lease=abc".into(),
+                    "nbd+unix:///d2;lease=x?socket=/run/s".into(),
+                ],
             },
             Message::Join { session: [5; 16] },
             Message::Memory {
@@ -1043,7 +1276,108 @@ mod tests {
         assert!(!auth::verify(p, &p[..31]));
     }
 
+    #[test]
+    fn switchover_and_config_refuse_bad_fields() {
+        let dec = |cmd: Command, p: &[u8]| {
+            Message::decode(
+                &FrameHeader {
+                    cmd,
+                    flags: 0,
+                    length: p.len() as u64,
+                },
+                p,
+            )
+        };
+        // More disks than allowed, an empty URI, a URI running past the payload.
+        assert_eq!(
+            dec(Command::Switchover, &(MAX_DISKS as u32 + 1).to_le_bytes()),
+            Err(ProtocolError::TooManyDisks(MAX_DISKS + 1))
+        );
+        let mut p = 1u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(dec(Command::Switchover, &p), Err(ProtocolError::BadUri));
+        let mut p = 1u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&10u32.to_le_bytes());
+        p.extend_from_slice(b"short");
+        assert_eq!(
+            dec(Command::Switchover, &p),
+            Err(ProtocolError::BadLength(Command::Switchover))
+        );
+        // An unknown switchover mode in Config.
+        let mut b = Message::Config {
+            chunk_size: 2 << 20,
+            streams: 1,
+            switchover: SwitchoverMode::Coordinated,
+            switchover_timeout_s: 30,
+            spec: spec(),
+        }
+        .encode(Compression::None);
+        b[HEADER_LEN + 10] = 7;
+        assert_eq!(
+            dec(Command::Config, &b[HEADER_LEN..]),
+            Err(ProtocolError::BadMode(7))
+        );
+    }
+
+    #[test]
+    fn sparse_refuses_unaligned_pages_bad_indices_and_too_many_words() {
+        let frame = |pages: Vec<SparsePage>| {
+            let b = Message::Sparse { pages }.encode(Compression::None);
+            let mut hdr = [0u8; HEADER_LEN];
+            hdr.copy_from_slice(&b[..HEADER_LEN]);
+            let h = FrameHeader::parse(&hdr).expect("header");
+            Message::decode(&h, &b[HEADER_LEN..])
+        };
+        let page = |gpa, words| SparsePage { gpa, words };
+        assert!(frame(vec![page(0x10, vec![(0, 1)])]).is_err());
+        assert!(frame(vec![page(0, vec![(512, 1)])]).is_err());
+        assert!(frame(vec![page(0, vec![(5, 1), (5, 2)])]).is_err());
+        assert!(frame(vec![page(0, vec![(6, 1), (5, 2)])]).is_err());
+        let many: Vec<(u16, u64)> = (0..=MAX_SPARSE_WORDS as u16).map(|i| (i, 1)).collect();
+        assert!(frame(vec![page(0, many)]).is_err());
+        // The encoder never produces what the decoder refuses.
+        let mut dense = vec![0u8; PAGE_SIZE as usize];
+        for i in 0..=MAX_SPARSE_WORDS {
+            dense[i * 8] = 1;
+        }
+        assert_eq!(SparsePage::encode(0, &dense), None);
+        dense[MAX_SPARSE_WORDS * 8] = 0;
+        let sp = SparsePage::encode(0x5000, &dense).expect("sparse enough");
+        assert_eq!(sp.words.len(), MAX_SPARSE_WORDS);
+        assert_eq!(
+            frame(vec![sp.clone()]),
+            Ok(Message::Sparse { pages: vec![sp] })
+        );
+    }
+
     proptest! {
+        #[test]
+        fn sparse_pages_expand_to_the_page_they_encode(words in proptest::collection::btree_map(0usize..512, any::<u64>(), 0..40),
+                                                        page_no in 0u64..1 << 20) {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            for (i, v) in &words {
+                page[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            let nonzero = words.values().filter(|v| **v != 0).count();
+            match SparsePage::encode(page_no * PAGE_SIZE, &page) {
+                None => prop_assert!(nonzero > MAX_SPARSE_WORDS),
+                Some(sp) => {
+                    prop_assert_eq!(sp.words.len(), nonzero);
+                    let mut out = vec![0xffu8; PAGE_SIZE as usize];
+                    sp.expand_into(&mut out);
+                    prop_assert_eq!(&out, &page);
+                    let m = Message::Sparse { pages: vec![sp] };
+                    prop_assert_eq!(roundtrip(&m, Compression::None), m);
+                }
+            }
+        }
+
+        #[test]
+        fn switchover_round_trips(disks in proptest::collection::vec(".{1,40}", 0..8)) {
+            let m = Message::Switchover { disks };
+            prop_assert_eq!(roundtrip(&m, Compression::None), m);
+        }
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(hdr in proptest::array::uniform16(any::<u8>()),
                                                   payload in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -1054,7 +1388,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_payload_under_any_command_never_panics(cmd in 1u16..=12, flags in 0u16..3,
+        fn arbitrary_payload_under_any_command_never_panics(cmd in 1u16..=14, flags in 0u16..3,
                                                            payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let h = FrameHeader { cmd: Command::from_u16(cmd), flags, length: payload.len() as u64 };
             let _ = Message::decode(&h, &payload);

@@ -7,14 +7,16 @@
 //! ```text
 //! AwaitHello --Hello(auth ok)--> AwaitConfig --Config(checked, VM created)--> Memory
 //! AwaitConfig --Join(known session)--> Data            (data connections)
-//! Memory --Memory|Sync--> Memory --State--> StateReceived --Digests(match)--> Verified
-//! Verified --Complete(restored, resumed)--> Running
-//! Data --Memory|Sync--> Data
+//! Memory --Memory|Sparse|Sync--> Memory --State--> StateReceived --Digests(match)--> Verified
+//! Verified --Complete(restored, resumed)--> Running                  (auto mode only)
+//! Verified --Switchover(set_disks)--> GoAhead --Complete--> Running  (coordinated only)
+//! Data --Memory|Sparse|Sync--> Data
 //! any state before Running --Abandon--> Closed
 //! ```
 //!
 //! Anything else is refused with an Error frame and the session is discarded: the
-//! incoming VM never runs unless every step happened in order and the digests matched.
+//! incoming VM never runs unless every step happened in order and the digests matched,
+//! and in coordinated mode never opens a disk or runs before the go-ahead's URIs came.
 
 use std::collections::HashMap;
 use std::net::TcpStream;
@@ -29,8 +31,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::VmHost;
 use super::digest::ChunkDigests;
 use super::protocol::{
-    self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, auth,
-    parse_memory,
+    self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN,
+    SwitchoverMode, auth, parse_memory,
 };
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationTarget, VmSpec};
@@ -43,6 +45,8 @@ pub enum ReceiverState {
     Data,
     StateReceived,
     Verified,
+    /// Coordinated mode: the go-ahead came and the disks are set; Complete may follow.
+    GoAhead,
     Running,
     Closed,
 }
@@ -56,23 +60,29 @@ pub struct OutOfOrder {
 
 impl ReceiverState {
     /// The state after `cmd`, assuming its checks (auth, config, digests) pass; the
-    /// shell moves to `Closed` itself when they fail.
-    pub fn next(self, cmd: Command) -> Result<ReceiverState, OutOfOrder> {
+    /// shell moves to `Closed` itself when they fail. `mode` is the switchover mode the
+    /// session's Config declared (`Auto` before Config and on data connections).
+    pub fn next(self, cmd: Command, mode: SwitchoverMode) -> Result<ReceiverState, OutOfOrder> {
         use Command as C;
         use ReceiverState as S;
-        Ok(match (self, cmd) {
-            (S::AwaitHello, C::Hello) => S::AwaitConfig,
-            (S::AwaitConfig, C::Config) => S::Memory,
-            (S::AwaitConfig, C::Join) => S::Data,
-            (S::Memory, C::Memory | C::Sync) => S::Memory,
-            (S::Memory, C::State) => S::StateReceived,
-            (S::StateReceived, C::Digests) => S::Verified,
-            (S::Verified, C::Complete) => S::Running,
-            (S::Data, C::Memory | C::Sync) => S::Data,
-            (S::AwaitConfig | S::Memory | S::Data | S::StateReceived | S::Verified, C::Abandon) => {
-                S::Closed
-            }
-            (state, cmd) => return Err(OutOfOrder { state, cmd }),
+        use SwitchoverMode as M;
+        Ok(match (self, cmd, mode) {
+            (S::AwaitHello, C::Hello, _) => S::AwaitConfig,
+            (S::AwaitConfig, C::Config, _) => S::Memory,
+            (S::AwaitConfig, C::Join, _) => S::Data,
+            (S::Memory, C::Memory | C::Sparse | C::Sync, _) => S::Memory,
+            (S::Memory, C::State, _) => S::StateReceived,
+            (S::StateReceived, C::Digests, _) => S::Verified,
+            (S::Verified, C::Complete, M::Auto) => S::Running,
+            (S::Verified, C::Switchover, M::Coordinated) => S::GoAhead,
+            (S::GoAhead, C::Complete, M::Coordinated) => S::Running,
+            (S::Data, C::Memory | C::Sparse | C::Sync, _) => S::Data,
+            (
+                S::AwaitConfig | S::Memory | S::Data | S::StateReceived | S::Verified | S::GoAhead,
+                C::Abandon,
+                _,
+            ) => S::Closed,
+            (state, cmd, _) => return Err(OutOfOrder { state, cmd }),
         })
     }
 }
@@ -123,6 +133,35 @@ struct Session {
 }
 
 impl Session {
+    /// Writes the pages of a Sparse frame (expanded to whole pages, coalesced into
+    /// runs) through `apply`, so digests are kept exactly as for Memory frames.
+    fn apply_sparse(
+        &self,
+        h: &protocol::FrameHeader,
+        payload: &[u8],
+        expanded: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let Message::Sparse { pages } = Message::decode(h, payload).map_err(|e| e.to_string())?
+        else {
+            return Err("not a Sparse frame".into());
+        };
+        let ps = crate::contract::PAGE_SIZE as usize;
+        expanded.resize(pages.len() * ps, 0);
+        let mut ranges: Vec<MemRange> = Vec::new();
+        for (i, pg) in pages.iter().enumerate() {
+            pg.expand_into(&mut expanded[i * ps..(i + 1) * ps]);
+            match ranges.last_mut() {
+                Some(r) if r.gpa.checked_add(r.len) == Some(pg.gpa) => r.len += ps as u64,
+                _ => ranges.push(MemRange {
+                    gpa: pg.gpa,
+                    len: ps as u64,
+                }),
+            }
+        }
+        self.apply(&ranges, expanded, scratch)
+    }
+
     /// Writes the pages of a Memory frame and re-hashes the chunks they touched.
     fn apply(&self, ranges: &[MemRange], data: &[u8], scratch: &mut Vec<u8>) -> Result<(), String> {
         let mem = self.target.guest_memory();
@@ -307,7 +346,7 @@ impl Receiver {
                 return;
             }
         };
-        if let Err(e) = state.next(first.command()) {
+        if let Err(e) = state.next(first.command(), SwitchoverMode::Auto) {
             conn.send_error(ErrorCode::Protocol, &e.to_string());
             return;
         }
@@ -315,6 +354,8 @@ impl Receiver {
             Message::Config {
                 chunk_size,
                 streams,
+                switchover,
+                switchover_timeout_s,
                 spec,
             } => {
                 if let Some(vm) = ticket_vm.filter(|vm| *vm != spec.name) {
@@ -324,7 +365,11 @@ impl Receiver {
                     );
                     return;
                 }
-                self.control(conn, chunk_size, streams, spec, peer);
+                let mode = Mode {
+                    switchover,
+                    timeout: Duration::from_secs(u64::from(switchover_timeout_s)),
+                };
+                self.control(conn, chunk_size, streams, mode, spec, peer);
             }
             Message::Join { session } => self.data(conn, session),
             Message::Abandon { .. } => {}
@@ -349,7 +394,7 @@ impl Receiver {
         )?;
         let msg = conn.recv()?;
         ReceiverState::AwaitHello
-            .next(msg.command())
+            .next(msg.command(), SwitchoverMode::Auto)
             .map_err(|_| WireError::Unexpected(msg.command()))?;
         let Message::Hello {
             version,
@@ -408,6 +453,7 @@ impl Receiver {
         mut conn: Conn,
         chunk_size: u64,
         streams: u16,
+        mode: Mode,
         spec: VmSpec,
         peer: std::net::SocketAddr,
     ) {
@@ -483,14 +529,14 @@ impl Receiver {
             .lock()
             .expect("session lock is never poisoned")
             .insert(id, session.clone());
-        tracing::info!(vm = %spec.name, %peer, streams, "incoming migration");
+        tracing::info!(vm = %spec.name, %peer, streams, switchover = ?mode.switchover, "incoming migration");
         let result = match conn.send(
             &Message::Ok {
                 payload: id.to_vec(),
             },
             Compression::None,
         ) {
-            Ok(_) => drive_control(&mut conn, &session),
+            Ok(_) => drive_control(&mut conn, &session, mode),
             Err(e) => Err((ErrorCode::Internal, e.to_string())),
         };
         session.closed.store(true, Ordering::SeqCst);
@@ -567,7 +613,7 @@ impl Receiver {
                 conn.send_error(ErrorCode::Protocol, "the session no longer accepts memory");
                 return;
             }
-            state = match state.next(h.cmd) {
+            state = match state.next(h.cmd, SwitchoverMode::Auto) {
                 Ok(s) => s,
                 Err(e) => {
                     conn.send_error(ErrorCode::Protocol, &e.to_string());
@@ -578,6 +624,9 @@ impl Receiver {
                 Command::Memory => parse_memory(&h, &payload, &mut decompressed)
                     .map_err(|e| e.to_string())
                     .and_then(|(ranges, data)| session.apply(&ranges, data, &mut scratch)),
+                Command::Sparse => {
+                    session.apply_sparse(&h, &payload, &mut decompressed, &mut scratch)
+                }
                 Command::Sync => conn
                     .send(&Message::Ok { payload: vec![] }, Compression::None)
                     .map(|_| ())
@@ -592,9 +641,20 @@ impl Receiver {
     }
 }
 
+/// The session's switchover mode and how long the source may wait for its go-ahead.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    switchover: SwitchoverMode,
+    timeout: Duration,
+}
+
 /// Runs the control connection from `Memory` to `Running` (or `Closed` on Abandon).
 /// Errors carry the code and sentence to send back.
-fn drive_control(conn: &mut Conn, s: &Session) -> Result<ReceiverState, (ErrorCode, String)> {
+fn drive_control(
+    conn: &mut Conn,
+    s: &Session,
+    mode: Mode,
+) -> Result<ReceiverState, (ErrorCode, String)> {
     let mut state = ReceiverState::Memory;
     let mut saved: Option<Vec<u8>> = None;
     let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
@@ -603,8 +663,13 @@ fn drive_control(conn: &mut Conn, s: &Session) -> Result<ReceiverState, (ErrorCo
             .recv_frame(&mut payload)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
         state = state
-            .next(h.cmd)
+            .next(h.cmd, mode.switchover)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        if h.cmd == Command::Sparse {
+            s.apply_sparse(&h, &payload, &mut decompressed, &mut scratch)
+                .map_err(|e| (ErrorCode::Protocol, e))?;
+            continue;
+        }
         if h.cmd == Command::Memory {
             let (ranges, data) = parse_memory(&h, &payload, &mut decompressed)
                 .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
@@ -669,6 +734,22 @@ fn drive_control(conn: &mut Conn, s: &Session) -> Result<ReceiverState, (ErrorCo
                         ),
                     ));
                 }
+                if mode.switchover == SwitchoverMode::Coordinated {
+                    // The source now waits for the coordinator's go-ahead: silence on
+                    // this connection is expected for up to its switchover timeout.
+                    conn.set_read_timeout(mode.timeout.saturating_add(super::wire::IO_TIMEOUT))
+                        .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                }
+                ok(conn)?;
+            }
+            Message::Switchover { disks } => {
+                conn.set_read_timeout(super::wire::IO_TIMEOUT)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                // The go-ahead's URIs (never the source's tokens) before anything runs.
+                s.target
+                    .set_disks(&disks)
+                    .map_err(|e| (ErrorCode::RestoreFailed, e.to_string()))?;
+                tracing::info!(vm = %s.name, disks = disks.len(), "switchover go-ahead received");
                 ok(conn)?;
             }
             Message::Complete => {
@@ -719,8 +800,23 @@ mod tests {
     use crate::contract::BootSpec;
     use Command as C;
     use ReceiverState as S;
+    use SwitchoverMode as M;
+    use proptest::prelude::*;
 
-    const ALL: [Command; 13] = [
+    const MODES: [SwitchoverMode; 2] = [M::Auto, M::Coordinated];
+    const STATES: [ReceiverState; 9] = [
+        S::AwaitHello,
+        S::AwaitConfig,
+        S::Memory,
+        S::Data,
+        S::StateReceived,
+        S::Verified,
+        S::GoAhead,
+        S::Running,
+        S::Closed,
+    ];
+
+    const ALL: [Command; 15] = [
         C::Invalid,
         C::Challenge,
         C::Hello,
@@ -734,6 +830,8 @@ mod tests {
         C::Abandon,
         C::Ok,
         C::Error,
+        C::Switchover,
+        C::Sparse,
     ];
 
     #[test]
@@ -743,7 +841,7 @@ mod tests {
             C::Config,
             C::Memory,
             C::Sync,
-            C::Memory,
+            C::Sparse,
             C::Memory,
             C::Sync,
             C::State,
@@ -752,43 +850,143 @@ mod tests {
         ];
         let mut s = S::AwaitHello;
         for c in seq {
-            s = s.next(c).expect("documented sequence");
+            s = s.next(c, M::Auto).expect("documented sequence");
         }
         assert_eq!(s, S::Running);
+        // Coordinated: the go-ahead sits between Digests and Complete.
         let mut s = S::AwaitHello;
-        for c in [C::Hello, C::Join, C::Memory, C::Sync, C::Memory] {
-            s = s.next(c).expect("data sequence");
+        for c in seq[..9].iter().chain(&[C::Switchover, C::Complete]) {
+            s = s.next(*c, M::Coordinated).expect("coordinated sequence");
         }
-        assert_eq!(s, S::Data);
+        assert_eq!(s, S::Running);
+        for m in MODES {
+            let mut s = S::AwaitHello;
+            for c in [C::Hello, C::Join, C::Memory, C::Sync, C::Memory] {
+                s = s.next(c, m).expect("data sequence");
+            }
+            assert_eq!(s, S::Data);
+        }
     }
 
     #[test]
     fn out_of_order_messages_are_refused() {
         // Memory before Config, State twice, Complete before Digests, Digests before State,
         // Join on a control connection, anything after Running.
-        assert!(S::AwaitHello.next(C::Config).is_err());
-        assert!(S::AwaitConfig.next(C::Memory).is_err());
-        assert!(S::StateReceived.next(C::State).is_err());
-        assert!(S::StateReceived.next(C::Memory).is_err());
-        assert!(S::StateReceived.next(C::Complete).is_err());
-        assert!(S::Memory.next(C::Digests).is_err());
-        assert!(S::Memory.next(C::Complete).is_err());
-        assert!(S::Memory.next(C::Join).is_err());
-        assert!(S::Data.next(C::State).is_err());
-        for c in ALL {
-            assert!(S::Running.next(c).is_err(), "{c:?} after Running");
-            assert!(S::Closed.next(c).is_err(), "{c:?} after Closed");
-            // A receiver never accepts response frames or Invalid.
-            if matches!(c, C::Invalid | C::Ok | C::Error | C::Challenge) {
-                for s in [
-                    S::AwaitHello,
-                    S::AwaitConfig,
-                    S::Memory,
-                    S::Data,
-                    S::StateReceived,
-                    S::Verified,
-                ] {
-                    assert!(s.next(c).is_err(), "{c:?} in {s:?}");
+        for m in MODES {
+            assert!(S::AwaitHello.next(C::Config, m).is_err());
+            assert!(S::AwaitConfig.next(C::Memory, m).is_err());
+            assert!(S::StateReceived.next(C::State, m).is_err());
+            assert!(S::StateReceived.next(C::Memory, m).is_err());
+            assert!(S::StateReceived.next(C::Sparse, m).is_err());
+            assert!(S::AwaitConfig.next(C::Sparse, m).is_err());
+            assert!(S::StateReceived.next(C::Complete, m).is_err());
+            assert!(S::Memory.next(C::Digests, m).is_err());
+            assert!(S::Memory.next(C::Complete, m).is_err());
+            assert!(S::Memory.next(C::Join, m).is_err());
+            assert!(S::Data.next(C::State, m).is_err());
+            // The go-ahead only after the digests matched, once, never on a data stream.
+            for s in [
+                S::AwaitConfig,
+                S::Memory,
+                S::StateReceived,
+                S::Data,
+                S::GoAhead,
+            ] {
+                assert!(s.next(C::Switchover, m).is_err(), "Switchover in {s:?}");
+            }
+            assert!(S::GoAhead.next(C::Memory, m).is_err());
+            assert!(S::GoAhead.next(C::State, m).is_err());
+            for c in ALL {
+                assert!(S::Running.next(c, m).is_err(), "{c:?} after Running");
+                assert!(S::Closed.next(c, m).is_err(), "{c:?} after Closed");
+                // A receiver never accepts response frames or Invalid.
+                if matches!(c, C::Invalid | C::Ok | C::Error | C::Challenge) {
+                    for s in STATES {
+                        assert!(s.next(c, m).is_err(), "{c:?} in {s:?}");
+                    }
+                }
+            }
+        }
+        // Coordinated: no Complete without the go-ahead. Auto: no go-ahead at all.
+        assert!(S::Verified.next(C::Complete, M::Coordinated).is_err());
+        assert!(S::Verified.next(C::Switchover, M::Auto).is_err());
+        assert!(S::GoAhead.next(C::Complete, M::Auto).is_err());
+    }
+
+    /// Walks every sequence up to `depth`; returns the commands on each path to Running.
+    fn paths_to_running(m: SwitchoverMode, depth: usize) -> Vec<Vec<Command>> {
+        fn walk(
+            s: S,
+            m: SwitchoverMode,
+            depth: usize,
+            path: &mut Vec<Command>,
+            out: &mut Vec<Vec<Command>>,
+        ) {
+            if s == S::Running {
+                out.push(path.clone());
+                return;
+            }
+            if depth == 0 {
+                return;
+            }
+            for c in ALL {
+                if let Ok(n) = s.next(c, m) {
+                    path.push(c);
+                    walk(n, m, depth - 1, path, out);
+                    path.pop();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(S::AwaitHello, m, depth, &mut Vec::new(), &mut out);
+        out
+    }
+
+    #[test]
+    fn coordinated_running_needs_the_go_ahead_after_digests() {
+        let paths = paths_to_running(M::Coordinated, 8);
+        assert!(!paths.is_empty());
+        for p in paths {
+            let d = p.iter().position(|c| *c == C::Digests).expect("digests");
+            let g = p
+                .iter()
+                .position(|c| *c == C::Switchover)
+                .expect("go-ahead");
+            assert!(d < g && g + 1 == p.len() - 1, "{p:?}");
+            assert_eq!(p.last(), Some(&C::Complete));
+        }
+        for p in paths_to_running(M::Auto, 8) {
+            assert!(!p.contains(&C::Switchover), "{p:?}");
+        }
+    }
+
+    proptest! {
+        /// Any command sequence: the machine never reaches Running in coordinated mode
+        /// unless Digests and then Switchover came, and once Closed or Running it
+        /// accepts nothing.
+        #[test]
+        fn arbitrary_sequences_respect_the_go_ahead(cmds in proptest::collection::vec(0usize..15, 0..24),
+                                                    coordinated in any::<bool>()) {
+            let m = if coordinated { M::Coordinated } else { M::Auto };
+            let mut s = S::AwaitHello;
+            let (mut digests, mut go_ahead) = (false, false);
+            for i in cmds {
+                let c = ALL[i];
+                match s.next(c, m) {
+                    Ok(n) => {
+                        prop_assert!(!matches!(s, S::Running | S::Closed));
+                        if c == C::Digests { digests = true; }
+                        if c == C::Switchover {
+                            prop_assert!(digests && m == M::Coordinated);
+                            go_ahead = true;
+                        }
+                        if n == S::Running {
+                            prop_assert!(digests);
+                            prop_assert_eq!(go_ahead, m == M::Coordinated);
+                        }
+                        s = n;
+                    }
+                    Err(e) => prop_assert_eq!(e, OutOfOrder { state: s, cmd: c }),
                 }
             }
         }
@@ -806,7 +1004,7 @@ mod tests {
                 return;
             }
             for c in ALL {
-                if let Ok(n) = s.next(c) {
+                if let Ok(n) = s.next(c, M::Auto) {
                     walk(n, depth - 1, saw_digests || c == C::Digests);
                 }
             }
@@ -816,14 +1014,17 @@ mod tests {
 
     #[test]
     fn abandon_closes_before_running() {
-        for s in [
-            S::AwaitConfig,
-            S::Memory,
-            S::Data,
-            S::StateReceived,
-            S::Verified,
-        ] {
-            assert_eq!(s.next(C::Abandon), Ok(S::Closed));
+        for m in MODES {
+            for s in [
+                S::AwaitConfig,
+                S::Memory,
+                S::Data,
+                S::StateReceived,
+                S::Verified,
+                S::GoAhead,
+            ] {
+                assert_eq!(s.next(C::Abandon, m), Ok(S::Closed));
+            }
         }
     }
 

@@ -10,6 +10,13 @@
 //! the connection breaks after `Complete` was sent and before its answer, the outcome
 //! is unknown (the target may be running), so the source stays paused and the
 //! migration fails with `outcome_unknown` for an operator or the coordinator to settle.
+//!
+//! Coordinated switchover: at the switch the source pauses (which drains and flushes
+//! its disks), opens the go-ahead window and reports `quiesced`; it sends the last
+//! pages, State and Digests meanwhile, then waits for the go-ahead (or a cancel, the
+//! timeout, or the target vanishing). From `quiesced` on the source never resumes on
+//! its own: the coordinator may have fenced its disks away. Only a cancel before the
+//! go-ahead resumes it; every failure leaves it paused (`VmHost::end_outgoing_paused`).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,9 +31,10 @@ use super::bitmap;
 use super::digest::{CHUNK_SIZE, ChunkDigests, is_zero};
 use super::policy::{Decision, PassReport, Precopy, RateLimiter};
 use super::protocol::{
-    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, auth,
+    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparsePage,
+    SwitchoverMode, auth,
 };
-use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, ms};
+use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms};
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
 
@@ -39,6 +47,9 @@ pub struct SendParams {
     /// Token or ticket secret the proofs are made with.
     pub secret: Vec<u8>,
     pub auth: AuthKind,
+    pub switchover: SwitchoverMode,
+    /// Coordinated mode: how long the quiesced source waits for the go-ahead.
+    pub switchover_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +72,10 @@ pub enum SendError {
         "the connection broke after Complete was sent; the target may be running the guest, so the source stays paused: {0}"
     )]
     OutcomeUnknown(String),
+    #[error(
+        "no switchover go-ahead within {0} s; the source stays paused (its disks may be fenced away)"
+    )]
+    SwitchoverTimeout(u64),
 }
 
 impl SendError {
@@ -75,6 +90,7 @@ impl SendError {
             SendError::Timeout => "timeout",
             SendError::Memory(_) => "memory",
             SendError::OutcomeUnknown(_) => "outcome_unknown",
+            SendError::SwitchoverTimeout(_) => "switchover_timeout",
         }
     }
 }
@@ -90,8 +106,26 @@ pub fn run(
 ) {
     let mut progress = Progress::default();
     let result = migrate(&out, src.as_ref(), &params, &mut progress);
-    let Progress { paused, logging } = progress;
+    let Progress {
+        paused,
+        logging,
+        quiesced,
+    } = progress;
     let total = out.started.elapsed();
+    // Whatever happened, the window takes no go-ahead or cancel any more. A cancel it
+    // accepted stands even if the stream failed afterwards: the coordinator cancels
+    // only when it did not fence, so the source may (and must) run again.
+    let cancel_accepted = out.with_window(|w| {
+        if matches!(w, Window::Cancelled) {
+            return true;
+        }
+        *w = if result.is_ok() {
+            Window::Closed
+        } else {
+            Window::Failed
+        };
+        false
+    });
     match result {
         Ok(()) => {
             host.end_outgoing(&name, true);
@@ -107,21 +141,27 @@ pub fn run(
             if logging && let Err(err) = src.stop_dirty_log() {
                 tracing::warn!(vm = %name, %err, "stopping the dirty log after a failed migration");
             }
-            let unknown = matches!(e, SendError::OutcomeUnknown(_));
-            if paused
-                && was_running
-                && !unknown
-                && let Err(err) = src.resume()
-            {
-                tracing::error!(vm = %name, %err, "resuming the source after a failed migration");
+            let cancelled = matches!(e, SendError::Cancelled) || cancel_accepted;
+            // Once quiesced, only a cancel (before the go-ahead) may resume the source;
+            // after a lost Complete answer the target may run the guest.
+            let keep_paused = matches!(e, SendError::OutcomeUnknown(_)) || (quiesced && !cancelled);
+            if keep_paused {
+                host.end_outgoing_paused(&name);
+            } else {
+                if paused
+                    && was_running
+                    && let Err(err) = src.resume()
+                {
+                    tracing::error!(vm = %name, %err, "resuming the source after a failed migration");
+                }
+                host.end_outgoing(&name, false);
             }
-            host.end_outgoing(&name, false);
-            let state = if matches!(e, SendError::Cancelled) {
+            let state = if cancelled {
                 MigrationState::Cancelled
             } else {
                 MigrationState::Failed
             };
-            tracing::warn!(vm = %name, error = %e, ?state, "migration did not complete; guest stays on the source");
+            tracing::warn!(vm = %name, error = %e, ?state, keep_paused, "migration did not complete; guest stays on the source");
             out.update(|i| {
                 i.state = state;
                 i.total_ms = ms(total);
@@ -139,6 +179,8 @@ pub fn run(
 struct Progress {
     paused: bool,
     logging: bool,
+    /// Coordinated mode: the source reported `quiesced` (it must not resume on its own).
+    quiesced: bool,
 }
 
 /// Shared by the stream workers of a pass.
@@ -177,6 +219,8 @@ fn migrate(
         &Message::Config {
             chunk_size: CHUNK_SIZE,
             streams,
+            switchover: p.switchover,
+            switchover_timeout_s: u32::try_from(p.switchover_timeout.as_secs()).unwrap_or(u32::MAX),
             spec: spec.clone(),
         },
         Compression::None,
@@ -296,11 +340,32 @@ fn migrate(
     }
 
     // Stop and copy.
-    out.update(|i| i.state = MigrationState::Device);
+    let coordinated = p.switchover == SwitchoverMode::Coordinated;
+    if !coordinated {
+        out.update(|i| i.state = MigrationState::Device);
+    }
     let t_pause = Instant::now();
     src.pause()?;
     progress.paused = true;
     let t_paused = Instant::now();
+    if coordinated {
+        // Paused means drained and flushed: the coordinator may fence from now on, so
+        // the window opens before anyone can see `quiesced`.
+        progress.quiesced = true;
+        let at = ms(out.started.elapsed());
+        out.with_window(|w| {
+            *w = if out.cancel_requested() {
+                Window::Cancelled
+            } else {
+                Window::Open
+            };
+            out.update(|i| {
+                i.state = MigrationState::Quiesced;
+                i.quiesced_at_ms = Some(at);
+            });
+        });
+        tracing::info!(vm = %spec.name, "source quiesced; waiting for the switchover go-ahead");
+    }
     let mut last = bitmap::from_pages(&src.take_dirty_pages()?, pages);
     bitmap::or_into(&mut last, &dirty);
     out.counters
@@ -339,6 +404,24 @@ fn migrate(
     )?;
     control.expect_ok()?;
     let t_verify = Instant::now();
+    let mut t_go = t_verify;
+    if coordinated {
+        let disks = match wait_go_ahead(out, control, t_paused + p.switchover_timeout) {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = if matches!(e, SendError::Cancelled) {
+                    "cancelled"
+                } else {
+                    "no switchover go-ahead"
+                };
+                abandon(control, reason);
+                return Err(e);
+            }
+        };
+        t_go = Instant::now();
+        control.send(&Message::Switchover { disks }, Compression::None)?;
+        control.expect_ok()?;
+    }
     control
         .send(&Message::Complete, Compression::None)
         .map_err(|e| SendError::OutcomeUnknown(e.to_string()))?;
@@ -361,18 +444,60 @@ fn migrate(
             throttle_percent: precopy.throttle(),
         });
         i.downtime_ms = ms(t_done - t_pause);
+        let switchover_wait_ms = match (i.quiesced_at_ms, i.go_ahead_at_ms) {
+            (Some(q), Some(g)) => (g - q).max(0.0) + ms(t_paused - t_pause),
+            _ => 0.0,
+        };
         i.downtime = Downtime {
             pause_ms: ms(t_paused - t_pause),
             final_pages_ms: ms(t_final - t_paused),
             state_ms: ms(t_state - t_final),
             verify_ms: ms(t_verify - t_state),
-            complete_ms: ms(t_done - t_verify),
+            switchover_wait_ms,
+            complete_ms: ms(t_done - t_go),
         };
     });
     for c in &conns {
         c.shutdown();
     }
     Ok(())
+}
+
+/// Quiesced and verified: waits for the go-ahead's disk URIs, a cancel, the deadline,
+/// or the target vanishing (checked on the idle control connection every 50 ms).
+fn wait_go_ahead(
+    out: &Outgoing,
+    control: &mut Conn,
+    deadline: Instant,
+) -> Result<Vec<String>, SendError> {
+    let mut next_probe = Instant::now();
+    loop {
+        let got = out.with_window(|w| match w {
+            Window::GoAhead(d) => Some(Ok(d.clone())),
+            Window::Cancelled => Some(Err(SendError::Cancelled)),
+            _ if Instant::now() >= deadline => {
+                // Closed under the lock: a go-ahead racing the deadline gets a 409.
+                *w = Window::Failed;
+                Some(Err(SendError::SwitchoverTimeout(
+                    out.info
+                        .lock()
+                        .expect("info lock is never poisoned")
+                        .switchover_timeout_s,
+                )))
+            }
+            _ => None,
+        });
+        if let Some(r) = got {
+            return r;
+        }
+        let now = Instant::now();
+        if now >= next_probe {
+            control.check_idle_peer()?;
+            next_probe = now + Duration::from_millis(50);
+        }
+        // Short: the wait for the go-ahead is part of the guest's downtime.
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn abandon(c: &mut Conn, reason: &str) {
@@ -496,17 +621,24 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         ctx.digests.record(c, &scratch);
 
         let mut ranges: Vec<MemRange> = Vec::new();
+        let mut sparse: Vec<SparsePage> = Vec::new();
         let mut bytes = 0u64;
         for page in first..end_page {
             if !bitmap::is_set(ctx.dirty, page) {
                 continue;
             }
             let off = ((page - first) * PAGE_SIZE) as usize;
-            if ctx.skip_zero && is_zero(&scratch[off..off + PAGE_SIZE as usize]) {
+            let data = &scratch[off..off + PAGE_SIZE as usize];
+            if ctx.skip_zero && is_zero(data) {
                 counters.zero_pages.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let gpa = page * PAGE_SIZE;
+            // A page that is zero but for a few words travels as those words.
+            if let Some(sp) = SparsePage::encode(gpa, data) {
+                sparse.push(sp);
+                continue;
+            }
             match ranges.last_mut() {
                 Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
                 _ => ranges.push(MemRange {
@@ -515,6 +647,20 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
                 }),
             }
             bytes += PAGE_SIZE;
+        }
+        if !sparse.is_empty() {
+            let n = sparse.len() as u64;
+            let frame = Message::Sparse { pages: sparse }.encode(Compression::None);
+            throttle_send(ctx, frame.len() as u64)?;
+            let wire = conn.send_parts([&frame[..]])?;
+            counters
+                .wire_bytes
+                .fetch_add(wire as u64, Ordering::Relaxed);
+            counters
+                .ram_bytes
+                .fetch_add(n * PAGE_SIZE, Ordering::Relaxed);
+            counters.normal_pages.fetch_add(n, Ordering::Relaxed);
+            sent += n * PAGE_SIZE;
         }
         if !ranges.is_empty() {
             let slices = ranges.iter().map(|r| {

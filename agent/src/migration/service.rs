@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::VmHost;
 use super::policy::{Limits, TimeoutAction};
-use super::protocol::{AuthKind, Compression};
+use super::protocol::{AuthKind, Compression, MAX_DISKS, MAX_URI_LEN, SwitchoverMode};
 use super::receiver::{Receiver, parse_ticket};
 use super::sender::{self, SendParams};
-use super::stats::{Downtime, MigrationInfo, MigrationState, Outgoing};
+use super::stats::{Downtime, MigrationInfo, MigrationState, Outgoing, Window};
 
 /// Body of `POST /v1/vms/{name}/migrate`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -31,7 +31,25 @@ pub struct MigrateRequest {
     /// A one-time ticket from the target (`POST /v1/migrations/tickets` there), used
     /// instead of the cluster token.
     pub ticket: Option<String>,
+    /// `auto` (default) or `coordinated`: wait, quiesced, for the go-ahead.
+    pub switchover: Option<SwitchoverMode>,
+    /// Coordinated mode: fail (source stays paused) without a go-ahead in this time.
+    pub switchover_timeout_s: Option<u64>,
 }
+
+/// Body of `POST /v1/migrations/{id}/switchover`: the coordinator's go-ahead.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// One NBD URI per VM disk, in the VM's order, with the target's lease tokens.
+    pub disks: Vec<String>,
+}
+
+/// Default of `switchover_timeout_s`.
+pub const DEFAULT_SWITCHOVER_TIMEOUT_S: u64 = 30;
+/// Largest `switchover_timeout_s` (it also bounds how long a target holds a verified,
+/// paused copy).
+pub const MAX_SWITCHOVER_TIMEOUT_S: u64 = 3600;
 
 /// Body of `PATCH /v1/migrations/{id}`: limits to change while it runs.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -58,6 +76,8 @@ pub enum ServiceError {
     NoCredentials,
     #[error("migration {0} has already ended")]
     Ended(String),
+    #[error("{0}")]
+    WrongState(String),
 }
 
 pub struct MigrationService {
@@ -126,6 +146,15 @@ impl MigrationService {
             timeout_s: req.timeout_s.unwrap_or(d.timeout_s),
             timeout_action: req.timeout_action.unwrap_or(d.timeout_action),
         };
+        let switchover = req.switchover.unwrap_or_default();
+        let switchover_timeout_s = req
+            .switchover_timeout_s
+            .unwrap_or(DEFAULT_SWITCHOVER_TIMEOUT_S);
+        if !(1..=MAX_SWITCHOVER_TIMEOUT_S).contains(&switchover_timeout_s) {
+            return Err(ServiceError::BadRequest(format!(
+                "switchover_timeout_s must be between 1 and {MAX_SWITCHOVER_TIMEOUT_S}"
+            )));
+        }
         let streams = req.streams.unwrap_or(1);
         let compression = req.compression.unwrap_or_default();
         let (src, was_running) = self.host.begin_outgoing(name)?;
@@ -136,31 +165,38 @@ impl MigrationService {
             idb.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let spec = src.spec();
-        let out = Arc::new(Outgoing::new(MigrationInfo {
-            id: id.clone(),
-            vm: name.to_string(),
-            target: req.target.clone(),
-            state: MigrationState::Setup,
-            error: None,
-            total_ms: 0.0,
-            setup_ms: 0.0,
-            downtime_ms: 0.0,
-            downtime: Downtime::default(),
-            expected_downtime_ms: 0.0,
-            transferred_bytes: 0,
-            ram_transferred_bytes: 0,
-            remaining_bytes: spec.memory_mib << 20,
-            total_bytes: spec.memory_mib << 20,
-            zero_pages: 0,
-            normal_pages: 0,
-            passes: vec![],
-            bandwidth_mibs: 0.0,
-            dirty_rate_pages_per_s: 0.0,
-            throttle_percent: 0,
-            streams,
-            compression,
-            limits,
-        }));
+        let out = Arc::new(Outgoing::new(
+            spec.disks.len(),
+            MigrationInfo {
+                id: id.clone(),
+                vm: name.to_string(),
+                target: req.target.clone(),
+                state: MigrationState::Setup,
+                error: None,
+                total_ms: 0.0,
+                setup_ms: 0.0,
+                downtime_ms: 0.0,
+                downtime: Downtime::default(),
+                expected_downtime_ms: 0.0,
+                transferred_bytes: 0,
+                ram_transferred_bytes: 0,
+                remaining_bytes: spec.memory_mib << 20,
+                total_bytes: spec.memory_mib << 20,
+                zero_pages: 0,
+                normal_pages: 0,
+                passes: vec![],
+                bandwidth_mibs: 0.0,
+                dirty_rate_pages_per_s: 0.0,
+                throttle_percent: 0,
+                streams,
+                compression,
+                limits,
+                switchover,
+                switchover_timeout_s,
+                quiesced_at_ms: None,
+                go_ahead_at_ms: None,
+            },
+        ));
         out.counters
             .pass_pending
             .store(spec.memory_mib << 20, std::sync::atomic::Ordering::Relaxed);
@@ -174,6 +210,8 @@ impl MigrationService {
             compression,
             secret,
             auth,
+            switchover,
+            switchover_timeout: std::time::Duration::from_secs(switchover_timeout_s),
         };
         let host = self.host.clone();
         let vm = name.to_string();
@@ -217,13 +255,83 @@ impl MigrationService {
 
     /// Requests cancellation. Before the guest is paused the sender stops at the next
     /// chunk and the guest keeps running on the source; once stop and copy began the
-    /// switchover runs to its end (or fails and resumes the source).
+    /// switchover runs to its end (or fails and resumes the source). A coordinated
+    /// migration that is quiesced is cancelled (the source resumes) unless the go-ahead
+    /// was given: then it is too late (`WrongState`).
     pub fn cancel(&self, id: &str) -> Result<MigrationInfo, ServiceError> {
         let h = self.get_handle(id)?;
         if h.state().is_final() {
             return Err(ServiceError::Ended(id.to_string()));
         }
-        h.request_cancel();
+        h.with_window(|w| match w {
+            Window::Open => {
+                *w = Window::Cancelled;
+                h.request_cancel();
+                Ok(())
+            }
+            Window::Cancelled => Ok(()),
+            Window::GoAhead(_) => Err(ServiceError::WrongState(format!(
+                "migration {id} already has its switchover go-ahead; it can no longer be cancelled"
+            ))),
+            Window::Failed => Err(ServiceError::Ended(id.to_string())),
+            Window::Closed => {
+                h.request_cancel();
+                Ok(())
+            }
+        })?;
+        Ok(h.snapshot())
+    }
+
+    /// The coordinator's go-ahead for a quiesced coordinated migration: `disks` are the
+    /// URIs (new lease tokens) the target opens, one per VM disk. Repeating the same
+    /// go-ahead is harmless; anything but a quiesced migration is `WrongState`.
+    pub fn switchover(
+        &self,
+        id: &str,
+        req: SwitchoverRequest,
+    ) -> Result<MigrationInfo, ServiceError> {
+        let h = self.get_handle(id)?;
+        let info = h.snapshot();
+        if info.switchover != SwitchoverMode::Coordinated {
+            return Err(ServiceError::WrongState(format!(
+                "migration {id} switches over on its own (switchover \"auto\"); only a coordinated one takes a go-ahead"
+            )));
+        }
+        if req.disks.len() != h.disk_count {
+            return Err(ServiceError::BadRequest(format!(
+                "{} disk URIs given; VM {} has {} disks (give one URI per disk, in order)",
+                req.disks.len(),
+                info.vm,
+                h.disk_count
+            )));
+        }
+        if req.disks.len() > MAX_DISKS
+            || req
+                .disks
+                .iter()
+                .any(|d| d.is_empty() || d.len() > MAX_URI_LEN)
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "disk URIs must be non-empty and at most {MAX_URI_LEN} bytes"
+            )));
+        }
+        h.with_window(|w| match w {
+            Window::Open => {
+                *w = Window::GoAhead(req.disks);
+                let at = super::stats::ms(h.started.elapsed());
+                h.update(|i| i.go_ahead_at_ms = Some(at));
+                Ok(())
+            }
+            Window::GoAhead(d) if *d == req.disks => Ok(()),
+            _ => Err(ServiceError::WrongState(format!(
+                "migration {id} is {}; the switchover go-ahead needs it quiesced and waiting",
+                serde_json::to_value(info.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ))),
+        })?;
+        tracing::info!(%id, disks = h.disk_count, "switchover go-ahead accepted");
         Ok(h.snapshot())
     }
 

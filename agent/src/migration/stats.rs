@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::policy::Limits;
-use super::protocol::Compression;
+use super::protocol::{Compression, SwitchoverMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -19,6 +19,10 @@ pub enum MigrationState {
     Active,
     /// Stop and copy: the guest is paused.
     Device,
+    /// Coordinated switchover: the source is paused with its disks drained and waits
+    /// for the go-ahead (`POST /v1/migrations/{id}/switchover`) while it sends the last
+    /// pages, state and digests. From here the source never resumes on its own.
+    Quiesced,
     Completed,
     Failed,
     Cancelled,
@@ -54,7 +58,11 @@ pub struct Downtime {
     pub state_ms: f64,
     /// The target's digest check of the whole memory.
     pub verify_ms: f64,
-    /// Restoring the state and resuming on the target, until it reported running.
+    /// Coordinated mode: from the pause to the coordinator's go-ahead (0 in auto
+    /// mode). Final pages, state and verify run during this wait, so it overlaps them.
+    pub switchover_wait_ms: f64,
+    /// Restoring the state and resuming on the target, until it reported running
+    /// (coordinated: from the go-ahead, or the verify if that ended later).
     pub complete_ms: f64,
 }
 
@@ -96,6 +104,29 @@ pub struct MigrationInfo {
     pub streams: u16,
     pub compression: Compression,
     pub limits: Limits,
+    pub switchover: SwitchoverMode,
+    pub switchover_timeout_s: u64,
+    /// Coordinated mode: when the source paused and quiesced, ms since the start.
+    pub quiesced_at_ms: Option<f64>,
+    /// Coordinated mode: when the go-ahead came, ms since the start.
+    pub go_ahead_at_ms: Option<f64>,
+}
+
+/// The coordinated switchover's decision point, shared by the API and the sender so
+/// that a go-ahead, a cancel and the sender's timeout cannot both win.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Window {
+    /// Not quiesced (yet), or auto mode: the go-ahead is refused.
+    #[default]
+    Closed,
+    /// Quiesced, waiting: go-ahead or cancel may come.
+    Open,
+    /// The go-ahead came with these disk URIs (secrets: never logged or shown).
+    GoAhead(Vec<String>),
+    /// Cancelled while quiesced, before any go-ahead.
+    Cancelled,
+    /// The sender gave up (timeout, target lost); nothing more is accepted.
+    Failed,
 }
 
 /// Live counters the stream workers update without a lock.
@@ -116,17 +147,27 @@ pub struct Outgoing {
     pub limits: Mutex<Limits>,
     pub counters: Counters,
     cancel: AtomicBool,
+    pub window: Mutex<Window>,
+    /// Disks of the VM: a go-ahead must carry this many URIs.
+    pub disk_count: usize,
 }
 
 impl Outgoing {
-    pub fn new(info: MigrationInfo) -> Self {
+    pub fn new(disk_count: usize, info: MigrationInfo) -> Self {
         Outgoing {
+            disk_count,
             started: Instant::now(),
             limits: Mutex::new(info.limits),
             info: Mutex::new(info),
             counters: Counters::default(),
             cancel: AtomicBool::new(false),
+            window: Mutex::new(Window::Closed),
         }
+    }
+
+    /// Runs `f` on the switchover window under its lock.
+    pub fn with_window<T>(&self, f: impl FnOnce(&mut Window) -> T) -> T {
+        f(&mut self.window.lock().expect("window lock is never poisoned"))
     }
 
     pub fn request_cancel(&self) {

@@ -97,6 +97,28 @@ impl Conn {
         );
     }
 
+    /// For a connection on which the peer has nothing to say: fails if the peer closed
+    /// it (EOF or reset) or sent something after all (an Error frame, or garbage).
+    pub fn check_idle_peer(&mut self) -> Result<(), WireError> {
+        self.stream.set_nonblocking(true)?;
+        let mut b = [0u8; 1];
+        let peeked = self.stream.peek(&mut b);
+        self.stream.set_nonblocking(false)?;
+        match peeked {
+            Ok(0) => Err(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            ))),
+            // The peer spoke while it should wait: read what it said.
+            Ok(_) => match self.recv()? {
+                Message::Error { code, message } => Err(WireError::Remote { code, message }),
+                other => Err(WireError::Unexpected(other.command())),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(WireError::Io(e)),
+        }
+    }
+
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
