@@ -295,6 +295,7 @@ pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> V
         "to_site": m.to_site, "state": r.phase.name(), "phase": r.phase,
         "total_ms": f.total_ms, "downtime_ms": f.downtime_ms, "fence_ms": f.fence_ms,
         "handover_ms": f.handover_ms, "quiesced_at_ms": f.quiesced_at_ms,
+        "switchover_wait_ms": f.switchover_wait_ms,
         "memory_bytes": f.memory_bytes, "memory_total_bytes": f.memory_total_bytes,
         "remaining_bytes": f.remaining_bytes, "disk_bytes": f.disk_bytes, "passes": f.passes,
         "source_epoch": r.source_epoch, "offline": m.options.offline,

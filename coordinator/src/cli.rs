@@ -468,8 +468,9 @@ fn print_figures(m: &Value) {
     };
     println!("  fence:     {fence} ms (disk lease handoff while the guest is paused{share})");
     println!(
-        "  handover:  {} ms (coordinator: quiesced seen -> go-ahead sent)",
-        s(&m["handover_ms"])
+        "  handover:  {} ms (coordinator: quiesced seen -> go-ahead sent); agent: paused -> go-ahead {} ms",
+        s(&m["handover_ms"]),
+        s(&m["switchover_wait_ms"])
     );
     println!(
         "  memory:    {} in {} passes",

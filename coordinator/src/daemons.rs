@@ -255,6 +255,10 @@ pub struct AgentMigration {
     /// Coordinated switchover: ms after the start at which the source quiesced.
     #[serde(default)]
     pub quiesced_at_ms: Option<f64>,
+    /// Where the downtime went; the coordinator reads `switchover_wait_ms` (from the
+    /// pause to the go-ahead).
+    #[serde(default)]
+    pub downtime: Option<Value>,
 }
 
 impl AgentMigration {

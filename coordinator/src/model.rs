@@ -114,6 +114,10 @@ pub struct MigrationFigures {
     /// When the source quiesced, ms after the agent started the migration.
     #[serde(default)]
     pub quiesced_at_ms: u64,
+    /// The agent's figure: from the source's pause to the go-ahead (the last pages,
+    /// state and digest check run meanwhile).
+    #[serde(default)]
+    pub switchover_wait_ms: u64,
     pub memory_bytes: u64,
     pub memory_total_bytes: u64,
     pub remaining_bytes: u64,

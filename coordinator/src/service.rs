@@ -1150,6 +1150,9 @@ impl Coordinator {
         if let Some(q) = m.quiesced_at_ms {
             doc.figures.quiesced_at_ms = q.round() as u64;
         }
+        if let Some(w) = m.downtime.as_ref().and_then(|d| d["switchover_wait_ms"].as_f64()) {
+            doc.figures.switchover_wait_ms = w.round() as u64;
+        }
     }
 
     /// Runs the agents' live migration in coordinated mode until the source quiesced.
