@@ -16,6 +16,7 @@ use vm_memory::bitmap::AtomicBitmap;
 
 use crate::contract::{BootSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec};
 use crate::devices::block::BlockDevices;
+use crate::devices::disk_uri::DiskUri;
 use crate::devices::{DeviceState, Devices};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{GuestStop, Vcpu, VcpuError, VcpuHandle, VcpuShared, VcpuState};
@@ -787,6 +788,16 @@ impl Machine {
     /// after a fence, or a migration target before its first resume. One URI per
     /// disk, in order.
     pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
+        let have = self.block.as_ref().map_or(0, |b| b.uris().len());
+        if disks.len() != have {
+            return Err(MachineError::Invalid(format!(
+                "{} disk URIs given; this VM has {have} disks",
+                disks.len()
+            )));
+        }
+        for d in disks {
+            DiskUri::parse(d).map_err(MachineError::Invalid)?;
+        }
         // Held throughout so nobody resumes the vCPUs while the disks change.
         let paused = self.paused.lock().expect("pause lock is never poisoned");
         if !*paused {
@@ -803,13 +814,7 @@ impl Machine {
                     .map_err(MachineError::Disk)?;
                 b.set_uris(disks).map_err(MachineError::Disk)?;
             }
-            None if disks.is_empty() => {}
-            None => {
-                return Err(MachineError::Invalid(format!(
-                    "{} disk URIs given; this VM has no disks",
-                    disks.len()
-                )));
-            }
+            None => {}
         }
         drop(paused);
         tracing::info!(vm = %self.spec.name, disks = disks.len(), "disks replaced");
