@@ -321,10 +321,8 @@ mod tests {
                 2 => {
                     let older = if held > acked {
                         held.saturating_sub(2 * n)
-                    } else if held > n {
-                        held - n
                     } else {
-                        0
+                        held.saturating_sub(n)
                     };
                     if older == 0 && held <= acked {
                         d[at..at + SECTOR].fill(0);

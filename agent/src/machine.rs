@@ -642,7 +642,28 @@ pub fn new_spec(
     }
 }
 
+/// The runtime disk I/O runs on: `preferred`, else the caller's, else one the agent
+/// starts for this (library users and tests without a runtime).
+fn disk_runtime(preferred: Option<Handle>) -> Result<Handle, MachineError> {
+    static FALLBACK: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(h) = preferred.or_else(|| Handle::try_current().ok()) {
+        return Ok(h);
+    }
+    if let Some(rt) = FALLBACK.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("disk-io")
+        .enable_all()
+        .build()
+        .map_err(|e| MachineError::Disk(format!("cannot start the disk I/O runtime: {e}")))?;
+    Ok(FALLBACK.get_or_init(|| rt).handle().clone())
+}
+
 #[cfg(test)]
+// The set_disks block stays last in the file (the issue 5 merge contract).
+#[allow(clippy::items_after_test_module)]
 mod tests {
     use super::*;
     use crate::devices::DEVICE_STATE_VERSION;
@@ -763,25 +784,6 @@ mod tests {
     }
 }
 
-/// The runtime disk I/O runs on: `preferred`, else the caller's, else one the agent
-/// starts for this (library users and tests without a runtime).
-fn disk_runtime(preferred: Option<Handle>) -> Result<Handle, MachineError> {
-    static FALLBACK: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    if let Some(h) = preferred.or_else(|| Handle::try_current().ok()) {
-        return Ok(h);
-    }
-    if let Some(rt) = FALLBACK.get() {
-        return Ok(rt.handle().clone());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("disk-io")
-        .enable_all()
-        .build()
-        .map_err(|e| MachineError::Disk(format!("cannot start the disk I/O runtime: {e}")))?;
-    Ok(FALLBACK.get_or_init(|| rt).handle().clone())
-}
-
 impl Machine {
     /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks,
     /// waiting for the connections. Only while paused: a source being rolled back
@@ -806,15 +808,12 @@ impl Machine {
                 needed: "paused",
             });
         }
-        match &self.block {
-            Some(b) => {
-                // Nothing may be in flight against the old URIs (pause drained,
-                // but a paused VM without a prior pause call had no vCPU running).
-                b.quiesce(DISK_QUIESCE_TIMEOUT)
-                    .map_err(MachineError::Disk)?;
-                b.set_uris(disks).map_err(MachineError::Disk)?;
-            }
-            None => {}
+        if let Some(b) = &self.block {
+            // Nothing may be in flight against the old URIs (a pause drained them;
+            // this makes sure for a VM that was never paused through `pause`).
+            b.quiesce(DISK_QUIESCE_TIMEOUT)
+                .map_err(MachineError::Disk)?;
+            b.set_uris(disks).map_err(MachineError::Disk)?;
         }
         drop(paused);
         tracing::info!(vm = %self.spec.name, disks = disks.len(), "disks replaced");
