@@ -35,7 +35,12 @@ impl Storage {
     fn start() -> (Storage, String) {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = rt.block_on(Node::start(&dir.path().join("data"), &[], None));
+        let unix = dir.path().join("nbd.sock").display().to_string();
+        let node = rt.block_on(Node::start(
+            &dir.path().join("data"),
+            &["--unix".to_string(), unix],
+            None,
+        ));
         let body = json!({"path": dir.path().join("disk.img"), "size_bytes": DISK_BYTES});
         let (s, v) = rt.block_on(node.call(
             Method::PUT,
@@ -67,6 +72,13 @@ impl Storage {
 
     fn uri(&self, token: &str) -> String {
         format!("nbd://{}/disk;lease={token}", self.node.nbd_addr())
+    }
+
+    fn unix_uri(&self, token: &str) -> String {
+        format!(
+            "nbd+unix:///disk;lease={token}?socket={}",
+            self._dir.path().join("nbd.sock").display()
+        )
     }
 
     /// The disk writer's region of the disk, read through a plain (read-only) export
@@ -106,8 +118,9 @@ fn start_writer(a: &Agent, vm: &str, uri: &str) {
 /// The VM's disks are shown, but never the lease token.
 fn assert_redacted(vm: &serde_json::Value, uri: &str) {
     let shown = vm["disks"][0]["nbd"].as_str().expect("disk shown");
-    let (base, _) = uri.split_once(";lease=").expect("URI has a token");
-    assert_eq!(shown, format!("{base};lease=<redacted>"), "{vm}");
+    let (base, rest) = uri.split_once(";lease=").expect("URI has a token");
+    let tail = rest.find('?').map_or("", |i| &rest[i..]);
+    assert_eq!(shown, format!("{base};lease=<redacted>{tail}"), "{vm}");
 }
 
 /// Pauses the VM (draining its disk I/O), dumps RAM, and checks RAM (A-B sweep) and
@@ -189,8 +202,9 @@ fn disk_writer_survives_pause_fence_and_rollback() {
     );
     assert_eq!(a.vm_state("dw").as_deref(), Some("paused"));
 
-    // Roll back: new URI (the epoch-2 token), resume, writing continues.
-    let uri2 = storage.uri(&token2);
+    // Roll back: new URI (the epoch-2 token, over the node's Unix socket this time),
+    // resume, writing continues.
+    let uri2 = storage.unix_uri(&token2);
     let v = a.ok("POST", "/v1/vms/dw/resume", Some(json!({"disks": [uri2]})));
     assert_eq!(v["state"], "running", "{v}");
     assert_redacted(&v, &uri2);
