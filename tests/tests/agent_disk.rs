@@ -335,7 +335,7 @@ mod device {
 
     #[test]
     fn registers_drive_nbd_reads_and_writes_with_bounds_and_fencing() {
-        let (storage, token1) = Storage::start();
+        let (mut storage, token1) = Storage::start();
         let mem = create_guest_memory(4).expect("4 MiB of guest RAM");
         let dev = BlockDevices::new(
             "dev-test",
@@ -416,5 +416,17 @@ mod device {
         assert_eq!(saved[0].capacity, sectors);
         assert_eq!(saved[0].status, STATUS_OK);
         assert!(dev.set_uris(&[]).is_err(), "wrong number of URIs");
+
+        // A cut connection (the storage node restarts): an error for the request that
+        // finds it dead, then the device re-opens the disk by itself.
+        storage.node = storage.rt.block_on(storage.node.kill9_and_restart());
+        let mut statuses = Vec::new();
+        while statuses.last() != Some(&STATUS_OK) {
+            assert!(statuses.len() < 5, "no reconnect: {statuses:?}");
+            statuses.push(request(&dev, CMD_WRITE, 2, 0x1_0000, 512));
+        }
+        eprintln!("statuses after the storage node restarted: {statuses:?}");
+        dev.quiesce(Duration::from_secs(10)).expect("quiesce");
+        assert_eq!(&storage.read()[1024..1536], &[0xAB; 512][..]);
     }
 }
