@@ -392,7 +392,7 @@ impl Machine {
 
     /// Starts (or restarts) the guest: opens disks not open yet in the background,
     /// then runs the vCPUs.
-    fn start(&self) -> Result<(), MachineError> {
+    pub fn start(&self) -> Result<(), MachineError> {
         if let Some(b) = &self.block {
             b.connect_in_background();
         }
@@ -401,7 +401,7 @@ impl Machine {
 
     /// Stops the vCPUs, then drains and flushes the disks (pause must leave nothing
     /// in flight: migration and memory dumps read a still image).
-    fn pause_and_quiesce(&self) -> Result<(), MachineError> {
+    pub fn pause_and_quiesce(&self) -> Result<(), MachineError> {
         self.pause_vcpus()?;
         if let Some(b) = &self.block {
             b.quiesce(DISK_QUIESCE_TIMEOUT)

@@ -287,9 +287,12 @@ impl VmManager {
                     });
                 }
             }
-            MigrationSource::pause(&*e.machine)
-                .map_err(|e| MachineError::Invalid(e.to_string()))?;
-            e.state = VmLifecycle::Paused;
+            let paused = e.machine.pause_and_quiesce();
+            // The vCPUs may be stopped even when draining the disks failed.
+            if e.machine.is_paused() {
+                e.state = VmLifecycle::Paused;
+            }
+            paused?;
             Ok(e.info())
         })
     }
@@ -319,8 +322,7 @@ impl VmManager {
             if let Some(disks) = disks {
                 e.machine.set_disks(disks)?;
             }
-            MigrationSource::resume(&*e.machine)
-                .map_err(|e| MachineError::Invalid(e.to_string()))?;
+            e.machine.start()?;
             e.state = VmLifecycle::Running;
             Ok(e.info())
         })
