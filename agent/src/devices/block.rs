@@ -712,7 +712,64 @@ mod tests {
         assert!(check_disk_range(u64::MAX - 10, 512, u64::MAX).is_err());
     }
 
+    fn device() -> (tokio::runtime::Runtime, BlockDevices) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mem = crate::vstate::memory::create_guest_memory(1).expect("1 MiB of RAM");
+        // Port 1 on loopback refuses at once: every request that gets that far fails.
+        let dev = BlockDevices::new(
+            "t",
+            &["nbd://127.0.0.1:1/d;lease=SECRET".to_string()],
+            mem,
+            rt.handle().clone(),
+        )
+        .expect("device");
+        (rt, dev)
+    }
+
+    #[test]
+    fn ports_outside_the_disks_are_not_claimed() {
+        let (rt, dev) = device();
+        assert!(dev.claims(BLK_PORT_BASE) && dev.claims(BLK_PORT_BASE + 0x1f));
+        assert!(!dev.claims(BLK_PORT_BASE - 1) && !dev.claims(BLK_PORT_BASE + 0x20));
+        assert!(
+            BlockDevices::new(
+                "t",
+                &["http://x".into()],
+                crate::vstate::memory::create_guest_memory(1).expect("ram"),
+                rt.handle().clone()
+            )
+            .is_err()
+        );
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Any sequence of port accesses of any width is harmless: no panic, STATUS
+        /// always one of the four values, and the device drains.
+        #[test]
+        fn random_port_traffic_is_harmless(
+            ops in proptest::collection::vec((0u16..0x24, proptest::collection::vec(any::<u8>(), 1..5), any::<bool>()), 1..40)
+        ) {
+            let (_rt, dev) = device();
+            for (off, bytes, write) in ops {
+                let port = BLK_PORT_BASE + off;
+                if write {
+                    dev.pio_write(port, &bytes);
+                } else {
+                    let mut buf = bytes.clone();
+                    dev.pio_read(port, &mut buf);
+                }
+                let mut st = [0u8; 4];
+                dev.pio_read(BLK_PORT_BASE + REG_COMMAND, &mut st);
+                prop_assert!(u32::from_le_bytes(st) <= STATUS_ERROR);
+            }
+            prop_assert!(dev.quiesce(Duration::from_secs(10)).is_ok());
+        }
+
         /// Whatever the guest puts in the registers, an accepted request lies inside
         /// guest RAM and names a representable disk range.
         #[test]
