@@ -308,20 +308,25 @@ impl VmManager {
         name: &str,
         disks: Option<&[String]>,
     ) -> Result<VmInfo, ManagerError> {
+        let check = |e: &Entry| match e.effective_state().0 {
+            VmLifecycle::Running | VmLifecycle::Paused => Ok(()),
+            other => Err(ManagerError::WrongState {
+                name: name.to_string(),
+                state: other.as_str(),
+                needed: "paused",
+            }),
+        };
+        if let Some(disks) = disks {
+            let machine = self.with_entry(name, |e| {
+                check(e)?;
+                Ok(e.machine.clone())
+            })?;
+            // Outside the table lock: opening disks may take seconds, and other VMs'
+            // calls must not wait for it. set_disks itself refuses a running VM.
+            machine.set_disks(disks)?;
+        }
         self.with_entry(name, |e| {
-            match e.effective_state().0 {
-                VmLifecycle::Running | VmLifecycle::Paused => {}
-                other => {
-                    return Err(ManagerError::WrongState {
-                        name: name.to_string(),
-                        state: other.as_str(),
-                        needed: "paused",
-                    });
-                }
-            }
-            if let Some(disks) = disks {
-                e.machine.set_disks(disks)?;
-            }
+            check(e)?;
             e.machine.start()?;
             e.state = VmLifecycle::Running;
             Ok(e.info())
