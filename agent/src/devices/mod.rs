@@ -225,8 +225,22 @@ mod tests {
         b.restore_state(&state).expect("same version");
         assert_eq!(b.save_state(), state);
         assert_eq!(b.console(), b"h");
-        let mut bad = state;
+        let mut bad = state.clone();
         bad.version = 99;
         assert!(b.restore_state(&bad).is_err());
+
+        // Version 1 (before block devices) has no `disks` and is still read.
+        let mut v1 = serde_json::to_value(&state).expect("to json");
+        v1["version"] = 1.into();
+        v1.as_object_mut().expect("object").remove("disks");
+        let v1: DeviceState = serde_json::from_value(v1).expect("version 1 parses");
+        assert!(v1.disks.is_empty());
+        let c = Devices::default();
+        c.restore_state(&v1).expect("version 1 restores");
+        assert_eq!(c.console(), b"h");
+        // Disk registers for a VM without disks are refused.
+        let mut extra = state;
+        extra.disks = vec![block::BlockRegs::default()];
+        assert!(c.restore_state(&extra).is_err());
     }
 }
