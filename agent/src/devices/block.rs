@@ -23,7 +23,7 @@
 //! in a crash. NBD failures (a fenced lease, a cut connection) are errors for the
 //! guest and a warning in the log; a cut connection is re-opened by the next request.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -236,6 +236,9 @@ struct Disk {
     conn: tokio::sync::Mutex<Option<(u64, Arc<Client>)>>,
     /// Writes were acknowledged since the last flush.
     unflushed: AtomicBool,
+    /// Requests failed in a row (a fenced guest retries forever: the log says so
+    /// for the first few and then every thousandth).
+    failures: AtomicU64,
 }
 
 impl Disk {
@@ -280,6 +283,15 @@ impl Disk {
         tracing::info!(vm = %self.vm, disk = self.index, uri = %uri.redacted(), sectors = client.size() / SECTOR_SIZE, "disk connected");
         *slot = Some((generation, client.clone()));
         Ok(client)
+    }
+
+    /// Logs a failed request: the first ten in a row, then every thousandth (a
+    /// fenced guest retries forever, a broken one may loop on bad requests).
+    fn note_failure(&self, error: &str) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 10 || n.is_multiple_of(1000) {
+            tracing::warn!(vm = %self.vm, disk = self.index, failures_in_a_row = n, %error, "disk request failed; the guest sees an error");
+        }
     }
 
     /// Forgets a connection that failed underneath (the next request re-opens it).
@@ -428,6 +440,7 @@ impl BlockDevices {
                     regs: Mutex::new(BlockRegs::default()),
                     conn: tokio::sync::Mutex::new(None),
                     unflushed: AtomicBool::new(false),
+                    failures: AtomicU64::new(0),
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -491,7 +504,8 @@ impl BlockDevices {
             Ok(r) => r,
             Err(why) => {
                 regs.status = STATUS_ERROR;
-                tracing::warn!(vm = %disk.vm, disk = disk.index, %why, "bad block request from the guest");
+                drop(regs);
+                disk.note_failure(&format!("bad request from the guest: {why}"));
                 return;
             }
         };
@@ -501,7 +515,8 @@ impl BlockDevices {
                 let mut buf = vec![0u8; len as usize];
                 if let Err(e) = self.mem.read_slice(&mut buf, GuestAddress(regs.addr)) {
                     regs.status = STATUS_ERROR;
-                    tracing::warn!(vm = %disk.vm, disk = disk.index, error = %e, "bad block request from the guest");
+                    drop(regs);
+                    disk.note_failure(&format!("bad request from the guest: {e}"));
                     return;
                 }
                 Some(buf)
@@ -518,8 +533,14 @@ impl BlockDevices {
                 Ok(()) => STATUS_OK,
                 Err(_) => STATUS_ERROR,
             };
-            if let Err(error) = result {
-                tracing::warn!(vm = %disk.vm, disk = disk.index, %error, "disk request failed; the guest sees an error");
+            match result {
+                Ok(()) => {
+                    let failed = disk.failures.swap(0, Ordering::Relaxed);
+                    if failed > 0 {
+                        tracing::info!(vm = %disk.vm, disk = disk.index, failed, "disk requests succeed again");
+                    }
+                }
+                Err(error) => disk.note_failure(&error),
             }
             in_flight.end();
         });
