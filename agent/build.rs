@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (source file, load address, required size in bytes or 0 for any)
-const GUESTS: &[(&str, u32, usize)] = &[("ab_sweeper", 0x7c00, 512)];
+const GUESTS: &[(&str, u32, usize)] = &[("ab_sweeper", 0x7c00, 512), ("disk_writer", 0x7c00, 0)];
 
 fn run(cmd: &mut Command) {
     let status = cmd

@@ -29,8 +29,10 @@ pub enum AgentError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot listen for the API on {addr}: {source}")]
+    #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
+        /// "the API" or "migration streams": which listener failed.
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -64,10 +66,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .map_err(|source| AgentError::Bind {
+            what: "the API",
             addr: config.api,
             source,
         })?;
     let api_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        what: "the API",
         addr: config.api,
         source,
     })?;
@@ -81,10 +85,16 @@ pub async fn serve(
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| AgentError::Bind { addr, source })?;
-            let bound = l
-                .local_addr()
-                .map_err(|source| AgentError::Bind { addr, source })?;
+                .map_err(|source| AgentError::Bind {
+                    what: "migration streams",
+                    addr,
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| AgentError::Bind {
+                what: "migration streams",
+                addr,
+                source,
+            })?;
             tokio::spawn(migrations.clone().serve(l, shutdown.clone()));
             tracing::info!(migration = %bound, "migration listener ready");
             Some(bound)

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::{BootSpec, MigrationSource, MigrationTarget, VmError, VmSpec};
+use crate::devices::disk_uri::redact_uri;
 use crate::machine::{Machine, MachineError, new_spec};
 
 /// A VM's lifecycle state as the API reports it.
@@ -133,6 +134,7 @@ pub struct VmInfo {
     pub state: VmLifecycle,
     pub memory_mib: u64,
     pub vcpus: u8,
+    /// Lease tokens show as `;lease=<redacted>`.
     pub disks: Vec<DiskRequest>,
     /// Why the guest stopped on its own, when state is `stopped` or `failed`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -157,7 +159,7 @@ impl Entry {
     }
 
     fn info(&self) -> VmInfo {
-        let spec = self.machine.spec();
+        let spec = MigrationSource::spec(&*self.machine);
         let (state, stop_reason) = self.effective_state();
         VmInfo {
             name: spec.name,
@@ -167,7 +169,9 @@ impl Entry {
             disks: spec
                 .disks
                 .into_iter()
-                .map(|nbd| DiskRequest { nbd })
+                .map(|nbd| DiskRequest {
+                    nbd: redact_uri(&nbd),
+                })
                 .collect(),
             stop_reason,
         }
@@ -178,6 +182,8 @@ impl Entry {
 #[derive(Default)]
 pub struct VmManager {
     vms: Mutex<BTreeMap<String, Entry>>,
+    /// Where guest disk I/O runs (the agent's runtime, captured at creation).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 fn check_name(name: &str) -> Result<(), ManagerError> {
@@ -195,8 +201,13 @@ fn check_name(name: &str) -> Result<(), ManagerError> {
 }
 
 impl VmManager {
+    /// A manager whose guests do their disk I/O on the current tokio runtime (if
+    /// any; else on a small runtime of their own).
     pub fn new() -> Self {
-        Self::default()
+        VmManager {
+            vms: Mutex::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -232,7 +243,7 @@ impl VmManager {
             req.disks.iter().map(|d| d.nbd.clone()).collect(),
         );
         // Built outside the lock: creating a VM takes a while and must not block GETs.
-        let machine = Arc::new(Machine::boot(spec)?);
+        let machine = Arc::new(Machine::boot_on(spec, self.runtime.clone())?);
         let mut vms = self.lock();
         if vms.contains_key(name) {
             return Err(ManagerError::AlreadyExists(name.to_string()));
@@ -276,27 +287,47 @@ impl VmManager {
                     });
                 }
             }
-            MigrationSource::pause(&*e.machine)
-                .map_err(|e| MachineError::Invalid(e.to_string()))?;
-            e.state = VmLifecycle::Paused;
+            let paused = e.machine.pause_and_quiesce();
+            // The vCPUs may be stopped even when draining the disks failed.
+            if e.machine.is_paused() {
+                e.state = VmLifecycle::Paused;
+            }
+            paused?;
             Ok(e.info())
         })
     }
 
     pub fn resume(&self, name: &str) -> Result<VmInfo, ManagerError> {
+        self.resume_with_disks(name, None)
+    }
+
+    /// Resumes `name`; with `disks`, first reconnects its disks with these URIs (new
+    /// lease tokens, e.g. after the coordinator fenced the disks back to this host).
+    pub fn resume_with_disks(
+        &self,
+        name: &str,
+        disks: Option<&[String]>,
+    ) -> Result<VmInfo, ManagerError> {
+        let check = |e: &Entry| match e.effective_state().0 {
+            VmLifecycle::Running | VmLifecycle::Paused => Ok(()),
+            other => Err(ManagerError::WrongState {
+                name: name.to_string(),
+                state: other.as_str(),
+                needed: "paused",
+            }),
+        };
+        if let Some(disks) = disks {
+            let machine = self.with_entry(name, |e| {
+                check(e)?;
+                Ok(e.machine.clone())
+            })?;
+            // Outside the table lock: opening disks may take seconds, and other VMs'
+            // calls must not wait for it. set_disks itself refuses a running VM.
+            machine.set_disks(disks)?;
+        }
         self.with_entry(name, |e| {
-            match e.effective_state().0 {
-                VmLifecycle::Running | VmLifecycle::Paused => {}
-                other => {
-                    return Err(ManagerError::WrongState {
-                        name: name.to_string(),
-                        state: other.as_str(),
-                        needed: "paused",
-                    });
-                }
-            }
-            MigrationSource::resume(&*e.machine)
-                .map_err(|e| MachineError::Invalid(e.to_string()))?;
+            check(e)?;
+            e.machine.start()?;
             e.state = VmLifecycle::Running;
             Ok(e.info())
         })
@@ -435,7 +466,9 @@ impl VmManager {
         if self.lock().contains_key(&spec.name) {
             return Err(ManagerError::AlreadyExists(spec.name.clone()).into());
         }
-        let machine = Arc::new(Machine::create_incoming(spec).map_err(ManagerError::from)?);
+        let machine = Arc::new(
+            Machine::create_incoming_on(spec, self.runtime.clone()).map_err(ManagerError::from)?,
+        );
         let mut vms = self.lock();
         if vms.contains_key(&spec.name) {
             return Err(ManagerError::AlreadyExists(spec.name.clone()).into());

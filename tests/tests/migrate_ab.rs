@@ -22,7 +22,7 @@ fn ram_check_after_forced_non_convergence() {
     let id = src.ok(
         "POST",
         "/v1/vms/ab/migrate",
-        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 100, "downtime_limit_ms": 1, "timeout_s": 120})),
+        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 1, "downtime_limit_ms": 1, "timeout_s": 120})),
     )["migration_id"]
         .as_str()
         .expect("migration id")
@@ -69,7 +69,7 @@ fn cancel_then_migrate_to_a_fresh_target() {
     let id = src.ok(
         "POST",
         "/v1/vms/ab/migrate",
-        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 50, "downtime_limit_ms": 1})),
+        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 2, "downtime_limit_ms": 1})),
     )["migration_id"]
         .as_str()
         .expect("migration id")
@@ -123,7 +123,7 @@ fn killed_target_leaves_the_guest_running_on_the_source() {
     let id = src.ok(
         "POST",
         "/v1/vms/ab/migrate",
-        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 50, "downtime_limit_ms": 1})),
+        Some(json!({"target": dst.migration, "max_bandwidth_mibs": 2, "downtime_limit_ms": 1})),
     )["migration_id"]
         .as_str()
         .expect("migration id")

@@ -115,6 +115,7 @@ impl From<ManagerError> for ApiError {
             ManagerError::Machine(M::WrongState { .. }) => (StatusCode::CONFLICT, "wrong_state"),
             ManagerError::Machine(M::Incompatible(_)) => (StatusCode::CONFLICT, "incompatible_cpu"),
             ManagerError::Machine(M::Dump { .. }) => (StatusCode::BAD_REQUEST, "dump_failed"),
+            ManagerError::Machine(M::Disk(_)) => (StatusCode::BAD_GATEWAY, "disk_error"),
             ManagerError::Machine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kvm_error"),
         };
         ApiError::new(status, code, e.to_string())

@@ -79,13 +79,29 @@ async fn pause(
     ))
 }
 
+/// Optional body of `POST /v1/vms/{name}/resume`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    /// New disk URIs (one per disk, in order) to reconnect with before resuming.
+    disks: Option<Vec<String>>,
+}
+
 async fn resume(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<axum::Json<VmInfo>, ApiError> {
+    // The body is optional: an empty one resumes as it is.
+    let req: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))?
+    };
     let manager = state.manager.clone();
     Ok(axum::Json(
-        blocking(move || Ok(manager.resume(&name)?)).await?,
+        blocking(move || Ok(manager.resume_with_disks(&name, req.disks.as_deref())?)).await?,
     ))
 }
 

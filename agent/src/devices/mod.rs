@@ -1,14 +1,18 @@
 //! Port I/O devices emulated in userspace. The PIC, IOAPIC, PIT and local APICs are
 //! KVM's in-kernel ones (see `vstate::vm`); here are COM1, fast A20 (port 0x92), the
-//! POST port (0x80) and a few other ports boot code pokes. Any other port reads as all
-//! ones and ignores writes, logged with a rate limit - never a crash.
+//! POST port (0x80) and a few other ports boot code pokes, and the paravirtual block
+//! devices (`block`, ports 0x510 up). Any other port reads as all ones and ignores
+//! writes, logged with a rate limit - never a crash.
 
+pub mod block;
+pub mod disk_uri;
 pub mod serial;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use block::{BlockDevices, BlockRegs};
 use serial::{COM1_BASE, COM1_LEN, Serial, SerialState};
 
 pub const PORT_A20: u16 = 0x92;
@@ -18,7 +22,8 @@ pub const PORT_CMOS_DATA: u16 = 0x71;
 pub const PORT_KBC_DATA: u16 = 0x60;
 pub const PORT_KBC_STATUS: u16 = 0x64;
 
-pub const DEVICE_STATE_VERSION: u32 = 1;
+/// 2 added the block devices' registers; version 1 (no disks) is still read.
+pub const DEVICE_STATE_VERSION: u32 = 2;
 
 /// Saved device state. The console log travels too, so a migrated guest's console
 /// continues where it was.
@@ -30,6 +35,9 @@ pub struct DeviceState {
     pub port92: u8,
     pub post_code: u8,
     pub cmos_index: u8,
+    /// Block device registers, one entry per disk (absent in version 1).
+    #[serde(default)]
+    pub disks: Vec<BlockRegs>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +53,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Devices {
     inner: Mutex<Inner>,
+    /// The guest's disks (none for a VM without disks). Outside `inner`: completions
+    /// on the runtime update their registers without the device lock.
+    block: Option<Arc<BlockDevices>>,
 }
 
 fn is_com1(port: u16) -> bool {
@@ -52,6 +63,14 @@ fn is_com1(port: u16) -> bool {
 }
 
 impl Devices {
+    /// Devices with these disks.
+    pub fn with_block(block: Option<Arc<BlockDevices>>) -> Self {
+        Devices {
+            inner: Mutex::default(),
+            block,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner
             .lock()
@@ -59,6 +78,11 @@ impl Devices {
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        if let Some(b) = &self.block
+            && b.claims(port)
+        {
+            return b.pio_write(port, data);
+        }
         let mut d = self.lock();
         let Some(&value) = data.first() else { return };
         match port {
@@ -88,6 +112,11 @@ impl Devices {
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if let Some(b) = &self.block
+            && b.claims(port)
+        {
+            return b.pio_read(port, data);
+        }
         let mut d = self.lock();
         for (i, out) in data.iter_mut().enumerate() {
             let p = port.wrapping_add(i as u16);
@@ -131,15 +160,32 @@ impl Devices {
             port92: d.port92,
             post_code: d.post_code,
             cmos_index: d.cmos_index,
+            disks: self
+                .block
+                .as_ref()
+                .map(|b| b.save_state())
+                .unwrap_or_default(),
         }
     }
 
     pub fn restore_state(&self, state: &DeviceState) -> Result<(), String> {
-        if state.version != DEVICE_STATE_VERSION {
+        if state.version != DEVICE_STATE_VERSION && state.version != 1 {
             return Err(format!(
                 "device state version {} is not supported (this agent reads {DEVICE_STATE_VERSION})",
                 state.version
             ));
+        }
+        match &self.block {
+            Some(b) if state.version >= 2 => b.restore_state(&state.disks)?,
+            // Version 1 had no disks: their registers start fresh.
+            Some(_) => {}
+            None if state.disks.is_empty() => {}
+            None => {
+                return Err(format!(
+                    "device state has {} disks, this VM none",
+                    state.disks.len()
+                ));
+            }
         }
         let mut d = self.lock();
         d.serial.regs = state.serial.clone();
@@ -179,8 +225,22 @@ mod tests {
         b.restore_state(&state).expect("same version");
         assert_eq!(b.save_state(), state);
         assert_eq!(b.console(), b"h");
-        let mut bad = state;
+        let mut bad = state.clone();
         bad.version = 99;
         assert!(b.restore_state(&bad).is_err());
+
+        // Version 1 (before block devices) has no `disks` and is still read.
+        let mut v1 = serde_json::to_value(&state).expect("to json");
+        v1["version"] = 1.into();
+        v1.as_object_mut().expect("object").remove("disks");
+        let v1: DeviceState = serde_json::from_value(v1).expect("version 1 parses");
+        assert!(v1.disks.is_empty());
+        let c = Devices::default();
+        c.restore_state(&v1).expect("version 1 restores");
+        assert_eq!(c.console(), b"h");
+        // Disk registers for a VM without disks are refused.
+        let mut extra = state;
+        extra.disks = vec![block::BlockRegs::default()];
+        assert!(c.restore_state(&extra).is_err());
     }
 }

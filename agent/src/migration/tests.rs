@@ -896,7 +896,7 @@ mod kvm {
         let (src, dst) = (kvm_agent(&rt), kvm_agent(&rt));
         boot_ab(&src, 150);
         let mut r = req(&dst.addr);
-        r.max_bandwidth_mibs = Some(100);
+        r.max_bandwidth_mibs = Some(1);
         r.downtime_limit_ms = Some(1);
         let id = src.svc.start("ab", r).expect("start");
         wait_until(Duration::from_secs(60), "three passes", || {
@@ -939,7 +939,7 @@ mod kvm {
         let (src, dst) = (kvm_agent(&rt), kvm_agent(&rt));
         let m = boot_ab(&src, 150);
         let mut r = req(&dst.addr);
-        r.max_bandwidth_mibs = Some(50);
+        r.max_bandwidth_mibs = Some(2);
         r.downtime_limit_ms = Some(1);
         let id = src.svc.start("ab", r.clone()).expect("start");
         wait_until(Duration::from_secs(30), "some memory sent", || {
@@ -960,7 +960,7 @@ mod kvm {
         // A link cut mid-migration (a killed target, as the source sees it).
         let p = proxy(&dst.addr);
         let mut r = req(&p.addr);
-        r.max_bandwidth_mibs = Some(50);
+        r.max_bandwidth_mibs = Some(2);
         r.downtime_limit_ms = Some(1);
         let id = src.svc.start("ab", r).expect("start");
         wait_until(Duration::from_secs(30), "some memory sent", || {
