@@ -174,12 +174,12 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let vm: serde_json::Value = store.get("vms", "vm7").unwrap().unwrap();
         assert_eq!(vm["host"], "kvm-a1");
+        let sites: Vec<(String, u32)> = store.list("sites").unwrap();
+        assert_eq!(sites, vec![("siteA".to_owned(), 1)]);
         // A read-only reader sees the writer's synced records while the writer runs.
         store.put("sites", "siteB", &2u32).unwrap();
         let ro = Store::open_read_only(dir.path()).unwrap();
         assert_eq!(ro.get::<u32>("sites", "siteB").unwrap(), Some(2));
-        let sites: Vec<(String, u32)> = store.list("sites").unwrap();
-        assert_eq!(sites, vec![("siteA".to_owned(), 1)]);
         let mut b = Batch::default();
         b.delete("vms", "vm7");
         store.commit(b).unwrap();
