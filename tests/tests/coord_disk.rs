@@ -14,7 +14,7 @@ mod coord_support;
 
 use std::time::{Duration, Instant};
 
-use coord_support::{Cluster, have_kvm, token_refused};
+use coord_support::{Cluster, HeldWriter, have_kvm, token_refused};
 
 const EXPORT: &str = "vm7-disk0";
 
@@ -68,6 +68,9 @@ fn disk_writer_moves_back_and_forth_five_times() {
         };
         let old = c.lease_tokens("vm7");
         assert_eq!(old.len(), 1, "one disk: {old:?}");
+        // A connection under the holder's token, opened before the move (past the
+        // sectors the guest writes, so a write that wrongly lands harms no record).
+        let held = HeldWriter::open(&c.nbd.nbd, EXPORT, &old[0].2);
         let t0 = Instant::now();
         let m = c.ok(&[
             "migrate",
@@ -121,6 +124,9 @@ fn disk_writer_moves_back_and_forth_five_times() {
             "round {round}: no new acknowledged write on the target ({now} <= {acked})"
         );
         acked = now;
+        // Past the node's 100 ms grace the fenced connection is closed: refused either way.
+        held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+        drop(held);
         assert!(
             token_refused(&c.nbd.nbd, EXPORT, &old[0].2),
             "round {round}: the previous holder's token (epoch {}) must be refused",
@@ -176,7 +182,12 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
 
     // 1. Cancelled after the fence, before the go-ahead: the disks come back.
     let before = c.lease_tokens("vm7");
+    let held = HeldWriter::open(&c.nbd.nbd, EXPORT, &before[0].2);
     let id = migrate_until_fenced(&c, &go);
+    // Right after the fence (the coordinator holds): the source's old binding.
+    let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+    eprintln!("write under the epoch-1 token right after the fence: errno {errno:?} (1 = EPERM; None = closed)");
+    drop(held);
     let fenced = c.lease_tokens("vm7");
     assert_eq!((fenced[0].0, fenced[0].1.as_str()), (2, "kvm-b1"));
     c.ok(&["migration", "cancel", &id]);

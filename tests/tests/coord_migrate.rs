@@ -48,7 +48,7 @@ fn limits_and_offline_move() {
         eprintln!("SKIPPED: /dev/kvm missing");
         return;
     }
-    let c = Cluster::start();
+    let mut c = Cluster::start();
     c.register();
     let guest = c.guest.display().to_string();
     for vm in ["vm1", "vm2", "vm3"] {

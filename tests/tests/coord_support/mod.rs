@@ -551,3 +551,88 @@ pub fn token_refused(nbd: &str, export: &str, token: &str) -> bool {
         }
     })
 }
+
+/// An NBD connection opened under a lease token while it was valid, kept across a
+/// fence: its writes must then fail - with EPERM during the 100 ms the storage node
+/// keeps a fenced connection open, closed after that.
+pub struct HeldWriter {
+    rt: tokio::runtime::Runtime,
+    client: Option<nbd_server::client::Client>,
+}
+
+impl HeldWriter {
+    pub fn open(nbd: &str, export: &str, token: &str) -> HeldWriter {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let opts = nbd_server::client::ClientOptions::new(&format!("{export};lease={token}"));
+        let client = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                nbd_server::client::Client::connect_tcp(nbd, opts),
+            )
+            .await
+            .expect("NBD connect hung")
+            .expect("connect with the current holder's token")
+        });
+        HeldWriter {
+            rt,
+            client: Some(client),
+        }
+    }
+
+    /// Writes one sector of 0xEE at `offset`: Ok(()) when it landed, else
+    /// Err(Some(errno)) for an NBD error reply or Err(None) when the node had closed
+    /// the connection.
+    pub fn write(&self, offset: u64) -> Result<(), Option<u32>> {
+        let Some(c) = self.client.as_ref() else {
+            return Err(None);
+        };
+        self.rt.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(10), c.write(offset, &[0xEE; 512], true))
+                .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.errno()),
+                Err(_) => panic!("NBD write through a fenced connection hung"),
+            }
+        })
+    }
+
+    /// Asserts the write at `offset` is refused (EPERM or a closed connection) and that
+    /// nothing landed on the disk; returns the errno when there was one.
+    pub fn assert_fenced(&self, nbd: &str, export: &str, offset: u64) -> Option<u32> {
+        let r = self.write(offset);
+        let errno = match r {
+            Ok(()) => panic!("a write under a fenced token landed at {offset}"),
+            Err(Some(1)) => Some(1),
+            Err(Some(n)) => panic!("a fenced write failed with errno {n}, not EPERM"),
+            Err(None) => None,
+        };
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let sector = rt.block_on(async {
+            let c = nbd_server::client::Client::connect_tcp(
+                nbd,
+                nbd_server::client::ClientOptions::new(export),
+            )
+            .await
+            .expect("read-only connect");
+            let d = c.read(offset, 512).await.expect("read back");
+            let _ = c.disconnect().await;
+            d
+        });
+        assert!(
+            sector.iter().any(|b| *b != 0xEE),
+            "the fenced write's bytes are on the disk"
+        );
+        errno
+    }
+}
+
+impl Drop for HeldWriter {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), c.disconnect()).await });
+        }
+    }
+}
