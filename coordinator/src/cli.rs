@@ -510,7 +510,9 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
             let rec: crate::model::Vm = st
                 .get("vms", &vm)
                 .map_err(|e| CliError::Local(e.to_string()))?
-                .ok_or_else(|| CliError::Local(format!("no VM named {vm} in {}", data_dir.display())))?;
+                .ok_or_else(|| {
+                    CliError::Local(format!("no VM named {vm} in {}", data_dir.display()))
+                })?;
             let v: Vec<Value> = rec
                 .disks
                 .iter()

@@ -369,10 +369,7 @@ mod tests {
     fn happy_path_hands_out_one_new_epoch() {
         let mut r = rec();
         r.apply(Event::Started, 4).unwrap();
-        assert_eq!(
-            r.apply(Event::SourceQuiesced, 4).unwrap(),
-            &Phase::Quiesced
-        );
+        assert_eq!(r.apply(Event::SourceQuiesced, 4).unwrap(), &Phase::Quiesced);
         assert_eq!(
             r.apply(Event::FenceIntent, 4).unwrap(),
             &Phase::Fencing { epoch: 5 }

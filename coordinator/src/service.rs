@@ -687,9 +687,8 @@ impl Coordinator {
         }
         let limit = self.cfg.max_migrations_per_host;
         for h in [&vm.host, &target.name] {
-            let n = self.migrations_touching(|m| {
-                m.record.from_host == *h || m.record.to_host == *h
-            })?;
+            let n =
+                self.migrations_touching(|m| m.record.from_host == *h || m.record.to_host == *h)?;
             if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",
@@ -708,7 +707,8 @@ impl Coordinator {
         }
         for site in &sites {
             let n = self.migrations_touching(|m| {
-                m.to_site == *site || self.site_of(&m.record.from_host).as_deref() == Some(site.as_str())
+                m.to_site == *site
+                    || self.site_of(&m.record.from_host).as_deref() == Some(site.as_str())
             })?;
             if n >= limit {
                 return Err(ApiError::conflict(
@@ -973,7 +973,8 @@ impl Coordinator {
         } else {
             self.live_switchover(&mut doc, &hosts.sa, &uris).await
         };
-        let target_runs = matches!(hosts.da.get_vm(&vm.name).await, Ok(Some(t)) if t.state == "running");
+        let target_runs =
+            matches!(hosts.da.get_vm(&vm.name).await, Ok(Some(t)) if t.state == "running");
         if !target_runs {
             let reason = match outcome {
                 Err(reason) => reason,
@@ -1150,7 +1151,11 @@ impl Coordinator {
         if let Some(q) = m.quiesced_at_ms {
             doc.figures.quiesced_at_ms = q.round() as u64;
         }
-        if let Some(w) = m.downtime.as_ref().and_then(|d| d["switchover_wait_ms"].as_f64()) {
+        if let Some(w) = m
+            .downtime
+            .as_ref()
+            .and_then(|d| d["switchover_wait_ms"].as_f64())
+        {
             doc.figures.switchover_wait_ms = w.round() as u64;
         }
     }
@@ -1285,7 +1290,12 @@ impl Coordinator {
 
     /// `--offline`, after the fence: start the VM from its definition on the target with
     /// the target's own disk tokens. The guest's memory does not move (it cold-boots).
-    async fn offline_start(&self, vm: &Vm, uris: &[String], da: &AgentClient) -> Result<(), String> {
+    async fn offline_start(
+        &self,
+        vm: &Vm,
+        uris: &[String],
+        da: &AgentClient,
+    ) -> Result<(), String> {
         let mut spec = self.agent_spec(vm).map_err(|e| e.message)?;
         spec["disks"] = uris.iter().map(|u| json!({ "nbd": u })).collect();
         da.put_vm(&vm.name, &spec)

@@ -4,6 +4,10 @@
 //! driver sends (the target's own tokens at the go-ahead, new tokens at a rollback's
 //! resume) and what it journals.
 
+// The fake daemons' handlers run outside #[test] functions; a poisoned lock there is a
+// test failure like any other.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -125,114 +129,142 @@ fn err(status: StatusCode, code: &str) -> (StatusCode, Json<Value>) {
 }
 
 async fn agent(idx: usize, world: Shared<World>) -> String {
-    let app = Router::new()
-        .route("/v1/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route(
-            "/v1/vms/{name}",
-            put(
-                |State(a): State<AgentState>, Path(name): Path<String>, Json(b): Json<Value>| async move {
-                    let disks = b["disks"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|d| d["nbd"].as_str().map(str::to_owned))
-                        .collect();
-                    a.world
-                        .lock()
-                        .unwrap()
-                        .vms
-                        .insert((a.idx, name.clone()), ("running".into(), disks));
-                    (StatusCode::CREATED, Json(json!({"name": name, "state": "running"})))
-                },
+    let app =
+        Router::new()
+            .route(
+                "/v1/health",
+                get(|| async { Json(json!({"status": "ok"})) }),
             )
-            .get(|State(a): State<AgentState>, Path(name): Path<String>| async move {
-                match a.world.lock().unwrap().vms.get(&(a.idx, name.clone())) {
-                    Some((state, _)) => (StatusCode::OK, Json(json!({"name": name, "state": state}))),
-                    None => err(StatusCode::NOT_FOUND, "not_found"),
-                }
-            })
-            .delete(|State(a): State<AgentState>, Path(name): Path<String>| async move {
-                a.world.lock().unwrap().vms.remove(&(a.idx, name));
-                StatusCode::NO_CONTENT
-            }),
-        )
-        .route(
-            "/v1/vms/{name}/resume",
-            post(
-                |State(a): State<AgentState>, Path(name): Path<String>, body: Option<Json<Value>>| async move {
-                    let mut w = a.world.lock().unwrap();
-                    w.resumes.push((a.idx, body.map(|b| b.0).unwrap_or(Value::Null)));
-                    match w.vms.get_mut(&(a.idx, name.clone())) {
-                        Some(vm) if vm.0 == "paused" => {
-                            vm.0 = "running".into();
-                            (StatusCode::OK, Json(json!({"name": name, "state": "running"})))
-                        }
-                        _ => err(StatusCode::CONFLICT, "wrong_state"),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/v1/vms/{name}/migrate",
-            post(
-                |State(a): State<AgentState>, Path(name): Path<String>, Json(b): Json<Value>| async move {
-                    let mut w = a.world.lock().unwrap();
-                    assert_eq!(b["switchover"], "coordinated", "the driver asks for the coordinated mode");
-                    w.migration = "active".into();
-                    if let Some(vm) = w.vms.get_mut(&(a.idx, name)) {
-                        vm.0 = "migrating".into();
-                    }
-                    Json(json!({"migration_id": "m1"}))
-                },
-            ),
-        )
-        .route(
-            "/v1/migrations/{id}",
-            get(|State(a): State<AgentState>| async move {
-                let mut w = a.world.lock().unwrap();
-                w.polls += 1;
-                if w.migration == "active" && w.polls > 3 {
-                    w.migration = "quiesced".into();
-                }
-                let error = (w.migration == "failed")
-                    .then(|| json!({"code": "connection", "message": "target gone"}));
-                Json(json!({
-                    "state": w.migration, "total_ms": 40.0, "downtime_ms": 7.0,
-                    "ram_transferred_bytes": 4096.0, "total_bytes": 8192.0,
-                    "passes": [{}, {}], "quiesced_at_ms": 30.0, "error": error,
-                }))
-            }),
-        )
-        .route(
-            "/v1/migrations/{id}/switchover",
-            post(|State(a): State<AgentState>, Json(b): Json<Value>| async move {
-                let mut w = a.world.lock().unwrap();
-                if w.migration != "quiesced" {
-                    return err(StatusCode::CONFLICT, "wrong_state");
-                }
-                w.go_aheads.push(b.clone());
-                let vm = ("vm7".to_owned(), a.idx);
-                match w.script.unwrap_or(Script::Normal) {
-                    Script::Normal => {
+            .route(
+                "/v1/vms/{name}",
+                put(
+                    |State(a): State<AgentState>,
+                     Path(name): Path<String>,
+                     Json(b): Json<Value>| async move {
                         let disks = b["disks"]
                             .as_array()
                             .into_iter()
                             .flatten()
-                            .filter_map(|d| d.as_str().map(str::to_owned))
+                            .filter_map(|d| d["nbd"].as_str().map(str::to_owned))
                             .collect();
-                        w.vms.remove(&(vm.1, vm.0.clone()));
-                        w.vms.insert((1 - vm.1, vm.0), ("running".into(), disks));
-                        w.migration = "completed".into();
+                        a.world
+                            .lock()
+                            .unwrap()
+                            .vms
+                            .insert((a.idx, name.clone()), ("running".into(), disks));
+                        (
+                            StatusCode::CREATED,
+                            Json(json!({"name": name, "state": "running"})),
+                        )
+                    },
+                )
+                .get(
+                    |State(a): State<AgentState>, Path(name): Path<String>| async move {
+                        match a.world.lock().unwrap().vms.get(&(a.idx, name.clone())) {
+                            Some((state, _)) => {
+                                (StatusCode::OK, Json(json!({"name": name, "state": state})))
+                            }
+                            None => err(StatusCode::NOT_FOUND, "not_found"),
+                        }
+                    },
+                )
+                .delete(
+                    |State(a): State<AgentState>, Path(name): Path<String>| async move {
+                        a.world.lock().unwrap().vms.remove(&(a.idx, name));
+                        StatusCode::NO_CONTENT
+                    },
+                ),
+            )
+            .route(
+                "/v1/vms/{name}/resume",
+                post(
+                    |State(a): State<AgentState>,
+                     Path(name): Path<String>,
+                     body: Option<Json<Value>>| async move {
+                        let mut w = a.world.lock().unwrap();
+                        w.resumes
+                            .push((a.idx, body.map(|b| b.0).unwrap_or(Value::Null)));
+                        match w.vms.get_mut(&(a.idx, name.clone())) {
+                            Some(vm) if vm.0 == "paused" => {
+                                vm.0 = "running".into();
+                                (
+                                    StatusCode::OK,
+                                    Json(json!({"name": name, "state": "running"})),
+                                )
+                            }
+                            _ => err(StatusCode::CONFLICT, "wrong_state"),
+                        }
+                    },
+                ),
+            )
+            .route(
+                "/v1/vms/{name}/migrate",
+                post(
+                    |State(a): State<AgentState>,
+                     Path(name): Path<String>,
+                     Json(b): Json<Value>| async move {
+                        let mut w = a.world.lock().unwrap();
+                        assert_eq!(
+                            b["switchover"], "coordinated",
+                            "the driver asks for the coordinated mode"
+                        );
+                        w.migration = "active".into();
+                        if let Some(vm) = w.vms.get_mut(&(a.idx, name)) {
+                            vm.0 = "migrating".into();
+                        }
+                        Json(json!({"migration_id": "m1"}))
+                    },
+                ),
+            )
+            .route(
+                "/v1/migrations/{id}",
+                get(|State(a): State<AgentState>| async move {
+                    let mut w = a.world.lock().unwrap();
+                    w.polls += 1;
+                    if w.migration == "active" && w.polls > 3 {
+                        w.migration = "quiesced".into();
                     }
-                    Script::TargetDiesAtGoAhead => {
-                        w.vms.insert((vm.1, vm.0), ("paused".into(), vec![]));
-                        w.migration = "failed".into();
-                    }
-                }
-                (StatusCode::OK, Json(json!({"state": w.migration})))
-            }),
-        )
-        .with_state(AgentState { idx, world });
+                    let error = (w.migration == "failed")
+                        .then(|| json!({"code": "connection", "message": "target gone"}));
+                    Json(json!({
+                        "state": w.migration, "total_ms": 40.0, "downtime_ms": 7.0,
+                        "ram_transferred_bytes": 4096.0, "total_bytes": 8192.0,
+                        "passes": [{}, {}], "quiesced_at_ms": 30.0, "error": error,
+                    }))
+                }),
+            )
+            .route(
+                "/v1/migrations/{id}/switchover",
+                post(
+                    |State(a): State<AgentState>, Json(b): Json<Value>| async move {
+                        let mut w = a.world.lock().unwrap();
+                        if w.migration != "quiesced" {
+                            return err(StatusCode::CONFLICT, "wrong_state");
+                        }
+                        w.go_aheads.push(b.clone());
+                        let vm = ("vm7".to_owned(), a.idx);
+                        match w.script.unwrap_or(Script::Normal) {
+                            Script::Normal => {
+                                let disks = b["disks"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|d| d.as_str().map(str::to_owned))
+                                    .collect();
+                                w.vms.remove(&(vm.1, vm.0.clone()));
+                                w.vms.insert((1 - vm.1, vm.0), ("running".into(), disks));
+                                w.migration = "completed".into();
+                            }
+                            Script::TargetDiesAtGoAhead => {
+                                w.vms.insert((vm.1, vm.0), ("paused".into(), vec![]));
+                                w.migration = "failed".into();
+                            }
+                        }
+                        (StatusCode::OK, Json(json!({"state": w.migration})))
+                    },
+                ),
+            )
+            .with_state(AgentState { idx, world });
     serve(app).await
 }
 
@@ -274,7 +306,10 @@ async fn fixture() -> Fixture {
         })
         .await
         .expect("storage");
-    for (i, (name, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")].iter().enumerate() {
+    for (i, (name, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
+        .iter()
+        .enumerate()
+    {
         coord
             .add_host(Host {
                 name: (*name).into(),
@@ -364,7 +399,10 @@ async fn go_ahead_carries_the_targets_new_token() {
         w.go_aheads,
         vec![json!({"disks": [format!("nbd://127.0.0.1:1/vm7-disk0;lease={}", lease.2)]})]
     );
-    assert_eq!(w.vms[&(1, "vm7".to_owned())].1[0], format!("nbd://127.0.0.1:1/vm7-disk0;lease={}", lease.2));
+    assert_eq!(
+        w.vms[&(1, "vm7".to_owned())].1[0],
+        format!("nbd://127.0.0.1:1/vm7-disk0;lease={}", lease.2)
+    );
     assert!(!w.vms.contains_key(&(0, "vm7".to_owned())));
     let vm = f.coord.vm("vm7").expect("vm");
     assert_eq!(vm.host, "kvm-b1");
@@ -409,5 +447,8 @@ async fn target_lost_at_the_go_ahead_rolls_back_with_a_newer_epoch() {
     let vm = f.coord.vm("vm7").expect("vm");
     assert_eq!(vm.host, "kvm-a1");
     assert_eq!(vm.disks[0].epoch, 3);
-    assert!(m["error"].as_str().unwrap_or("").contains("target gone"), "{m}");
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("target gone"),
+        "{m}"
+    );
 }

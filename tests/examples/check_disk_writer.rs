@@ -10,7 +10,12 @@
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-async fn post(http: &reqwest::Client, url: &str, token: &str, body: Option<Value>) -> Result<Value> {
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> Result<Value> {
     let mut req = http.post(url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);

@@ -186,7 +186,9 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     let id = migrate_until_fenced(&c, &go);
     // Right after the fence (the coordinator holds): the source's old binding.
     let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
-    eprintln!("write under the epoch-1 token right after the fence: errno {errno:?} (1 = EPERM; None = closed)");
+    eprintln!(
+        "write under the epoch-1 token right after the fence: errno {errno:?} (1 = EPERM; None = closed)"
+    );
     drop(held);
     let fenced = c.lease_tokens("vm7");
     assert_eq!((fenced[0].0, fenced[0].1.as_str()), (2, "kvm-b1"));

@@ -26,8 +26,8 @@ fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
         "fenced",
         "target_running",
     ]
-        .iter()
-        .enumerate()
+    .iter()
+    .enumerate()
     {
         let vm = format!("vm{n}");
         c.ok(&[

@@ -630,9 +630,9 @@ impl HeldWriter {
 impl Drop for HeldWriter {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), c.disconnect()).await });
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), c.disconnect()).await
+            });
         }
     }
 }
