@@ -293,7 +293,7 @@ pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> V
     let mut v = json!({
         "id": r.id, "vm": r.vm, "from_host": r.from_host, "to_host": r.to_host,
         "to_site": m.to_site, "state": r.phase.name(), "phase": r.phase,
-        "total_ms": f.total_ms, "downtime_ms": f.downtime_ms, "fence_ms": f.fence_ms,
+        "total_ms": f.total_ms, "downtime_ms": f.downtime_ms, "fence_ms": f.fence_ms, "fence_us": f.fence_us,
         "handover_ms": f.handover_ms, "quiesced_at_ms": f.quiesced_at_ms,
         "switchover_wait_ms": f.switchover_wait_ms,
         "memory_bytes": f.memory_bytes, "memory_total_bytes": f.memory_total_bytes,

@@ -457,16 +457,20 @@ fn print_figures(m: &Value) {
         "  downtime:  {} ms (guest paused: last pages, fence, go-ahead, resume)",
         s(&m["downtime_ms"])
     );
-    let (down, fence) = (
-        m["downtime_ms"].as_u64().unwrap_or(0),
-        m["fence_ms"].as_u64().unwrap_or(0),
-    );
-    let share = if down > 0 {
-        format!(", {}% of the downtime", (fence * 100).div_ceil(down))
+    let down_ms = m["downtime_ms"].as_u64().unwrap_or(0);
+    let fence_us = m["fence_us"].as_u64().unwrap_or(0);
+    let share = if down_ms > 0 {
+        format!(
+            ", {:.1}% of the downtime",
+            fence_us as f64 / 10.0 / down_ms as f64
+        )
     } else {
         String::new()
     };
-    println!("  fence:     {fence} ms (disk lease handoff while the guest is paused{share})");
+    println!(
+        "  fence:     {:.2} ms (disk lease handoff while the guest is paused{share})",
+        fence_us as f64 / 1000.0
+    );
     println!(
         "  handover:  {} ms (coordinator: quiesced seen -> go-ahead sent); agent: paused -> go-ahead {} ms",
         s(&m["handover_ms"]),

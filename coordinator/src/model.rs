@@ -107,6 +107,9 @@ pub struct MigrationFigures {
     /// How long the fence calls to the storage node took (inside the downtime: the
     /// guest is paused while the coordinator fences).
     pub fence_ms: u64,
+    /// The same in microseconds (a local fence takes well under a millisecond).
+    #[serde(default)]
+    pub fence_us: u64,
     /// From the moment the driver saw the source quiesced until it sent the go-ahead:
     /// the coordinator's share of the downtime (journal writes and the fence).
     #[serde(default)]

@@ -956,6 +956,7 @@ impl Coordinator {
                 .await;
         }
         doc.figures.fence_ms = fence_start.elapsed().as_millis() as u64;
+        doc.figures.fence_us = fence_start.elapsed().as_micros() as u64;
         // The VM record keeps its host until the commit but takes the new tokens now, so
         // a recovery that rolls forward finds the target's token.
         self.step(&mut doc, Event::FenceConfirmed, epoch, Some(&vm))
@@ -1071,6 +1072,7 @@ impl Coordinator {
         let fence_start = Instant::now();
         self.fence_all(&mut vm, epoch, &hosts.src.name).await?;
         doc.figures.fence_ms += fence_start.elapsed().as_millis() as u64;
+        doc.figures.fence_us += fence_start.elapsed().as_micros() as u64;
         if let Ok(Some(t)) = hosts.da.get_vm(&vm.name).await
             && t.state != "running"
         {
