@@ -21,6 +21,7 @@ async fn serve_stats_registry_and_shutdown() {
         path: path.into(),
         read_only: false,
         unleased: true,
+        lease_reads: false,
         description: Some("test disk".into()),
     };
     let config = Config {

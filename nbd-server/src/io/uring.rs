@@ -15,11 +15,17 @@ use std::thread::JoinHandle;
 use io_uring::{IoUring, Probe, opcode, types};
 use slab::Slab;
 
-use super::{Op, OpKind};
+use super::{Op, OpKind, fenced_error};
 
 const RING_ENTRIES: u32 = 256;
 /// Operations in the kernel at once; the completion queue (2x entries) never overflows.
 const MAX_IN_FLIGHT: usize = 256;
+/// Changes of leased exports in the kernel at once. The rest wait in the backlog,
+/// where a fence can still fail them (see `Op::may_issue`): a fence waits only for
+/// the changes the kernel has. The kernel runs buffered writes to one regular file
+/// one at a time anyway (io-wq hashes them by inode), so a deeper queue there only
+/// lengthens the fence's wait, not the throughput. Measured with `make bench-fence`.
+const MAX_LEASED_CHANGES_IN_FLIGHT: usize = 16;
 const EVENTFD_TOKEN: u64 = u64::MAX;
 /// Largest single read/write submitted (io_uring lengths are 32-bit).
 const MAX_OP_LEN: usize = 1 << 30;
@@ -151,6 +157,10 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
     let mut efd_buf = Box::new([0u8; 8]);
     let mut slab: Slab<InFlight> = Slab::with_capacity(MAX_IN_FLIGHT);
     let mut backlog: VecDeque<Op> = VecDeque::new();
+    // Changes of leased exports wait here, issued at most MAX_LEASED_CHANGES_IN_FLIGHT
+    // at a time; `leased_in_flight` counts those in the kernel.
+    let mut changes: VecDeque<Op> = VecDeque::new();
+    let mut leased_in_flight = 0usize;
     let mut ring = ring;
     let mut efd_armed = false;
     let mut closed = false;
@@ -170,10 +180,26 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
             unsafe { push(&mut ring, &e)? };
             efd_armed = true;
         }
-        // Move queued operations into the ring, within the in-flight cap.
+        // Move queued operations into the ring, within the in-flight caps.
         while slab.len() < MAX_IN_FLIGHT {
-            let Some(mut op) = backlog.pop_front() else {
-                break;
+            let mut op = match backlog.pop_front() {
+                Some(op) if op.is_leased_change() => {
+                    changes.push_back(op);
+                    continue;
+                }
+                Some(op) => op,
+                None if leased_in_flight < MAX_LEASED_CHANGES_IN_FLIGHT => {
+                    let Some(op) = changes.pop_front() else { break };
+                    // The lease re-check, right before the SQE: a change whose epoch
+                    // was fenced while it waited never reaches the kernel.
+                    if !op.may_issue() {
+                        op.complete(Err(fenced_error()));
+                        continue;
+                    }
+                    leased_in_flight += 1;
+                    op
+                }
+                None => break,
             };
             let entry = slab.vacant_entry();
             let token = entry.key() as u64;
@@ -184,7 +210,7 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
             // which stays put until its completion is reaped below.
             unsafe { push(&mut ring, &sqe)? };
         }
-        if closed && slab.is_empty() && backlog.is_empty() {
+        if closed && slab.is_empty() && backlog.is_empty() && changes.is_empty() {
             return Ok(());
         }
         match ring.submit_and_wait(1) {
@@ -211,9 +237,10 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
             } else {
                 Ok(res as usize)
             };
-            let mut op = done.op;
-            let buf = std::mem::take(&mut op.buf);
-            let _ = op.done.send((buf, r));
+            if done.op.is_leased_change() {
+                leased_in_flight -= 1;
+            }
+            done.op.complete(r);
         }
         if woke || !backlog.is_empty() || slab.len() < MAX_IN_FLIGHT {
             // Clear before draining: a submitter that queues after the drain sees
