@@ -38,8 +38,10 @@
 //! its own thread at completion, without waiting for the requesting task to run).
 //! What it changes is how long the drain takes: a fence no longer waits for the
 //! older epoch's queued writes (up to 128 with 8 connections at queue depth 16),
-//! only for those already issued, which the io_uring backend caps at
-//! `MAX_LEASED_CHANGES_IN_FLIGHT`.
+//! only for those already issued. The io_uring backend goes one step further: every
+//! millisecond while leased changes are in the kernel it asks the kernel to cancel
+//! the fenced ones not yet started (see `io/uring.rs`); a cancelled change never
+//! touched the file, and its guard, too, is dropped only at its completion.
 //!
 //! The per-change cost is two uncontended atomic read-modify-writes and one load on a
 //! cache line shared only by one holder's connections; no lock on the data path.

@@ -599,6 +599,84 @@ mod tests {
         );
     }
 
+    /// io_uring only: changes already handed to the kernel but queued behind a long
+    /// write to the same file (the kernel runs buffered writes to one file one at a
+    /// time when the file system cannot do them without blocking) are cancelled by
+    /// the ring thread's fence tick instead of being waited for.
+    #[tokio::test]
+    async fn uring_fence_cancels_changes_queued_in_the_kernel() {
+        use crate::lease::{LeasePolicy, LeaseRecord, LeaseToken};
+        let engine = match IoEngine::new(EngineKind::Uring) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                eprintln!("SKIPPED: io_uring missing ({e})");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(tempfile::tempfile_in(dir.path()).unwrap());
+        if NoWait::for_file(&file).memory() {
+            eprintln!("SKIPPED: the temporary directory is on a memory file system");
+            return;
+        }
+        const BIG: usize = 64 << 20;
+        const N: u64 = 64;
+        file.set_len(BIG as u64 + N * 4096).unwrap();
+        let pool = BufPool::new();
+        // A long durable write in front (unleased: nothing cancels it).
+        let big = {
+            let (engine, file) = (Arc::clone(&engine), Arc::clone(&file));
+            let mut b = pool.get(BIG);
+            b.fill(1);
+            tokio::spawn(async move { engine.write_all(&file, None, 0, b, true, g()).await.1 })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let gate = LeaseGate::new_leased(LeaseRecord::default(), LeasePolicy::default());
+        let t1 = LeaseToken::generate();
+        gate.fence("d", 1, "a", t1.hash()).unwrap();
+        let binding = gate.bind(Some(t1.expose()), false).unwrap();
+        let mut small = Vec::new();
+        for i in 0..N {
+            let mut b = pool.get(4096);
+            b.fill(2);
+            let guard = gate.begin_change(&binding).unwrap();
+            let (engine, file) = (Arc::clone(&engine), Arc::clone(&file));
+            let offset = BIG as u64 + i * 4096;
+            small.push(tokio::spawn(async move {
+                engine.write_all(&file, None, offset, b, false, guard).await.1
+            }));
+        }
+        // Long enough for the ring thread to hand them all to the kernel.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let big_done = big.is_finished();
+        let ticket = gate
+            .fence("d", 2, "b", LeaseToken::generate().hash())
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), ticket.drained())
+            .await
+            .expect("the fence drains");
+        let mut tail = vec![0u8; N as usize * 4096];
+        file.read_exact_at(&mut tail, BIG as u64).unwrap();
+        let mut fenced = 0;
+        for (i, t) in small.into_iter().enumerate() {
+            let chunk = &tail[i * 4096..(i + 1) * 4096];
+            match t.await.unwrap() {
+                Ok(()) => assert!(chunk.iter().all(|&x| x == 2)),
+                Err(e) => {
+                    assert!(is_fenced_error(&e), "unexpected error {e}");
+                    assert!(chunk.iter().all(|&x| x == 0), "a fenced write landed");
+                    fenced += 1;
+                }
+            }
+        }
+        big.await.unwrap().unwrap();
+        if big_done {
+            eprintln!("SKIPPED (inconclusive): the long write ended before the fence");
+            return;
+        }
+        assert!(fenced > 0, "no write queued in the kernel was cancelled");
+    }
+
     #[tokio::test]
     async fn threads_fence_fails_queued_changes() {
         fence_fails_queued_changes(IoEngine::new(EngineKind::Threads).unwrap()).await;
