@@ -643,7 +643,10 @@ mod tests {
             let (engine, file) = (Arc::clone(&engine), Arc::clone(&file));
             let offset = BIG as u64 + i * 4096;
             small.push(tokio::spawn(async move {
-                engine.write_all(&file, None, offset, b, false, guard).await.1
+                engine
+                    .write_all(&file, None, offset, b, false, guard)
+                    .await
+                    .1
             }));
         }
         // Long enough for the ring thread to hand them all to the kernel.

@@ -134,6 +134,9 @@ impl Drop for Uring {
 
 struct InFlight {
     op: Op,
+    /// Slab key in the low 32 bits, a generation above: a late cancel request can
+    /// never hit a newer operation that reuses the slot.
+    user_data: u64,
     /// A cancel request for it went to the kernel (sent once).
     cancel_sent: bool,
 }
@@ -185,6 +188,8 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
     let mut efd_armed = false;
     let mut tick_armed = false;
     let mut closed = false;
+    // Kept below 2^31 so that no user_data reaches the reserved tokens at the top.
+    let mut generation: u32 = 0;
 
     loop {
         if !efd_armed && !closed {
@@ -216,11 +221,13 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
                 leased_in_flight += 1;
             }
             let entry = slab.vacant_entry();
-            let token = entry.key() as u64;
+            generation = generation.wrapping_add(1) & 0x7fff_ffff;
+            let token = entry.key() as u64 | (u64::from(generation) << 32);
             let sqe = sqe_for(&mut op, token);
             // The buffer and file now belong to the slab until the completion arrives.
             entry.insert(InFlight {
                 op,
+                user_data: token,
                 cancel_sent: false,
             });
             // SAFETY: the SQE points into the buffer and file held by the slab entry,
@@ -264,7 +271,11 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
                 CANCEL_TOKEN => continue,
                 _ => {}
             }
-            let Some(done) = slab.try_remove(token as usize) else {
+            let key = (token & 0xffff_ffff) as usize;
+            if slab.get(key).is_none_or(|f| f.user_data != token) {
+                continue;
+            }
+            let Some(done) = slab.try_remove(key) else {
                 continue;
             };
             let res = cqe.result();
@@ -284,10 +295,10 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
         if ticked {
             // Ask the kernel to drop every fenced change it has not started. One that
             // is already running completes normally; the fence waits for it.
-            for (token, f) in slab.iter_mut() {
+            for (_, f) in slab.iter_mut() {
                 if !f.cancel_sent && f.op.is_leased_change() && !f.op.may_issue() {
                     f.cancel_sent = true;
-                    let e = opcode::AsyncCancel::new(token as u64)
+                    let e = opcode::AsyncCancel::new(f.user_data)
                         .build()
                         .user_data(CANCEL_TOKEN);
                     // SAFETY: a cancel request points at no memory of ours.
