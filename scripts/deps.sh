@@ -16,6 +16,8 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 have curl      || need+=(curl)
 have tc        || need+=(iproute2)  # bench-migrate shapes a 110 MiB/s link with tc in a netns
+# The Linux kernel's NBD client (tests/tests/nbd_kernel.rs; skipped without the nbd module).
+PATH="$PATH:/usr/sbin:/sbin" have nbd-client || need+=(nbd-client)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all system packages present"

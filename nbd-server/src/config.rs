@@ -30,8 +30,12 @@ pub struct Args {
     /// NBD over a Unix socket.
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
-    /// Export NAME=PATH[,ro][,unleased]; repeatable.
-    #[arg(long = "export", value_name = "NAME=PATH[,ro][,unleased]")]
+    /// Export NAME=PATH[,ro][,unleased][,lease-reads]; repeatable. `lease-reads`:
+    /// a plain NAME (no lease token) is refused instead of opened read-only.
+    #[arg(
+        long = "export",
+        value_name = "NAME=PATH[,ro][,unleased][,lease-reads]"
+    )]
     pub exports: Vec<String>,
     /// I/O backend: auto (io_uring when the kernel has it), uring or threads.
     #[arg(long, value_enum)]
@@ -162,6 +166,7 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for e in &exports {
+            e.validate()?;
             if !names.insert(e.name.clone()) {
                 return Err(ConfigError::DuplicateExport(e.name.clone()));
             }
@@ -201,6 +206,10 @@ mod tests {
             name = "b"
             path = "/b.img"
             unleased = true
+            [[exports]]
+            name = "d"
+            path = "/d.img"
+            lease_reads = true
             "#,
         )
         .unwrap();
@@ -215,9 +224,10 @@ mod tests {
         assert_eq!(c.io_engine, EngineKind::Threads);
         assert_eq!(c.max_connections, 7);
         let names: Vec<_> = c.exports.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["b", "a", "c"]);
-        assert!(c.exports[1].read_only);
+        assert_eq!(names, ["b", "d", "a", "c"]);
+        assert!(c.exports[2].read_only);
         assert!(c.exports[0].unleased);
+        assert!(c.exports[1].lease_reads && !c.exports[3].lease_reads);
     }
 
     #[test]
@@ -241,5 +251,14 @@ mod tests {
             Err(ConfigError::DuplicateExport(_))
         ));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        // From TOML, lease_reads on an unleased export is refused at start too.
+        let mut spec: ExportSpec = "u=/u,unleased".parse().unwrap();
+        spec.lease_reads = true;
+        let mut both = FileConfig::default();
+        both.exports.push(spec);
+        assert!(matches!(
+            Config::merge(Args::default(), both),
+            Err(ConfigError::Export(ExportError::LeaseReadsUnleased(_)))
+        ));
     }
 }

@@ -26,7 +26,7 @@ use crate::codec::{ChunkPayload, Extent, ReplyHeader, Request, consts::*, encode
 use crate::export::{BLKDISCARD, BLKZEROOUT, Backing, Export, ExportStats};
 use crate::handshake::{MAX_PAYLOAD, Negotiated};
 use crate::io::IoEngine;
-use crate::lease::Binding;
+use crate::lease::{Binding, ChangeGuard};
 
 /// Permit units per connection, one unit per 64 KiB of payload (48 MiB in all).
 const PERMIT_UNITS: u32 = 768;
@@ -165,6 +165,12 @@ where
             // Answer what the client has already sent: every change now fails with
             // NBD_EPERM in begin_change, which tells the client why, before the close.
             let _ = tokio::time::timeout(FENCE_GRACE, &mut reading).await;
+            Ok(())
+        }
+        _ = ctx.export.removed.cancelled() => {
+            // Requests already read finish (their handlers keep running and the
+            // writer sends their replies); nothing more is read.
+            tracing::info!(export = %ctx.export.name, "export removed, closing connection");
             Ok(())
         }
         r = &mut reading => r,
@@ -538,7 +544,20 @@ async fn handle(
     }
 }
 
+/// Whether a zeroing step worked; a step refused by a fence ends the request with
+/// EPERM instead of falling back to the next method.
+fn fenced_is_final(r: io::Result<()>) -> Result<bool, Fail> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if crate::io::is_fenced_error(&e) => Err(Fail(EPERM, FENCED_MSG)),
+        Err(_) => Ok(false),
+    }
+}
+
 fn io_fail(e: &io::Error) -> Fail {
+    if crate::io::is_fenced_error(e) {
+        return Fail(EPERM, FENCED_MSG);
+    }
     let errno = errno_of(e);
     tracing::debug!(error = %e, errno, "I/O error");
     Fail(errno, "I/O error on the export")
@@ -770,14 +789,9 @@ fn write_inline(
     if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
         return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
     }
+    // Admitted and issued in one go, on this task, right below.
     let Ok(_guard) = ctx.export.lease.begin_change(&ctx.binding) else {
-        return Ok(error_frame(
-            ctx,
-            req,
-            EPERM,
-            "write lease fenced",
-            Some(permit),
-        ));
+        return Ok(error_frame(ctx, req, EPERM, FENCED_MSG, Some(permit)));
     };
     let mut pos = 0;
     match ctx
@@ -797,19 +811,34 @@ fn write_inline(
     }
 }
 
+/// Admits one change (one write, fallocate or ioctl) under the connection's lease.
+/// The guard goes with the change to the I/O backend, which re-checks the epoch
+/// right before the kernel sees it and releases the guard when the kernel is done.
+fn change(ctx: &ConnCtx) -> Result<ChangeGuard, Fail> {
+    ctx.export
+        .lease
+        .begin_change(&ctx.binding)
+        .map_err(|_| Fail(EPERM, FENCED_MSG))
+}
+
+const FENCED_MSG: &str = "write lease fenced";
+
 async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
     write_checks(ctx, req)?;
     let buf = payload.unwrap_or_default();
-    let _guard = ctx
-        .export
-        .lease
-        .begin_change(&ctx.binding)
-        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    let guard = change(ctx)?;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let n = buf.len() as u64;
     let (_buf, r) = ctx
         .engine
-        .write_all(&ctx.export.file, inline_for(ctx, n), req.offset, buf, fua)
+        .write_all(
+            &ctx.export.file,
+            inline_for(ctx, n),
+            req.offset,
+            buf,
+            fua,
+            guard,
+        )
         .await;
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
@@ -846,20 +875,16 @@ async fn trim(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     if req.length == 0 {
         return Ok(());
     }
-    let _guard = ctx
-        .export
-        .lease
-        .begin_change(&ctx.binding)
-        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    let guard = change(ctx)?;
     let r = match ctx.export.backing {
         Backing::File => {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             ctx.engine
-                .fallocate(&ctx.export.file, mode, req.offset, req.length)
+                .fallocate(&ctx.export.file, mode, req.offset, req.length, guard)
                 .await
         }
         Backing::BlockDevice => {
-            blk_range_ioctl(&ctx.export, BLKDISCARD, req.offset, req.length).await
+            blk_range_ioctl(&ctx.export, BLKDISCARD, req.offset, req.length, guard).await
         }
     };
     // TRIM is advisory: a backing store that cannot discard simply keeps the data.
@@ -882,17 +907,25 @@ async fn blk_range_ioctl(
     op: libc::c_ulong,
     offset: u64,
     len: u64,
+    guard: ChangeGuard,
 ) -> io::Result<()> {
     let file = Arc::clone(&export.file);
     tokio::task::spawn_blocking(move || {
+        // The lease re-check right before the ioctl; the guard is released when
+        // the closure returns, once the kernel is done.
+        if !guard.may_issue() {
+            return Err(crate::io::fenced_error());
+        }
         let range: [u64; 2] = [offset, len];
         // SAFETY: BLKDISCARD/BLKZEROOUT read two u64 through the pointer, which is live.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), op, range.as_ptr()) };
-        if r < 0 {
+        let res = if r < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(())
-        }
+        };
+        drop(guard);
+        res
     })
     .await
     .map_err(io::Error::other)?
@@ -905,11 +938,8 @@ async fn write_zeroes(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     if req.length == 0 {
         return Ok(());
     }
-    let _guard = ctx
-        .export
-        .lease
-        .begin_change(&ctx.binding)
-        .map_err(|_| Fail(EPERM, "write lease fenced"))?;
+    // Every step below is a change of its own, admitted (and re-checked before
+    // issue) separately: a fence between two steps fails the rest with EPERM.
     let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
     let may_punch = req.flags & CMD_FLAG_NO_HOLE == 0;
     let file = &ctx.export.file;
@@ -919,26 +949,32 @@ async fn write_zeroes(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
             let keep = libc::FALLOC_FL_KEEP_SIZE;
             if may_punch {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | keep;
-                done = ctx
+                let r = ctx
                     .engine
-                    .fallocate(file, mode, req.offset, req.length)
-                    .await
-                    .is_ok();
+                    .fallocate(file, mode, req.offset, req.length, change(ctx)?)
+                    .await;
+                done = fenced_is_final(r)?;
             }
             if !done {
                 let mode = libc::FALLOC_FL_ZERO_RANGE | keep;
-                done = ctx
+                let r = ctx
                     .engine
-                    .fallocate(file, mode, req.offset, req.length)
-                    .await
-                    .is_ok();
+                    .fallocate(file, mode, req.offset, req.length, change(ctx)?)
+                    .await;
+                done = fenced_is_final(r)?;
             }
         }
         // BLKZEROOUT may itself write every byte, so it never counts as fast.
         Backing::BlockDevice if !fast => {
-            done = blk_range_ioctl(&ctx.export, BLKZEROOUT, req.offset, req.length)
-                .await
-                .is_ok();
+            let r = blk_range_ioctl(
+                &ctx.export,
+                BLKZEROOUT,
+                req.offset,
+                req.length,
+                change(ctx)?,
+            )
+            .await;
+            done = fenced_is_final(r)?;
         }
         Backing::BlockDevice => {}
     }
@@ -971,6 +1007,7 @@ async fn write_zero_bytes(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fa
                 offset + pos,
                 buf,
                 false,
+                change(ctx)?,
             )
             .await;
         buf = b;
@@ -1149,6 +1186,7 @@ mod tests {
             path: p,
             read_only: true,
             unleased: true,
+            lease_reads: false,
             description: None,
         };
         let e = Export::open(&spec).unwrap();

@@ -10,12 +10,14 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{MAX_STRING, consts::*};
 use crate::io::NoWait;
 use crate::lease::LeaseGate;
 
-/// How an export is configured (`--export NAME=PATH[,ro][,unleased]` or TOML).
+/// How an export is configured (`--export NAME=PATH[,ro][,unleased][,lease-reads]`
+/// or TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSpec {
@@ -26,14 +28,20 @@ pub struct ExportSpec {
     /// Not under write leases: every connection may write (unless read-only).
     #[serde(default)]
     pub unleased: bool,
+    /// A leased export that refuses a plain `NAME` (no lease token) instead of
+    /// opening it read-only: only the lease holder may even read.
+    #[serde(default, alias = "lease-reads")]
+    pub lease_reads: bool,
     #[serde(default)]
     pub description: Option<String>,
 }
 
 #[derive(Debug, Error)]
 pub enum ExportError {
-    #[error("bad export spec {0:?}: expected NAME=PATH[,ro][,unleased]")]
+    #[error("bad export spec {0:?}: expected NAME=PATH[,ro][,unleased][,lease-reads]")]
     BadSpec(String),
+    #[error("export {0:?}: lease-reads needs a leased export (drop unleased)")]
+    LeaseReadsUnleased(String),
     #[error("bad export name {0:?}: 1..=4096 bytes, no ';' or NUL")]
     BadName(String),
     #[error("cannot open {path}: {source}")]
@@ -63,6 +71,7 @@ impl std::str::FromStr for ExportSpec {
             path: PathBuf::from(path),
             read_only: false,
             unleased: false,
+            lease_reads: false,
             description: None,
         };
         for p in parts {
@@ -70,11 +79,23 @@ impl std::str::FromStr for ExportSpec {
                 "ro" => spec.read_only = true,
                 "rw" => spec.read_only = false,
                 "unleased" => spec.unleased = true,
+                "lease-reads" => spec.lease_reads = true,
                 _ => return Err(ExportError::BadSpec(s.into())),
             }
         }
-        validate_name(&spec.name)?;
+        spec.validate()?;
         Ok(spec)
+    }
+}
+
+impl ExportSpec {
+    /// Checks what a spec from flags or TOML may not combine.
+    pub fn validate(&self) -> Result<(), ExportError> {
+        validate_name(&self.name)?;
+        if self.unleased && self.lease_reads {
+            return Err(ExportError::LeaseReadsUnleased(self.name.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +156,9 @@ pub struct Export {
     pub stats: ExportStats,
     /// Whether inline non-blocking I/O works on this file.
     pub nowait: NoWait,
+    /// Cancelled when the export is removed from the registry: every connection
+    /// bound to it closes (see [`ExportRegistry::remove`]).
+    pub removed: CancellationToken,
 }
 
 // Block device ioctls from linux/fs.h.
@@ -180,6 +204,7 @@ impl Export {
             lease: LeaseGate::new_unleased(),
             stats: ExportStats::default(),
             nowait,
+            removed: CancellationToken::new(),
         })
     }
 
@@ -215,8 +240,9 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
 }
 
 /// Exports by name, shared by the NBD listeners and the control API; exports can
-/// be added and removed while the server runs. Connections hold an `Arc<Export>`,
-/// so removing an export does not disturb connections already bound to it.
+/// be added and removed while the server runs. Connections hold an `Arc<Export>`;
+/// removing an export closes them (its `removed` token), and a connection still in
+/// its handshake with the removed export closes as soon as it starts serving.
 #[derive(Debug, Default)]
 pub struct ExportRegistry {
     map: RwLock<BTreeMap<String, Arc<Export>>>,
@@ -250,11 +276,17 @@ impl ExportRegistry {
         Ok(())
     }
 
+    /// Stops serving `name` and closes every connection bound to it.
     pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
-        self.map
+        let removed = self
+            .map
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
+            .remove(name);
+        if let Some(e) = &removed {
+            e.removed.cancel();
+        }
+        removed
     }
 
     pub fn list(&self) -> Vec<Arc<Export>> {
@@ -281,6 +313,12 @@ mod tests {
         assert!("d=".parse::<ExportSpec>().is_err());
         assert!("d=/x,bogus".parse::<ExportSpec>().is_err());
         assert!("a;b=/x".parse::<ExportSpec>().is_err());
+        let s: ExportSpec = "d=/x,lease-reads".parse().unwrap();
+        assert!(s.lease_reads && !s.unleased);
+        assert!(matches!(
+            "d=/x,unleased,lease-reads".parse::<ExportSpec>(),
+            Err(ExportError::LeaseReadsUnleased(_))
+        ));
     }
 
     #[test]
@@ -301,6 +339,7 @@ mod tests {
             path: p,
             read_only: true,
             unleased: true,
+            lease_reads: false,
             description: None,
         };
         let e = Arc::new(Export::open(&spec).unwrap());

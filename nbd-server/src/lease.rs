@@ -26,6 +26,23 @@
 //! has landed or failed, and none can start. Durability of the new epoch (so that a
 //! restart does not resurrect the old token) is the store's job; see `store.rs`.
 //!
+//! # Why the fence waits only for changes the kernel has
+//!
+//! An admitted change may still wait in a queue (the io_uring thread's backlog, the
+//! thread pool's channel) before any syscall touches the file. The [`ChangeGuard`]
+//! goes with it, and the backend loads `fenced` again immediately before the syscall
+//! or SQE ([`ChangeGuard::may_issue`]): a fenced change is failed with NBD_EPERM
+//! instead of issued, and its guard dropped at once. This only adds refusals, so the
+//! argument above is untouched: the counter still covers every change from
+//! `begin_change` until the kernel is done with it (the backend drops the guard on
+//! its own thread at completion, without waiting for the requesting task to run).
+//! What it changes is how long the drain takes: a fence no longer waits for the
+//! older epoch's queued writes (up to 128 with 8 connections at queue depth 16),
+//! only for those already issued. The io_uring backend goes one step further: every
+//! millisecond while leased changes are in the kernel it asks the kernel to cancel
+//! the fenced ones not yet started (see `io/uring.rs`); a cancelled change never
+//! touched the file, and its guard, too, is dropped only at its completion.
+//!
 //! The per-change cost is two uncontended atomic read-modify-writes and one load on a
 //! cache line shared only by one holder's connections; no lock on the data path.
 //!
@@ -296,10 +313,37 @@ pub struct Fenced;
 
 /// Held while one change is in flight; dropping it tells a waiting fence the change
 /// has landed or failed.
+///
+/// The guard travels with the change down to the I/O backend, which calls
+/// [`ChangeGuard::may_issue`] immediately before it hands the change to the kernel
+/// and drops the guard as soon as the kernel is done with it. A change admitted by
+/// `begin_change` but still queued when its epoch is fenced is therefore failed
+/// (NBD_EPERM) instead of issued, and the fence only waits for changes the kernel
+/// already has.
 #[derive(Debug)]
 #[must_use = "the change is only accounted for while the guard lives"]
 pub struct ChangeGuard {
     slot: Option<Arc<EpochSlot>>,
+}
+
+impl ChangeGuard {
+    /// Whether the change may still be handed to the kernel: false once its epoch
+    /// has been fenced (always true for unleased exports). Call it right before the
+    /// syscall or SQE; the guard stays held until the kernel is done, so a fence that
+    /// switched after this check still waits for the change (the counter was raised
+    /// in `begin_change`, before this load, so the fence's drain cannot miss it).
+    #[inline]
+    pub fn may_issue(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_none_or(|s| !s.fenced.load(Ordering::SeqCst))
+    }
+
+    /// Whether this guard counts a change on a leased export (false for unleased
+    /// exports, whose changes no fence waits for).
+    pub fn is_leased(&self) -> bool {
+        self.slot.is_some()
+    }
 }
 
 impl Drop for ChangeGuard {
@@ -763,11 +807,12 @@ mod tests {
 
 #[cfg(test)]
 mod proptests {
-    //! Random sequences of bind, write (begin / complete), fence and restart against
-    //! the real gate; the invariant: no change from an older epoch is ever admitted
-    //! after that epoch was fenced, a fence never reports drained with a change in
-    //! flight, and a restart (rebuilding the gate from the durable record) never
-    //! revives an old token.
+    //! Random sequences of bind, write (begin / issue / complete), fence and restart
+    //! against the real gate; the invariant: no change from an older epoch is ever
+    //! admitted, nor issued to the kernel (the backends' re-check), after that epoch
+    //! was fenced, a fence never reports drained with a change in flight (issued or
+    //! still queued), and a restart (rebuilding the gate from the durable record)
+    //! never revives an old token.
     use super::*;
     use proptest::prelude::*;
 
@@ -777,6 +822,9 @@ mod proptests {
         Bind(usize),
         /// Begin a change on connection i (mod len).
         Begin(usize),
+        /// The backend reaches the oldest queued change of connection i: it issues it
+        /// if `may_issue`, or fails it (dropping the guard) otherwise.
+        Issue(usize),
         /// Complete the oldest in-flight change of connection i.
         Complete(usize),
         /// Fence to current + delta (delta 0 = stale request).
@@ -789,6 +837,7 @@ mod proptests {
         prop_oneof![
             3 => (0usize..6).prop_map(Op::Bind),
             5 => (0usize..16).prop_map(Op::Begin),
+            3 => (0usize..16).prop_map(Op::Issue),
             3 => (0usize..16).prop_map(Op::Complete),
             2 => (0u64..3).prop_map(Op::Fence),
             1 => Just(Op::Restart),
@@ -803,7 +852,8 @@ mod proptests {
             let mut gate = LeaseGate::new_leased(durable.clone(), LeasePolicy::default());
             // tokens[i] = token issued for the i-th successful fence.
             let mut tokens: Vec<(u64, LeaseToken)> = Vec::new();
-            let mut conns: Vec<(Binding, Vec<ChangeGuard>)> = Vec::new();
+            // Per connection: its binding and its changes in flight (guard, issued).
+            let mut conns: Vec<(Binding, Vec<(ChangeGuard, bool)>)> = Vec::new();
             let mut tickets: Vec<FenceTicket> = Vec::new();
 
             for op in ops {
@@ -836,7 +886,7 @@ mod proptests {
                             Ok(g) => {
                                 prop_assert!(b.writable);
                                 prop_assert_eq!(b.epoch(), Some(durable.epoch), "stale change admitted");
-                                guards.push(g);
+                                guards.push((g, false));
                             }
                             Err(Fenced) => prop_assert!(
                                 !b.writable || b.epoch() != Some(durable.epoch),
@@ -851,7 +901,24 @@ mod proptests {
                             drop(guards.remove(0));
                         }
                     }
-                    Op::Begin(_) | Op::Complete(_) => {}
+                    Op::Issue(i) if !conns.is_empty() => {
+                        let n = conns.len();
+                        let (b, guards) = &mut conns[i % n];
+                        if let Some(k) = guards.iter().position(|(_, issued)| !issued) {
+                            // The binding's slot is current exactly when its epoch is
+                            // the durable one and no restart replaced the gate (a
+                            // restart clears every connection).
+                            let current = b.epoch() == Some(durable.epoch);
+                            if guards[k].0.may_issue() {
+                                prop_assert!(current, "stale change issued to the kernel");
+                                guards[k].1 = true;
+                            } else {
+                                prop_assert!(!current, "current holder's change refused at issue");
+                                drop(guards.remove(k));
+                            }
+                        }
+                    }
+                    Op::Begin(_) | Op::Issue(_) | Op::Complete(_) => {}
                     Op::Fence(delta) => {
                         let token = LeaseToken::generate();
                         let epoch = durable.epoch + delta;

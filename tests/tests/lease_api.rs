@@ -6,6 +6,7 @@ mod lease_support;
 use std::time::Duration;
 
 use lease_support::{Node, PyWriter, backing_file, have_python_libnbd};
+use nbd_server::client::{Client, ClientOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -231,6 +232,207 @@ async fn exports_added_and_removed_at_runtime() {
         let (s, _) = node.try_fence("vm7", 1).await;
         assert_eq!(s, StatusCode::CONFLICT);
         node.fence("vm7", 2).await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+/// Connects with our own client; `Err` carries the refusal.
+async fn connect(addr: &str, name: &str) -> Result<Client, nbd_server::client::ClientError> {
+    Client::connect_tcp(addr, ClientOptions::new(name)).await
+}
+
+/// Waits (bounded) until a read on `c` fails: the server closed the connection.
+async fn closed_by_server(c: &Client) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let read = tokio::time::timeout(Duration::from_secs(1), c.read(0, 4096)).await;
+        if matches!(read, Ok(Err(_))) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_reads_refuses_plain_names() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let strict = backing_file(dir.path(), "strict.img", 1 << 20);
+        let node = Node::start(
+            &dir.path().join("data"),
+            &[
+                "--export".to_string(),
+                format!("strict={},lease-reads", strict.display()),
+            ],
+            None,
+        )
+        .await;
+        let addr = node.nbd_addr();
+        let (s, v) = node
+            .call(Method::GET, "/v1/exports/strict", None, None)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["lease_required_for_reads"], true, "{v}");
+
+        // From the command line: a plain name is refused, the holder reads and writes.
+        let refused = connect(&addr, "strict").await;
+        assert!(refused.is_err(), "plain name opened a lease-reads export");
+        let token = node.fence("strict", 1).await;
+        let holder = connect(&addr, &format!("strict;lease={token}"))
+            .await
+            .expect("holder connects");
+        holder
+            .write(0, &[7u8; 4096], false)
+            .await
+            .expect("holder writes");
+        assert_eq!(
+            holder.read(0, 4096).await.expect("holder reads"),
+            vec![7u8; 4096]
+        );
+
+        // From the API: the same, and the flag must come with a leased export.
+        let path = dir.path().join("api.img");
+        let body = json!({"path": path, "size_bytes": 1 << 20, "lease_required_for_reads": true});
+        let (s, v) = node
+            .call(
+                Method::PUT,
+                "/v1/exports/api",
+                Some(&body.to_string()),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["lease_required_for_reads"], true, "{v}");
+        assert!(connect(&addr, "api").await.is_err(), "plain name opened");
+        let token = node.fence("api", 1).await;
+        connect(&addr, &format!("api;lease={token}"))
+            .await
+            .expect("holder connects");
+        // A second PUT differing only in the flag is a different export.
+        let plain = json!({"path": path});
+        let (s, v) = node
+            .call(
+                Method::PUT,
+                "/v1/exports/api",
+                Some(&plain.to_string()),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let bad = json!({"path": path, "leased": false, "lease_required_for_reads": true});
+        let (s, v) = node
+            .call(
+                Method::PUT,
+                "/v1/exports/other",
+                Some(&bad.to_string()),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("leased"),
+            "{v}"
+        );
+
+        // The flag survives a restart (stored with the export).
+        let node = node.kill9_and_restart().await;
+        assert!(
+            connect(&node.nbd_addr(), "api").await.is_err(),
+            "plain name opened after restart"
+        );
+        assert!(
+            connect(&node.nbd_addr(), "strict").await.is_err(),
+            "plain name opened after restart"
+        );
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_removal_closes_every_connection() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leased = backing_file(dir.path(), "leased.img", 1 << 20);
+        let open = backing_file(dir.path(), "open.img", 1 << 20);
+        let node = Node::start(
+            &dir.path().join("data"),
+            &[
+                "--export".to_string(),
+                format!("leased={}", leased.display()),
+                "--export".to_string(),
+                format!("open={},unleased", open.display()),
+            ],
+            None,
+        )
+        .await;
+        let addr = node.nbd_addr();
+        let token = node.fence("leased", 1).await;
+        let writer = connect(&addr, &format!("leased;lease={token}"))
+            .await
+            .expect("writer");
+        let reader = connect(&addr, "leased").await.expect("plain reader");
+        let unleased = connect(&addr, "open").await.expect("unleased writer");
+        writer.write(0, &[1u8; 4096], false).await.expect("writes");
+        unleased
+            .write(0, &[2u8; 4096], false)
+            .await
+            .expect("writes");
+        reader.read(0, 4096).await.expect("reads");
+
+        for name in ["leased", "open"] {
+            let (s, v) = node
+                .call(Method::DELETE, &format!("/v1/exports/{name}"), None, None)
+                .await;
+            assert_eq!(s, StatusCode::CONFLICT, "{v}");
+            let (s, v) = node
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/exports/{name}?force=true"),
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+        }
+        let sums = (
+            lease_support::checksum(&leased),
+            lease_support::checksum(&open),
+        );
+        assert!(
+            closed_by_server(&writer).await,
+            "leased writer still connected"
+        );
+        assert!(
+            closed_by_server(&reader).await,
+            "plain reader still connected"
+        );
+        assert!(
+            closed_by_server(&unleased).await,
+            "unleased writer still connected"
+        );
+        // Nothing lands after the 204: the connections were closed before it.
+        let _ = writer.write(4096, &[9u8; 4096], false).await;
+        let _ = unleased.write(4096, &[9u8; 4096], false).await;
+        assert_eq!(
+            (
+                lease_support::checksum(&leased),
+                lease_support::checksum(&open)
+            ),
+            sums,
+            "write landed after removal"
+        );
+        let (s, v) = node.call(Method::GET, "/metrics", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(
+            !v.as_str().expect("text").contains("export=\"open\""),
+            "{v}"
+        );
     })
     .await
     .expect("test finished in time");

@@ -67,10 +67,18 @@ pub trait ExportHost: Send + Sync + 'static {
     /// Opens `export.path` and serves it. Fails if the name is taken or the file
     /// cannot be opened.
     fn add(&self, export: NewExport) -> Result<ExportInfo, String>;
-    /// Stops serving `name` to new connections; bound connections are closed by
-    /// the caller revoking the gate first. Returns false if there was no such export.
-    fn remove(&self, name: &str) -> bool;
+    /// Stops serving `name` and closes every connection bound to it (leased writers
+    /// are fenced by the caller revoking the gate first). Returns how to read the
+    /// removed export's count of connections still open, or None if there was no
+    /// such export.
+    fn remove(&self, name: &str) -> Option<ConnectionCount>;
 }
+
+/// Reads the number of NBD connections still open on a removed export.
+pub type ConnectionCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// How long a forced DELETE waits for the removed export's connections to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// Everything the control API handlers share.
 pub struct ControlState {
@@ -334,11 +342,21 @@ async fn put_export(
             req.path.display()
         )));
     }
+    if req.lease_required_for_reads && !req.leased {
+        return Err(ApiError::bad_request(
+            "lease_required_for_reads needs a leased export; drop \"leased\": false.",
+        ));
+    }
     let _registry = state.registry_lock.lock().await;
     if let Some(existing) = state.host.get(&name) {
         let same = existing.path == req.path
             && existing.read_only == req.read_only
-            && existing.gate.is_leased() == req.leased;
+            && existing.gate.is_leased() == req.leased
+            && existing
+                .gate
+                .policy()
+                .is_some_and(|p| p.lease_required_for_reads)
+                == req.lease_required_for_reads;
         return if same {
             Ok((StatusCode::OK, Json(detail(&existing))))
         } else {
@@ -380,7 +398,7 @@ async fn put_export(
     })
     .await;
     if let Err(e) = flatten(persisted) {
-        state.host.remove(&name);
+        let _ = state.host.remove(&name);
         return Err(ApiError::internal(
             "persist_failed",
             format!(
@@ -421,7 +439,7 @@ async fn delete_export(
     // Revoke first: no writer of any epoch may change the file once the export is
     // gone, and the stored epoch stays as a floor for a future export of this name.
     let ticket = e.gate.revoke_all();
-    state.host.remove(&name);
+    let open_connections = state.host.remove(&name);
     let store = Arc::clone(&state.store);
     let n = name.clone();
     let tombstone = ticket.as_ref().map(|t| t.record.clone());
@@ -436,6 +454,18 @@ async fn delete_export(
     .await;
     if let Some(ticket) = &ticket {
         ticket.drained().await;
+    }
+    // Every connection is told to close (readers and unleased writers too); wait
+    // until they have, so that a 204 means nothing is served from the file any more.
+    if let Some(open) = open_connections {
+        let start = Instant::now();
+        while open() > 0 {
+            if start.elapsed() > CLOSE_WAIT {
+                tracing::warn!(export = %name, connections = open(), "connections of a removed export still closing");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     flatten(persisted).map_err(|e| {
         ApiError::internal(

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ControlState, ExportHost, ExportInfo, ExportStats, NewExport, gate_for, stored_exports,
+    ConnectionCount, ControlState, ExportHost, ExportInfo, ExportStats, NewExport, gate_for,
+    stored_exports,
 };
 use crate::config::Config;
 use crate::export::{Export, ExportRegistry, ExportSpec};
@@ -77,6 +78,10 @@ impl ExportHost for ExportRegistry {
             path: export.path,
             read_only: export.read_only,
             unleased: !export.gate.is_leased(),
+            lease_reads: export
+                .gate
+                .policy()
+                .is_some_and(|p| p.lease_required_for_reads),
             description: None,
         };
         let opened = Arc::new(open_export(&spec, export.gate).map_err(|e| e.to_string())?);
@@ -85,8 +90,11 @@ impl ExportHost for ExportRegistry {
         Ok(view)
     }
 
-    fn remove(&self, name: &str) -> bool {
-        ExportRegistry::remove(self, name).is_some()
+    fn remove(&self, name: &str) -> Option<ConnectionCount> {
+        let removed = ExportRegistry::remove(self, name)?;
+        Some(Box::new(move || {
+            removed.stats.connections.load(Ordering::Relaxed)
+        }))
     }
 }
 
@@ -103,7 +111,8 @@ pub fn open_store(config: &Config) -> Result<Arc<Store>, ControlError> {
     }))
 }
 
-/// The registry with the configured exports (leased unless `,unleased`, each from its
+/// The registry with the configured exports (leased unless `,unleased`, a plain name
+/// refused with `,lease-reads`, each from its
 /// durable lease record) and the exports added through the API in earlier runs. A
 /// stored export that no longer opens is logged and skipped, not fatal: the node must
 /// still come up to serve the others.
@@ -113,7 +122,10 @@ pub fn open_registry(
 ) -> Result<Arc<ExportRegistry>, crate::export::ExportError> {
     let registry = ExportRegistry::new();
     for spec in &config.exports {
-        let gate = gate_for(store, &spec.name, !spec.unleased, LeasePolicy::default());
+        let policy = LeasePolicy {
+            lease_required_for_reads: spec.lease_reads,
+        };
+        let gate = gate_for(store, &spec.name, !spec.unleased, policy);
         registry.insert(Arc::new(open_export(spec, gate)?))?;
     }
     for (name, record) in stored_exports(store) {
@@ -126,6 +138,7 @@ pub fn open_registry(
             path: record.path.clone(),
             read_only: record.read_only,
             unleased: !record.leased,
+            lease_reads: record.policy.lease_required_for_reads,
             description: None,
         };
         let gate = gate_for(store, &name, record.leased, record.policy);
@@ -154,6 +167,25 @@ pub fn api_token(config: &Config) -> Result<Option<String>, ControlError> {
         return Err(ControlError::EmptyTokenFile(path.clone()));
     }
     Ok(Some(token))
+}
+
+/// Nice value of the control API's thread (and of the blocking threads it starts,
+/// which inherit it: the fence's fdatasync runs there).
+const API_NICE: libc::c_int = -10;
+
+/// Best effort: gives the calling thread (the control API's) a higher CPU priority,
+/// so that on a node whose cores are busy with the data path a fence's few
+/// wake-ups (accept, the fence, the fsync thread, the answer) are not each queued
+/// behind busy threads. Measured on the 2-core dev VM under load: see
+/// `nbd-server/README.md`. Needs CAP_SYS_NICE (root); without it nothing changes.
+fn raise_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain syscall on this thread's own id; Linux nice values are per thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, API_NICE) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "control API thread keeps its priority");
+    }
 }
 
 /// Binds `config.api` (if set) and serves the control API until `shutdown`, on a
@@ -190,6 +222,7 @@ pub async fn start_api(
     let thread = std::thread::Builder::new()
         .name("control-api".into())
         .spawn(move || {
+            raise_priority();
             runtime.block_on(async move {
                 let served = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => super::serve(l, state, shutdown).await,

@@ -51,8 +51,11 @@ impl ExportHost for FakeHost {
             .insert(export.name, info.clone());
         Ok(info)
     }
-    fn remove(&self, name: &str) -> bool {
-        self.exports.lock().expect("lock").remove(name).is_some()
+    fn remove(&self, name: &str) -> Option<ConnectionCount> {
+        // The fake's connections close the moment the export goes.
+        let removed = self.exports.lock().expect("lock").remove(name)?;
+        drop(removed);
+        Some(Box::new(|| 0))
     }
 }
 

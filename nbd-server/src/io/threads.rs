@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::{Op, OpKind};
+use super::{Op, OpKind, fenced_error};
 
 /// Enough threads to keep a few operations in flight per core.
 pub fn default_threads() -> usize {
@@ -79,6 +79,12 @@ fn cvt(r: isize) -> io::Result<usize> {
 }
 
 fn run(mut op: Op) {
+    // The lease re-check sits right before the syscall: a change that waited in the
+    // queue while its epoch was fenced never reaches the file.
+    if !op.may_issue() {
+        op.complete(Err(fenced_error()));
+        return;
+    }
     let fd = op.file.as_raw_fd();
     let pos = op.pos.min(op.buf.len());
     let res = match op.kind {
@@ -118,7 +124,5 @@ fn run(mut op: Op) {
             cvt(r as isize)
         }
     };
-    let buf = std::mem::take(&mut op.buf);
-    // The receiver may be gone (request abandoned); the buffer is then just freed.
-    let _ = op.done.send((buf, res));
+    op.complete(res);
 }

@@ -11,16 +11,32 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use io_uring::{IoUring, Probe, opcode, types};
 use slab::Slab;
 
-use super::{Op, OpKind};
+use super::{Op, OpKind, fenced_error};
 
 const RING_ENTRIES: u32 = 256;
 /// Operations in the kernel at once; the completion queue (2x entries) never overflows.
 const MAX_IN_FLIGHT: usize = 256;
 const EVENTFD_TOKEN: u64 = u64::MAX;
+/// The fence tick: armed while changes of leased exports are in the kernel.
+const TICK_TOKEN: u64 = u64::MAX - 1;
+/// Completions of our own cancel requests (their outcome shows on the target).
+const CANCEL_TOKEN: u64 = u64::MAX - 2;
+/// How often the ring thread looks for fenced changes still queued in the kernel.
+///
+/// A buffered write the file system cannot do without blocking (ext4 here) waits in
+/// the kernel's io-wq, which runs the writes to one file one at a time, so a fence
+/// could otherwise wait for a long queue of older-epoch writes (8 connections at
+/// queue depth 16: up to 128). Every tick the ring thread asks the kernel to cancel
+/// the fenced ones; a write not yet started is dropped (ECANCELED, answered
+/// NBD_EPERM) and never touches the file. Capping the changes in the kernel instead
+/// cost throughput on a busy machine: io-wq idled whenever the ring thread was
+/// slow to refill it.
+const FENCE_TICK: Duration = Duration::from_millis(1);
 /// Largest single read/write submitted (io_uring lengths are 32-bit).
 const MAX_OP_LEN: usize = 1 << 30;
 
@@ -46,7 +62,10 @@ pub struct Uring {
 impl Uring {
     /// Creates the ring and checks that the kernel supports every opcode we use.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
+        // Room for a completion per operation, per cancel request and the rest.
+        let ring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 4)
+            .build(RING_ENTRIES)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for code in [
@@ -54,6 +73,8 @@ impl Uring {
             opcode::Write::CODE,
             opcode::Fsync::CODE,
             opcode::Fallocate::CODE,
+            opcode::Timeout::CODE,
+            opcode::AsyncCancel::CODE,
         ] {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
@@ -113,6 +134,11 @@ impl Drop for Uring {
 
 struct InFlight {
     op: Op,
+    /// Slab key in the low 32 bits, a generation above: a late cancel request can
+    /// never hit a newer operation that reuses the slot.
+    user_data: u64,
+    /// A cancel request for it went to the kernel (sent once).
+    cancel_sent: bool,
 }
 
 fn sqe_for(op: &mut Op, token: u64) -> io_uring::squeue::Entry {
@@ -149,11 +175,21 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
     // Declared before the ring so that they are dropped after it: closing the ring
     // cancels whatever still points into them.
     let mut efd_buf = Box::new([0u8; 8]);
+    let tick = Box::new(
+        types::Timespec::new()
+            .sec(FENCE_TICK.as_secs())
+            .nsec(FENCE_TICK.subsec_nanos()),
+    );
     let mut slab: Slab<InFlight> = Slab::with_capacity(MAX_IN_FLIGHT);
     let mut backlog: VecDeque<Op> = VecDeque::new();
+    // Changes of leased exports in the kernel: while there are any, the tick is armed.
+    let mut leased_in_flight = 0usize;
     let mut ring = ring;
     let mut efd_armed = false;
+    let mut tick_armed = false;
     let mut closed = false;
+    // Kept below 2^31 so that no user_data reaches the reserved tokens at the top.
+    let mut generation: u32 = 0;
 
     loop {
         if !efd_armed && !closed {
@@ -175,14 +211,37 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
             let Some(mut op) = backlog.pop_front() else {
                 break;
             };
+            // The lease re-check, right before the SQE: a change whose epoch was
+            // fenced while it waited never reaches the kernel.
+            if !op.may_issue() {
+                op.complete(Err(fenced_error()));
+                continue;
+            }
+            if op.is_leased_change() {
+                leased_in_flight += 1;
+            }
             let entry = slab.vacant_entry();
-            let token = entry.key() as u64;
+            generation = generation.wrapping_add(1) & 0x7fff_ffff;
+            let token = entry.key() as u64 | (u64::from(generation) << 32);
             let sqe = sqe_for(&mut op, token);
             // The buffer and file now belong to the slab until the completion arrives.
-            entry.insert(InFlight { op });
+            entry.insert(InFlight {
+                op,
+                user_data: token,
+                cancel_sent: false,
+            });
             // SAFETY: the SQE points into the buffer and file held by the slab entry,
             // which stays put until its completion is reaped below.
             unsafe { push(&mut ring, &sqe)? };
+        }
+        if leased_in_flight > 0 && !tick_armed {
+            let e = opcode::Timeout::new(&raw const *tick)
+                .build()
+                .user_data(TICK_TOKEN);
+            // SAFETY: the kernel copies the timespec when it takes the SQE; `tick` is
+            // boxed and outlives the ring anyway.
+            unsafe { push(&mut ring, &e)? };
+            tick_armed = true;
         }
         if closed && slab.is_empty() && backlog.is_empty() {
             return Ok(());
@@ -195,25 +254,57 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
             Err(e) => return Err(e),
         }
         let mut woke = false;
+        let mut ticked = false;
         for cqe in ring.completion() {
             let token = cqe.user_data();
-            if token == EVENTFD_TOKEN {
-                efd_armed = false;
-                woke = true;
+            match token {
+                EVENTFD_TOKEN => {
+                    efd_armed = false;
+                    woke = true;
+                    continue;
+                }
+                TICK_TOKEN => {
+                    tick_armed = false;
+                    ticked = true;
+                    continue;
+                }
+                CANCEL_TOKEN => continue,
+                _ => {}
+            }
+            let key = (token & 0xffff_ffff) as usize;
+            if slab.get(key).is_none_or(|f| f.user_data != token) {
                 continue;
             }
-            let Some(done) = slab.try_remove(token as usize) else {
+            let Some(done) = slab.try_remove(key) else {
                 continue;
             };
             let res = cqe.result();
-            let r = if res < 0 {
+            let r = if res == -libc::ECANCELED && !done.op.may_issue() {
+                // Cancelled below before it started: no byte of it landed.
+                Err(fenced_error())
+            } else if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
                 Ok(res as usize)
             };
-            let mut op = done.op;
-            let buf = std::mem::take(&mut op.buf);
-            let _ = op.done.send((buf, r));
+            if done.op.is_leased_change() {
+                leased_in_flight -= 1;
+            }
+            done.op.complete(r);
+        }
+        if ticked {
+            // Ask the kernel to drop every fenced change it has not started. One that
+            // is already running completes normally; the fence waits for it.
+            for (_, f) in slab.iter_mut() {
+                if !f.cancel_sent && f.op.is_leased_change() && !f.op.may_issue() {
+                    f.cancel_sent = true;
+                    let e = opcode::AsyncCancel::new(f.user_data)
+                        .build()
+                        .user_data(CANCEL_TOKEN);
+                    // SAFETY: a cancel request points at no memory of ours.
+                    unsafe { push(&mut ring, &e)? };
+                }
+            }
         }
         if woke || !backlog.is_empty() || slab.len() < MAX_IN_FLIGHT {
             // Clear before draining: a submitter that queues after the drain sees
