@@ -33,3 +33,5 @@ img=$(mktemp --suffix=.bin)
 trap 'rm -f "$img"' EXIT
 "$STAGEHAND_BIN_DIR/stagehand-agent" guest-image ab-sweeper --out "$img"
 python3 benches/migrate-peers.py "$img"
+# The coordinator's path on top of the agents': fence share of the downtime, overhead.
+python3 benches/migrate-coord.py

@@ -84,11 +84,11 @@ fn disk_writer_moves_back_and_forth_five_times() {
             "120",
         ]);
         eprintln!(
-            "round {round} -> {to_site}: cli {} ms, total {} ms, downtime {} ms, fence {} ms, handover {} ms, memory {} B, passes {}",
+            "round {round} -> {to_site}: cli {} ms, total {} ms, downtime {} ms, fence {} us, handover {} ms, memory {} B, passes {}",
             t0.elapsed().as_millis(),
             m["total_ms"],
             m["downtime_ms"],
-            m["fence_ms"],
+            m["fence_us"],
             m["handover_ms"],
             m["memory_bytes"],
             m["passes"]
