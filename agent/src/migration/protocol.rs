@@ -732,30 +732,13 @@ impl Message {
                 }
             }
             Command::Sparse => {
-                let n = r.u32()? as usize;
-                if n > MAX_SPARSE_PAGES {
-                    return Err(ProtocolError::TooManyRanges(n));
-                }
-                let mut pages = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let gpa = r.u64()?;
-                    let nw = usize::from(r.u16()?);
-                    if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
-                        return Err(ProtocolError::BadSparse { gpa });
-                    }
-                    let mut words = Vec::with_capacity(nw);
-                    for _ in 0..nw {
-                        let i = r.u16()?;
-                        let v = r.u64()?;
-                        if usize::from(i) >= PAGE_WORDS
-                            || words.last().is_some_and(|(p, _)| *p >= i)
-                        {
-                            return Err(ProtocolError::BadSparse { gpa });
-                        }
-                        words.push((i, v));
-                    }
-                    pages.push(SparsePage { gpa, words });
-                }
+                let mut pages = Vec::new();
+                walk_sparse(r.rest(), |gpa, words| {
+                    pages.push(SparsePage {
+                        gpa,
+                        words: words.to_vec(),
+                    })
+                })?;
                 Message::Sparse { pages }
             }
             Command::Switchover => {
@@ -877,6 +860,58 @@ pub fn parse_memory<'a>(
             parse_memory_raw(decompressed)
         }
     }
+}
+
+/// The receiver's fast path for Sparse frames: checks the whole frame as `decode`
+/// does, then calls `page(gpa, words)` for each page in frame order, without
+/// allocating (a frame of a chunk of counters is 512 small pages; decoding it into
+/// vectors cost the receiver more than writing the pages).
+pub fn parse_sparse(
+    h: &FrameHeader,
+    payload: &[u8],
+    page: impl FnMut(u64, &[(u16, u64)]),
+) -> Result<(), ProtocolError> {
+    if h.cmd != Command::Sparse || payload.len() as u64 != h.length {
+        return Err(ProtocolError::BadLength(h.cmd));
+    }
+    walk_sparse(payload, |_, _| {})?;
+    walk_sparse(payload, page)
+}
+
+/// Parses a Sparse payload, calling `page` for each page as it is read (so a frame
+/// that fails half-way has already been partly visited: check first, see above).
+fn walk_sparse(
+    payload: &[u8],
+    mut page: impl FnMut(u64, &[(u16, u64)]),
+) -> Result<(), ProtocolError> {
+    let mut r = Reader {
+        buf: payload,
+        cmd: Command::Sparse,
+    };
+    let n = r.u32()? as usize;
+    if n > MAX_SPARSE_PAGES {
+        return Err(ProtocolError::TooManyRanges(n));
+    }
+    let mut words = [(0u16, 0u64); MAX_SPARSE_WORDS];
+    for _ in 0..n {
+        let gpa = r.u64()?;
+        let nw = usize::from(r.u16()?);
+        if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
+            return Err(ProtocolError::BadSparse { gpa });
+        }
+        for k in 0..nw {
+            let i = r.u16()?;
+            let v = r.u64()?;
+            // Canonical only (increasing indices, non-zero values): the target hashes
+            // these encodings as they are (`digest`).
+            if usize::from(i) >= PAGE_WORDS || v == 0 || (k > 0 && words[k - 1].0 >= i) {
+                return Err(ProtocolError::BadSparse { gpa });
+            }
+            words[k] = (i, v);
+        }
+        page(gpa, &words[..nw]);
+    }
+    r.end()
 }
 
 /// Header and range table of an uncompressed Memory frame whose page bytes (`data_len`

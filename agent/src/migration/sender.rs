@@ -28,13 +28,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
 
 use super::VmHost;
 use super::bitmap;
-use super::digest::{CHUNK_SIZE, ChunkDigests, is_zero};
+use super::digest::{CHUNK_SIZE, ChunkDigests, PageScan, scan_chunk};
 use super::policy::{Decision, PassReport, Precopy, RateLimiter};
 use super::protocol::{
     self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparsePage,
     SwitchoverMode, auth,
 };
-use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms};
+use super::stats::{
+    Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, thread_cpu,
+};
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
 
@@ -225,6 +227,7 @@ fn migrate(
         },
         Compression::None,
     )?;
+    let t_config = Instant::now();
     let session: [u8; ID_LEN] = control
         .expect_ok()?
         .try_into()
@@ -236,14 +239,16 @@ fn migrate(
         c.expect_ok()?;
         conns.push(c);
     }
+    let t_log = Instant::now();
     src.start_dirty_log()?;
     progress.logging = true;
     let setup = out.started.elapsed();
+    let (config_ms, dirty_log_ms) = (ms(t_log - t_config), ms(t_log.elapsed()));
     out.update(|i| {
         i.setup_ms = ms(setup);
         i.state = MigrationState::Active;
     });
-    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), "migration set up");
+    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), config_ms, dirty_log_ms, "migration set up");
 
     let digests = ChunkDigests::zeroed(mem_size, CHUNK_SIZE);
     // Read after the dirty log started: a page populated later is in a dirty set.
@@ -580,6 +585,17 @@ fn run_pass(conns: &mut [Conn], ctx: &PassCtx<'_>, pages: u64) -> Result<u64, Se
 }
 
 fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
+    let cpu = thread_cpu();
+    let r = stream_pages(conn, ctx, pages);
+    let used = thread_cpu().saturating_sub(cpu);
+    ctx.out.counters.cpu_ns.fetch_add(
+        u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    r
+}
+
+fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
     let ppc = CHUNK_SIZE / PAGE_SIZE;
     let mut scratch = Vec::with_capacity(CHUNK_SIZE as usize);
     let mut sent = 0u64;
@@ -617,37 +633,39 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         ctx.mem
             .read_slice(&mut scratch, GuestAddress(start))
             .map_err(|e| SendError::Memory(e.to_string()))?;
-        // Hashed after the dirty set holding these pages was collected (see `digest`).
-        ctx.digests.record(c, &scratch);
-
+        // Hashed after the dirty set holding these pages was collected (see `digest`),
+        // in the same single scan that classifies the pages for the wire.
         let mut ranges: Vec<MemRange> = Vec::new();
         let mut sparse: Vec<SparsePage> = Vec::new();
         let mut bytes = 0u64;
-        for page in first..end_page {
+        let mut zero = 0u64;
+        let digest = scan_chunk(&scratch, |i, scan| {
+            let page = first + i as u64;
             if !bitmap::is_set(ctx.dirty, page) {
-                continue;
-            }
-            let off = ((page - first) * PAGE_SIZE) as usize;
-            let data = &scratch[off..off + PAGE_SIZE as usize];
-            if ctx.skip_zero && is_zero(data) {
-                counters.zero_pages.fetch_add(1, Ordering::Relaxed);
-                continue;
+                return;
             }
             let gpa = page * PAGE_SIZE;
-            // A page that is zero but for a few words travels as those words.
-            if let Some(sp) = SparsePage::encode(gpa, data) {
-                sparse.push(sp);
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
-                _ => ranges.push(MemRange {
+            match scan {
+                PageScan::Sparse([]) if ctx.skip_zero => zero += 1,
+                // A page that is zero but for a few words travels as those words.
+                PageScan::Sparse(words) => sparse.push(SparsePage {
                     gpa,
-                    len: PAGE_SIZE,
+                    words: words.to_vec(),
                 }),
+                PageScan::Dense => {
+                    match ranges.last_mut() {
+                        Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
+                        _ => ranges.push(MemRange {
+                            gpa,
+                            len: PAGE_SIZE,
+                        }),
+                    }
+                    bytes += PAGE_SIZE;
+                }
             }
-            bytes += PAGE_SIZE;
-        }
+        });
+        ctx.digests.set(c, digest);
+        counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
         if !sparse.is_empty() {
             let n = sparse.len() as u64;
             let frame = Message::Sparse { pages: sparse }.encode(Compression::None);
