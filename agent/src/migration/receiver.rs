@@ -298,6 +298,10 @@ struct Ticket {
     key: [u8; 32],
     vm: String,
     expires: Instant,
+    /// A Config used the ticket (one migration per ticket)...
+    configured: bool,
+    /// ...and created this session, which its data connections may Join with it.
+    session: Option<[u8; ID_LEN]>,
 }
 
 /// The migration listener's shared state.
@@ -338,13 +342,15 @@ impl Receiver {
         let hex_secret = hex(&secret);
         let mut t = self.tickets.lock().expect("ticket lock is never poisoned");
         let now = Instant::now();
-        t.retain(|_, v| v.expires > now);
+        t.retain(|_, v| v.expires > now || v.configured);
         t.insert(
             id,
             Ticket {
                 key: auth::derive_key(hex_secret.as_bytes()),
                 vm: vm.to_string(),
                 expires: now + TICKET_TTL,
+                configured: false,
+                session: None,
             },
         );
         format!("{}.{}", hex(&id), hex_secret)
@@ -408,7 +414,7 @@ impl Receiver {
         };
         // A peer that has not proved anything gets little time to hold a thread.
         let timeouts = conn.set_read_timeout(HANDSHAKE_TIMEOUT);
-        let ticket_vm = match timeouts
+        let ticket = match timeouts
             .map_err(WireError::Io)
             .and_then(|_| self.handshake(&mut conn))
         {
@@ -442,20 +448,37 @@ impl Receiver {
                 switchover_timeout_s,
                 spec,
             } => {
-                if let Some(vm) = ticket_vm.filter(|vm| *vm != spec.name) {
-                    conn.send_error(
-                        ErrorCode::AuthFailed,
-                        &format!("the ticket was issued for VM {vm}, not {}", spec.name),
-                    );
+                if let Some(id) = ticket
+                    && let Err(msg) = self.ticket_for_config(id, &spec.name)
+                {
+                    conn.send_error(ErrorCode::AuthFailed, &msg);
                     return;
                 }
                 let mode = Mode {
                     switchover,
                     timeout: Duration::from_secs(u64::from(switchover_timeout_s)),
                 };
-                self.control(conn, chunk_size, streams, mode, spec, peer);
+                self.control(conn, chunk_size, streams, mode, spec, peer, ticket);
+                if let Some(id) = ticket {
+                    // One migration per ticket, whatever its outcome.
+                    self.tickets
+                        .lock()
+                        .expect("ticket lock is never poisoned")
+                        .remove(&id);
+                }
             }
-            Message::Join { session } => self.data(conn, session),
+            Message::Join { session } => {
+                if let Some(id) = ticket
+                    && !self.ticket_joins(id, session)
+                {
+                    conn.send_error(
+                        ErrorCode::AuthFailed,
+                        "the ticket does not belong to this migration session",
+                    );
+                    return;
+                }
+                self.data(conn, session)
+            }
             Message::Abandon { .. } => {}
             other => conn.send_error(
                 ErrorCode::Protocol,
@@ -464,8 +487,10 @@ impl Receiver {
         }
     }
 
-    /// Challenge-response; returns the VM a ticket was bound to, if a ticket was used.
-    fn handshake(&self, conn: &mut Conn) -> Result<Option<String>, WireError> {
+    /// Challenge-response; returns the id of the ticket used, if a ticket was used.
+    /// A ticket stays in the store until its migration ends: the data connections of
+    /// that migration authenticate with it too (`ticket_joins`).
+    fn handshake(&self, conn: &mut Conn) -> Result<Option<[u8; ID_LEN]>, WireError> {
         let mut nonce_r = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce_r);
         conn.send(
@@ -496,19 +521,18 @@ impl Receiver {
                 message: format!("version {version}"),
             });
         }
-        let (key, vm) = match kind {
+        let (key, ticket) = match kind {
             AuthKind::Token => (self.token_key, None),
             AuthKind::Ticket(id) => {
-                // One-time: the ticket is consumed by this attempt whatever its outcome.
-                let t = self
+                let now = Instant::now();
+                let key = self
                     .tickets
                     .lock()
                     .expect("ticket lock is never poisoned")
-                    .remove(&id);
-                match t.filter(|t| t.expires > Instant::now()) {
-                    Some(t) => (Some(t.key), Some(t.vm)),
-                    None => (None, None),
-                }
+                    .get(&id)
+                    .filter(|t| t.expires > now || t.session.is_some())
+                    .map(|t| t.key);
+                (key, Some(id))
             }
         };
         let ok =
@@ -529,7 +553,32 @@ impl Receiver {
             },
             Compression::None,
         )?;
-        Ok(vm)
+        Ok(ticket)
+    }
+
+    /// A Config authenticated with ticket `id`: allowed once, for the ticket's VM.
+    fn ticket_for_config(&self, id: [u8; ID_LEN], vm: &str) -> Result<(), String> {
+        let mut tickets = self.tickets.lock().expect("ticket lock is never poisoned");
+        match tickets.get_mut(&id) {
+            Some(t) if t.configured => Err("the ticket was used already".into()),
+            Some(t) if t.vm != vm => {
+                Err(format!("the ticket was issued for VM {}, not {vm}", t.vm))
+            }
+            Some(t) => {
+                t.configured = true;
+                Ok(())
+            }
+            None => Err("the ticket is unknown or expired".into()),
+        }
+    }
+
+    /// Whether a data connection authenticated with ticket `id` may join `session`.
+    fn ticket_joins(&self, id: [u8; ID_LEN], session: [u8; ID_LEN]) -> bool {
+        self.tickets
+            .lock()
+            .expect("ticket lock is never poisoned")
+            .get(&id)
+            .is_some_and(|t| t.session == Some(session))
     }
 
     fn control(
@@ -540,6 +589,7 @@ impl Receiver {
         mode: Mode,
         spec: VmSpec,
         peer: std::net::SocketAddr,
+        ticket: Option<[u8; ID_LEN]>,
     ) {
         let cpu = super::stats::thread_cpu();
         if let Err(msg) = check_config(chunk_size, streams, &spec) {
@@ -616,6 +666,15 @@ impl Receiver {
             .lock()
             .expect("session lock is never poisoned")
             .insert(id, session.clone());
+        if let Some(t) = ticket
+            && let Some(t) = self
+                .tickets
+                .lock()
+                .expect("ticket lock is never poisoned")
+                .get_mut(&t)
+        {
+            t.session = Some(id);
+        }
         tracing::info!(vm = %spec.name, %peer, streams, switchover = ?mode.switchover, "incoming migration");
         let result = match conn.send(
             &Message::Ok {

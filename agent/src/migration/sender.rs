@@ -227,32 +227,39 @@ fn migrate(
         },
         Compression::None,
     )?;
+    // While the target creates the VM (tens of ms for a large guest), authenticate the
+    // data connections and start dirty logging: none of that sends memory, and all of
+    // it used to wait for the answer.
     let t_config = Instant::now();
+    let mut data = Vec::with_capacity(usize::from(streams) - 1);
+    for _ in 1..streams {
+        data.push(connect(&p.target, p)?);
+    }
+    src.start_dirty_log()?;
+    progress.logging = true;
+    // Read after the dirty log started: a page populated later is in a dirty set.
+    let populated = super::resident::populated(mem);
+    let t_answer = Instant::now();
     let session: [u8; ID_LEN] = control
         .expect_ok()?
         .try_into()
         .map_err(|_| WireError::Unexpected(protocol::Command::Ok))?;
+    let config_wait_ms = ms(t_answer.elapsed());
     let mut conns = vec![control];
-    for _ in 1..streams {
-        let mut c = connect(&p.target, p)?;
+    for mut c in data {
         c.send(&Message::Join { session }, Compression::None)?;
         c.expect_ok()?;
         conns.push(c);
     }
-    let t_log = Instant::now();
-    src.start_dirty_log()?;
-    progress.logging = true;
     let setup = out.started.elapsed();
-    let (config_ms, dirty_log_ms) = (ms(t_log - t_config), ms(t_log.elapsed()));
     out.update(|i| {
         i.setup_ms = ms(setup);
         i.state = MigrationState::Active;
     });
-    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), config_ms, dirty_log_ms, "migration set up");
+    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup),
+        overlapped_ms = ms(t_answer - t_config), config_wait_ms, "migration set up");
 
     let digests = ChunkDigests::zeroed(mem_size, CHUNK_SIZE);
-    // Read after the dirty log started: a page populated later is in a dirty set.
-    let populated = super::resident::populated(mem);
     let limiter = Mutex::new(RateLimiter::new());
     let mut precopy = Precopy::new();
     let mut dirty = bitmap::all(pages);
