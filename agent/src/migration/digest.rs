@@ -420,6 +420,41 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The single scan the sender relies on: each page is classified exactly as
+        /// `SparsePage::encode` would, and hashing the encodings page by page (what the
+        /// target does with a whole-chunk Sparse frame) gives the chunk's digest.
+        #[test]
+        fn scan_agrees_with_sparse_encoding_and_incremental_hashing(
+            words in proptest::collection::vec((0usize..(4 * PAGE_SIZE as usize / 8), 1u64..), 0..200),
+        ) {
+            let mut data = vec![0u8; 4 * PAGE_SIZE as usize];
+            for (i, v) in &words {
+                data[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            let mut inc = ChunkHasher::new();
+            let mut seen = 0;
+            let d = scan_chunk(&data, |i, scan| {
+                let page = &data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+                let sp = crate::migration::protocol::SparsePage::encode(0, page);
+                match scan {
+                    PageScan::Sparse(w) => {
+                        assert_eq!(sp.map(|s| s.words), Some(w.to_vec()));
+                        inc.sparse(w);
+                    }
+                    PageScan::Dense => {
+                        assert_eq!(sp, None);
+                        inc.dense(page);
+                    }
+                }
+                seen += 1;
+            });
+            proptest::prop_assert_eq!(seen, 4);
+            proptest::prop_assert_eq!(d, inc.finish());
+            proptest::prop_assert_eq!(d, chunk_digest(&data));
+        }
+    }
+
     #[test]
     fn is_zero_checks_unaligned_edges() {
         let mut v = [0u8; 100];

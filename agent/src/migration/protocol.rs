@@ -1368,6 +1368,8 @@ mod tests {
         assert!(frame(vec![page(0, vec![(512, 1)])]).is_err());
         assert!(frame(vec![page(0, vec![(5, 1), (5, 2)])]).is_err());
         assert!(frame(vec![page(0, vec![(6, 1), (5, 2)])]).is_err());
+        // Not canonical: the target hashes the encodings as they come.
+        assert!(frame(vec![page(0, vec![(5, 0)])]).is_err());
         let many: Vec<(u16, u64)> = (0..=MAX_SPARSE_WORDS as u16).map(|i| (i, 1)).collect();
         assert!(frame(vec![page(0, many)]).is_err());
         // The encoder never produces what the decoder refuses.
@@ -1383,6 +1385,50 @@ mod tests {
             frame(vec![sp.clone()]),
             Ok(Message::Sparse { pages: vec![sp] })
         );
+    }
+
+    #[test]
+    fn parse_sparse_visits_what_decode_returns_and_refuses_the_same() {
+        let raw = |pages: Vec<SparsePage>| {
+            let b = Message::Sparse { pages }.encode(Compression::None);
+            let mut hdr = [0u8; HEADER_LEN];
+            hdr.copy_from_slice(&b[..HEADER_LEN]);
+            (
+                FrameHeader::parse(&hdr).expect("header"),
+                b[HEADER_LEN..].to_vec(),
+            )
+        };
+        let pages = vec![
+            SparsePage {
+                gpa: 0x1000,
+                words: vec![(0, 7), (511, 9)],
+            },
+            SparsePage {
+                gpa: 0x3000,
+                words: vec![],
+            },
+        ];
+        let (h, p) = raw(pages.clone());
+        let mut seen = Vec::new();
+        parse_sparse(&h, &p, |gpa, words| {
+            seen.push(SparsePage {
+                gpa,
+                words: words.to_vec(),
+            })
+        })
+        .expect("valid");
+        assert_eq!(seen, pages);
+        // A bad page late in the frame: nothing is visited at all.
+        let mut bad = pages.clone();
+        bad.push(SparsePage {
+            gpa: 0x4000,
+            words: vec![(3, 1), (2, 1)],
+        });
+        let (h, p) = raw(bad);
+        let mut visited = 0;
+        assert!(parse_sparse(&h, &p, |_, _| visited += 1).is_err());
+        assert_eq!(visited, 0);
+        assert!(Message::decode(&h, &p).is_err());
     }
 
     proptest! {
