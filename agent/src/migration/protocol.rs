@@ -914,6 +914,59 @@ fn walk_sparse(
     r.end()
 }
 
+/// Builds an (uncompressed) Sparse frame page by page in a reusable buffer: the same
+/// bytes as `Message::Sparse { pages }.encode(Compression::None)`, without a vector per
+/// page (the sender's chunk of counters is 512 of them).
+#[derive(Debug, Default)]
+pub struct SparseFrame {
+    buf: Vec<u8>,
+    pages: u32,
+}
+
+impl SparseFrame {
+    /// Empties the frame, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.resize(HEADER_LEN + 4, 0);
+        self.pages = 0;
+    }
+
+    /// Adds a page: `words` as `PageScan::Sparse` gives them (canonical).
+    pub fn push(&mut self, gpa: u64, words: &[(u16, u64)]) {
+        if self.buf.len() < HEADER_LEN + 4 {
+            self.clear();
+        }
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf
+            .extend_from_slice(&(words.len() as u16).to_le_bytes());
+        for (i, v) in words {
+            self.buf.extend_from_slice(&i.to_le_bytes());
+            self.buf.extend_from_slice(&v.to_le_bytes());
+        }
+        self.pages += 1;
+    }
+
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// The whole frame (header included), ready to send.
+    pub fn finish(&mut self) -> &[u8] {
+        if self.buf.len() < HEADER_LEN + 4 {
+            self.clear();
+        }
+        let header = FrameHeader {
+            cmd: Command::Sparse,
+            flags: 0,
+            length: (self.buf.len() - HEADER_LEN) as u64,
+        }
+        .encode();
+        self.buf[..HEADER_LEN].copy_from_slice(&header);
+        self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.pages.to_le_bytes());
+        &self.buf
+    }
+}
+
 /// Header and range table of an uncompressed Memory frame whose page bytes (`data_len`
 /// of them, in range order) the caller writes right after, straight from its buffer.
 pub fn memory_frame_prefix(ranges: &[MemRange], data_len: u64) -> Vec<u8> {
@@ -1385,6 +1438,39 @@ mod tests {
             frame(vec![sp.clone()]),
             Ok(Message::Sparse { pages: vec![sp] })
         );
+    }
+
+    #[test]
+    fn sparse_frame_builder_writes_what_encode_writes() {
+        let pages = vec![
+            SparsePage {
+                gpa: 0x1000,
+                words: vec![(0, 7), (511, 9)],
+            },
+            SparsePage {
+                gpa: 0x3000,
+                words: vec![],
+            },
+        ];
+        let mut f = SparseFrame::default();
+        assert_eq!(
+            f.finish(),
+            &Message::Sparse { pages: vec![] }.encode(Compression::None)[..]
+        );
+        for _ in 0..2 {
+            f.clear();
+            for p in &pages {
+                f.push(p.gpa, &p.words);
+            }
+            assert_eq!(f.pages(), 2);
+            assert_eq!(
+                f.finish(),
+                &Message::Sparse {
+                    pages: pages.clone()
+                }
+                .encode(Compression::None)[..]
+            );
+        }
     }
 
     #[test]

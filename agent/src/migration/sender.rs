@@ -31,7 +31,7 @@ use super::bitmap;
 use super::digest::{CHUNK_SIZE, ChunkDigests, PageScan, scan_chunk};
 use super::policy::{Decision, PassReport, Precopy, RateLimiter};
 use super::protocol::{
-    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparsePage,
+    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparseFrame,
     SwitchoverMode, auth,
 };
 use super::stats::{
@@ -605,6 +605,7 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
 fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
     let ppc = CHUNK_SIZE / PAGE_SIZE;
     let mut scratch = Vec::with_capacity(CHUNK_SIZE as usize);
+    let mut sparse = SparseFrame::default();
     let mut sent = 0u64;
     let counters = &ctx.out.counters;
     loop {
@@ -643,7 +644,7 @@ fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, S
         // Hashed after the dirty set holding these pages was collected (see `digest`),
         // in the same single scan that classifies the pages for the wire.
         let mut ranges: Vec<MemRange> = Vec::new();
-        let mut sparse: Vec<SparsePage> = Vec::new();
+        sparse.clear();
         let mut bytes = 0u64;
         let mut zero = 0u64;
         let digest = scan_chunk(&scratch, |i, scan| {
@@ -655,10 +656,7 @@ fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, S
             match scan {
                 PageScan::Sparse([]) if ctx.skip_zero => zero += 1,
                 // A page that is zero but for a few words travels as those words.
-                PageScan::Sparse(words) => sparse.push(SparsePage {
-                    gpa,
-                    words: words.to_vec(),
-                }),
+                PageScan::Sparse(words) => sparse.push(gpa, words),
                 PageScan::Dense => {
                     match ranges.last_mut() {
                         Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
@@ -673,11 +671,11 @@ fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, S
         });
         ctx.digests.set(c, digest);
         counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
-        if !sparse.is_empty() {
-            let n = sparse.len() as u64;
-            let frame = Message::Sparse { pages: sparse }.encode(Compression::None);
+        if sparse.pages() > 0 {
+            let n = u64::from(sparse.pages());
+            let frame = sparse.finish();
             throttle_send(ctx, frame.len() as u64)?;
-            let wire = conn.send_parts([&frame[..]])?;
+            let wire = conn.send_parts([frame])?;
             counters
                 .wire_bytes
                 .fetch_add(wire as u64, Ordering::Relaxed);
