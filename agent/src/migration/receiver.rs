@@ -458,7 +458,7 @@ impl Receiver {
                     switchover,
                     timeout: Duration::from_secs(u64::from(switchover_timeout_s)),
                 };
-                self.control(conn, chunk_size, streams, mode, spec, peer, ticket);
+                self.control(conn, chunk_size, streams, mode, spec, (peer, ticket));
                 if let Some(id) = ticket {
                     // One migration per ticket, whatever its outcome.
                     self.tickets
@@ -588,8 +588,7 @@ impl Receiver {
         streams: u16,
         mode: Mode,
         spec: VmSpec,
-        peer: std::net::SocketAddr,
-        ticket: Option<[u8; ID_LEN]>,
+        (peer, ticket): (std::net::SocketAddr, Option<[u8; ID_LEN]>),
     ) {
         let cpu = super::stats::thread_cpu();
         if let Err(msg) = check_config(chunk_size, streams, &spec) {
