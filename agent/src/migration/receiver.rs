@@ -424,6 +424,8 @@ impl Receiver {
                 return;
             }
         };
+        // Only an authenticated peer's work outranks the host's other threads.
+        super::stats::raise_thread_priority();
         if let Err(e) = conn.set_read_timeout(super::wire::IO_TIMEOUT) {
             tracing::warn!(%peer, error = %e, "migration connection setup failed");
             return;

@@ -35,7 +35,8 @@ use super::protocol::{
     SwitchoverMode, auth,
 };
 use super::stats::{
-    Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, thread_cpu,
+    Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, raise_thread_priority,
+    thread_cpu,
 };
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
@@ -592,6 +593,7 @@ fn run_pass(conns: &mut [Conn], ctx: &PassCtx<'_>, pages: u64) -> Result<u64, Se
 }
 
 fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
+    raise_thread_priority();
     let cpu = thread_cpu();
     let r = stream_pages(conn, ctx, pages);
     let used = thread_cpu().saturating_sub(cpu);
