@@ -207,8 +207,8 @@ impl Session {
         if let Some(e) = failed {
             return Err(e);
         }
-        if let Some(h) = hasher {
-            self.digests.set(touched[0], h.finish());
+        if let (Some(h), [c]) = (hasher, touched.as_slice()) {
+            self.digests.set(*c, h.finish());
             return Ok(());
         }
         for c in touched {
