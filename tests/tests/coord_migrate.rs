@@ -21,7 +21,10 @@ fn cancel_keeps_the_guest_on_the_source() {
         "vm", "create", "vm7", "--site", "siteA", "--memory", "256M", "--image", &guest, "--disk",
         "16M",
     ]);
-    // 1 MiB/s: 256 MiB cannot finish before the cancel.
+    // 1 MiB/s: 256 MiB cannot finish before the cancel, once the guest sweeps at full
+    // speed (a freshly booted one dirties little, and Sparse frames carry its pages in
+    // ~20 bytes, so even 1 MiB/s could converge).
+    std::thread::sleep(Duration::from_secs(2));
     let m = c.ok(&["migrate", "vm7", "--to", "siteB", "--bandwidth", "1"]);
     let id = m["id"].as_str().expect("id").to_owned();
     std::thread::sleep(Duration::from_millis(800));
@@ -57,7 +60,9 @@ fn limits_and_offline_move() {
             "8M",
         ]);
     }
-    // Two slow migrations occupy kvm-a1 (limit 2 per host): a third is refused.
+    // Two slow migrations occupy kvm-a1 (limit 2 per host): a third is refused. The
+    // guests sweep at full speed first, or 1 MiB/s could converge (see above).
+    std::thread::sleep(Duration::from_secs(2));
     let m1 = c.ok(&["migrate", "vm1", "--to", "siteB", "--bandwidth", "1"]);
     let m2 = c.ok(&["migrate", "vm2", "--to", "siteB", "--bandwidth", "1"]);
     let err = c.fails(&["migrate", "vm3", "--to", "siteB"]);

@@ -732,30 +732,13 @@ impl Message {
                 }
             }
             Command::Sparse => {
-                let n = r.u32()? as usize;
-                if n > MAX_SPARSE_PAGES {
-                    return Err(ProtocolError::TooManyRanges(n));
-                }
-                let mut pages = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let gpa = r.u64()?;
-                    let nw = usize::from(r.u16()?);
-                    if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
-                        return Err(ProtocolError::BadSparse { gpa });
-                    }
-                    let mut words = Vec::with_capacity(nw);
-                    for _ in 0..nw {
-                        let i = r.u16()?;
-                        let v = r.u64()?;
-                        if usize::from(i) >= PAGE_WORDS
-                            || words.last().is_some_and(|(p, _)| *p >= i)
-                        {
-                            return Err(ProtocolError::BadSparse { gpa });
-                        }
-                        words.push((i, v));
-                    }
-                    pages.push(SparsePage { gpa, words });
-                }
+                let mut pages = Vec::new();
+                walk_sparse(r.rest(), |gpa, words| {
+                    pages.push(SparsePage {
+                        gpa,
+                        words: words.to_vec(),
+                    })
+                })?;
                 Message::Sparse { pages }
             }
             Command::Switchover => {
@@ -876,6 +859,111 @@ pub fn parse_memory<'a>(
             *decompressed = decompress(c, payload)?;
             parse_memory_raw(decompressed)
         }
+    }
+}
+
+/// The receiver's fast path for Sparse frames: checks the whole frame as `decode`
+/// does, then calls `page(gpa, words)` for each page in frame order, without
+/// allocating (a frame of a chunk of counters is 512 small pages; decoding it into
+/// vectors cost the receiver more than writing the pages).
+pub fn parse_sparse(
+    h: &FrameHeader,
+    payload: &[u8],
+    page: impl FnMut(u64, &[(u16, u64)]),
+) -> Result<(), ProtocolError> {
+    if h.cmd != Command::Sparse || payload.len() as u64 != h.length {
+        return Err(ProtocolError::BadLength(h.cmd));
+    }
+    walk_sparse(payload, |_, _| {})?;
+    walk_sparse(payload, page)
+}
+
+/// Parses a Sparse payload, calling `page` for each page as it is read (so a frame
+/// that fails half-way has already been partly visited: check first, see above).
+fn walk_sparse(
+    payload: &[u8],
+    mut page: impl FnMut(u64, &[(u16, u64)]),
+) -> Result<(), ProtocolError> {
+    let mut r = Reader {
+        buf: payload,
+        cmd: Command::Sparse,
+    };
+    let n = r.u32()? as usize;
+    if n > MAX_SPARSE_PAGES {
+        return Err(ProtocolError::TooManyRanges(n));
+    }
+    let mut words = [(0u16, 0u64); MAX_SPARSE_WORDS];
+    for _ in 0..n {
+        let gpa = r.u64()?;
+        let nw = usize::from(r.u16()?);
+        if !gpa.is_multiple_of(PAGE_SIZE) || nw > MAX_SPARSE_WORDS {
+            return Err(ProtocolError::BadSparse { gpa });
+        }
+        for k in 0..nw {
+            let i = r.u16()?;
+            let v = r.u64()?;
+            // Canonical only (increasing indices, non-zero values): the target hashes
+            // these encodings as they are (`digest`).
+            if usize::from(i) >= PAGE_WORDS || v == 0 || (k > 0 && words[k - 1].0 >= i) {
+                return Err(ProtocolError::BadSparse { gpa });
+            }
+            words[k] = (i, v);
+        }
+        page(gpa, &words[..nw]);
+    }
+    r.end()
+}
+
+/// Builds an (uncompressed) Sparse frame page by page in a reusable buffer: the same
+/// bytes as `Message::Sparse { pages }.encode(Compression::None)`, without a vector per
+/// page (the sender's chunk of counters is 512 of them).
+#[derive(Debug, Default)]
+pub struct SparseFrame {
+    buf: Vec<u8>,
+    pages: u32,
+}
+
+impl SparseFrame {
+    /// Empties the frame, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.resize(HEADER_LEN + 4, 0);
+        self.pages = 0;
+    }
+
+    /// Adds a page: `words` as `PageScan::Sparse` gives them (canonical).
+    pub fn push(&mut self, gpa: u64, words: &[(u16, u64)]) {
+        if self.buf.len() < HEADER_LEN + 4 {
+            self.clear();
+        }
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf
+            .extend_from_slice(&(words.len() as u16).to_le_bytes());
+        for (i, v) in words {
+            self.buf.extend_from_slice(&i.to_le_bytes());
+            self.buf.extend_from_slice(&v.to_le_bytes());
+        }
+        self.pages += 1;
+    }
+
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// The whole frame (header included), ready to send.
+    pub fn finish(&mut self) -> &[u8] {
+        if self.buf.len() < HEADER_LEN + 4 {
+            self.clear();
+        }
+        let header = FrameHeader {
+            cmd: Command::Sparse,
+            flags: 0,
+            length: (self.buf.len() - HEADER_LEN) as u64,
+        }
+        .encode();
+        self.buf[..HEADER_LEN].copy_from_slice(&header);
+        self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.pages.to_le_bytes());
+        &self.buf
     }
 }
 
@@ -1333,6 +1421,8 @@ mod tests {
         assert!(frame(vec![page(0, vec![(512, 1)])]).is_err());
         assert!(frame(vec![page(0, vec![(5, 1), (5, 2)])]).is_err());
         assert!(frame(vec![page(0, vec![(6, 1), (5, 2)])]).is_err());
+        // Not canonical: the target hashes the encodings as they come.
+        assert!(frame(vec![page(0, vec![(5, 0)])]).is_err());
         let many: Vec<(u16, u64)> = (0..=MAX_SPARSE_WORDS as u16).map(|i| (i, 1)).collect();
         assert!(frame(vec![page(0, many)]).is_err());
         // The encoder never produces what the decoder refuses.
@@ -1348,6 +1438,83 @@ mod tests {
             frame(vec![sp.clone()]),
             Ok(Message::Sparse { pages: vec![sp] })
         );
+    }
+
+    #[test]
+    fn sparse_frame_builder_writes_what_encode_writes() {
+        let pages = vec![
+            SparsePage {
+                gpa: 0x1000,
+                words: vec![(0, 7), (511, 9)],
+            },
+            SparsePage {
+                gpa: 0x3000,
+                words: vec![],
+            },
+        ];
+        let mut f = SparseFrame::default();
+        assert_eq!(
+            f.finish(),
+            &Message::Sparse { pages: vec![] }.encode(Compression::None)[..]
+        );
+        for _ in 0..2 {
+            f.clear();
+            for p in &pages {
+                f.push(p.gpa, &p.words);
+            }
+            assert_eq!(f.pages(), 2);
+            assert_eq!(
+                f.finish(),
+                &Message::Sparse {
+                    pages: pages.clone()
+                }
+                .encode(Compression::None)[..]
+            );
+        }
+    }
+
+    #[test]
+    fn parse_sparse_visits_what_decode_returns_and_refuses_the_same() {
+        let raw = |pages: Vec<SparsePage>| {
+            let b = Message::Sparse { pages }.encode(Compression::None);
+            let mut hdr = [0u8; HEADER_LEN];
+            hdr.copy_from_slice(&b[..HEADER_LEN]);
+            (
+                FrameHeader::parse(&hdr).expect("header"),
+                b[HEADER_LEN..].to_vec(),
+            )
+        };
+        let pages = vec![
+            SparsePage {
+                gpa: 0x1000,
+                words: vec![(0, 7), (511, 9)],
+            },
+            SparsePage {
+                gpa: 0x3000,
+                words: vec![],
+            },
+        ];
+        let (h, p) = raw(pages.clone());
+        let mut seen = Vec::new();
+        parse_sparse(&h, &p, |gpa, words| {
+            seen.push(SparsePage {
+                gpa,
+                words: words.to_vec(),
+            })
+        })
+        .expect("valid");
+        assert_eq!(seen, pages);
+        // A bad page late in the frame: nothing is visited at all.
+        let mut bad = pages.clone();
+        bad.push(SparsePage {
+            gpa: 0x4000,
+            words: vec![(3, 1), (2, 1)],
+        });
+        let (h, p) = raw(bad);
+        let mut visited = 0;
+        assert!(parse_sparse(&h, &p, |_, _| visited += 1).is_err());
+        assert_eq!(visited, 0);
+        assert!(Message::decode(&h, &p).is_err());
     }
 
     proptest! {

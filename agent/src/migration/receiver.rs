@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::VmHost;
-use super::digest::ChunkDigests;
+use super::digest::{ChunkDigests, ChunkHasher};
 use super::protocol::{
     self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN,
     SwitchoverMode, auth, parse_memory,
@@ -130,36 +130,119 @@ struct Session {
     /// The session's data connections, shut down when it ends so that they release
     /// the session (and its guest memory) at once.
     data_conns: Mutex<Vec<TcpStream>>,
+    /// Pages this session wrote (or faulted in for writing): see `prefault`.
+    written: PageSet,
+    /// CPU time of the session's data connection threads that ended, ns (for the log).
+    data_cpu_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Session {
-    /// Writes the pages of a Sparse frame (expanded to whole pages, coalesced into
-    /// runs) through `apply`, so digests are kept exactly as for Memory frames.
+    /// Writes the pages of a Sparse frame, each expanded to a whole page in a small
+    /// buffer. A frame that carries every page of a chunk, in order (what the sender
+    /// makes of a chunk of counters or flags), is hashed from its own encodings: they
+    /// are the canonical encoding `chunk_digest` hashes, and memory now holds exactly
+    /// them. Any other chunk it touched is re-hashed from memory after the write.
     fn apply_sparse(
         &self,
         h: &protocol::FrameHeader,
         payload: &[u8],
-        expanded: &mut Vec<u8>,
+        page_buf: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let Message::Sparse { pages } = Message::decode(h, payload).map_err(|e| e.to_string())?
-        else {
-            return Err("not a Sparse frame".into());
+        let ps = crate::contract::PAGE_SIZE;
+        let cs = self.digests.chunk_size();
+        let mut touched: Vec<u64> = Vec::new();
+        let mut runs: Vec<MemRange> = Vec::new();
+        let mut outside = None;
+        protocol::parse_sparse(h, payload, |gpa, _| {
+            if gpa.checked_add(ps).is_none_or(|e| e > self.mem_size) {
+                outside.get_or_insert(gpa);
+                return;
+            }
+            if touched.last() != Some(&(gpa / cs)) {
+                touched.push(gpa / cs);
+            }
+            match runs.last_mut() {
+                Some(r) if r.gpa + r.len == gpa => r.len += ps,
+                _ => runs.push(MemRange { gpa, len: ps }),
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(gpa) = outside {
+            return Err(format!("page {gpa:#x} is outside guest memory"));
+        }
+        let whole_chunk = match (touched.as_slice(), runs.as_slice()) {
+            ([c], [r]) => (r.gpa, r.len) == self.digests.chunk_range(*c),
+            _ => false,
         };
-        let ps = crate::contract::PAGE_SIZE as usize;
-        expanded.resize(pages.len() * ps, 0);
-        let mut ranges: Vec<MemRange> = Vec::new();
-        for (i, pg) in pages.iter().enumerate() {
-            pg.expand_into(&mut expanded[i * ps..(i + 1) * ps]);
-            match ranges.last_mut() {
-                Some(r) if r.gpa.checked_add(r.len) == Some(pg.gpa) => r.len += ps as u64,
-                _ => ranges.push(MemRange {
-                    gpa: pg.gpa,
-                    len: ps as u64,
-                }),
+        touched.sort_unstable();
+        touched.dedup();
+        for c in &touched {
+            self.digests.mark_touched(*c);
+        }
+        self.prefault(&runs);
+        let mem = self.target.guest_memory();
+        // Kept zero between pages: only the words of each page are set, then cleared.
+        page_buf.clear();
+        page_buf.resize(ps as usize, 0);
+        let mut hasher = whole_chunk.then(ChunkHasher::new);
+        let mut failed = None;
+        protocol::parse_sparse(h, payload, |gpa, words| {
+            for &(i, v) in words {
+                let o = usize::from(i) * 8;
+                page_buf[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            if let Err(e) = mem.write_slice(page_buf, GuestAddress(gpa)) {
+                failed.get_or_insert(e.to_string());
+            }
+            for &(i, _) in words {
+                let o = usize::from(i) * 8;
+                page_buf[o..o + 8].fill(0);
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.sparse(words);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let (Some(h), [c]) = (hasher, touched.as_slice()) {
+            self.digests.set(*c, h.finish());
+            return Ok(());
+        }
+        for c in touched {
+            self.digests
+                .rehash(mem, c, scratch)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Faults in, in one call per run, the pages of `runs` this session has not
+    /// written yet (`resident::populate_write`), and marks them written.
+    fn prefault(&self, runs: &[MemRange]) {
+        let ps = crate::contract::PAGE_SIZE;
+        let mem = self.target.guest_memory();
+        for r in runs {
+            let (first, end) = (r.gpa / ps, (r.gpa + r.len) / ps);
+            let mut p = first;
+            while p < end {
+                if self.written.test_and_set(p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                p += 1;
+                while p < end && !self.written.test_and_set(p) {
+                    p += 1;
+                }
+                // A single page faults in on its write just as cheaply.
+                if p - start > 1 {
+                    super::resident::populate_write(mem, start * ps, (p - start) * ps);
+                }
             }
         }
-        self.apply(&ranges, expanded, scratch)
     }
 
     /// Writes the pages of a Memory frame and re-hashes the chunks they touched.
@@ -185,6 +268,7 @@ impl Session {
         for c in &touched {
             self.digests.mark_touched(*c);
         }
+        self.prefault(ranges);
         let mut off = 0usize;
         for r in ranges {
             let len = r.len as usize;
@@ -214,6 +298,10 @@ struct Ticket {
     key: [u8; 32],
     vm: String,
     expires: Instant,
+    /// A Config used the ticket (one migration per ticket)...
+    configured: bool,
+    /// ...and created this session, which its data connections may Join with it.
+    session: Option<[u8; ID_LEN]>,
 }
 
 /// The migration listener's shared state.
@@ -254,13 +342,15 @@ impl Receiver {
         let hex_secret = hex(&secret);
         let mut t = self.tickets.lock().expect("ticket lock is never poisoned");
         let now = Instant::now();
-        t.retain(|_, v| v.expires > now);
+        t.retain(|_, v| v.expires > now || v.configured);
         t.insert(
             id,
             Ticket {
                 key: auth::derive_key(hex_secret.as_bytes()),
                 vm: vm.to_string(),
                 expires: now + TICKET_TTL,
+                configured: false,
+                session: None,
             },
         );
         format!("{}.{}", hex(&id), hex_secret)
@@ -324,7 +414,7 @@ impl Receiver {
         };
         // A peer that has not proved anything gets little time to hold a thread.
         let timeouts = conn.set_read_timeout(HANDSHAKE_TIMEOUT);
-        let ticket_vm = match timeouts
+        let ticket = match timeouts
             .map_err(WireError::Io)
             .and_then(|_| self.handshake(&mut conn))
         {
@@ -334,6 +424,8 @@ impl Receiver {
                 return;
             }
         };
+        // Only an authenticated peer's work outranks the host's other threads.
+        super::stats::raise_thread_priority();
         if let Err(e) = conn.set_read_timeout(super::wire::IO_TIMEOUT) {
             tracing::warn!(%peer, error = %e, "migration connection setup failed");
             return;
@@ -358,20 +450,37 @@ impl Receiver {
                 switchover_timeout_s,
                 spec,
             } => {
-                if let Some(vm) = ticket_vm.filter(|vm| *vm != spec.name) {
-                    conn.send_error(
-                        ErrorCode::AuthFailed,
-                        &format!("the ticket was issued for VM {vm}, not {}", spec.name),
-                    );
+                if let Some(id) = ticket
+                    && let Err(msg) = self.ticket_for_config(id, &spec.name)
+                {
+                    conn.send_error(ErrorCode::AuthFailed, &msg);
                     return;
                 }
                 let mode = Mode {
                     switchover,
                     timeout: Duration::from_secs(u64::from(switchover_timeout_s)),
                 };
-                self.control(conn, chunk_size, streams, mode, spec, peer);
+                self.control(conn, chunk_size, streams, mode, spec, (peer, ticket));
+                if let Some(id) = ticket {
+                    // One migration per ticket, whatever its outcome.
+                    self.tickets
+                        .lock()
+                        .expect("ticket lock is never poisoned")
+                        .remove(&id);
+                }
             }
-            Message::Join { session } => self.data(conn, session),
+            Message::Join { session } => {
+                if let Some(id) = ticket
+                    && !self.ticket_joins(id, session)
+                {
+                    conn.send_error(
+                        ErrorCode::AuthFailed,
+                        "the ticket does not belong to this migration session",
+                    );
+                    return;
+                }
+                self.data(conn, session)
+            }
             Message::Abandon { .. } => {}
             other => conn.send_error(
                 ErrorCode::Protocol,
@@ -380,8 +489,10 @@ impl Receiver {
         }
     }
 
-    /// Challenge-response; returns the VM a ticket was bound to, if a ticket was used.
-    fn handshake(&self, conn: &mut Conn) -> Result<Option<String>, WireError> {
+    /// Challenge-response; returns the id of the ticket used, if a ticket was used.
+    /// A ticket stays in the store until its migration ends: the data connections of
+    /// that migration authenticate with it too (`ticket_joins`).
+    fn handshake(&self, conn: &mut Conn) -> Result<Option<[u8; ID_LEN]>, WireError> {
         let mut nonce_r = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce_r);
         conn.send(
@@ -412,19 +523,18 @@ impl Receiver {
                 message: format!("version {version}"),
             });
         }
-        let (key, vm) = match kind {
+        let (key, ticket) = match kind {
             AuthKind::Token => (self.token_key, None),
             AuthKind::Ticket(id) => {
-                // One-time: the ticket is consumed by this attempt whatever its outcome.
-                let t = self
+                let now = Instant::now();
+                let key = self
                     .tickets
                     .lock()
                     .expect("ticket lock is never poisoned")
-                    .remove(&id);
-                match t.filter(|t| t.expires > Instant::now()) {
-                    Some(t) => (Some(t.key), Some(t.vm)),
-                    None => (None, None),
-                }
+                    .get(&id)
+                    .filter(|t| t.expires > now || t.session.is_some())
+                    .map(|t| t.key);
+                (key, Some(id))
             }
         };
         let ok =
@@ -445,7 +555,32 @@ impl Receiver {
             },
             Compression::None,
         )?;
-        Ok(vm)
+        Ok(ticket)
+    }
+
+    /// A Config authenticated with ticket `id`: allowed once, for the ticket's VM.
+    fn ticket_for_config(&self, id: [u8; ID_LEN], vm: &str) -> Result<(), String> {
+        let mut tickets = self.tickets.lock().expect("ticket lock is never poisoned");
+        match tickets.get_mut(&id) {
+            Some(t) if t.configured => Err("the ticket was used already".into()),
+            Some(t) if t.vm != vm => {
+                Err(format!("the ticket was issued for VM {}, not {vm}", t.vm))
+            }
+            Some(t) => {
+                t.configured = true;
+                Ok(())
+            }
+            None => Err("the ticket is unknown or expired".into()),
+        }
+    }
+
+    /// Whether a data connection authenticated with ticket `id` may join `session`.
+    fn ticket_joins(&self, id: [u8; ID_LEN], session: [u8; ID_LEN]) -> bool {
+        self.tickets
+            .lock()
+            .expect("ticket lock is never poisoned")
+            .get(&id)
+            .is_some_and(|t| t.session == Some(session))
     }
 
     fn control(
@@ -455,8 +590,9 @@ impl Receiver {
         streams: u16,
         mode: Mode,
         spec: VmSpec,
-        peer: std::net::SocketAddr,
+        (peer, ticket): (std::net::SocketAddr, Option<[u8; ID_LEN]>),
     ) {
+        let cpu = super::stats::thread_cpu();
         if let Err(msg) = check_config(chunk_size, streams, &spec) {
             conn.send_error(ErrorCode::Incompatible, &msg);
             return;
@@ -489,6 +625,8 @@ impl Receiver {
             scan: Mutex::new(None),
             ended: AtomicBool::new(false),
             data_conns: Mutex::new(Vec::new()),
+            data_cpu_ns: std::sync::atomic::AtomicU64::new(0),
+            written: PageSet::new(mem_size / crate::contract::PAGE_SIZE),
         });
         let scanner = session.clone();
         let scan = std::thread::Builder::new()
@@ -529,6 +667,15 @@ impl Receiver {
             .lock()
             .expect("session lock is never poisoned")
             .insert(id, session.clone());
+        if let Some(t) = ticket
+            && let Some(t) = self
+                .tickets
+                .lock()
+                .expect("ticket lock is never poisoned")
+                .get_mut(&t)
+        {
+            t.session = Some(id);
+        }
         tracing::info!(vm = %spec.name, %peer, streams, switchover = ?mode.switchover, "incoming migration");
         let result = match conn.send(
             &Message::Ok {
@@ -539,6 +686,8 @@ impl Receiver {
             Ok(_) => drive_control(&mut conn, &session, mode),
             Err(e) => Err((ErrorCode::Internal, e.to_string())),
         };
+        let cpu_ms = super::stats::ms(super::stats::thread_cpu().saturating_sub(cpu))
+            + session.data_cpu_ns.load(Ordering::Relaxed) as f64 / 1e6;
         session.closed.store(true, Ordering::SeqCst);
         session.ended.store(true, Ordering::SeqCst);
         for c in session
@@ -560,7 +709,7 @@ impl Receiver {
                 if let Err(e) = conn.send(&Message::Ok { payload: vec![] }, Compression::None) {
                     tracing::warn!(vm = %session.name, error = %e, "guest running here, but the source did not hear it");
                 }
-                tracing::info!(vm = %session.name, "incoming migration completed; guest running");
+                tracing::info!(vm = %session.name, cpu_ms, "incoming migration completed; guest running");
             }
             Ok(state) => {
                 self.host.end_incoming(&session.name, false);
@@ -602,6 +751,8 @@ impl Receiver {
         {
             return;
         }
+        let cpu = super::stats::thread_cpu();
+        let _account = CpuOnDrop(cpu, &session.data_cpu_ns);
         let mut state = ReceiverState::Data;
         let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
         loop {
@@ -638,6 +789,41 @@ impl Receiver {
                 return;
             }
         }
+    }
+}
+
+/// A set of page numbers that several connection threads mark at once.
+struct PageSet(Vec<std::sync::atomic::AtomicU64>);
+
+impl PageSet {
+    fn new(pages: u64) -> Self {
+        PageSet(
+            (0..pages.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Adds `page`; returns whether it was there already (true beyond the end, so
+    /// callers leave such pages alone).
+    fn test_and_set(&self, page: u64) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.0
+            .get((page / 64) as usize)
+            .is_none_or(|w| w.fetch_or(bit, Ordering::Relaxed) & bit != 0)
+    }
+}
+
+/// Adds the thread's CPU time since `.0` to `.1` when the data connection ends.
+struct CpuOnDrop<'a>(Duration, &'a std::sync::atomic::AtomicU64);
+
+impl Drop for CpuOnDrop<'_> {
+    fn drop(&mut self) {
+        let used = super::stats::thread_cpu().saturating_sub(self.0);
+        self.1.fetch_add(
+            u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 

@@ -28,13 +28,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
 
 use super::VmHost;
 use super::bitmap;
-use super::digest::{CHUNK_SIZE, ChunkDigests, is_zero};
+use super::digest::{CHUNK_SIZE, ChunkDigests, PageScan, scan_chunk};
 use super::policy::{Decision, PassReport, Precopy, RateLimiter};
 use super::protocol::{
-    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparsePage,
+    self, AuthKind, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN, SparseFrame,
     SwitchoverMode, auth,
 };
-use super::stats::{Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms};
+use super::stats::{
+    Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, raise_thread_priority,
+    thread_cpu,
+};
 use super::wire::{Conn, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
 
@@ -225,29 +228,39 @@ fn migrate(
         },
         Compression::None,
     )?;
+    // While the target creates the VM (tens of ms for a large guest), authenticate the
+    // data connections and start dirty logging: none of that sends memory, and all of
+    // it used to wait for the answer.
+    let t_config = Instant::now();
+    let mut data = Vec::with_capacity(usize::from(streams) - 1);
+    for _ in 1..streams {
+        data.push(connect(&p.target, p)?);
+    }
+    src.start_dirty_log()?;
+    progress.logging = true;
+    // Read after the dirty log started: a page populated later is in a dirty set.
+    let populated = super::resident::populated(mem);
+    let t_answer = Instant::now();
     let session: [u8; ID_LEN] = control
         .expect_ok()?
         .try_into()
         .map_err(|_| WireError::Unexpected(protocol::Command::Ok))?;
+    let config_wait_ms = ms(t_answer.elapsed());
     let mut conns = vec![control];
-    for _ in 1..streams {
-        let mut c = connect(&p.target, p)?;
+    for mut c in data {
         c.send(&Message::Join { session }, Compression::None)?;
         c.expect_ok()?;
         conns.push(c);
     }
-    src.start_dirty_log()?;
-    progress.logging = true;
     let setup = out.started.elapsed();
     out.update(|i| {
         i.setup_ms = ms(setup);
         i.state = MigrationState::Active;
     });
-    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup), "migration set up");
+    tracing::info!(vm = %spec.name, target = %p.target, streams, setup_ms = ms(setup),
+        overlapped_ms = ms(t_answer - t_config), config_wait_ms, "migration set up");
 
     let digests = ChunkDigests::zeroed(mem_size, CHUNK_SIZE);
-    // Read after the dirty log started: a page populated later is in a dirty set.
-    let populated = super::resident::populated(mem);
     let limiter = Mutex::new(RateLimiter::new());
     let mut precopy = Precopy::new();
     let mut dirty = bitmap::all(pages);
@@ -580,8 +593,21 @@ fn run_pass(conns: &mut [Conn], ctx: &PassCtx<'_>, pages: u64) -> Result<u64, Se
 }
 
 fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
+    raise_thread_priority();
+    let cpu = thread_cpu();
+    let r = stream_pages(conn, ctx, pages);
+    let used = thread_cpu().saturating_sub(cpu);
+    ctx.out.counters.cpu_ns.fetch_add(
+        u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    r
+}
+
+fn stream_pages(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, SendError> {
     let ppc = CHUNK_SIZE / PAGE_SIZE;
     let mut scratch = Vec::with_capacity(CHUNK_SIZE as usize);
+    let mut sparse = SparseFrame::default();
     let mut sent = 0u64;
     let counters = &ctx.out.counters;
     loop {
@@ -617,42 +643,41 @@ fn stream_worker(conn: &mut Conn, ctx: &PassCtx<'_>, pages: u64) -> Result<u64, 
         ctx.mem
             .read_slice(&mut scratch, GuestAddress(start))
             .map_err(|e| SendError::Memory(e.to_string()))?;
-        // Hashed after the dirty set holding these pages was collected (see `digest`).
-        ctx.digests.record(c, &scratch);
-
+        // Hashed after the dirty set holding these pages was collected (see `digest`),
+        // in the same single scan that classifies the pages for the wire.
         let mut ranges: Vec<MemRange> = Vec::new();
-        let mut sparse: Vec<SparsePage> = Vec::new();
+        sparse.clear();
         let mut bytes = 0u64;
-        for page in first..end_page {
+        let mut zero = 0u64;
+        let digest = scan_chunk(&scratch, |i, scan| {
+            let page = first + i as u64;
             if !bitmap::is_set(ctx.dirty, page) {
-                continue;
-            }
-            let off = ((page - first) * PAGE_SIZE) as usize;
-            let data = &scratch[off..off + PAGE_SIZE as usize];
-            if ctx.skip_zero && is_zero(data) {
-                counters.zero_pages.fetch_add(1, Ordering::Relaxed);
-                continue;
+                return;
             }
             let gpa = page * PAGE_SIZE;
-            // A page that is zero but for a few words travels as those words.
-            if let Some(sp) = SparsePage::encode(gpa, data) {
-                sparse.push(sp);
-                continue;
+            match scan {
+                PageScan::Sparse([]) if ctx.skip_zero => zero += 1,
+                // A page that is zero but for a few words travels as those words.
+                PageScan::Sparse(words) => sparse.push(gpa, words),
+                PageScan::Dense => {
+                    match ranges.last_mut() {
+                        Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
+                        _ => ranges.push(MemRange {
+                            gpa,
+                            len: PAGE_SIZE,
+                        }),
+                    }
+                    bytes += PAGE_SIZE;
+                }
             }
-            match ranges.last_mut() {
-                Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
-                _ => ranges.push(MemRange {
-                    gpa,
-                    len: PAGE_SIZE,
-                }),
-            }
-            bytes += PAGE_SIZE;
-        }
-        if !sparse.is_empty() {
-            let n = sparse.len() as u64;
-            let frame = Message::Sparse { pages: sparse }.encode(Compression::None);
+        });
+        ctx.digests.set(c, digest);
+        counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
+        if sparse.pages() > 0 {
+            let n = u64::from(sparse.pages());
+            let frame = sparse.finish();
             throttle_send(ctx, frame.len() as u64)?;
-            let wire = conn.send_parts([&frame[..]])?;
+            let wire = conn.send_parts([frame])?;
             counters
                 .wire_bytes
                 .fetch_add(wire as u64, Ordering::Relaxed);
