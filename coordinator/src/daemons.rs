@@ -409,6 +409,20 @@ impl AgentClient {
             .await
     }
 
+    /// Ends a quiesced coordinated migration without a go-ahead, leaving the source
+    /// paused (a rollback after the fence: the source must not resume with its old,
+    /// fenced tokens). 409 when the migration is not waiting for its go-ahead.
+    pub async fn abort_migration(&self, id: &str) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(
+                reqwest::Method::POST,
+                &format!("/v1/migrations/{id}/abort"),
+                None,
+            )
+            .await
+            .map(|_| ())
+    }
+
     pub async fn cancel_migration(&self, id: &str) -> Result<(), DaemonError> {
         self.0
             .call::<Value>(

@@ -1045,8 +1045,9 @@ impl Coordinator {
     /// After the fence intent, with the target not running: fence the disks back to
     /// the source under a new, higher epoch, discard the target's copy, and resume the
     /// source with the new tokens. `live`: the source agent's migration must first
-    /// leave `quiesced` (it fails by itself once the target is gone or its switchover
-    /// timeout passes), so that it stays paused instead of resuming with stale tokens.
+    /// leave `quiesced`; `abort` ends it at once with the source kept paused (so it
+    /// never resumes with stale tokens), and without that call (an older agent) it fails
+    /// by itself once the target is gone or its switchover timeout passes.
     async fn roll_back(
         &self,
         mut doc: MigrationDoc,
@@ -1065,7 +1066,9 @@ impl Coordinator {
             return Err(ApiError::new(500, "internal", "expected a rollback intent"));
         };
         if live && let Some(id) = doc.agent_migration.clone() {
-            // Speed the source's failure up: without a target the stream ends.
+            // End the source's wait for a go-ahead at once, keeping it paused (a 409
+            // means it already left `quiesced` on its own); then drop the target's copy.
+            let _ = hosts.sa.abort_migration(&id).await;
             let _ = hosts.da.delete_vm(&vm.name).await;
             self.wait_source_settled(&hosts.sa, &id).await?;
         }

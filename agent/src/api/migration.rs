@@ -7,6 +7,7 @@
 //! | `GET /v1/migrations/{id}` | | `MigrationInfo` (query-migrate-like statistics) |
 //! | `PATCH /v1/migrations/{id}` | `LimitsPatch` | `MigrationInfo` with the new limits |
 //! | `POST /v1/migrations/{id}/cancel` | | `MigrationInfo`; the guest keeps running on the source (409 `wrong_state` after a switchover go-ahead) |
+//! | `POST /v1/migrations/{id}/abort` | | `MigrationInfo`; ends a quiesced coordinated migration (no go-ahead yet) as `failed` (`aborted`) with the source left paused; else 409 `wrong_state` |
 //! | `POST /v1/migrations/{id}/switchover` | `{disks: [URI]}` | `MigrationInfo`; the go-ahead of a `quiesced` coordinated migration, else 409 `wrong_state` |
 //! | `POST /v1/migrations/tickets` | `{vm}` | `{ticket}`: one-time credential for an incoming stream |
 //!
@@ -38,6 +39,7 @@ pub fn routes(svc: Arc<MigrationService>) -> Router {
         .route("/v1/migrations/{id}", get(show).patch(patch))
         .route("/v1/migrations/{id}/cancel", post(cancel))
         .route("/v1/migrations/{id}/switchover", post(switchover))
+        .route("/v1/migrations/{id}/abort", post(abort))
         .with_state(svc)
 }
 
@@ -102,6 +104,13 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(svc.cancel(&id)?).into_response())
+}
+
+async fn abort(
+    State(svc): State<Arc<MigrationService>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(svc.abort(&id)?).into_response())
 }
 
 async fn switchover(

@@ -79,6 +79,8 @@ pub enum SendError {
         "no switchover go-ahead within {0} s; the source stays paused (its disks may be fenced away)"
     )]
     SwitchoverTimeout(u64),
+    #[error("aborted while quiesced; the source stays paused (its disks may be fenced away)")]
+    Aborted,
 }
 
 impl SendError {
@@ -94,6 +96,7 @@ impl SendError {
             SendError::Memory(_) => "memory",
             SendError::OutcomeUnknown(_) => "outcome_unknown",
             SendError::SwitchoverTimeout(_) => "switchover_timeout",
+            SendError::Aborted => "aborted",
         }
     }
 }
@@ -488,6 +491,7 @@ fn wait_go_ahead(
         let got = out.with_window(|w| match w {
             Window::GoAhead(d) => Some(Ok(d.clone())),
             Window::Cancelled => Some(Err(SendError::Cancelled)),
+            Window::Aborted => Some(Err(SendError::Aborted)),
             _ if Instant::now() >= deadline => {
                 // Closed under the lock: a go-ahead racing the deadline gets a 409.
                 *w = Window::Failed;

@@ -279,12 +279,43 @@ impl MigrationService {
             Window::GoAhead(_) => Err(ServiceError::WrongState(format!(
                 "migration {id} already has its switchover go-ahead; it can no longer be cancelled"
             ))),
+            Window::Aborted => Err(ServiceError::WrongState(format!(
+                "migration {id} was aborted while quiesced; its source stays paused until resumed with new disk URIs"
+            ))),
             Window::Failed => Err(ServiceError::Ended(id.to_string())),
             Window::Closed => {
                 h.request_cancel();
                 Ok(())
             }
         })?;
+        Ok(h.snapshot())
+    }
+
+    /// Ends a quiesced coordinated migration without a go-ahead and WITHOUT resuming the
+    /// source: the coordinator calls it when it fenced (or may have fenced) the disks to
+    /// the target and then decided to roll back; it resumes the source itself with new
+    /// disk URIs. The target discards its copy. Anything but a quiesced migration
+    /// waiting for its go-ahead is `WrongState` (before quiesce, `cancel` is the call).
+    pub fn abort(&self, id: &str) -> Result<MigrationInfo, ServiceError> {
+        let h = self.get_handle(id)?;
+        if h.state().is_final() {
+            return Err(ServiceError::Ended(id.to_string()));
+        }
+        h.with_window(|w| match w {
+            Window::Open => {
+                *w = Window::Aborted;
+                Ok(())
+            }
+            Window::Aborted => Ok(()),
+            Window::Closed => Err(ServiceError::WrongState(format!(
+                "migration {id} is not quiesced and waiting for its go-ahead; use cancel"
+            ))),
+            Window::GoAhead(_) => Err(ServiceError::WrongState(format!(
+                "migration {id} already has its switchover go-ahead; it can no longer be aborted"
+            ))),
+            Window::Cancelled | Window::Failed => Err(ServiceError::Ended(id.to_string())),
+        })?;
+        tracing::info!(%id, "quiesced migration aborted; the source stays paused");
         Ok(h.snapshot())
     }
 

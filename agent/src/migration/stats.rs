@@ -128,6 +128,10 @@ pub enum Window {
     GoAhead(Vec<String>),
     /// Cancelled while quiesced, before any go-ahead.
     Cancelled,
+    /// Aborted while quiesced, before any go-ahead: the coordinator fenced (or may have
+    /// fenced) the disks away, so the source must stay paused until it is resumed with
+    /// new disk URIs.
+    Aborted,
     /// The sender gave up (timeout, target lost); nothing more is accepted.
     Failed,
 }

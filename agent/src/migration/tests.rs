@@ -631,6 +631,40 @@ fn cancel_while_quiesced_resumes_the_source() {
 }
 
 #[test]
+fn abort_while_quiesced_fails_at_once_and_leaves_the_source_paused() {
+    let rt = runtime();
+    let (src, dst) = (agent(&rt, Some("tok")), agent(&rt, Some("tok")));
+    let vm = src.host.add_running("vm1", MEM_MIB);
+    // Before quiesce there is nothing to abort: cancel is the call then.
+    let mut r = coordinated(&dst.addr);
+    r.switchover_timeout_s = Some(60);
+    let id = src.svc.start("vm1", r).expect("start");
+    let q = wait_quiesced(&src.svc, &id);
+    assert_quiesced(&src, &dst, &vm, "vm1");
+    src.svc.abort(&id).expect("abort while quiesced");
+    src.svc.abort(&id).ok(); // repeating it is harmless
+    assert!(
+        src.svc.cancel(&id).is_err(),
+        "an aborted migration cannot become a cancel (that would resume the source)"
+    );
+    assert!(
+        src.svc
+            .switchover(&id, SwitchoverRequest { disks: vec![] })
+            .is_err(),
+        "no go-ahead after an abort"
+    );
+    let info = wait_final(&src.svc, &id, Duration::from_secs(10));
+    assert_eq!(info.state, MigrationState::Failed, "{info:?}");
+    assert_eq!(info.error.as_ref().expect("error").code, "aborted");
+    let waited = info.total_ms - q.quiesced_at_ms.expect("quiesced at");
+    assert!(
+        waited < 10_000.0,
+        "abort must not wait for the 60 s switchover timeout: {info:?}"
+    );
+    assert_failed_paused(&src, &dst, &vm, "vm1");
+}
+
+#[test]
 fn a_cut_stream_while_quiesced_fails_and_leaves_the_source_paused() {
     let rt = runtime();
     let (src, dst) = (agent(&rt, Some("tok")), agent(&rt, Some("tok")));
