@@ -907,7 +907,11 @@ impl Coordinator {
 
         // Until the source quiesces it owns its disks: any failure or cancel ends with
         // the source running under its original lease.
-        let quiesced = if offline {
+        // `--offline`: pause first (the pause drains and flushes the disks), then move
+        // the paused guest's memory and state by the same coordinated migration: the
+        // first pass carries everything, nothing is dirtied, and the target resumes the
+        // guest where it stopped. Its downtime is the whole move.
+        let paused = if offline {
             hosts
                 .sa
                 .pause(&vm.name)
@@ -915,8 +919,15 @@ impl Coordinator {
                 .map(|_| ())
                 .map_err(|e| Stop::Abort(format!("pausing the source: {e}")))
         } else {
-            self.live_until_quiesced(&mut doc, &vm, &hosts, &ctl.cancel)
-                .await
+            Ok(())
+        };
+        let paused_at = Instant::now();
+        let quiesced = match paused {
+            Ok(()) => {
+                self.live_until_quiesced(&mut doc, &vm, &hosts, &ctl.cancel)
+                    .await
+            }
+            Err(e) => Err(e),
         };
         match quiesced {
             Ok(()) => {}
@@ -951,9 +962,7 @@ impl Coordinator {
         let fence_start = Instant::now();
         if let Err(e) = self.fence_all(&mut vm, epoch, &dst.name).await {
             let reason = format!("fencing the disks to the target failed: {e}");
-            return self
-                .roll_back(doc, vm, &hosts, started, reason, !offline)
-                .await;
+            return self.roll_back(doc, vm, &hosts, started, reason).await;
         }
         doc.figures.fence_ms = fence_start.elapsed().as_millis() as u64;
         doc.figures.fence_us = fence_start.elapsed().as_micros() as u64;
@@ -963,17 +972,11 @@ impl Coordinator {
             .await?;
         if !self.pass_point_of_no_return(ctl) {
             let reason = "cancelled by the operator after the fence".to_owned();
-            return self
-                .roll_back(doc, vm, &hosts, started, reason, !offline)
-                .await;
+            return self.roll_back(doc, vm, &hosts, started, reason).await;
         }
         doc.figures.handover_ms = quiesced_at.elapsed().as_millis() as u64;
         let uris = self.disk_uris(&vm)?;
-        let outcome = if offline {
-            self.offline_start(&vm, &uris, &hosts.da).await
-        } else {
-            self.live_switchover(&mut doc, &hosts.sa, &uris).await
-        };
+        let outcome = self.live_switchover(&mut doc, &hosts.sa, &uris).await;
         let target_runs =
             matches!(hosts.da.get_vm(&vm.name).await, Ok(Some(t)) if t.state == "running");
         if !target_runs {
@@ -981,9 +984,7 @@ impl Coordinator {
                 Err(reason) => reason,
                 Ok(()) => "the target does not run the VM after the switchover".to_owned(),
             };
-            return self
-                .roll_back(doc, vm, &hosts, started, reason, !offline)
-                .await;
+            return self.roll_back(doc, vm, &hosts, started, reason).await;
         }
         if let Err(reason) = outcome {
             // The target runs under its new lease although the migration reported a
@@ -1001,7 +1002,7 @@ impl Coordinator {
         }
         if offline {
             // Offline downtime is the whole pause: source paused until the target ran.
-            doc.figures.downtime_ms = quiesced_at.elapsed().as_millis() as u64;
+            doc.figures.downtime_ms = paused_at.elapsed().as_millis() as u64;
         }
         self.step(&mut doc, Event::Commit, epoch, Some(&vm)).await?;
         // The source agent frees its paused copy once the target runs; an offline move
@@ -1044,8 +1045,8 @@ impl Coordinator {
 
     /// After the fence intent, with the target not running: fence the disks back to
     /// the source under a new, higher epoch, discard the target's copy, and resume the
-    /// source with the new tokens. `live`: the source agent's migration must first
-    /// leave `quiesced`; `abort` ends it at once with the source kept paused (so it
+    /// source with the new tokens. The source agent's migration must first leave
+    /// `quiesced`; `abort` ends it at once with the source kept paused (so it
     /// never resumes with stale tokens), and without that call (an older agent) it fails
     /// by itself once the target is gone or its switchover timeout passes.
     async fn roll_back(
@@ -1055,7 +1056,6 @@ impl Coordinator {
         hosts: &Pair<'_>,
         started: Instant,
         reason: String,
-        live: bool,
     ) -> Result<(), ApiError> {
         tracing::warn!(migration = %doc.record.id, %reason, "rolling back to the source");
         doc.error = Some(reason.clone());
@@ -1065,7 +1065,7 @@ impl Coordinator {
         let Phase::RollingBack { epoch, .. } = doc.record.phase else {
             return Err(ApiError::new(500, "internal", "expected a rollback intent"));
         };
-        if live && let Some(id) = doc.agent_migration.clone() {
+        if let Some(id) = doc.agent_migration.clone() {
             // End the source's wait for a go-ahead at once, keeping it paused (a 409
             // means it already left `quiesced` on its own); then drop the target's copy.
             let _ = hosts.sa.abort_migration(&id).await;
@@ -1291,22 +1291,6 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    /// `--offline`, after the fence: start the VM from its definition on the target with
-    /// the target's own disk tokens. The guest's memory does not move (it cold-boots).
-    async fn offline_start(
-        &self,
-        vm: &Vm,
-        uris: &[String],
-        da: &AgentClient,
-    ) -> Result<(), String> {
-        let mut spec = self.agent_spec(vm).map_err(|e| e.message)?;
-        spec["disks"] = uris.iter().map(|u| json!({ "nbd": u })).collect();
-        da.put_vm(&vm.name, &spec)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("starting the VM on the target: {e}"))
     }
 
     // ---------------------------------------------------------------- recovery

@@ -79,7 +79,8 @@ fn limits_and_offline_move() {
             "cancelled"
         );
     }
-    // Offline: the guest stops on the source and boots on the target; the lease follows.
+    // Offline: the guest pauses on the source, its memory and state move, it resumes on
+    // the target; the lease follows.
     let m = c.ok(&[
         "migrate",
         "vm3",
@@ -91,6 +92,10 @@ fn limits_and_offline_move() {
         "60",
     ]);
     assert_eq!(m["state"], "committed", "{m}");
+    assert!(
+        m["memory_bytes"].as_u64().unwrap_or(0) > 0,
+        "an offline move carries the guest's memory (no cold boot): {m}"
+    );
     assert_eq!(c.lease("vm3-disk0"), ("kvm-b1".to_owned(), 2));
     assert_eq!(c.agent_vm_state(1, "vm3"), "running");
     assert_eq!(c.agent_vm_state(0, "vm3"), "absent");
