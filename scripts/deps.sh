@@ -15,6 +15,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 # The system python: a pyenv or venv python3 on PATH does not see Debian's modules.
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 have curl      || need+=(curl)
+have jq        || need+=(jq)        # scripts/demo.sh reads coord --json output
 have tc        || need+=(iproute2)  # bench-migrate shapes a 110 MiB/s link with tc in a netns
 # The Linux kernel's NBD client (tests/tests/nbd_kernel.rs; skipped without the nbd module).
 PATH="$PATH:/usr/sbin:/sbin" have nbd-client || need+=(nbd-client)
