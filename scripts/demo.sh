@@ -130,7 +130,7 @@ Demo passed: vm7 moved from siteA to siteB while writing to its disk; the storag
 fenced the disk to kvm-b1 under a new epoch while the guest was paused, and every
 record the guest saw acknowledged is on the disk.
 
-Try next (in this shell: export STAGEHAND_COORDINATOR=$STAGEHAND_COORDINATOR STAGEHAND_TOKEN=$TOKEN PATH=$BIN:\$PATH):
+Try next (from another terminal while the demo keeps running here: export STAGEHAND_COORDINATOR=$STAGEHAND_COORDINATOR STAGEHAND_TOKEN=$TOKEN PATH=$BIN:\$PATH):
   coord migrate vm7 --to siteA --wait          # and back
   coord migrate vm7 --to siteA --offline --wait
   coord migration list
