@@ -217,7 +217,13 @@ fn api_lifecycle_against_the_real_binary() {
     assert_eq!((r.status, r.error_code().as_str()), (400, "bad_image"));
 
     if !kvm_ok() {
-        eprintln!("SKIPPED: /dev/kvm missing: VM part of the API test");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: /dev/kvm missing: VM part of the API test"
+            );
+        };
     } else {
         let image = agent._dir.path().join("ab.bin");
         std::fs::write(&image, agent::guests::AB_SWEEPER).expect("write image");

@@ -17,7 +17,13 @@ fn kvm_ok() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        eprintln!("SKIPPED: /dev/kvm missing (or not accessible)");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: /dev/kvm missing (or not accessible)"
+            );
+        };
     }
     ok
 }

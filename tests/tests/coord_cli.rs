@@ -90,7 +90,10 @@ fn inventory_verbs_and_their_errors() {
 #[test]
 fn vm_create_show_list_delete() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let c = Cluster::start();

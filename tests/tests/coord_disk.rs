@@ -49,7 +49,10 @@ fn running_on(c: &Cluster) -> Vec<&'static str> {
 #[test]
 fn disk_writer_moves_back_and_forth_five_times() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let c = Cluster::start();
@@ -165,7 +168,10 @@ fn migrate_until_fenced(c: &Cluster, go: &std::path::Path) -> String {
 #[test]
 fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let mut c = Cluster::start();

@@ -11,7 +11,10 @@ use coord_support::{Cluster, have_kvm};
 #[test]
 fn cancel_keeps_the_guest_on_the_source() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let c = Cluster::start();
@@ -48,7 +51,10 @@ fn cancel_keeps_the_guest_on_the_source() {
 #[test]
 fn limits_and_offline_move() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let mut c = Cluster::start();

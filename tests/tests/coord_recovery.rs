@@ -12,7 +12,10 @@ use coord_support::{Cluster, have_kvm};
 #[test]
 fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
     if !have_kvm() {
-        eprintln!("SKIPPED: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
+        };
         return;
     }
     let mut c = Cluster::start();

@@ -102,7 +102,10 @@ mod tests {
         mem.write_obj(1u8, GuestAddress((40 << 20) + 7))
             .expect("in range");
         let Some(b) = populated(&mem) else {
-            eprintln!("SKIPPED: /proc/self/pagemap missing");
+            {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "SKIPPED: /proc/self/pagemap missing");
+            };
             return;
         };
         assert!(super::super::bitmap::is_set(&b, 5));

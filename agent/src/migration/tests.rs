@@ -787,7 +787,10 @@ mod kvm {
         if std::path::Path::new("/dev/kvm").exists() {
             return true;
         }
-        eprintln!("SKIPPED: {test}: /dev/kvm missing");
+        {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: /dev/kvm missing");
+        };
         false
     }
 

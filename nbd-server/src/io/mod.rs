@@ -609,14 +609,23 @@ mod tests {
         let engine = match IoEngine::new(EngineKind::Uring) {
             Ok(e) => Arc::new(e),
             Err(e) => {
-                eprintln!("SKIPPED: io_uring missing ({e})");
+                {
+                    use std::io::Write as _;
+                    let _ = writeln!(std::io::stderr(), "SKIPPED: io_uring missing ({e})");
+                };
                 return;
             }
         };
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(tempfile::tempfile_in(dir.path()).unwrap());
         if NoWait::for_file(&file).memory() {
-            eprintln!("SKIPPED: the temporary directory is on a memory file system");
+            {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: the temporary directory is on a memory file system"
+                );
+            };
             return;
         }
         const BIG: usize = 64 << 20;
@@ -674,7 +683,13 @@ mod tests {
         }
         big.await.unwrap().unwrap();
         if big_done {
-            eprintln!("SKIPPED (inconclusive): the long write ended before the fence");
+            {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED (inconclusive): the long write ended before the fence"
+                );
+            };
             return;
         }
         assert!(fenced > 0, "no write queued in the kernel was cancelled");
@@ -689,7 +704,10 @@ mod tests {
     async fn uring_fence_fails_queued_changes() {
         match IoEngine::new(EngineKind::Uring) {
             Ok(e) => fence_fails_queued_changes(e).await,
-            Err(e) => eprintln!("SKIPPED: io_uring missing ({e})"),
+            Err(e) => {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "SKIPPED: io_uring missing ({e})");
+            }
         }
     }
 
@@ -708,7 +726,10 @@ mod tests {
     async fn uring_engine_works() {
         match IoEngine::new(EngineKind::Uring) {
             Ok(e) => exercise(e, None).await,
-            Err(e) => eprintln!("SKIPPED: io_uring missing ({e})"),
+            Err(e) => {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "SKIPPED: io_uring missing ({e})");
+            }
         }
     }
 }

@@ -15,7 +15,10 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("SKIPPED: {test}: /dev/kvm missing");
+    {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: /dev/kvm missing");
+    };
     false
 }
 
