@@ -47,20 +47,23 @@ pub fn have_tool(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Prints a skip message straight to stderr. Not `eprintln!`: libtest captures the
+/// `eprintln!` output of passing tests, and a skipped test must be seen in the log.
+/// (The agent's and nbd-server's own tests write to stderr the same way.)
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Returns from the calling test with a loud message when a tool is missing.
 #[macro_export]
 macro_rules! require_tool {
     ($tool:expr) => {
         if !$crate::have_tool($tool) {
-            // Straight to stderr, not eprintln!: libtest captures the eprintln! output of
-            // passing tests, and a skip must be seen in the test log. The tests of this
-            // workspace skip this way everywhere.
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: {} missing (run `make deps`)",
-                $tool
-            );
+            $crate::skip!("SKIPPED: {} missing (run `make deps`)", $tool);
             return;
         }
     };

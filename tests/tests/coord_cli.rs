@@ -90,10 +90,7 @@ fn inventory_verbs_and_their_errors() {
 #[test]
 fn vm_create_show_list_delete() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let c = Cluster::start();

@@ -49,10 +49,7 @@ fn running_on(c: &Cluster) -> Vec<&'static str> {
 #[test]
 fn disk_writer_moves_back_and_forth_five_times() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let c = Cluster::start();
@@ -168,10 +165,7 @@ fn migrate_until_fenced(c: &Cluster, go: &std::path::Path) -> String {
 #[test]
 fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let mut c = Cluster::start();

@@ -11,10 +11,7 @@ use coord_support::{Cluster, have_kvm};
 #[test]
 fn cancel_keeps_the_guest_on_the_source() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let c = Cluster::start();
@@ -51,10 +48,7 @@ fn cancel_keeps_the_guest_on_the_source() {
 #[test]
 fn limits_and_offline_move() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let mut c = Cluster::start();

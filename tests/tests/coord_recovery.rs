@@ -12,10 +12,7 @@ use coord_support::{Cluster, have_kvm};
 #[test]
 fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
     if !have_kvm() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/kvm missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
         return;
     }
     let mut c = Cluster::start();

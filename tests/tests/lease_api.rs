@@ -164,13 +164,7 @@ async fn api_errors_and_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_added_and_removed_at_runtime() {
     if !have_python_libnbd() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: python3-libnbd missing (make deps)"
-            );
-        };
+        stagehand_tests::skip!("SKIPPED: python3-libnbd missing (make deps)");
         return;
     }
     tokio::time::timeout(Duration::from_secs(60), async {

@@ -23,13 +23,7 @@ const DISK_BYTES: u64 = 8 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stale_byte_lands_after_fence() {
     if !have_python_libnbd() || !have("qemu-io") {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: python3-libnbd or qemu-io missing (make deps)"
-            );
-        };
+        stagehand_tests::skip!("SKIPPED: python3-libnbd or qemu-io missing (make deps)");
         return;
     }
     tokio::time::timeout(Duration::from_secs(120), run())

@@ -11,13 +11,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fence_survives_kill_9() {
     if !have_python_libnbd() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: python3-libnbd missing (make deps)"
-            );
-        };
+        stagehand_tests::skip!("SKIPPED: python3-libnbd missing (make deps)");
         return;
     }
     tokio::time::timeout(Duration::from_secs(120), run())

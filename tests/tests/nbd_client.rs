@@ -164,13 +164,7 @@ impl Drop for QemuNbd {
 #[test]
 fn client_against_qemu_nbd() {
     if !have_tool("qemu-nbd") {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: qemu-nbd missing (run `make deps`)"
-            );
-        };
+        stagehand_tests::skip!("SKIPPED: qemu-nbd missing (run `make deps`)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -365,10 +365,7 @@ fn sigterm_shuts_down_cleanly_with_data_on_disk() {
 fn memory_filesystem_export_uses_the_inline_path_correctly() {
     require_tool!("nbdcopy");
     let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: /dev/shm (tmpfs) missing");
-        };
+        stagehand_tests::skip!("SKIPPED: /dev/shm (tmpfs) missing");
         return;
     };
     let img = dir.path().join("m.img");
@@ -455,14 +452,10 @@ fn block_device_export() {
     )
     .unwrap();
     if !out.status.success() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: loop devices missing ({})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        };
+        stagehand_tests::skip!(
+            "SKIPPED: loop devices missing ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         return;
     }
     let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());

@@ -94,10 +94,7 @@ fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_client_lists_exports() {
     let Some(client) = nbd_client() else {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: nbd-client missing (make deps)");
-        };
+        stagehand_tests::skip!("SKIPPED: nbd-client missing (make deps)");
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -130,27 +127,15 @@ async fn nbd_client_lists_exports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_client_writes_reads_mounts_and_is_fenced() {
     let Some(client) = nbd_client() else {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: nbd-client missing (make deps)");
-        };
+        stagehand_tests::skip!("SKIPPED: nbd-client missing (make deps)");
         return;
     };
     if let Some(missing) = kernel_nbd_missing() {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: the kernel NBD client test needs {missing}"
-            );
-        };
+        stagehand_tests::skip!("SKIPPED: the kernel NBD client test needs {missing}");
         return;
     }
     let Some(dev) = free_device() else {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: every /dev/nbdX is in use");
-        };
+        stagehand_tests::skip!("SKIPPED: every /dev/nbdX is in use");
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -251,14 +236,10 @@ async fn kernel_client_writes_reads_mounts_and_is_fenced() {
         run_ok(Command::new("umount").arg(&mnt), LIMIT);
         assert!(again == contents, "ext4 file changed across a remount");
     } else {
-        {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED (part): mount {dev} failed: {}",
-                String::from_utf8_lossy(&mount.stderr)
-            );
-        };
+        stagehand_tests::skip!(
+            "SKIPPED (part): mount {dev} failed: {}",
+            String::from_utf8_lossy(&mount.stderr)
+        );
     }
 
     // Fence the kernel's lease away: its writes fail and nothing lands.

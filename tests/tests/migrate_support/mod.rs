@@ -15,10 +15,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    {
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: /dev/kvm missing");
-    };
+    stagehand_tests::skip!("SKIPPED: {test}: /dev/kvm missing");
     false
 }
 
