@@ -4,7 +4,7 @@
 
 mod coord_support;
 
-use coord_support::{Cluster, have_kvm};
+use coord_support::Cluster;
 
 #[test]
 fn inventory_verbs_and_their_errors() {
@@ -89,12 +89,9 @@ fn inventory_verbs_and_their_errors() {
 
 #[test]
 fn vm_create_show_list_delete() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(c) = Cluster::registered_or_skip("vm_create_show_list_delete") else {
         return;
-    }
-    let c = Cluster::start();
-    c.register();
+    };
     let guest = c.guest.display().to_string();
     // A disk image: the coordinator writes it through NBD under its own lease.
     let img = c.dir.path().join("disk.img");

@@ -14,7 +14,7 @@ mod coord_support;
 
 use std::time::{Duration, Instant};
 
-use coord_support::{Cluster, HeldWriter, have_kvm, token_refused};
+use coord_support::{Cluster, HeldWriter, token_refused};
 
 const EXPORT: &str = "vm7-disk0";
 
@@ -48,12 +48,9 @@ fn running_on(c: &Cluster) -> Vec<&'static str> {
 
 #[test]
 fn disk_writer_moves_back_and_forth_five_times() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(c) = Cluster::registered_or_skip("disk_writer_moves_back_and_forth_five_times") else {
         return;
-    }
-    let c = Cluster::start();
-    c.register();
+    };
     create_writer(&c);
     std::thread::sleep(Duration::from_millis(500));
     let mut acked = c.check_disk_writer(0, "vm7", EXPORT);
@@ -164,12 +161,11 @@ fn migrate_until_fenced(c: &Cluster, go: &std::path::Path) -> String {
 
 #[test]
 fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(mut c) =
+        Cluster::registered_or_skip("failure_after_the_fence_rolls_back_under_a_new_epoch")
+    else {
         return;
-    }
-    let mut c = Cluster::start();
-    c.register();
+    };
     let go = c.dir.path().join("go");
     if let Some(p) = c.coord.as_mut() {
         p.kill();

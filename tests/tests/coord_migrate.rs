@@ -6,16 +6,13 @@ mod coord_support;
 
 use std::time::Duration;
 
-use coord_support::{Cluster, have_kvm};
+use coord_support::Cluster;
 
 #[test]
 fn cancel_keeps_the_guest_on_the_source() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(c) = Cluster::registered_or_skip("cancel_keeps_the_guest_on_the_source") else {
         return;
-    }
-    let c = Cluster::start();
-    c.register();
+    };
     let guest = c.guest.display().to_string();
     c.ok(&[
         "vm", "create", "vm7", "--site", "siteA", "--memory", "256M", "--image", &guest, "--disk",
@@ -47,12 +44,9 @@ fn cancel_keeps_the_guest_on_the_source() {
 
 #[test]
 fn limits_and_offline_move() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(mut c) = Cluster::registered_or_skip("limits_and_offline_move") else {
         return;
-    }
-    let mut c = Cluster::start();
-    c.register();
+    };
     let guest = c.guest.display().to_string();
     for vm in ["vm1", "vm2", "vm3"] {
         c.ok(&[

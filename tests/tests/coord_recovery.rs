@@ -7,16 +7,15 @@ mod coord_support;
 
 use std::time::Duration;
 
-use coord_support::{Cluster, have_kvm};
+use coord_support::Cluster;
 
 #[test]
 fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
-    if !have_kvm() {
-        stagehand_tests::skip!("SKIPPED: /dev/kvm missing");
+    let Some(mut c) =
+        Cluster::registered_or_skip("killed_at_each_phase_recovers_to_one_copy_holding_the_lease")
+    else {
         return;
-    }
-    let mut c = Cluster::start();
-    c.register();
+    };
     let guest = c.guest_image("disk-writer").display().to_string();
     for (n, phase) in [
         "planned",

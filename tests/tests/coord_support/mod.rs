@@ -287,6 +287,18 @@ impl Cluster {
     }
 
     /// site add siteA siteB; the storage node in siteA reachable from siteB; a host per site.
+    /// A started cluster with its sites, storage node and hosts registered, or `None`
+    /// after a loud skip when /dev/kvm is missing (the agents need it).
+    pub fn registered_or_skip(test: &str) -> Option<Cluster> {
+        if !have_kvm() {
+            stagehand_tests::skip!("SKIPPED: {test}: /dev/kvm missing");
+            return None;
+        }
+        let c = Cluster::start();
+        c.register();
+        Some(c)
+    }
+
     pub fn register(&self) {
         self.ok(&["site", "add", "siteA"]);
         self.ok(&["site", "add", "siteB"]);
