@@ -49,6 +49,10 @@ pub struct Args {
     /// Most NBD connections served at once.
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Threads serving NBD connections (default: one per CPU). Each connection stays
+    /// on one thread; new connections go to the least-loaded one.
+    #[arg(long, value_name = "N")]
+    pub data_threads: Option<usize>,
     /// Bearer token the control API requires (prefer --api-token-file: flags show in ps).
     #[arg(long, value_name = "TOKEN")]
     pub api_token: Option<String>,
@@ -72,12 +76,13 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub api: Option<String>,
     pub max_connections: Option<usize>,
+    pub data_threads: Option<usize>,
     pub api_token: Option<String>,
     pub api_token_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
@@ -86,8 +91,28 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub api: Option<String>,
     pub max_connections: usize,
+    /// Data-plane threads (see [`crate::dataplane`]).
+    pub data_threads: usize,
     pub api_token: Option<String>,
     pub api_token_file: Option<PathBuf>,
+}
+
+/// Debug output never shows the API token (configurations end up in logs).
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("unix", &self.unix)
+            .field("exports", &self.exports)
+            .field("io_engine", &self.io_engine)
+            .field("data_dir", &self.data_dir)
+            .field("api", &self.api)
+            .field("max_connections", &self.max_connections)
+            .field("data_threads", &self.data_threads)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("api_token_file", &self.api_token_file)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -100,6 +125,7 @@ impl Default for Config {
             data_dir: None,
             api: None,
             max_connections: 1024,
+            data_threads: crate::dataplane::default_threads(),
             api_token: None,
             api_token_file: None,
         }
@@ -185,6 +211,11 @@ impl Config {
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections)
                 .max(1),
+            data_threads: args
+                .data_threads
+                .or(file.data_threads)
+                .unwrap_or(d.data_threads)
+                .max(1),
         })
     }
 }
@@ -192,6 +223,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_hides_the_api_token() {
+        let args = Args {
+            api_token: Some("s3cret-token".into()),
+            ..Args::default()
+        };
+        let c = Config::merge(args, FileConfig::default()).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 
     #[test]
     fn flags_override_file() {
@@ -202,6 +245,7 @@ mod tests {
             export = ["a=/a.img,ro"]
             io-engine = "threads"
             max-connections = 7
+            data-threads = 3
             [[exports]]
             name = "b"
             path = "/b.img"
@@ -223,6 +267,7 @@ mod tests {
         assert_eq!(c.unix, Some(PathBuf::from("/tmp/s.sock")));
         assert_eq!(c.io_engine, EngineKind::Threads);
         assert_eq!(c.max_connections, 7);
+        assert_eq!(c.data_threads, 3);
         let names: Vec<_> = c.exports.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["b", "d", "a", "c"]);
         assert!(c.exports[2].read_only);
@@ -234,6 +279,7 @@ mod tests {
     fn defaults_and_errors() {
         let c = Config::merge(Args::default(), FileConfig::default()).unwrap();
         assert_eq!(c.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
+        assert!(c.data_threads >= 1);
         let none = Args {
             listen: Some("none".into()),
             ..Args::default()

@@ -2,7 +2,8 @@
 //!
 //! - [`codec`]: the wire protocol, pure (no I/O), shared by server and client.
 //! - [`handshake`] and `conn`: the server's option haggling and transmission phase.
-//! - [`server`]: listeners, connection lifecycle, [`run`].
+//! - [`server`]: listeners, connection lifecycle, [`run`]; [`dataplane`]: the
+//!   threads connections run on.
 //! - [`export`]: exports and the runtime-mutable [`export::ExportRegistry`].
 //! - [`io`]: io_uring and thread-pool file I/O; [`bufpool`]: reusable buffers.
 //! - [`lease`]: write leases and epoch fencing; [`store`]: durable state (`--data-dir`).
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod config;
 mod conn;
 pub mod control;
+pub mod dataplane;
 pub mod export;
 pub mod handshake;
 pub mod io;

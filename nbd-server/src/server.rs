@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bufpool::BufPool;
 use crate::config::Config;
 use crate::conn;
+use crate::dataplane::DataPlane;
 use crate::export::{Export, ExportError, ExportRegistry};
 use crate::handshake::{self, HandshakeError};
 use crate::io::IoEngine;
@@ -33,6 +34,8 @@ pub enum ServerError {
     },
     #[error("cannot start the I/O engine: {0}")]
     Engine(std::io::Error),
+    #[error("cannot start the data-plane threads: {0}")]
+    DataPlane(std::io::Error),
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error(transparent)]
@@ -46,6 +49,7 @@ pub struct ServerState {
     pub engine: Arc<IoEngine>,
     pub pool: Arc<BufPool>,
     conn_limit: Arc<Semaphore>,
+    data: DataPlane,
 }
 
 /// A server with its listeners bound, ready to [`Server::serve`].
@@ -107,6 +111,7 @@ impl Server {
             engine,
             pool: BufPool::new(),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
+            data: DataPlane::start(config.data_threads).map_err(ServerError::DataPlane)?,
         });
         Ok(Self { state, tcp, unix })
     }
@@ -159,6 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         crate::control::node::start_api(&config, store, registry, api_shutdown.clone()).await?;
     tracing::info!(
         engine = server.state.engine.name(),
+        data_threads = server.state.data.threads(),
         exports = server.state.registry.list().len(),
         "ready"
     );
@@ -191,11 +197,25 @@ async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: Cancellation
                         tracing::warn!(%peer, "connection limit reached, refusing");
                         continue;
                     };
-                    let (r, w) = s.into_split();
+                    // Re-registered with the reactor of the data-plane thread that
+                    // will serve it.
+                    let s = match s.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot hand over connection");
+                            continue;
+                        }
+                    };
                     let st = Arc::clone(&state);
                     let tk = token.clone();
-                    conns.spawn(async move {
-                        connection(r, w, st, tk, peer.to_string()).await;
+                    state.data.spawn(&mut conns, move || async move {
+                        match tokio::net::TcpStream::from_std(s) {
+                            Ok(s) => {
+                                let (r, w) = s.into_split();
+                                connection(r, w, st, tk, peer.to_string()).await;
+                            }
+                            Err(e) => tracing::warn!(%peer, error = %e, "cannot serve connection"),
+                        }
                         drop(permit);
                     });
                 }
@@ -221,11 +241,23 @@ async fn accept_unix(l: UnixListener, state: Arc<ServerState>, token: Cancellati
                         tracing::warn!("connection limit reached, refusing");
                         continue;
                     };
-                    let (r, w) = s.into_split();
+                    let s = match s.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot hand over connection");
+                            continue;
+                        }
+                    };
                     let st = Arc::clone(&state);
                     let tk = token.clone();
-                    conns.spawn(async move {
-                        connection(r, w, st, tk, "unix".into()).await;
+                    state.data.spawn(&mut conns, move || async move {
+                        match tokio::net::UnixStream::from_std(s) {
+                            Ok(s) => {
+                                let (r, w) = s.into_split();
+                                connection(r, w, st, tk, "unix".into()).await;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot serve connection"),
+                        }
                         drop(permit);
                     });
                 }
