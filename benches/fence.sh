@@ -6,10 +6,12 @@
 #     each, `sync` before each run, median IOPS, printed as a ratio.
 #  2. fence latency while 8 NBD connections (fio, one connection per job, queue
 #     depth 16 each) are busy writing with the current epoch's token: POST /fence is
-#     timed by curl from request to answer; p50 / p99 / max over FENCES fences, plus
-#     the server's own breakdown (persist = fdatasync of the new epoch, drain = wait
-#     for older-epoch writes in flight; they run concurrently). Each fence kills the
-#     writers (NBD_EPERM, then close), so every round starts a fresh fio.
+#     timed by a control client on a kept-alive HTTP connection (fence_latency.py)
+#     from request to answer; p50 / p99 / max over FENCES fences, plus the server's
+#     own breakdown (persist = fdatasync of the new epoch, drain = wait for
+#     older-epoch writes in flight; they run concurrently). Each fence kills the
+#     writers (NBD_EPERM, then close), so every round starts a fresh fio. Two cases:
+#     the export on tmpfs, and on the same disk as --data-dir.
 # Usage: STAGEHAND_BIN_DIR=target/release benches/fence.sh  (make bench-fence)
 set -euo pipefail
 
@@ -32,10 +34,12 @@ if [ -x "$BIN_DIR/fence-gate" ]; then
 fi
 
 work="$(mktemp -d /tmp/stagehand-fence.XXXXXX)"
+shm=""
 server_pid=""
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
   rm -rf "$work"
+  [ -n "$shm" ] && rm -rf "$shm"
 }
 trap cleanup EXIT
 
@@ -47,10 +51,13 @@ API="http://127.0.0.1:$API_PORT"
 # One fully allocated file behind both exports, so that the leased and the unleased
 # runs find the same page cache and writeback state.
 dd if=/dev/zero of="$work/disk.img" bs=1M count="$SIZE_MIB" status=none
+shm="$(mktemp -d -p /dev/shm stagehand-fence.XXXXXX)"
+dd if=/dev/zero of="$shm/disk.img" bs=1M count="$SIZE_MIB" status=none
 
 NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
   --data-dir "$work/data" \
   --export "leased=$work/disk.img" --export "unleased=$work/disk.img,unleased" \
+  --export "leased-shm=$shm/disk.img" \
   2>"$work/server.log" >/dev/null &
 server_pid=$!
 for _ in $(seq 200); do
@@ -96,34 +103,19 @@ l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
 print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
 EOF
 
-echo "== fence latency, 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
-read -r token _ < <(fence 2)
-: >"$work/latencies"
-for epoch in $(seq 3 $((FENCES + 2))); do
-  fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token" \
-    --rw=randwrite --bs=4k --iodepth=16 --numjobs=8 --size="$((SIZE_MIB / 4))M" \
-    --time_based --runtime=30 >/dev/null 2>&1 &
-  fio_pid=$!
-  # Let all 8 connections get going (the export's connection gauge shows them).
-  for _ in $(seq 200); do
-    conns="$(curl -s "$API/v1/exports/leased" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])')"
-    [ "$conns" -ge 8 ] && break
-    sleep 0.01
-  done
-  sleep 0.1
-  read -r token secs < <(fence "$epoch")
-  echo "$secs" >>"$work/latencies"
-  # The fenced writers get NBD_EPERM and are disconnected; fio then exits.
-  timeout 20 tail --pid="$fio_pid" -f /dev/null || { kill "$fio_pid"; echo "fio did not stop after fence" >&2; exit 1; }
-  wait "$fio_pid" 2>/dev/null || true
-done
-"$PY" - "$work/latencies" <<'EOF'
-import sys
-xs = sorted(float(l) * 1000 for l in open(sys.argv[1]) if l.strip())
-pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]
-print(f"fence latency over {len(xs)} fences (ms): p50 {pick(0.50):.3f}  p99 {pick(0.99):.3f}  max {xs[-1]:.3f}  (target p99 <= 5)")
-EOF
-"$PY" - "$work/server.log" <<'EOF'
+# Fence latency, twice: with the export on tmpfs (as in `make bench`: the data
+# dir's disk sees only the fence's own write) and on the data dir's disk (the
+# writers' dirty pages are written back to the same device the fence flushes).
+fence_case() { # fence_case EXPORT FIRST_EPOCH LABEL
+  echo "== fence latency, export $3: 8 connections writing (fio nbd, randwrite 4k, qd 16 each), $FENCES fences"
+  local before
+  before="$(wc -l <"$work/server.log")"
+  "$PY" "$(dirname "$0")/fence_latency.py" "$API" "$NBD_PORT" "$1" "$2" "$FENCES" "$SIZE_MIB"
+  tail -n +"$((before + 1))" "$work/server.log" | grep "export=$1 " >"$work/server.case.log" || true
+  server_breakdown "$work/server.case.log"
+}
+server_breakdown() {
+"$PY" - "$1" <<'EOF'
 import re, sys
 rows = [l for l in open(sys.argv[1]) if "fenced" in l and "persist_us" in l]
 def col(name):
@@ -132,4 +124,6 @@ def col(name):
 print(f"server side over {len(rows)} fences (ms): total {col('latency_us')}")
 print(f"  of which, concurrently: persist (fdatasync) {col('persist_us')};  drain of in-flight writes {col('drain_us')}")
 EOF
-
+}
+fence_case leased-shm 1 "on tmpfs"
+fence_case leased 2 "on the data dir's disk"

@@ -203,6 +203,37 @@ impl LeaseRecord {
     }
 }
 
+/// Told about every fence, right after the new epoch is in force in memory: the
+/// io_uring engine registers here so that it asks the kernel to drop fenced changes
+/// still queued there at once, instead of at its next tick (see `io::uring`).
+pub trait FenceListener: Send + Sync {
+    fn fenced(&self);
+}
+
+static FENCE_LISTENERS: std::sync::Mutex<Vec<std::sync::Weak<dyn FenceListener>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Registers `l` until it is dropped.
+pub fn add_fence_listener(l: std::sync::Weak<dyn FenceListener>) {
+    let mut ls = FENCE_LISTENERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ls.retain(|w| w.strong_count() > 0);
+    ls.push(l);
+}
+
+fn notify_fence_listeners() {
+    let ls: Vec<_> = FENCE_LISTENERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    for l in ls {
+        l.fenced();
+    }
+}
+
 /// Per-export policy for leased exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LeasePolicy {
@@ -542,6 +573,8 @@ impl LeaseGate {
         let previous = std::mem::replace(&mut current.record, record.clone());
         let old_slot = std::mem::replace(&mut current.slot, EpochSlot::new(epoch));
         old_slot.fence();
+        drop(current);
+        notify_fence_listeners();
         Ok(FenceTicket {
             record,
             previous,
@@ -564,6 +597,8 @@ impl LeaseGate {
         let previous = std::mem::replace(&mut current.record, record.clone());
         let old_slot = std::mem::replace(&mut current.slot, EpochSlot::new(record.epoch));
         old_slot.fence();
+        drop(current);
+        notify_fence_listeners();
         Some(FenceTicket {
             record,
             previous,
@@ -648,6 +683,35 @@ mod tests {
             gate.bind(Some("0000"), false).unwrap_err(),
             BindError::WrongToken
         );
+    }
+
+    #[test]
+    fn fence_listeners_hear_every_fence_until_dropped() {
+        struct Count(AtomicU64);
+        impl FenceListener for Count {
+            fn fenced(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicU64::new(0)));
+        let as_listener: Arc<dyn FenceListener> = count.clone();
+        add_fence_listener(Arc::downgrade(&as_listener));
+        let gate = leased();
+        gate.fence("d", 1, "a", LeaseToken::generate().hash())
+            .expect("fence 1");
+        // Other tests fence concurrently: at least ours was heard.
+        assert!(count.0.load(Ordering::SeqCst) >= 1);
+        assert!(
+            gate.fence("d", 1, "a", LeaseToken::generate().hash())
+                .is_err()
+        );
+        let weak = Arc::downgrade(&as_listener);
+        drop(as_listener);
+        drop(count);
+        assert!(weak.upgrade().is_none());
+        // A dropped listener is skipped (and pruned at the next registration).
+        gate.fence("d", 2, "b", LeaseToken::generate().hash())
+            .expect("fence 2");
     }
 
     #[test]

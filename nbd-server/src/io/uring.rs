@@ -26,7 +26,9 @@ const EVENTFD_TOKEN: u64 = u64::MAX;
 const TICK_TOKEN: u64 = u64::MAX - 1;
 /// Completions of our own cancel requests (their outcome shows on the target).
 const CANCEL_TOKEN: u64 = u64::MAX - 2;
-/// How often the ring thread looks for fenced changes still queued in the kernel.
+/// How often the ring thread looks for fenced changes still queued in the kernel
+/// (a fence also wakes it at once, through [`crate::lease::FenceListener`]; the tick
+/// catches changes that were on their way into the ring at that instant).
 ///
 /// A buffered write the file system cannot do without blocking (ext4 here) waits in
 /// the kernel's io-wq, which runs the writes to one file one at a time, so a fence
@@ -42,7 +44,16 @@ const MAX_OP_LEN: usize = 1 << 30;
 
 struct Shared {
     notified: AtomicBool,
+    /// A fence happened since the ring thread last looked: cancel fenced changes now.
+    fence_pending: AtomicBool,
     eventfd: OwnedFd,
+}
+
+impl crate::lease::FenceListener for Shared {
+    fn fenced(&self) {
+        self.fence_pending.store(true, Ordering::SeqCst);
+        self.wake();
+    }
 }
 
 impl Shared {
@@ -92,8 +103,11 @@ impl Uring {
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         let shared = Arc::new(Shared {
             notified: AtomicBool::new(false),
+            fence_pending: AtomicBool::new(false),
             eventfd,
         });
+        let listener: Arc<dyn crate::lease::FenceListener> = shared.clone();
+        crate::lease::add_fence_listener(Arc::downgrade(&listener));
         let (tx, rx) = mpsc::channel();
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -291,6 +305,9 @@ fn ring_loop(ring: IoUring, shared: &Shared, rx: &mpsc::Receiver<Op>) -> io::Res
                 leased_in_flight -= 1;
             }
             done.op.complete(r);
+        }
+        if woke && shared.fence_pending.swap(false, Ordering::SeqCst) {
+            ticked = true;
         }
         if ticked {
             // Ask the kernel to drop every fenced change it has not started. One that
