@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # stagehand-nbd against nbdkit (file plugin) and qemu-nbd, over the same 1 GiB image
-# on tmpfs, with the same fio nbd-engine workloads and nbdcopy to null:. One run;
-# prints each figure and stagehand's ratio to the best peer (>1 is better).
+# on tmpfs, with the same fio nbd-engine workloads and nbdcopy to null:, in ROUNDS
+# interleaved rounds (the servers' order rotates each round); prints the median of
+# each figure and stagehand's ratio to the best peer (>1 is better). Single runs
+# on this 2-core VM swing by +-20 %, which medians over rounds damp.
 #
-#   RUNTIME=10 bash benches/nbd-peers.sh      (seconds per fio workload)
+#   ROUNDS=3 RUNTIME=5 bash benches/nbd-peers.sh   (seconds per fio workload)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN="${STAGEHAND_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/stagehand/target}/release}"
 NBD="$BIN/stagehand-nbd"
-RUNTIME="${RUNTIME:-10}"
+RUNTIME="${RUNTIME:-5}"
+ROUNDS="${ROUNDS:-3}"
 for t in fio nbdkit qemu-nbd nbdcopy python3; do
   command -v "$t" >/dev/null || { echo "bench: $t missing; run 'make deps'" >&2; exit 1; }
 done
@@ -59,28 +62,36 @@ fio_run() { # uri rw bs qd -> "MiB/s IOPS p99us"
 
 declare -A RES
 WORKLOADS=("read 1M 8" "write 1M 8" "randread 4k 32" "randwrite 4k 32")
-for w in "${WORKLOADS[@]}"; do
-  set -- $w
-  for s in "${SERVERS[@]}"; do
-    RES["$w|$s"]="$(fio_run "${URI[$s]}" "$1" "$2" "$3")"
+for round in $(seq "$ROUNDS"); do
+  # Rotate the order so that no server always runs first (or right after another).
+  order=("${SERVERS[@]:$(( (round - 1) % 3 ))}" "${SERVERS[@]:0:$(( (round - 1) % 3 ))}")
+  echo "bench: round $round of $ROUNDS (${order[*]})"
+  for w in "${WORKLOADS[@]}"; do
+    set -- $w
+    for s in "${order[@]}"; do
+      RES["$w|$s"]+="$(fio_run "${URI[$s]}" "$1" "$2" "$3");"
+    done
+  done
+  for s in "${order[@]}"; do
+    # Three copies back to back: one copy of 1 GiB takes about 0.3 s here.
+    start=$(date +%s.%N)
+    for _ in 1 2 3; do nbdcopy -C 4 "${URI[$s]}" null:; done
+    end=$(date +%s.%N)
+    RES["nbdcopy|$s"]+="$(python3 -c "print('%.0f 0 0' % (3 * 1024/($end-$start)))");"
   done
 done
-for s in "${SERVERS[@]}"; do
-  start=$(date +%s.%N)
-  nbdcopy -C 4 "${URI[$s]}" null:
-  end=$(date +%s.%N)
-  RES["nbdcopy|$s"]="$(python3 -c "print('%.0f 0 0' % (1024/($end-$start)))")"
-done
 
-python3 - "$RUNTIME" <<PY
-import sys
+python3 - "$RUNTIME" "$ROUNDS" <<PY
+import statistics, sys
 res = {}
-$(for k in "${!RES[@]}"; do echo "res['$k'] = '${RES[$k]}'.split()"; done)
+# Each entry: "MiBps IOPS p99;" per round; keep the median of each column.
+$(for k in "${!RES[@]}"; do echo "res['$k'] = [statistics.median(float(r.split()[i]) for r in '${RES[$k]}'.split(';') if r.strip()) for i in range(3)]"; done)
 servers = ["stagehand", "nbdkit", "qemu-nbd"]
 rows = [("read 1M 8", "seq read 1M QD8", 0), ("write 1M 8", "seq write 1M QD8", 0),
         ("randread 4k 32", "rand read 4k QD32", 1), ("randwrite 4k 32", "rand write 4k QD32", 1),
         ("nbdcopy", "nbdcopy -C4 to null:", 0)]
 print()
+print("medians of %s rounds" % sys.argv[2])
 print("%-22s %16s %16s %16s %8s %10s" % ("workload (%ss each)" % sys.argv[1], *servers, "ratio", "vs nbdkit"))
 for key, label, col in rows:
     vals = {s: float(res[key + "|" + s][col]) for s in servers}
@@ -91,5 +102,5 @@ for key, label, col in rows:
 print()
 print("%-22s %16s %16s %16s" % ("p99 latency (us)", *servers))
 for key, label, col in rows[:4]:
-    print("%-22s %16s %16s %16s" % (label, *[res[key + "|" + s][2] for s in servers]))
+    print("%-22s %16s %16s %16s" % (label, *["%.0f" % res[key + "|" + s][2] for s in servers]))
 PY
