@@ -57,7 +57,7 @@ dd if=/dev/zero of="$shm/disk.img" bs=1M count="$SIZE_MIB" status=none
 NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
   --data-dir "$work/data" \
   --export "leased=$work/disk.img" --export "unleased=$work/disk.img,unleased" \
-  --export "leased-shm=$shm/disk.img" \
+  --export "leased-shm=$shm/disk.img" --export "unleased-shm=$shm/disk.img,unleased" \
   2>"$work/server.log" >/dev/null &
 server_pid=$!
 for _ in $(seq 200); do
@@ -66,8 +66,8 @@ for _ in $(seq 200); do
 done
 curl -sf "$API/v1/health" >/dev/null || { echo "fence.sh: server did not start" >&2; exit 1; }
 
-fence() { # fence EPOCH -> prints "TOKEN SECONDS"
-  curl -s -o "$work/fence.json" -w '%{time_total}' -X POST "$API/v1/exports/leased/fence" \
+fence() { # fence EPOCH EXPORT -> prints "TOKEN SECONDS"
+  curl -s -o "$work/fence.json" -w '%{time_total}' -X POST "$API/v1/exports/$2/fence" \
     -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" >"$work/fence.time"
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"], open(sys.argv[2]).read())' \
     "$work/fence.json" "$work/fence.time"
@@ -81,12 +81,15 @@ fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$work/fio.json"
 }
 
-echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, alternating"
-read -r token _ < <(fence 1)
+echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, export on tmpfs (as in make bench), order alternating"
+read -r token _ < <(fence 1 leased-shm)
 : >"$work/iops"
 for round in $(seq "$ROUNDS"); do
-  for kind in leased unleased; do
-    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased"; fi
+  # ABBA: the kind that runs first alternates, so neither always finds the other's
+  # leftovers (page cache, writeback, CPU frequency) before it.
+  kinds="leased unleased"; [ $((round % 2)) -eq 0 ] && kinds="unleased leased"
+  for kind in $kinds; do
+    if [ "$kind" = leased ]; then uri="nbd://127.0.0.1:$NBD_PORT/leased-shm;lease=$token"; else uri="nbd://127.0.0.1:$NBD_PORT/unleased-shm"; fi
     sync  # start every run with no dirty pages of the previous one
     iops="$(fio_iops "$uri" "$RUNTIME" 4)"
     echo "$kind $iops" >>"$work/iops"
@@ -96,11 +99,16 @@ done
 "$PY" - "$work/iops" <<'EOF'
 import statistics, sys
 runs = {}
+pairs = []
 for line in open(sys.argv[1]):
     kind, iops = line.split()
     runs.setdefault(kind, []).append(float(iops))
+    if len(runs.get("leased", [])) == len(runs.get("unleased", [])):
+        pairs.append(runs["leased"][-1] / runs["unleased"][-1])
 l, u = statistics.median(runs["leased"]), statistics.median(runs["unleased"])
 print(f"median IOPS: leased {l:.0f}, unleased {u:.0f}; leased/unleased = {l / u:.4f} (cost {100 * (1 - l / u):+.2f} %, target < 2 %)")
+p = statistics.median(pairs)
+print(f"median of the per-round ratios: {p:.4f} (cost {100 * (1 - p):+.2f} %); rounds: " + " ".join(f"{x:.3f}" for x in pairs))
 EOF
 
 # Fence latency, twice: with the export on tmpfs (as in `make bench`: the data
@@ -125,5 +133,5 @@ print(f"server side over {len(rows)} fences (ms): total {col('latency_us')}")
 print(f"  of which, concurrently: persist (fdatasync) {col('persist_us')};  drain of in-flight writes {col('drain_us')}")
 EOF
 }
-fence_case leased-shm 1 "on tmpfs"
-fence_case leased 2 "on the data dir's disk"
+fence_case leased-shm 2 "on tmpfs"
+fence_case leased 1 "on the data dir's disk"
