@@ -276,18 +276,23 @@ impl VmManager {
     }
 
     pub fn pause(&self, name: &str) -> Result<VmInfo, ManagerError> {
+        let machine = self.with_entry(name, |e| match e.effective_state().0 {
+            VmLifecycle::Running | VmLifecycle::Paused => Ok(Arc::clone(&e.machine)),
+            other => Err(ManagerError::WrongState {
+                name: name.to_string(),
+                state: other.as_str(),
+                needed: "running",
+            }),
+        })?;
+        // Outside the table lock: draining the disks waits for the storage node (up to
+        // the quiesce timeout when it hangs), and calls for other VMs must not queue
+        // behind that.
+        let paused = machine.pause_and_quiesce();
         self.with_entry(name, |e| {
-            match e.effective_state().0 {
-                VmLifecycle::Running | VmLifecycle::Paused => {}
-                other => {
-                    return Err(ManagerError::WrongState {
-                        name: name.to_string(),
-                        state: other.as_str(),
-                        needed: "running",
-                    });
-                }
+            if !Arc::ptr_eq(&e.machine, &machine) {
+                // Deleted (and perhaps re-created) while we drained: not ours any more.
+                return Err(ManagerError::NotFound(name.to_string()));
             }
-            let paused = e.machine.pause_and_quiesce();
             // The vCPUs may be stopped even when draining the disks failed.
             if e.machine.is_paused() {
                 e.state = VmLifecycle::Paused;

@@ -430,3 +430,59 @@ mod device {
         assert_eq!(&storage.read()[1024..1536], &[0xAB; 512][..]);
     }
 }
+
+/// A storage node that stops answering (SIGSTOP) makes pausing a VM with a disk
+/// there wait for its writes in flight; calls about other VMs must not queue behind
+/// that wait (the agent drains outside its VM table lock).
+#[test]
+fn a_hung_storage_node_does_not_block_calls_for_other_vms() {
+    if !kvm_or_skip("a_hung_storage_node_does_not_block_calls_for_other_vms") {
+        return;
+    }
+    let (storage, token) = Storage::start();
+    let a = Agent::start();
+    start_writer(&a, "hung", &storage.uri(&token));
+    a.start_ab("other", 64);
+    let pid = storage.node.pid().expect("storage node runs") as libc::pid_t;
+    // SAFETY: signals a child process this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // The guest's next write now waits for an answer that does not come.
+    std::thread::sleep(Duration::from_millis(300));
+    std::thread::scope(|scope| {
+        let pausing = scope.spawn(|| {
+            let t = Instant::now();
+            let (status, v) = a.request("POST", "/v1/vms/hung/pause", None);
+            (status, v, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !pausing.is_finished(),
+            "pause did not wait for the hung disk"
+        );
+        let t = Instant::now();
+        let other = a.ok("GET", "/v1/vms/other", None);
+        let list = a.ok("GET", "/v1/vms", None);
+        let took = t.elapsed();
+        assert_eq!(other["state"], "running", "{other}");
+        assert!(list.as_array().is_some_and(|l| l.len() == 2), "{list}");
+        assert!(
+            took < Duration::from_secs(2),
+            "calls for another VM waited {took:?} behind the hung pause\n{}",
+            a.log()
+        );
+        a.ok("POST", "/v1/vms/other/pause", None);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let (status, v, took) = pausing.join().expect("pause thread");
+        assert_eq!(
+            status,
+            200,
+            "pause after the node came back: {v}\n{}",
+            a.log()
+        );
+        assert_eq!(v["state"], "paused", "{v}");
+        eprintln!(
+            "pause of the VM on the hung node took {took:?} (node stopped for ~0.5 s + checks)"
+        );
+    });
+}
