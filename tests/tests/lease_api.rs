@@ -198,9 +198,18 @@ async fn exports_added_and_removed_at_runtime() {
         let (w, refused) = PyWriter::start(&addr, &format!("vm7;lease={token}"), 30.0, 2, 0);
         assert_eq!(refused, None);
 
-        let (s, v) = node.call(Method::GET, "/v1/exports/vm7", None, None).await;
-        assert_eq!(s, StatusCode::OK);
-        assert_eq!(v["connections"], 2, "{v}");
+        // The server counts a connection once its handshake is over on its side,
+        // which may be just after the client saw the answer to NBD_OPT_GO.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, v) = node.call(Method::GET, "/v1/exports/vm7", None, None).await;
+            assert_eq!(s, StatusCode::OK);
+            if v["connections"] == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{v}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (s, v) = node
             .call(Method::DELETE, "/v1/exports/vm7", None, None)
             .await;
