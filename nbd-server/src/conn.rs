@@ -1077,14 +1077,15 @@ async fn block_status(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit)
     };
     let export = Arc::clone(&ctx.export);
     let (offset, length) = (req.offset, req.length);
-    let extents = if export.backing != Backing::File || fully_allocated(&export) {
+    let extents = match extents_without_lseek(&export, offset, length, max, max_len) {
         // No lseek needed: answered inline.
-        Ok(allocation_extents(&export, offset, length, max, max_len))
-    } else {
-        tokio::task::spawn_blocking(move || {
-            allocation_extents(&export, offset, length, max, max_len)
-        })
-        .await
+        Some(e) => Ok(Ok(e)),
+        None => {
+            tokio::task::spawn_blocking(move || {
+                allocation_extents(&export, offset, length, max, max_len)
+            })
+            .await
+        }
     };
     let extents = match extents {
         Ok(Ok(e)) => e,
@@ -1119,6 +1120,32 @@ async fn block_status(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit)
     }
 }
 
+/// The extents of a range that is all data (a block device, or a file with every
+/// block allocated), without any lseek; None when the file may have holes.
+fn extents_without_lseek(
+    export: &Export,
+    offset: u64,
+    length: u64,
+    max: usize,
+    max_len: u64,
+) -> Option<Vec<Extent>> {
+    if export.backing == Backing::File && !fully_allocated(export) {
+        return None;
+    }
+    let end = offset + length;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        let n = (end - pos).min(max_len);
+        out.push(Extent {
+            length: n,
+            flags: 0,
+        });
+        pos += n;
+    }
+    Some(out)
+}
+
 /// base:allocation extents of `[offset, offset+length)` via SEEK_DATA/SEEK_HOLE:
 /// holes are HOLE|ZERO, data is 0. Adjacent extents of one kind are merged.
 pub(crate) fn allocation_extents(
@@ -1143,17 +1170,8 @@ pub(crate) fn allocation_extents(
             flags,
         });
     };
-    if export.backing != Backing::File || fully_allocated(export) {
-        let mut pos = offset;
-        while pos < end && out.len() < max {
-            let n = (end - pos).min(max_len);
-            out.push(Extent {
-                length: n,
-                flags: 0,
-            });
-            pos += n;
-        }
-        return Ok(out);
+    if let Some(e) = extents_without_lseek(export, offset, length, max, max_len) {
+        return Ok(e);
     }
     let fd = export.file.as_raw_fd();
     let mut pos = offset;

@@ -1440,9 +1440,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sparse_frame_builder_writes_what_encode_writes() {
-        let pages = vec![
+    /// A page with words at both ends and an all-zero page.
+    fn two_sparse_pages() -> Vec<SparsePage> {
+        vec![
             SparsePage {
                 gpa: 0x1000,
                 words: vec![(0, 7), (511, 9)],
@@ -1451,7 +1451,12 @@ mod tests {
                 gpa: 0x3000,
                 words: vec![],
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn sparse_frame_builder_writes_what_encode_writes() {
+        let pages = two_sparse_pages();
         let mut f = SparseFrame::default();
         assert_eq!(
             f.finish(),
@@ -1484,16 +1489,7 @@ mod tests {
                 b[HEADER_LEN..].to_vec(),
             )
         };
-        let pages = vec![
-            SparsePage {
-                gpa: 0x1000,
-                words: vec![(0, 7), (511, 9)],
-            },
-            SparsePage {
-                gpa: 0x3000,
-                words: vec![],
-            },
-        ];
+        let pages = two_sparse_pages();
         let (h, p) = raw(pages.clone());
         let mut seen = Vec::new();
         parse_sparse(&h, &p, |gpa, words| {
