@@ -538,7 +538,6 @@ async fn fence_export(
     let record = ticket.record.clone();
     let n = name.clone();
     let persist = tokio::task::spawn_blocking(move || {
-        node::realtime_for_fences();
         let t = Instant::now();
         store
             .update(|s| s.merge_lease(&n, record))

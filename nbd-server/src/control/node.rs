@@ -188,9 +188,9 @@ fn raise_priority() {
     }
 }
 
-/// Real-time priority (SCHED_FIFO, the lowest level) for the control API's thread
-/// and for the thread that makes a fence durable (a blocking thread of the API's
-/// runtime; threads the API thread starts inherit the policy anyway). A fence is a
+/// Real-time priority (SCHED_FIFO, the lowest level) for the control API's thread,
+/// and so for the thread that makes a fence durable: a blocking thread of the API's
+/// runtime, started by this thread, inherits the policy. A fence is a
 /// few wake-ups (request arrives, fdatasync completes in an interrupt, in-flight
 /// writes drain, answer goes out); on a node whose cores are saturated by the data
 /// path each of them waited for a core even at nice -10. Measured with
@@ -199,19 +199,13 @@ fn raise_priority() {
 /// 4.4 -> 1.4-3.0 ms. These threads only parse small HTTP requests and write a
 /// few KiB of state, so they cannot monopolise a core, and the kernel's RT
 /// throttling (sched_rt_runtime_us) bounds them regardless. Best effort: needs
-/// CAP_SYS_NICE (root); without it the thread keeps its nice value. Once per thread.
-pub(crate) fn realtime_for_fences() {
-    thread_local! {
-        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    if DONE.with(|d| d.replace(true)) {
-        return;
-    }
+/// CAP_SYS_NICE (root); without it the thread keeps its nice value.
+fn realtime_for_fences() {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: plain syscall on the calling thread (pid 0) with a live sched_param.
     let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) };
     if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "fence persist thread keeps its priority");
+        tracing::debug!(error = %std::io::Error::last_os_error(), "control API thread keeps its nice value");
     }
 }
 
