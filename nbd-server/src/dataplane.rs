@@ -128,10 +128,12 @@ mod tests {
         assert_eq!(dp.threads(), 2);
         let mut set = JoinSet::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let gate = Arc::new(tokio::sync::Notify::new());
+        // Holds every connection open until all have reported (a token, not a
+        // Notify: a task that has not started waiting yet must still see it).
+        let gate = CancellationToken::new();
         for _ in 0..4 {
             let tx = tx.clone();
-            let gate = Arc::clone(&gate);
+            let gate = gate.clone();
             dp.spawn(&mut set, move || async move {
                 let before = std::thread::current().name().map(str::to_owned);
                 // A task spawned from the connection runs on the same thread.
@@ -139,7 +141,7 @@ mod tests {
                     tokio::spawn(async { std::thread::current().name().map(str::to_owned) });
                 let inner = inner.await.unwrap();
                 let _ = tx.send((before, inner));
-                gate.notified().await;
+                gate.cancelled().await;
             });
         }
         drop(tx);
@@ -154,7 +156,7 @@ mod tests {
             names,
             ["nbd-data-0", "nbd-data-0", "nbd-data-1", "nbd-data-1"]
         );
-        gate.notify_waiters();
+        gate.cancel();
         while set.join_next().await.is_some() {}
     }
 }
