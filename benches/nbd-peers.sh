@@ -5,6 +5,12 @@
 # each figure and stagehand's ratio to the best peer (>1 is better). Single runs
 # on this 2-core VM swing by +-20 %, which medians over rounds damp.
 #
+# It also prints what each side's CPU cost: the client's (fio's own user + system
+# time; near 100 % means the client, not the server, sets the pace) and the
+# server's CPU time per operation (per MiB for 1 MiB workloads), read from
+# /proc/PID/stat around each run. Client and server share the machine's cores, so
+# throughput alone hides how much work a server needs per request.
+#
 #   ROUNDS=3 RUNTIME=5 bash benches/nbd-peers.sh   (seconds per fio workload)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +49,10 @@ wait_port() {
   exit 1
 }
 
-P_SH="$(port)"; "$NBD" --listen "127.0.0.1:$P_SH" --export "img=$IMG,unleased" >/dev/null 2>"$WORK/stagehand.log" & PIDS+=($!)
-P_KIT="$(port)"; nbdkit -f -i 127.0.0.1 -p "$P_KIT" --exportname img file "$IMG" & PIDS+=($!)
-P_QEMU="$(port)"; qemu-nbd -f raw -x img -b 127.0.0.1 -p "$P_QEMU" --persistent --shared=0 "$IMG" & PIDS+=($!)
+declare -A PID
+P_SH="$(port)"; "$NBD" --listen "127.0.0.1:$P_SH" --export "img=$IMG,unleased" >/dev/null 2>"$WORK/stagehand.log" & PIDS+=($!); PID[stagehand]=$!
+P_KIT="$(port)"; nbdkit -f -i 127.0.0.1 -p "$P_KIT" --exportname img file "$IMG" & PIDS+=($!); PID[nbdkit]=$!
+P_QEMU="$(port)"; qemu-nbd -f raw -x img -b 127.0.0.1 -p "$P_QEMU" --persistent --shared=0 "$IMG" & PIDS+=($!); PID[qemu-nbd]=$!
 wait_port "$P_SH"; wait_port "$P_KIT"; wait_port "$P_QEMU"
 declare -A URI=(
   [stagehand]="nbd://127.0.0.1:$P_SH/img"
@@ -54,10 +61,20 @@ declare -A URI=(
 )
 SERVERS=(stagehand nbdkit qemu-nbd)
 
-fio_run() { # uri rw bs qd -> "MiB/s IOPS p99us"
-  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
+# A process's user + system CPU time so far, all threads, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK="$(getconf CLK_TCK)"
+now() { date +%s.%N; }
+# CPU share of one core between two (ticks, time) samples, in percent.
+share() { python3 -c "print('%.0f' % (100 * ($2 - $1) / $TICK / ($4 - $3)))"; }
+
+fio_run() { # server rw bs qd -> "MiB/s IOPS p99us client_cpu% server_cpu%"
+  local c0 t0 out
+  c0="$(cpu_ticks "${PID[$1]}")"; t0="$(now)"
+  out="$(fio --name=bench --ioengine=nbd --uri="${URI[$1]}" --rw="$2" --bs="$3" --iodepth="$4" \
     --size=1G --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null \
-    | python3 benches/fio_summary.py
+    | python3 benches/fio_summary.py)"
+  echo "$out $(share "$c0" "$(cpu_ticks "${PID[$1]}")" "$t0" "$(now)")"
 }
 
 declare -A RES
@@ -69,23 +86,37 @@ for round in $(seq "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     set -- $w
     for s in "${order[@]}"; do
-      RES["$w|$s"]+="$(fio_run "${URI[$s]}" "$1" "$2" "$3");"
+      RES["$w|$s"]+="$(fio_run "$s" "$1" "$2" "$3");"
     done
   done
   for s in "${order[@]}"; do
     # Three copies back to back: one copy of 1 GiB takes about 0.3 s here.
-    start=$(date +%s.%N)
-    for _ in 1 2 3; do nbdcopy -C 4 "${URI[$s]}" null:; done
-    end=$(date +%s.%N)
-    RES["nbdcopy|$s"]+="$(python3 -c "print('%.0f 0 0' % (3 * 1024/($end-$start)))");"
+    c0="$(cpu_ticks "${PID[$s]}")"
+    copy="$(python3 - "${URI[$s]}" <<'PY'
+import resource, subprocess, sys, time
+start = time.monotonic()
+for _ in range(3):
+    subprocess.run(["nbdcopy", "-C", "4", sys.argv[1], "null:"], check=True)
+wall = time.monotonic() - start
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("%.0f 0 0 %.0f %.6f %.6f" % (3 * 1024 / wall, 100 * (ru.ru_utime + ru.ru_stime) / wall, time.time() - wall, time.time()))
+PY
+)"
+    read -r mib _ _ ccpu t0 t1 <<<"$copy"
+    RES["nbdcopy|$s"]+="$mib 0 0 $ccpu $(share "$c0" "$(cpu_ticks "${PID[$s]}")" "$t0" "$t1");"
   done
 done
 
 python3 - "$RUNTIME" "$ROUNDS" <<PY
 import statistics, sys
 res = {}
-# Each entry: "MiBps IOPS p99;" per round; keep the median of each column.
-$(for k in "${!RES[@]}"; do echo "res['$k'] = [statistics.median(float(r.split()[i]) for r in '${RES[$k]}'.split(';') if r.strip()) for i in range(3)]"; done)
+# Each entry: "MiBps IOPS p99 client% server%;" per round; keep the median of each
+# column, and of each round's server CPU per operation.
+def per_op(r, col):
+    v = r.split()
+    done = float(v[col])
+    return 1e6 * float(v[4]) / 100 / done if done else 0
+$(for k in "${!RES[@]}"; do echo "rounds = [r for r in '${RES[$k]}'.split(';') if r.strip()]"; echo "res['$k'] = [statistics.median(float(r.split()[i]) for r in rounds) for i in range(5)] + [statistics.median(per_op(r, 1 if '4k' in '$k' else 0) for r in rounds)]"; done)
 servers = ["stagehand", "nbdkit", "qemu-nbd"]
 rows = [("read 1M 8", "seq read 1M QD8", 0), ("write 1M 8", "seq write 1M QD8", 0),
         ("randread 4k 32", "rand read 4k QD32", 1), ("randwrite 4k 32", "rand write 4k QD32", 1),
@@ -103,4 +134,16 @@ print()
 print("%-22s %16s %16s %16s" % ("p99 latency (us)", *servers))
 for key, label, col in rows[:4]:
     print("%-22s %16s %16s %16s" % (label, *["%.0f" % res[key + "|" + s][2] for s in servers]))
+print()
+print("client CPU (% of a core; about 100 = the client sets the pace)")
+for key, label, col in rows:
+    print("%-22s %16s %16s %16s" % (label, *["%.0f %%" % res[key + "|" + s][3] for s in servers]))
+print()
+print("server CPU per op (us per 4k op, us per MiB)    %8s %10s" % ("ratio", "vs nbdkit"))
+for key, label, col in rows:
+    vals = {s: res[key + "|" + s][5] for s in servers}
+    best = min(vals["nbdkit"], vals["qemu-nbd"])
+    print("%-22s %16s %16s %16s %7.2fx %9.2fx" % (label, *["%.1f" % vals[s] for s in servers],
+          best / vals["stagehand"] if vals["stagehand"] else 0,
+          vals["nbdkit"] / vals["stagehand"] if vals["stagehand"] else 0))
 PY
