@@ -531,6 +531,100 @@ fn client_vanishing_mid_payload_writes_nothing() {
     );
 }
 
+/// Large WRITE payloads are taken whole whatever shape they arrive in: trickling
+/// in pieces, in one segment with the GO option (so part of the request sits in the
+/// handshake's buffer), or with the next request right behind. A server that waits
+/// for bytes the client does not owe (a receive low-water mark set too high, a
+/// buffer not accounted for) hangs here; the sockets' 10 s timeouts turn that into
+/// a failure. Checked against such a server (SO_RCVLOWAT ignoring buffered bytes).
+#[test]
+fn large_write_payloads_arriving_in_any_shape_are_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, img) = server(dir.path());
+    let header = |cookie: u64, offset: u64, length: u64| {
+        let mut out = Vec::new();
+        Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(false, &mut out);
+        out
+    };
+    let a = pattern(1 << 20, 21);
+    let b = pattern(1 << 20, 22);
+    let c = pattern(300 << 10, 23);
+
+    // GO and a whole 1 MiB write in one segment, before the GO reply is read.
+    let mut s = start(d.tcp.as_deref().unwrap());
+    assert!(ack(&mut s, ClientOption::StructuredReply));
+    let mut out = Vec::new();
+    ClientOption::Go(InfoRequest {
+        name: "n".into(),
+        requests: vec![],
+    })
+    .encode(&mut out);
+    out.extend_from_slice(&header(1, 0, a.len() as u64));
+    out.extend_from_slice(&a);
+    s.write_all(&out).unwrap();
+    loop {
+        match opt_reply(&mut s).1 {
+            OptionReply::Ack => break,
+            OptionReply::Info(_) => {}
+            other => panic!("GO refused: {other:?}"),
+        }
+    }
+    let mut raw = Raw {
+        s,
+        structured: true,
+        extended: false,
+    };
+    let r = raw.reply(0);
+    assert_eq!((r.cookie, r.error), (1, 0));
+
+    // A payload in uneven pieces with pauses, then two requests back to back in
+    // one write (the second's header arrives with the first's payload).
+    let mut out = header(2, 1 << 20, b.len() as u64);
+    out.extend_from_slice(&b[..100 << 10]);
+    raw.s.write_all(&out).unwrap();
+    for piece in [
+        &b[100 << 10..500 << 10],
+        &b[500 << 10..(1 << 20) - 1],
+        &b[(1 << 20) - 1..],
+    ] {
+        std::thread::sleep(Duration::from_millis(30));
+        raw.s.write_all(piece).unwrap();
+    }
+    let r = raw.reply(0);
+    assert_eq!((r.cookie, r.error), (2, 0));
+    let mut out = header(3, 2 << 20, c.len() as u64);
+    out.extend_from_slice(&c);
+    out.extend_from_slice(&header(4, 3 << 20, c.len() as u64));
+    out.extend_from_slice(&c[..200 << 10]);
+    raw.s.write_all(&out).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    raw.s.write_all(&c[200 << 10..]).unwrap();
+    let mut cookies = [raw.reply(0), raw.reply(0)].map(|r| {
+        assert_eq!(r.error, 0);
+        r.cookie
+    });
+    cookies.sort();
+    assert_eq!(cookies, [3, 4]);
+
+    // Everything landed where it should, and reads still work on this connection.
+    raw.send(0, CMD_READ, 5, 1 << 20, 4096, &[]);
+    let r = raw.reply(4096);
+    assert_eq!((r.cookie, r.error, &r.data[..]), (5, 0, &b[..4096]));
+    let f = std::fs::File::open(&img).unwrap();
+    for (offset, want) in [(0u64, &a), (1 << 20, &b), (2 << 20, &c), (3 << 20, &c)] {
+        let mut got = vec![0u8; want.len()];
+        f.read_exact_at(&mut got, offset).unwrap();
+        assert!(got == *want, "payload at {offset} differs");
+    }
+}
+
 #[test]
 fn many_requests_in_flight_on_many_connections() {
     let dir = tempfile::tempdir().unwrap();
