@@ -185,6 +185,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// Most reply bytes a TCP connection keeps queued in the kernel beyond what the
+/// client's window lets out (TCP_NOTSENT_LOWAT); the writer waits for room instead.
+///
+/// Why: bytes queued behind the window are pushed out when the client's ACK opens
+/// it, and that push runs in the client's own recv(), on the client's CPU, followed
+/// by a wake-up of our writer. With no limit a server that answers faster than the
+/// client reads moves that work onto the client. Measured here (2 cores, loopback,
+/// 3 x nbdcopy -C4 of 1 GiB to null:): nbdcopy's CPU time went from 1200-1480 ms to
+/// 720-840 ms (nbdkit's: 1040-1510 ms) and throughput rose; 64 KiB and 128 KiB did
+/// equally well, 256 KiB less, 1 MiB not at all. Small replies never reach it.
+const NOTSENT_LOWAT: libc::c_int = 128 << 10;
+
+fn limit_unsent(s: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v = NOTSENT_LOWAT;
+    // SAFETY: setsockopt reads one int through the live pointer, of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        // Only costs the client some CPU: replies flow the same without it.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT refused");
+    }
+}
+
 async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
@@ -193,6 +224,7 @@ async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: Cancellation
             r = l.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
+                    limit_unsent(&s);
                     let Ok(permit) = Arc::clone(&state.conn_limit).try_acquire_owned() else {
                         tracing::warn!(%peer, "connection limit reached, refusing");
                         continue;
@@ -316,5 +348,34 @@ async fn connection<R, W>(
     conn::count_connection(&export, -1);
     if let Err(e) = res {
         tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_limit_their_unsent_bytes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        limit_unsent(&s);
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the live int.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw mut v).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(v, NOTSENT_LOWAT);
     }
 }
