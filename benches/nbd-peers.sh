@@ -135,9 +135,15 @@ print("%-22s %16s %16s %16s" % ("p99 latency (us)", *servers))
 for key, label, col in rows[:4]:
     print("%-22s %16s %16s %16s" % (label, *["%.0f" % res[key + "|" + s][2] for s in servers]))
 print()
-print("client CPU (% of a core; about 100 = the client sets the pace)")
+# fio runs one thread: at its per-op cost with stagehand, a whole core would give
+# this ratio to nbdkit's figure; no server can push a single-threaded client past it.
+print("client CPU (%% of a core; about 100 = the client sets the pace)   %s" % "ceiling vs nbdkit")
 for key, label, col in rows:
-    print("%-22s %16s %16s %16s" % (label, *["%.0f %%" % res[key + "|" + s][3] for s in servers]))
+    cpu = {s: res[key + "|" + s][3] for s in servers}
+    ceiling = ""
+    if key != "nbdcopy" and cpu["stagehand"] > 0 and res[key + "|nbdkit"][col] > 0:
+        ceiling = "%.2fx" % (res[key + "|stagehand"][col] * 100 / cpu["stagehand"] / res[key + "|nbdkit"][col])
+    print("%-22s %16s %16s %16s %10s" % (label, *["%.0f %%" % cpu[s] for s in servers], ceiling))
 print()
 print("server CPU per op (us per 4k op, us per MiB)    %8s %10s" % ("ratio", "vs nbdkit"))
 for key, label, col in rows:
