@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/stagehand/target
 CARGO_PROFILE := --release
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build clean
+.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build fuzz clean
 
 deps:
 	@bash scripts/deps.sh
@@ -45,3 +45,6 @@ lint: clippy
 
 fuzz-build:
 	@bash scripts/fuzz-build.sh
+
+fuzz:
+	@bash scripts/fuzz-run.sh
