@@ -38,9 +38,10 @@
 //! its own thread at completion, without waiting for the requesting task to run).
 //! What it changes is how long the drain takes: a fence no longer waits for the
 //! older epoch's queued writes (up to 128 with 8 connections at queue depth 16),
-//! only for those already issued. The io_uring backend goes one step further: every
-//! millisecond while leased changes are in the kernel it asks the kernel to cancel
-//! the fenced ones not yet started (see `io/uring.rs`); a cancelled change never
+//! only for those already issued. The io_uring backend goes one step further: it
+//! asks the kernel to cancel the fenced ones not yet started, at once when a fence
+//! wakes its thread ([`FenceListener`]) and every millisecond while leased changes
+//! are in the kernel as a backstop (see `io/uring.rs`); a cancelled change never
 //! touched the file, and its guard, too, is dropped only at its completion.
 //!
 //! The per-change cost is two uncontended atomic read-modify-writes and one load on a

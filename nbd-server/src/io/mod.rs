@@ -383,7 +383,7 @@ impl IoEngine {
     /// Writes all of `buf` at `offset`; with `fua` it is durable when this returns.
     ///
     /// `guard` is the change's lease guard: the write is only issued while its epoch
-    /// is current (else it fails with [`fenced_error`]), and the guard is released as
+    /// is current (else it fails with `fenced_error`), and the guard is released as
     /// soon as the kernel is done with the write. Non-FUA writes with `nowait` are
     /// first tried inline with `RWF_NOWAIT`.
     pub async fn write_all(

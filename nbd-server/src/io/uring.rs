@@ -1,6 +1,6 @@
 //! io_uring backend: one ring owned by one thread.
 //!
-//! Connections send [`Op`]s through a channel. The ring thread keeps a read armed
+//! Connections send `Op`s through a channel. The ring thread keeps a read armed
 //! on an eventfd, so a single `submit_and_wait` sleeps on both new work and I/O
 //! completions. Submitters only write the eventfd when the ring thread may be
 //! asleep (`notified` flag), so a burst of requests costs one wake-up.
