@@ -357,7 +357,7 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     #[tokio::test]
-    async fn accepted_tcp_connections_limit_their_unsent_bytes() {
+    async fn limit_unsent_sets_tcp_notsent_lowat_on_a_connection() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
