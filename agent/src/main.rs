@@ -24,7 +24,20 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "stagehand-agent: {}",
+                nbd_server::report::error_line(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -73,6 +86,6 @@ fn main() -> anyhow::Result<()> {
             println!("stagehand-agent: api listening on {}", bound.api);
         })
         .await
-        .context("agent failed")
+        .map_err(anyhow::Error::from)
     })
 }

@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("coord: {e:#}");
+            eprintln!("coord: {}", nbd_server::report::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

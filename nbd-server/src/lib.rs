@@ -22,6 +22,7 @@ pub mod export;
 pub mod handshake;
 pub mod io;
 pub mod lease;
+pub mod report;
 pub mod server;
 pub mod store;
 

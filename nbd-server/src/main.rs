@@ -2,12 +2,26 @@
 //! signals, and hands over to `nbd_server::run`.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "stagehand-nbd: {}",
+                nbd_server::report::error_line(e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = nbd_server::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,6 +47,6 @@ fn main() -> anyhow::Result<()> {
         };
         nbd_server::run(config, shutdown)
             .await
-            .context("stagehand-nbd")
+            .map_err(anyhow::Error::from)
     })
 }
