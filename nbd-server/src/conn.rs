@@ -1081,10 +1081,8 @@ async fn block_status(ctx: &ConnCtx, req: Request, permit: OwnedSemaphorePermit)
         // No lseek needed: answered inline.
         Some(e) => Ok(Ok(e)),
         None => {
-            tokio::task::spawn_blocking(move || {
-                allocation_extents(&export, offset, length, max, max_len)
-            })
-            .await
+            tokio::task::spawn_blocking(move || seek_extents(&export, offset, length, max, max_len))
+                .await
         }
     };
     let extents = match extents {
@@ -1146,9 +1144,11 @@ fn extents_without_lseek(
     Some(out)
 }
 
-/// base:allocation extents of `[offset, offset+length)` via SEEK_DATA/SEEK_HOLE:
-/// holes are HOLE|ZERO, data is 0. Adjacent extents of one kind are merged.
-pub(crate) fn allocation_extents(
+/// base:allocation extents of a file that may have holes, via SEEK_DATA/SEEK_HOLE:
+/// holes are HOLE|ZERO, data is 0, adjacent extents of one kind merged. It may wait
+/// on the inode lock, so the data path runs it on a blocking thread, and only when
+/// [`extents_without_lseek`] cannot answer.
+fn seek_extents(
     export: &Export,
     offset: u64,
     length: u64,
@@ -1170,9 +1170,6 @@ pub(crate) fn allocation_extents(
             flags,
         });
     };
-    if let Some(e) = extents_without_lseek(export, offset, length, max, max_len) {
-        return Ok(e);
-    }
     let fd = export.file.as_raw_fd();
     let mut pos = offset;
     let hole = STATE_HOLE | STATE_ZERO;
@@ -1229,6 +1226,20 @@ pub(crate) fn count_connection(export: &Export, delta: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What BLOCK_STATUS answers for a range: without lseek when it can, else by seeking.
+    fn allocation_extents(
+        export: &Export,
+        offset: u64,
+        length: u64,
+        max: usize,
+        max_len: u64,
+    ) -> io::Result<Vec<Extent>> {
+        match extents_without_lseek(export, offset, length, max, max_len) {
+            Some(e) => Ok(e),
+            None => seek_extents(export, offset, length, max, max_len),
+        }
+    }
     use crate::export::ExportSpec;
     use std::io::Write;
 

@@ -223,12 +223,13 @@ async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: Cancellation
             _ = token.cancelled() => break,
             r = l.accept() => match r {
                 Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    limit_unsent(&s);
                     let Ok(permit) = Arc::clone(&state.conn_limit).try_acquire_owned() else {
                         tracing::warn!(%peer, "connection limit reached, refusing");
                         continue;
                     };
+                    // Only for connections we serve.
+                    let _ = s.set_nodelay(true);
+                    limit_unsent(&s);
                     // Re-registered with the reactor of the data-plane thread that
                     // will serve it.
                     let s = match s.into_std() {
