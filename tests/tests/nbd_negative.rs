@@ -95,18 +95,37 @@ fn go(mut s: TcpStream, export: &str, structured: bool, extended: bool, meta: bo
             requests: vec![],
         }),
     );
-    loop {
-        match opt_reply(&mut s).1 {
-            OptionReply::Ack => break,
-            OptionReply::Info(_) => {}
-            other => panic!("GO refused: {other:?}"),
-        }
-    }
+    go_answered(&mut s);
     Raw {
         s,
         structured,
         extended,
     }
+}
+
+/// Reads the server's answer to NBD_OPT_GO (INFO replies, then ACK).
+fn go_answered(s: &mut TcpStream) {
+    loop {
+        match opt_reply(s).1 {
+            OptionReply::Ack => break,
+            OptionReply::Info(_) => {}
+            other => panic!("GO refused: {other:?}"),
+        }
+    }
+}
+
+/// A compact WRITE request header (its payload follows it on the wire).
+fn write_header(cookie: u64, offset: u64, length: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    Request {
+        flags: 0,
+        command: CMD_WRITE,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(false, &mut out);
+    out
 }
 
 fn connect(d: &Daemon, export: &str, structured: bool, extended: bool) -> Raw {
@@ -508,15 +527,7 @@ fn client_vanishing_mid_payload_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (d, img) = server(dir.path());
     let mut c = connect(&d, "n", true, false);
-    let mut out = Vec::new();
-    Request {
-        flags: 0,
-        command: CMD_WRITE,
-        cookie: 1,
-        offset: 0,
-        length: 1 << 20,
-    }
-    .encode(false, &mut out);
+    let mut out = write_header(1, 0, 1 << 20);
     out.extend_from_slice(&[0xee; 100 << 10]);
     c.s.write_all(&out).unwrap();
     drop(c);
@@ -541,18 +552,6 @@ fn client_vanishing_mid_payload_writes_nothing() {
 fn large_write_payloads_arriving_in_any_shape_are_written_whole() {
     let dir = tempfile::tempdir().unwrap();
     let (d, img) = server(dir.path());
-    let header = |cookie: u64, offset: u64, length: u64| {
-        let mut out = Vec::new();
-        Request {
-            flags: 0,
-            command: CMD_WRITE,
-            cookie,
-            offset,
-            length,
-        }
-        .encode(false, &mut out);
-        out
-    };
     let a = pattern(1 << 20, 21);
     let b = pattern(1 << 20, 22);
     let c = pattern(300 << 10, 23);
@@ -566,16 +565,10 @@ fn large_write_payloads_arriving_in_any_shape_are_written_whole() {
         requests: vec![],
     })
     .encode(&mut out);
-    out.extend_from_slice(&header(1, 0, a.len() as u64));
+    out.extend_from_slice(&write_header(1, 0, a.len() as u64));
     out.extend_from_slice(&a);
     s.write_all(&out).unwrap();
-    loop {
-        match opt_reply(&mut s).1 {
-            OptionReply::Ack => break,
-            OptionReply::Info(_) => {}
-            other => panic!("GO refused: {other:?}"),
-        }
-    }
+    go_answered(&mut s);
     let mut raw = Raw {
         s,
         structured: true,
@@ -586,7 +579,7 @@ fn large_write_payloads_arriving_in_any_shape_are_written_whole() {
 
     // A payload in uneven pieces with pauses, then two requests back to back in
     // one write (the second's header arrives with the first's payload).
-    let mut out = header(2, 1 << 20, b.len() as u64);
+    let mut out = write_header(2, 1 << 20, b.len() as u64);
     out.extend_from_slice(&b[..100 << 10]);
     raw.s.write_all(&out).unwrap();
     for piece in [
@@ -599,9 +592,9 @@ fn large_write_payloads_arriving_in_any_shape_are_written_whole() {
     }
     let r = raw.reply(0);
     assert_eq!((r.cookie, r.error), (2, 0));
-    let mut out = header(3, 2 << 20, c.len() as u64);
+    let mut out = write_header(3, 2 << 20, c.len() as u64);
     out.extend_from_slice(&c);
-    out.extend_from_slice(&header(4, 3 << 20, c.len() as u64));
+    out.extend_from_slice(&write_header(4, 3 << 20, c.len() as u64));
     out.extend_from_slice(&c[..200 << 10]);
     raw.s.write_all(&out).unwrap();
     std::thread::sleep(Duration::from_millis(30));
