@@ -66,11 +66,9 @@ for _ in $(seq 200); do
 done
 curl -sf "$API/v1/health" >/dev/null || { echo "fence.sh: server did not start" >&2; exit 1; }
 
-fence() { # fence EPOCH EXPORT -> prints "TOKEN SECONDS"
-  curl -s -o "$work/fence.json" -w '%{time_total}' -X POST "$API/v1/exports/$2/fence" \
-    -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" >"$work/fence.time"
-  "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"], open(sys.argv[2]).read())' \
-    "$work/fence.json" "$work/fence.time"
+fence() { # fence EPOCH EXPORT -> prints the new TOKEN (fence_latency.py times fences)
+  curl -sf -X POST "$API/v1/exports/$2/fence" -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" \
+    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 }
 
 fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
@@ -82,7 +80,7 @@ fio_iops() { # fio_iops URI RUNTIME JOBS -> write IOPS
 }
 
 echo "== lease check cost: fio nbd randwrite 4k, qd 16, 4 jobs, ${RUNTIME}s, $ROUNDS rounds each, export on tmpfs (as in make bench), order alternating"
-read -r token _ < <(fence 1 leased-shm)
+token="$(fence 1 leased-shm)"
 : >"$work/iops"
 for round in $(seq "$ROUNDS"); do
   # ABBA: the kind that runs first alternates, so neither always finds the other's
