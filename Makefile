@@ -4,6 +4,8 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/stagehand/target
 # One cargo profile (release) for tests, demo and benches: dependencies build once.
 CARGO_PROFILE := --release
 BIN := $(CARGO_TARGET_DIR)/release
+# cargo with the system RocksDB when installed (see scripts/cargo.sh).
+CARGO := bash scripts/cargo.sh
 
 .PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build fuzz clean
 
@@ -11,15 +13,15 @@ deps:
 	@bash scripts/deps.sh
 
 build: deps
-	cargo build $(CARGO_PROFILE) --workspace --bins
+	$(CARGO) build $(CARGO_PROFILE) --workspace --bins
 
 test: deps
-	cargo build $(CARGO_PROFILE) --workspace --bins
-	STAGEHAND_BIN_DIR=$(BIN) cargo test $(CARGO_PROFILE) --workspace --no-fail-fast
+	$(CARGO) build $(CARGO_PROFILE) --workspace --bins
+	STAGEHAND_BIN_DIR=$(BIN) $(CARGO) test $(CARGO_PROFILE) --workspace --no-fail-fast
 	@bash scripts/fuzz-build.sh
 
 demo: build
-	cargo build $(CARGO_PROFILE) -p stagehand-tests --example check_disk_writer
+	$(CARGO) build $(CARGO_PROFILE) -p stagehand-tests --example check_disk_writer
 	STAGEHAND_BIN_DIR=$(BIN) bash scripts/demo.sh
 
 demo-nbd: build
@@ -35,13 +37,13 @@ bench-fence: build
 	STAGEHAND_BIN_DIR=$(BIN) bash benches/fence.sh
 
 fmt:
-	cargo fmt --all
+	$(CARGO) fmt --all
 
 clippy:
-	cargo clippy $(CARGO_PROFILE) --workspace --all-targets -- -D warnings
+	$(CARGO) clippy $(CARGO_PROFILE) --workspace --all-targets -- -D warnings
 
 lint: clippy
-	cargo fmt --all -- --check
+	$(CARGO) fmt --all -- --check
 
 fuzz-build:
 	@bash scripts/fuzz-build.sh

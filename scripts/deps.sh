@@ -12,6 +12,8 @@ have qemu-img  || need+=(qemu-utils)
 have clang     || need+=(clang)
 have as        || need+=(binutils)   # agent/build.rs assembles the test guests
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# Debian's RocksDB: scripts/cargo.sh links it instead of building the bundled copy (~22 min).
+[ -e /usr/include/rocksdb/c.h ] || need+=(librocksdb-dev)
 # The system python: a pyenv or venv python3 on PATH does not see Debian's modules.
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 have curl      || need+=(curl)

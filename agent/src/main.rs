@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!(
                 "stagehand-agent: {}",
-                nbd_server::report::error_line(e.as_ref())
+                stagehand_common::report::error_line(e.as_ref())
             );
             std::process::ExitCode::FAILURE
         }

@@ -19,7 +19,10 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("coord: {}", nbd_server::report::error_line(e.as_ref()));
+            eprintln!(
+                "coord: {}",
+                stagehand_common::report::error_line(e.as_ref())
+            );
             std::process::ExitCode::FAILURE
         }
     }

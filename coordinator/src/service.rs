@@ -494,9 +494,9 @@ impl Coordinator {
             .fence(export, 1, FILL_HOLDER)
             .await
             .map_err(|e| ApiError::daemon("taking the disk to fill it", &e))?;
-        let opts = nbd_server::client::ClientOptions::new(&format!("{export};lease={}", f.token));
+        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={}", f.token));
         let fill = async {
-            let c = nbd_server::client::Client::connect_tcp(&storage.nbd, opts).await?;
+            let c = nbd_client::Client::connect_tcp(&storage.nbd, opts).await?;
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
                 c.write((i as u64) << 20, chunk, false).await?;
             }

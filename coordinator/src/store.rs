@@ -206,3 +206,17 @@ mod tests {
         ));
     }
 }
+
+/// Debian 12's RocksDB (7.8) predates `rocksdb_write_buffer_manager_destroy`, which
+/// the `rocksdb` crate references from the drop of a write-buffer manager. The
+/// coordinator never creates one, so this is never called; it exists only so the
+/// binary links against the system library (see build.rs).
+#[cfg(system_rocksdb)]
+mod rocksdb_shim {
+    #[unsafe(no_mangle)]
+    pub extern "C" fn rocksdb_write_buffer_manager_destroy(_manager: *mut std::ffi::c_void) {
+        // Unreachable by construction (no write-buffer manager is ever created);
+        // abort rather than leak silently if that ever changes.
+        std::process::abort();
+    }
+}

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::codec::{ClientOption, OPTION_HEADER_LEN, OptionHeader};
+use nbd_proto::{ClientOption, OPTION_HEADER_LEN, OptionHeader};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() >= OPTION_HEADER_LEN {

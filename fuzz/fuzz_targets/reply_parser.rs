@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::codec::{ChunkPayload, OptionReply, ReplyHeader};
+use nbd_proto::{ChunkPayload, OptionReply, ReplyHeader};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::codec::Request;
+use nbd_proto::Request;
 
 fuzz_target!(|data: &[u8]| {
     for extended in [false, true] {

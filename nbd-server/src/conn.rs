@@ -22,11 +22,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::{Buf, BufPool};
-use crate::codec::{ChunkPayload, Extent, ReplyHeader, Request, consts::*, encode_chunk};
 use crate::export::{BLKDISCARD, BLKZEROOUT, Backing, Export, ExportStats};
 use crate::handshake::{MAX_PAYLOAD, Negotiated};
 use crate::io::IoEngine;
 use crate::lease::{Binding, ChangeGuard};
+use nbd_proto::{ChunkPayload, Extent, ReplyHeader, Request, consts::*, encode_chunk};
 
 /// Permit units per connection, one unit per 64 KiB of payload (48 MiB in all).
 const PERMIT_UNITS: u32 = 768;

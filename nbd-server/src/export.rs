@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{MAX_STRING, consts::*};
 use crate::io::NoWait;
 use crate::lease::LeaseGate;
+use nbd_proto::{MAX_STRING, consts::*};
 
 /// How an export is configured (`--export NAME=PATH[,ro][,unleased][,lease-reads]`
 /// or TOML).

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::codec::{
-    self, ClientOption, CodecError, InfoItem, OptionHeader, OptionReply, consts::*,
-};
 use crate::export::{Export, ExportRegistry, split_lease};
 use crate::lease::Binding;
+use nbd_proto::{
+    self as codec, ClientOption, CodecError, InfoItem, OptionHeader, OptionReply, consts::*,
+};
 
 /// Largest option payload we read; longer ones are skipped and answered ERR_TOO_BIG.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;

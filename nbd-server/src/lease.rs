@@ -306,7 +306,7 @@ impl Binding {
     /// Narrows an export's NBD transmission flags to what this binding may do, so a
     /// plain `NAME` on a leased export is advertised to the client as read-only.
     pub fn transmission_flags(&self, export_flags: u16) -> u16 {
-        use crate::codec::consts::{
+        use nbd_proto::consts::{
             TFLAG_READ_ONLY, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FUA, TFLAG_SEND_TRIM,
             TFLAG_SEND_WRITE_ZEROES,
         };

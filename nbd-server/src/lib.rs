@@ -1,6 +1,8 @@
 //! stagehand-nbd: the storage node's NBD server (see README.md and docs/nbd-protocol.md).
 //!
-//! - [`codec`]: the wire protocol, pure (no I/O), shared by server and client.
+//! The wire protocol is the `nbd-proto` crate (pure, shared with the client and the
+//! fuzz targets); the async client is `nbd-client`.
+//!
 //! - [`handshake`] and `conn`: the server's option haggling and transmission phase.
 //! - [`server`]: listeners, connection lifecycle, [`run`]; [`dataplane`]: the
 //!   threads connections run on.
@@ -8,12 +10,9 @@
 //! - [`io`]: io_uring and thread-pool file I/O; [`bufpool`]: reusable buffers.
 //! - [`lease`]: write leases and epoch fencing; [`store`]: durable state (`--data-dir`).
 //! - [`control`]: the HTTP/JSON control API (`--api`).
-//! - [`client`]: an async NBD client (tokio).
 //! - [`config`]: flags and TOML.
 
 pub mod bufpool;
-pub mod client;
-pub mod codec;
 pub mod config;
 mod conn;
 pub mod control;
@@ -22,7 +21,6 @@ pub mod export;
 pub mod handshake;
 pub mod io;
 pub mod lease;
-pub mod report;
 pub mod server;
 pub mod store;
 

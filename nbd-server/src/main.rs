@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "stagehand-nbd: {}",
-                nbd_server::report::error_line(e.as_ref())
+                stagehand_common::report::error_line(e.as_ref())
             );
             ExitCode::FAILURE
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nbd_server::client::{Client, ClientOptions};
+use nbd_client::{Client, ClientOptions};
 use nbd_server::export::{Export, ExportSpec};
 use nbd_server::{Config, Server};
 

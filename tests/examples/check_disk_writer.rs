@@ -55,12 +55,9 @@ async fn run() -> Result<()> {
             .and_then(|w| w.try_into().ok())
             .context("the RAM dump is too short")?;
         let acked = u64::from_le_bytes(word);
-        let c = nbd_server::client::Client::connect_tcp(
-            nbd,
-            nbd_server::client::ClientOptions::new(export),
-        )
-        .await
-        .context("connecting to the storage node read-only")?;
+        let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+            .await
+            .context("connecting to the storage node read-only")?;
         let len = c.size().min(1 << 20) as u32;
         let disk = c.read(0, len).await.context("reading the disk")?;
         let _ = c.disconnect().await;

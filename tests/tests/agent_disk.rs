@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use agent::guests::{
     DISK_WRITER, DISK_WRITER_ACKED_ADDR, DISK_WRITER_LOAD_ADDR, check_ab_ram, check_disk_records,
 };
-use nbd_server::client::{Client, ClientOptions};
+use nbd_client::{Client, ClientOptions};
 use reqwest::Method;
 use serde_json::json;
 

@@ -6,7 +6,7 @@ mod lease_support;
 use std::time::Duration;
 
 use lease_support::{Node, PyWriter, backing_file, have_python_libnbd};
-use nbd_server::client::{Client, ClientOptions};
+use nbd_client::{Client, ClientOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -247,7 +247,7 @@ async fn exports_added_and_removed_at_runtime() {
 }
 
 /// Connects with our own client; `Err` carries the refusal.
-async fn connect(addr: &str, name: &str) -> Result<Client, nbd_server::client::ClientError> {
+async fn connect(addr: &str, name: &str) -> Result<Client, nbd_client::ClientError> {
     Client::connect_tcp(addr, ClientOptions::new(name)).await
 }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use nbd_server::client::{Client, ClientOptions};
-use nbd_server::codec::consts::EPERM;
+use nbd_client::{Client, ClientOptions};
+use nbd_proto::consts::EPERM;
 
 use lease_support::{
     Node, PyWriter, backing_file, checksum, have, have_python_libnbd, monotonic_ns,

@@ -1,4 +1,4 @@
-//! The async client (`nbd_server::client`) against our server and against
+//! The async client (`nbd_client`) against our server and against
 //! qemu-nbd (a real peer), with extended headers, structured replies only, and
 //! plain simple replies.
 
@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_server::client::{Client, ClientOptions, ZeroFlags};
-use nbd_server::codec::consts::*;
+use nbd_client::{Client, ClientOptions, ZeroFlags};
+use nbd_proto::consts::*;
 use stagehand_tests::{have_tool, pattern, sparse_file, start_nbd};
 
 fn modes(export: &str) -> Vec<ClientOptions> {

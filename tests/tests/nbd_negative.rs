@@ -9,8 +9,8 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use nbd_server::codec::{
-    self, ChunkPayload, ClientOption, InfoRequest, MetaContextRequest, OptionReply,
+use nbd_proto::{
+    self as codec, ChunkPayload, ClientOption, InfoRequest, MetaContextRequest, OptionReply,
     OptionReplyHeader, ReplyHeader, Request, consts::*,
 };
 use stagehand_tests::{Daemon, pattern, sparse_file, start_nbd};

@@ -15,7 +15,7 @@
 //! | 0x1c   | COMMAND (W) / STATUS (R) | | write 1 READ, 2 WRITE, 3 FLUSH, 4 IDENTIFY; read 0 idle, 1 busy, 2 ok, 3 error |
 //!
 //! Writing COMMAND starts the request and returns to the guest at once with STATUS
-//! busy; the request runs on the agent's tokio runtime through `nbd_server::client`,
+//! busy; the request runs on the agent's tokio runtime through `nbd_client`,
 //! and STATUS becomes ok or error. A command written while busy is ignored. WRITE
 //! copies the guest buffer when the command is written; READ stores into guest RAM
 //! through vm-memory (so the dirty bitmap sees it) before STATUS says ok. Every request
@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use nbd_server::client::{Client, ClientError};
+use nbd_client::{Client, ClientError};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vm_memory::{Bytes, GuestAddress};

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use nbd_server::client::{Client, ClientError, ClientOptions};
+use nbd_client::{Client, ClientError, ClientOptions};
 
 /// The NBD port when a URI names none (IANA).
 pub const DEFAULT_NBD_PORT: u16 = 10809;

@@ -526,14 +526,11 @@ pub fn read_disk(nbd: &str, export: &str, len: u32) -> Vec<u8> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let fut = async {
-            let c = nbd_server::client::Client::connect_tcp(
-                nbd,
-                nbd_server::client::ClientOptions::new(export),
-            )
-            .await?;
+            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+                .await?;
             let data = c.read(0, len).await?;
             c.disconnect().await?;
-            Ok::<_, nbd_server::client::ClientError>(data)
+            Ok::<_, nbd_client::ClientError>(data)
         };
         match tokio::time::timeout(Duration::from_secs(20), fut).await {
             Ok(Ok(d)) => d,
@@ -547,9 +544,9 @@ pub fn read_disk(nbd: &str, export: &str, len: u32) -> Vec<u8> {
 pub fn token_refused(nbd: &str, export: &str, token: &str) -> bool {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let opts = nbd_server::client::ClientOptions::new(&format!("{export};lease={token}"));
+        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={token}"));
         let fut = async {
-            let c = nbd_server::client::Client::connect_tcp(nbd, opts).await?;
+            let c = nbd_client::Client::connect_tcp(nbd, opts).await?;
             c.write(0, b"stale", true).await
         };
         match tokio::time::timeout(Duration::from_secs(10), fut).await {
@@ -569,17 +566,17 @@ pub fn token_refused(nbd: &str, export: &str, token: &str) -> bool {
 /// keeps a fenced connection open, closed after that.
 pub struct HeldWriter {
     rt: tokio::runtime::Runtime,
-    client: Option<nbd_server::client::Client>,
+    client: Option<nbd_client::Client>,
 }
 
 impl HeldWriter {
     pub fn open(nbd: &str, export: &str, token: &str) -> HeldWriter {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
-        let opts = nbd_server::client::ClientOptions::new(&format!("{export};lease={token}"));
+        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={token}"));
         let client = rt.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(10),
-                nbd_server::client::Client::connect_tcp(nbd, opts),
+                nbd_client::Client::connect_tcp(nbd, opts),
             )
             .await
             .expect("NBD connect hung")
@@ -621,12 +618,9 @@ impl HeldWriter {
         };
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let sector = rt.block_on(async {
-            let c = nbd_server::client::Client::connect_tcp(
-                nbd,
-                nbd_server::client::ClientOptions::new(export),
-            )
-            .await
-            .expect("read-only connect");
+            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+                .await
+                .expect("read-only connect");
             let d = c.read(offset, 512).await.expect("read back");
             let _ = c.disconnect().await;
             d

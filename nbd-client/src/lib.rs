@@ -8,8 +8,8 @@
 //! to its waiter, so replies may arrive in any order.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), nbd_server::client::ClientError> {
-//! use nbd_server::client::{Client, ClientOptions};
+//! # async fn demo() -> Result<(), nbd_client::ClientError> {
+//! use nbd_client::{Client, ClientOptions};
 //! let c = Client::connect_tcp("127.0.0.1:10809", ClientOptions::new("disk")).await?;
 //! c.write(0, b"hello", true).await?;
 //! assert_eq!(c.read(0, 5).await?, b"hello");
@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::codec::{
-    self, ChunkPayload, ClientOption, CodecError, Extent, InfoItem, InfoRequest,
+use nbd_proto::{
+    self as codec, ChunkPayload, ClientOption, CodecError, Extent, InfoItem, InfoRequest,
     MetaContextRequest, OptionReply, OptionReplyHeader, ReplyHeader, Request, consts::*,
 };
 
