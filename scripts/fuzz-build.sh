@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Builds the fuzz targets (fuzz/) so they cannot rot. Running them needs cargo-fuzz and
-# a nightly toolchain (`cargo fuzz run <target>`); building them works on stable.
+# Builds the fuzz targets (fuzz/) so they cannot rot; `make fuzz` (scripts/fuzz-run.sh)
+# runs them coverage-guided on the stable toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f fuzz/Cargo.toml ]; then
   echo "fuzz-build: no fuzz/ crate yet"
   exit 0
 fi
-cargo build --release --manifest-path fuzz/Cargo.toml --bins
+bash scripts/cargo.sh build --release -p stagehand-fuzz --bins
 echo "fuzz-build: fuzz targets built"

@@ -18,7 +18,7 @@ export CARGO_TARGET_DIR="$DIR/target"
 RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks" \
-  cargo build --release --target "$TARGET" --manifest-path fuzz/Cargo.toml --bins
+  bash scripts/cargo.sh build --release --target "$TARGET" -p stagehand-fuzz --bins
 for bin in fuzz/fuzz_targets/*.rs; do
   t="$(basename "$bin" .rs)"
   mkdir -p "$DIR/corpus/$t" "$DIR/crashes/$t"
