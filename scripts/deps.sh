@@ -18,6 +18,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 have curl      || need+=(curl)
 have jq        || need+=(jq)        # scripts/demo.sh reads coord --json output
+have systemd-analyze || need+=(systemd)  # make test verifies the units in deploy/systemd
 have tc        || need+=(iproute2)  # bench-migrate shapes a 110 MiB/s link with tc in a netns
 # The Linux kernel's NBD client (tests/tests/nbd_kernel.rs; skipped without the nbd module).
 PATH="$PATH:/usr/sbin:/sbin" have nbd-client || need+=(nbd-client)
