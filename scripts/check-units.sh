@@ -34,7 +34,7 @@ UNITS=(stagehand-nbd.service stagehand-agent.service coord.service)
 # Which example drop-ins are checked with which unit.
 declare -A DROPINS=(
     [stagehand-nbd.service]="nbd-block-device.conf nbd-export-root.conf ip-allow-list.conf"
-    [stagehand-agent.service]="ip-allow-list.conf"
+    [stagehand-agent.service]="ip-allow-list.conf cap-sys-nice.conf"
     [coord.service]="ip-allow-list.conf"
 )
 
