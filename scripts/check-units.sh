@@ -17,6 +17,16 @@
 # 3. The sysusers.d and tmpfiles.d files are applied to a scratch root (--root=),
 #    which checks their syntax and that the users own what tmpfiles creates.
 #
+# 4. With STAGEHAND_BIN_DIR (the release binaries, as `make test` has them): each
+#    daemon is started with its unit's own ExecStart= command line (the credentials
+#    directory %d filled with a token and certificates made by the openssl recipe of
+#    deploy/README.md) and its example config from deploy/config/, plus flags that
+#    move its listeners to 127.0.0.1:0 and its directories into a scratch dir. It
+#    must come up (its "listening" line), answer GET /v1/health over HTTPS checked
+#    against the recipe's CA (with curl), and stop on SIGTERM: the example keys, the
+#    unit's flags and the recipe's certificates are all accepted.
+#    Without STAGEHAND_BIN_DIR, or without openssl, this step says so and is skipped.
+#
 # systemd-analyze comes with Debian 12's `systemd` package. Without it this script
 # fails, unless STAGEHAND_SKIP_UNIT_CHECK=1, which turns the failure into a loud skip.
 set -euo pipefail
@@ -149,6 +159,105 @@ else
     echo "check-units: FAIL sysusers.d/tmpfiles.d:" >&2
     echo "${out:-}" "${out2:-}" >&2
     fail=1
+fi
+
+# 4. The example configs with the units' command lines, against the real binaries.
+# Makes the credentials directory a unit would get: token and TLS files.
+make_creds() {
+    local c=$1 pki=$tmp/pki
+    mkdir -p "$c" "$pki"
+    (
+        cd "$pki" && umask 077 &&
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+                -subj "/CN=check-units CA" -keyout ca-key.pem -out ca-cert.pem \
+                -addext "basicConstraints=critical,CA:TRUE" \
+                -addext "keyUsage=critical,keyCertSign,cRLSign" &&
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=node1" \
+                -keyout server-key.pem -out req.pem &&
+            printf 'subjectAltName=DNS:node1,DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >ext.cnf &&
+            openssl x509 -req -in req.pem -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+                -days 2 -sha256 -extfile ext.cnf -out server-cert.pem
+    ) >"$tmp/openssl.log" 2>&1 || return 1
+    cp "$pki/server-cert.pem" "$c/tls-cert"
+    cp "$pki/server-key.pem" "$c/tls-key"
+    cp "$pki/ca-cert.pem" "$c/tls-ca"
+    openssl rand -hex 32 >"$c/api-token"
+}
+
+# Starts unit $1's ExecStart= (joined, %d and the paths replaced) plus the flags in
+# $2..., waits for the line matching READY, stops it with SIGTERM.
+start_like_unit() {
+    local unit=$1 ready=$2 cfg=$3
+    shift 3
+    local line prog
+    line=$(sed -e ':a' -e '/\\$/N; s/\\\n//; ta' "$SRC/$unit" | sed -nE 's/^ExecStart=[-@:+!]*//p')
+    prog=$(basename "${line%% *}")
+    line=${line#* }
+    line=${line//%d/$tmp/creds}
+    line=${line//\/etc\/stagehand\/$cfg/$PWD\/deploy\/config\/$cfg}
+    local log=$tmp/$unit.log pid
+    # shellcheck disable=SC2086 # the unit's arguments split on spaces, as systemd does
+    "$STAGEHAND_BIN_DIR/$prog" $line "$@" >"$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+        if grep -qE "$ready" "$log"; then
+            # With TLS on, /v1/health must answer over HTTPS with the recipe's CA.
+            local addr health
+            addr=$(sed -nE 's#.*(api listening on|control api on)[^0-9]*([0-9.]+:[0-9]+).*#\2#p' "$log" | head -n 1)
+            if [ -n "$addr" ] && command -v curl >/dev/null 2>&1; then
+                health=$(curl -sS --max-time 5 --cacert "$tmp/pki/ca-cert.pem" \
+                    "https://$addr/v1/health" 2>&1) || true
+                if [ "$health" != '{"status":"ok"}' ]; then
+                    kill -TERM "$pid"
+                    wait "$pid" || true
+                    echo "check-units: FAIL $unit: GET https://$addr/v1/health answered: $health" >&2
+                    cat "$log" >&2
+                    return 1
+                fi
+            fi
+            kill -TERM "$pid"
+            if wait "$pid"; then
+                echo "check-units: ok   $unit starts with deploy/config/$cfg and its ExecStart= flags${addr:+, https://$addr/v1/health ok}, stops on SIGTERM"
+                return 0
+            fi
+            echo "check-units: FAIL $unit did not exit cleanly on SIGTERM:" >&2
+            cat "$log" >&2
+            return 1
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" || true
+            echo "check-units: FAIL $unit with deploy/config/$cfg did not start:" >&2
+            cat "$log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    echo "check-units: FAIL $unit with deploy/config/$cfg: no ready line in 10 s:" >&2
+    cat "$log" >&2
+    return 1
+}
+
+if [ -z "${STAGEHAND_BIN_DIR:-}" ]; then
+    echo "check-units: note: example configs NOT started (set STAGEHAND_BIN_DIR to the release binaries)"
+elif ! command -v openssl >/dev/null 2>&1; then
+    echo "check-units: note: example configs NOT started (openssl missing)"
+elif ! make_creds "$tmp/creds"; then
+    echo "check-units: FAIL making test certificates with openssl:" >&2
+    cat "$tmp/openssl.log" >&2
+    fail=1
+else
+    s=$tmp/state
+    mkdir -p "$s/nbd/exports" "$s/agent/images" "$s/coord/images"
+    start_like_unit stagehand-nbd.service 'listening on tcp' stagehand-nbd.toml \
+        --listen 127.0.0.1:0 --api 127.0.0.1:0 --data-dir "$s/nbd" \
+        --export-root "$s/nbd/exports" || fail=1
+    start_like_unit stagehand-agent.service 'api listening on' stagehand-agent.toml \
+        --api 127.0.0.1:0 --migration-listen 127.0.0.1:0 --data-dir "$s/agent" \
+        --images-dir "$s/agent/images" || fail=1
+    start_like_unit coord.service 'api listening on' coord.toml \
+        --api 127.0.0.1:0 --data-dir "$s/coord/db" --images-dir "$s/coord/images" || fail=1
 fi
 
 if [ "$fail" != 0 ]; then
