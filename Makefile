@@ -19,6 +19,7 @@ test: deps
 	$(CARGO) build $(CARGO_PROFILE) --workspace --bins
 	STAGEHAND_BIN_DIR=$(BIN) $(CARGO) test $(CARGO_PROFILE) --workspace --no-fail-fast
 	@bash scripts/fuzz-build.sh
+	STAGEHAND_BIN_DIR=$(BIN) bash scripts/check-units.sh
 
 demo: build
 	$(CARGO) build $(CARGO_PROFILE) -p stagehand-tests --example check_disk_writer

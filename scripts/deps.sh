@@ -19,6 +19,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 have curl      || need+=(curl)
 have jq        || need+=(jq)        # scripts/demo.sh reads coord --json output
 have systemd-analyze || need+=(systemd)  # make test verifies the units in deploy/systemd
+have openssl   || need+=(openssl)   # check-units.sh makes certificates the way deploy/README.md does
 have tc        || need+=(iproute2)  # bench-migrate shapes a 110 MiB/s link with tc in a netns
 # The Linux kernel's NBD client (tests/tests/nbd_kernel.rs; skipped without the nbd module).
 PATH="$PATH:/usr/sbin:/sbin" have nbd-client || need+=(nbd-client)
