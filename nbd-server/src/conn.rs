@@ -76,6 +76,11 @@ struct FileRange {
 /// The write half of a connection: a byte stream that can also send file data
 /// without copying it through user space (sendfile).
 pub(crate) trait ReplySink: AsyncWrite + Unpin + Send + 'static {
+    /// Whether [`ReplySink::send_file`] is zero copy (a plain socket). Through TLS
+    /// the bytes must be encrypted in user space anyway: reads are then copied
+    /// into buffers like on any other file system.
+    const ZERO_COPY: bool = true;
+
     fn send_file(
         &mut self,
         file: &File,
@@ -121,6 +126,30 @@ macro_rules! sendfile_sink {
 sendfile_sink!(tokio::net::tcp::OwnedWriteHalf);
 sendfile_sink!(tokio::net::unix::OwnedWriteHalf);
 
+/// A TLS connection's write half: file data is read and then encrypted.
+impl<S> ReplySink for tokio::io::WriteHalf<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    const ZERO_COPY: bool = false;
+
+    async fn send_file(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
+        // Not reached (ZERO_COPY is false, so no reply carries a file range); kept
+        // correct for completeness. Only memory file systems get here, where a
+        // pread never waits for a device.
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len.min(1 << 20)];
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(buf.len());
+            file.read_exact_at(&mut buf[..n], offset + done as u64)?;
+            self.write_all(&buf[..n]).await?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 /// Serves one negotiated connection until DISC, a protocol violation, a vanished
 /// client, fencing, or server shutdown; in-flight requests finish before it returns.
 pub(crate) async fn serve<R, W>(
@@ -137,7 +166,8 @@ where
 {
     // sendfile never waits for a device or fails with a media error only on memory
     // filesystems; elsewhere it could block the writer or fail after the header.
-    let neg_zero_copy = neg.export.backing == Backing::File && neg.export.nowait.memory();
+    let neg_zero_copy =
+        W::ZERO_COPY && neg.export.backing == Backing::File && neg.export.nowait.memory();
     let ctx = Arc::new(ConnCtx {
         export: neg.export,
         binding: neg.binding,

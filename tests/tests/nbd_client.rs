@@ -16,16 +16,11 @@ use stagehand_tests::{have_tool, pattern, sparse_file, start_nbd};
 
 fn modes(export: &str) -> Vec<ClientOptions> {
     let full = ClientOptions::new(export);
-    let structured = ClientOptions {
-        extended: false,
-        ..full.clone()
-    };
-    let simple = ClientOptions {
-        extended: false,
-        structured: false,
-        base_allocation: false,
-        ..full.clone()
-    };
+    let mut structured = full.clone();
+    structured.extended = false;
+    let mut simple = structured.clone();
+    simple.structured = false;
+    simple.base_allocation = false;
     vec![full, structured, simple]
 }
 
