@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nbd_client::{Client, ClientOptions};
-use nbd_server::export::{Export, ExportSpec};
 use nbd_server::config::FileConfig;
+use nbd_server::export::{Export, ExportSpec};
 use nbd_server::{Args, Config, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

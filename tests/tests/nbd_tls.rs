@@ -206,7 +206,9 @@ fn our_client_over_tls_and_refusals() {
         c.disconnect().await.unwrap();
         // The Unix listener requires TLS too.
         let opts = ClientOptions::new("disk").tls(Arc::clone(&good), name.clone());
-        let c = Client::connect_unix(&s.sock, opts).await.expect("TLS over Unix");
+        let c = Client::connect_unix(&s.sock, opts)
+            .await
+            .expect("TLS over Unix");
         assert_eq!(c.read(4096, 4096).await.unwrap(), vec![9u8; 4096]);
         c.disconnect().await.unwrap();
 
