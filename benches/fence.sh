@@ -54,8 +54,13 @@ dd if=/dev/zero of="$work/disk.img" bs=1M count="$SIZE_MIB" status=none
 shm="$(mktemp -d -p /dev/shm stagehand-fence.XXXXXX)"
 dd if=/dev/zero of="$shm/disk.img" bs=1M count="$SIZE_MIB" status=none
 
+# The API token stays in files (not in argv, where ps shows it).
+"$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$work/api-token"
+printf 'Authorization: Bearer %s\n' "$(cat "$work/api-token")" >"$work/auth-header"
+export STAGEHAND_API_TOKEN_FILE="$work/api-token"
+
 NO_COLOR=1 RUST_LOG=info "$SERVER" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$API_PORT" \
-  --data-dir "$work/data" \
+  --data-dir "$work/data" --api-token-file "$work/api-token" \
   --export "leased=$work/disk.img" --export "unleased=$work/disk.img,unleased" \
   --export "leased-shm=$shm/disk.img" --export "unleased-shm=$shm/disk.img,unleased" \
   2>"$work/server.log" >/dev/null &
@@ -67,7 +72,7 @@ done
 curl -sf "$API/v1/health" >/dev/null || { echo "fence.sh: server did not start" >&2; exit 1; }
 
 fence() { # fence EPOCH EXPORT -> prints the new TOKEN (fence_latency.py times fences)
-  curl -sf -X POST "$API/v1/exports/$2/fence" -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" \
+  curl -sf -H @"$work/auth-header" -X POST "$API/v1/exports/$2/fence" -d "{\"epoch\": $1, \"holder\": \"bench-$1\"}" \
     | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 }
 

@@ -16,6 +16,7 @@ p50 and 4 ms at p99 here, at nice -10). The server's own figure (request read to
 answer written, in its log) is printed next to it by fence.sh.
 
 usage: fence_latency.py API_URL NBD_PORT EXPORT FIRST_EPOCH FENCES SIZE_MIB
+The API token is read from the file named by $STAGEHAND_API_TOKEN_FILE.
 prints one line per percentile summary; exits non-zero when a fence fails.
 """
 
@@ -40,9 +41,12 @@ def main():
             pass
     url = urllib.parse.urlparse(api)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    with open(os.environ["STAGEHAND_API_TOKEN_FILE"]) as f:
+        api_token = f.readline().strip()
 
     def call(method, path, body=None):
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_token}"}
+        conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         return r.status, r.read()
 

@@ -61,7 +61,7 @@ def main():
             os.makedirs(f"{d}/nbd-data")
             os.makedirs(f"{d}/disks")
             start([f"{BIN}/stagehand-nbd", "--listen", nbd, "--api", nbd_api, "--data-dir",
-                   f"{d}/nbd-data", "--api-token", TOKEN], f"http://{nbd_api}/v1/health", "stagehand-nbd")
+                   f"{d}/nbd-data", "--export-root", f"{d}/disks", "--api-token", TOKEN], f"http://{nbd_api}/v1/health", "stagehand-nbd")
             agents = {}
             for host in ("kvm-a1", "kvm-b1"):
                 api, mig = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"

@@ -32,8 +32,11 @@ PROGRESS=""
 [ -t 1 ] && PROGRESS="-p"
 SOCK="$WORK/nbd.sock"
 truncate -s 256M "$IMG"
+# stagehand-nbd refuses to start without a control API token (in a file: argv shows in ps).
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/api-token"
 step "Starting stagehand-nbd on a 256 MiB sparse image"
 "$NBD" --listen 127.0.0.1:0 --unix "$SOCK" --export "demo=$IMG,unleased" \
+  --api-token-file "$WORK/api-token" \
   >"$WORK/stdout" 2>"$WORK/server.log" &
 PID=$!
 for _ in $(seq 100); do

@@ -61,7 +61,7 @@ mkdir -p "$WORK/nbd-data" "$WORK/disks"
 step "Starting a storage node, two agents (siteA, siteB) and the coordinator on loopback"
 NBD_PORT="$(free_port)"; NBD_API="$(free_port)"
 "$BIN/stagehand-nbd" --listen "127.0.0.1:$NBD_PORT" --api "127.0.0.1:$NBD_API" \
-  --data-dir "$WORK/nbd-data" --api-token "$TOKEN" >/dev/null 2>"$WORK/nbd.log" &
+  --data-dir "$WORK/nbd-data" --export-root "$WORK/disks" --api-token "$TOKEN" >/dev/null 2>"$WORK/nbd.log" &
 PIDS+=($!)
 wait_up "http://127.0.0.1:$NBD_API/v1/health" "$!" "$WORK/nbd.log"
 echo "stagehand-nbd     nbd 127.0.0.1:$NBD_PORT, api 127.0.0.1:$NBD_API"

@@ -23,6 +23,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rustls::pki_types::ServerName;
+use stagehand_common::secret::Secret;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
@@ -58,6 +60,8 @@ pub enum ClientError {
     TooLarge(u64),
     #[error("connection closed")]
     Closed,
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
 }
 
 impl ClientError {
@@ -71,22 +75,93 @@ impl ClientError {
 }
 
 /// What to ask for during the handshake.
-#[derive(Debug, Clone)]
+///
+/// ```no_run
+/// # fn demo(cfg: std::sync::Arc<rustls::ClientConfig>, lease: &stagehand_common::secret::Secret)
+/// # -> Result<(), Box<dyn std::error::Error>> {
+/// use nbd_client::ClientOptions;
+/// let name = stagehand_common::tls::server_name("storage-1:10809")?;
+/// let opts = ClientOptions::new("vm7").lease(lease).tls(cfg, name);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
 pub struct ClientOptions {
     pub export: String,
     pub structured: bool,
     pub extended: bool,
     pub base_allocation: bool,
+    /// Sent as `EXPORT;lease=TOKEN` on the wire only; never shown.
+    lease: Option<Secret>,
+    tls: Option<ClientTls>,
+}
+
+/// TLS for a connection: NBD_OPT_STARTTLS, then a rustls handshake that checks the
+/// server against `config`'s roots under `server_name`.
+#[derive(Clone)]
+struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+/// Never prints the lease token.
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("export", &self.export)
+            .field("structured", &self.structured)
+            .field("extended", &self.extended)
+            .field("base_allocation", &self.base_allocation)
+            .field("lease", &self.lease.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.as_ref().map(|t| t.server_name.to_str()))
+            .finish()
+    }
 }
 
 impl ClientOptions {
-    /// Everything on: extended headers, structured replies, base:allocation.
+    /// Everything on: extended headers, structured replies, base:allocation; no
+    /// lease, no TLS.
     pub fn new(export: &str) -> Self {
         Self {
             export: export.to_owned(),
             structured: true,
             extended: true,
             base_allocation: true,
+            lease: None,
+            tls: None,
+        }
+    }
+
+    /// Opens the export with a lease token (`EXPORT;lease=TOKEN` on the wire).
+    pub fn lease(mut self, token: &Secret) -> Self {
+        self.lease = Some(token.clone());
+        self
+    }
+
+    /// Requires TLS: NBD_OPT_STARTTLS, then a TLS handshake with `config` (its roots
+    /// check the server, its client certificate, if any, is presented) for
+    /// `server_name` (see `stagehand_common::tls::server_name`).
+    pub fn tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Self {
+        self.tls = Some(ClientTls {
+            config,
+            server_name,
+        });
+        self
+    }
+
+    /// Whether this connection will use TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The export name as sent on the wire (with the lease token, if any).
+    fn wire_name(&self) -> String {
+        match &self.lease {
+            Some(t) => format!("{};lease={}", self.export, t.expose()),
+            None => self.export.clone(),
         }
     }
 }
@@ -182,30 +257,95 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects over TCP (`HOST:PORT`), with TCP_NODELAY.
+    /// Connects over TCP (`HOST:PORT`), with TCP_NODELAY; over TLS when `opts` ask.
     pub async fn connect_tcp(addr: &str, opts: ClientOptions) -> Result<Self, ClientError> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        if opts.uses_tls() {
+            return Self::handshake_stream(s, opts).await;
+        }
         let (r, w) = s.into_split();
         Self::handshake(r, w, opts).await
     }
 
-    /// Connects over a Unix socket.
+    /// Connects over a Unix socket; over TLS when `opts` ask.
     pub async fn connect_unix(path: &Path, opts: ClientOptions) -> Result<Self, ClientError> {
         let s = tokio::net::UnixStream::connect(path).await?;
+        if opts.uses_tls() {
+            return Self::handshake_stream(s, opts).await;
+        }
         let (r, w) = s.into_split();
         Self::handshake(r, w, opts).await
     }
 
-    /// Runs the handshake over any byte stream, then starts the reply reader.
+    /// Runs the handshake over a whole byte stream (TLS needs it whole: the stream
+    /// changes hands after NBD_OPT_STARTTLS), then starts the reply reader.
+    pub async fn handshake_stream<S>(s: S, opts: ClientOptions) -> Result<Self, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(tls) = opts.tls.clone() else {
+            let (r, w) = tokio::io::split(s);
+            return Self::handshake(r, w, opts).await;
+        };
+        let (mut r, mut w) = tokio::io::split(s);
+        let no_zeroes = greet(&mut r, &mut w).await?;
+        send_option(&mut w, &ClientOption::StartTls).await?;
+        match read_option_reply(&mut r, OPT_STARTTLS).await? {
+            OptionReply::Ack => {}
+            OptionReply::Error { code, message } => {
+                return Err(ClientError::Refused {
+                    option: OPT_STARTTLS,
+                    code,
+                    message,
+                });
+            }
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+        // Nothing else was read: the reads above took exact lengths, unbuffered.
+        let s = r.unsplit(w);
+        let stream = tokio_rustls::TlsConnector::from(tls.config)
+            .connect(tls.server_name, s)
+            .await
+            .map_err(ClientError::Tls)?;
+        let (r, w) = tokio::io::split(stream);
+        Self::start(r, w, opts, Some(no_zeroes)).await
+    }
+
+    /// Runs the handshake over any byte stream (plain only; for TLS see
+    /// [`Client::handshake_stream`]), then starts the reply reader.
     pub async fn handshake<R, W>(r: R, w: W, opts: ClientOptions) -> Result<Self, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        if opts.uses_tls() {
+            return Err(ClientError::Protocol(
+                "TLS needs the whole stream: use Client::handshake_stream".into(),
+            ));
+        }
+        Self::start(r, w, opts, None).await
+    }
+
+    /// Option haggling (after the greeting when `greeted` says how it went) and the
+    /// reply reader.
+    async fn start<R, W>(
+        r: R,
+        w: W,
+        opts: ClientOptions,
+        greeted: Option<bool>,
+    ) -> Result<Self, ClientError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut r = BufReader::with_capacity(256 << 10, r);
         let mut w: BoxWrite = Box::new(w);
-        let info = negotiate(&mut r, &mut w, &opts).await?;
+        let no_zeroes = match greeted {
+            Some(n) => n,
+            None => greet(&mut r, &mut w).await?,
+        };
+        let info = negotiate(&mut r, &mut w, &opts, no_zeroes).await?;
         let inner = Arc::new(Inner {
             info,
             writer: tokio::sync::Mutex::new(w),
@@ -430,7 +570,10 @@ async fn write_all_vectored(w: &mut BoxWrite, head: &[u8], payload: &[u8]) -> st
     Ok(())
 }
 
-async fn send_option(w: &mut BoxWrite, opt: &ClientOption) -> Result<(), ClientError> {
+async fn send_option<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    opt: &ClientOption,
+) -> Result<(), ClientError> {
     let mut out = Vec::new();
     opt.encode(&mut out);
     w.write_all(&out).await?;
@@ -474,11 +617,12 @@ async fn simple_option<R: AsyncRead + Unpin>(
     }
 }
 
-async fn negotiate<R: AsyncRead + Unpin>(
-    r: &mut R,
-    w: &mut BoxWrite,
-    opts: &ClientOptions,
-) -> Result<ExportInfo, ClientError> {
+/// The server's greeting and our flags; returns whether NO_ZEROES is on.
+async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<bool, ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + ?Sized,
+{
     let mut gb = [0u8; codec::GREETING_LEN];
     r.read_exact(&mut gb).await?;
     let g = codec::Greeting::decode(&gb)?;
@@ -490,7 +634,16 @@ async fn negotiate<R: AsyncRead + Unpin>(
     let no_zeroes = g.flags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     w.write_all(&cflags.to_be_bytes()).await?;
+    Ok(no_zeroes)
+}
 
+async fn negotiate<R: AsyncRead + Unpin>(
+    r: &mut R,
+    w: &mut BoxWrite,
+    opts: &ClientOptions,
+    no_zeroes: bool,
+) -> Result<ExportInfo, ClientError> {
+    let name = opts.wire_name();
     let mut extended = false;
     let mut structured = false;
     if opts.extended && simple_option(r, w, ClientOption::ExtendedHeaders).await? {
@@ -503,7 +656,7 @@ async fn negotiate<R: AsyncRead + Unpin>(
     let mut base_allocation = None;
     if structured && opts.base_allocation {
         let opt = ClientOption::SetMetaContext(MetaContextRequest {
-            export: opts.export.clone(),
+            export: name.clone(),
             queries: vec![META_BASE_ALLOCATION.into()],
         });
         send_option(w, &opt).await?;
@@ -520,7 +673,7 @@ async fn negotiate<R: AsyncRead + Unpin>(
     }
 
     let go = ClientOption::Go(InfoRequest {
-        name: opts.export.clone(),
+        name: name.clone(),
         requests: vec![INFO_BLOCK_SIZE],
     });
     send_option(w, &go).await?;
@@ -541,7 +694,7 @@ async fn negotiate<R: AsyncRead + Unpin>(
                 ..
             } => {
                 // A server without GO: EXPORT_NAME cannot fail politely, but works.
-                send_option(w, &ClientOption::ExportName(opts.export.clone())).await?;
+                send_option(w, &ClientOption::ExportName(name.clone())).await?;
                 let mut b = [0u8; codec::EXPORT_NAME_REPLY_LEN];
                 r.read_exact(&mut b).await?;
                 export = Some(codec::decode_export_name_reply(&b)?);

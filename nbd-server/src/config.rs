@@ -8,6 +8,9 @@ use clap::Parser;
 use serde::Deserialize;
 use thiserror::Error;
 
+use stagehand_common::auth::{ApiAuth, AuthError};
+use stagehand_common::tls::{TlsError, TlsFiles};
+
 use crate::export::{ExportError, ExportSpec};
 use crate::io::EngineKind;
 
@@ -59,6 +62,28 @@ pub struct Args {
     /// File whose first line is the control API's bearer token.
     #[arg(long, value_name = "FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Directory under which exports added through the API may live (repeatable).
+    /// Default: <data-dir>/exports (created on demand) when --data-dir is set.
+    #[arg(long = "export-root", value_name = "DIR")]
+    pub export_roots: Vec<PathBuf>,
+    /// Block device the API may export (repeatable); no other block device may be.
+    #[arg(long = "allow-device", value_name = "PATH")]
+    pub allow_devices: Vec<PathBuf>,
+    /// This node's TLS certificate (PEM). With --tls-key and --tls-ca: NBD clients
+    /// must switch to TLS (NBD_OPT_STARTTLS) and present a certificate signed by
+    /// the CA, and the control API is served over HTTPS.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) that clients' certificates must be signed by.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve the control API WITHOUT authentication (on purpose; without a token and
+    /// without this flag the server refuses to start).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 /// The TOML file: the same keys as the flags, plus `[[exports]]` tables.
@@ -79,10 +104,19 @@ pub struct FileConfig {
     pub data_threads: Option<usize>,
     pub api_token: Option<String>,
     pub api_token_file: Option<PathBuf>,
+    pub insecure_no_auth: Option<bool>,
+    #[serde(default)]
+    pub export_roots: Vec<PathBuf>,
+    #[serde(default)]
+    pub allow_devices: Vec<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
-/// The resolved configuration the server runs with.
-#[derive(Clone)]
+/// The resolved configuration the server runs with. `Debug` never shows the API
+/// token ([`ApiAuth`] redacts it; configurations end up in logs).
+#[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
@@ -93,44 +127,18 @@ pub struct Config {
     pub max_connections: usize,
     /// Data-plane threads (see [`crate::dataplane`]).
     pub data_threads: usize,
-    pub api_token: Option<String>,
-    pub api_token_file: Option<PathBuf>,
+    /// Where API-added exports may live (see [`crate::control::Confinement`]).
+    pub export_roots: Vec<PathBuf>,
+    pub allow_devices: Vec<PathBuf>,
+    /// TLS on the NBD listeners (required) and the control API (HTTPS).
+    pub tls: Option<TlsFiles>,
+    /// How the control API authenticates callers (`--api-token[-file]` or
+    /// `--insecure-no-auth`; one of them is required to start).
+    pub auth: ApiAuth,
 }
 
-/// Debug output never shows the API token (configurations end up in logs).
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("unix", &self.unix)
-            .field("exports", &self.exports)
-            .field("io_engine", &self.io_engine)
-            .field("data_dir", &self.data_dir)
-            .field("api", &self.api)
-            .field("max_connections", &self.max_connections)
-            .field("data_threads", &self.data_threads)
-            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
-            .field("api_token_file", &self.api_token_file)
-            .finish()
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: DEFAULT_LISTEN.parse().ok(),
-            unix: None,
-            exports: Vec::new(),
-            io_engine: EngineKind::Auto,
-            data_dir: None,
-            api: None,
-            max_connections: 1024,
-            data_threads: crate::dataplane::default_threads(),
-            api_token: None,
-            api_token_file: None,
-        }
-    }
-}
+/// Connections served at once unless `--max-connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -152,6 +160,10 @@ pub enum ConfigError {
     DuplicateExport(String),
     #[error("nothing to listen on: give --listen or --unix")]
     NoListener,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Config {
@@ -176,9 +188,8 @@ impl Config {
     }
 
     pub fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
-        let d = Config::default();
         let listen = match args.listen.or(file.listen) {
-            None => d.listen,
+            None => DEFAULT_LISTEN.parse().ok(),
             Some(s) if s == "none" => None,
             Some(s) => Some(s.parse().map_err(|_| ConfigError::Listen(s))?),
         };
@@ -197,24 +208,56 @@ impl Config {
                 return Err(ConfigError::DuplicateExport(e.name.clone()));
             }
         }
+        let auth = ApiAuth::from_flags(
+            args.api_token.or(file.api_token).as_deref(),
+            args.api_token_file.or(file.api_token_file).as_deref(),
+            args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+            "stagehand-nbd",
+        )?;
+        let data_dir = args.data_dir.or(file.data_dir);
+        let mut export_roots = if args.export_roots.is_empty() {
+            file.export_roots
+        } else {
+            args.export_roots
+        };
+        if export_roots.is_empty()
+            && let Some(d) = &data_dir
+        {
+            export_roots.push(d.join("exports"));
+        }
+        let allow_devices = if args.allow_devices.is_empty() {
+            file.allow_devices
+        } else {
+            args.allow_devices
+        };
+        let tls = TlsFiles::from_flags(
+            args.tls_cert.or(file.tls_cert).as_deref(),
+            args.tls_key.or(file.tls_key).as_deref(),
+            args.tls_ca.or(file.tls_ca).as_deref(),
+        )?;
         Ok(Self {
             listen,
+            tls,
+            export_roots,
+            allow_devices,
             unix,
             exports,
-            io_engine: args.io_engine.or(file.io_engine).unwrap_or(d.io_engine),
-            data_dir: args.data_dir.or(file.data_dir),
+            io_engine: args
+                .io_engine
+                .or(file.io_engine)
+                .unwrap_or(EngineKind::Auto),
+            data_dir,
             api: args.api.or(file.api),
-            api_token: args.api_token.or(file.api_token),
-            api_token_file: args.api_token_file.or(file.api_token_file),
+            auth,
             max_connections: args
                 .max_connections
                 .or(file.max_connections)
-                .unwrap_or(d.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
                 .max(1),
             data_threads: args
                 .data_threads
                 .or(file.data_threads)
-                .unwrap_or(d.data_threads)
+                .unwrap_or_else(crate::dataplane::default_threads)
                 .max(1),
         })
     }
@@ -223,6 +266,14 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Flags with an API token (without one the server does not start).
+    fn authed() -> Args {
+        Args {
+            api_token: Some("t".into()),
+            ..Args::default()
+        }
+    }
 
     #[test]
     fn debug_hides_the_api_token() {
@@ -260,7 +311,7 @@ mod tests {
         let args = Args {
             listen: Some("127.0.0.1:2".into()),
             exports: vec!["c=/c.img".into()],
-            ..Args::default()
+            ..authed()
         };
         let c = Config::merge(args, file).unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:2".parse().unwrap()));
@@ -277,12 +328,12 @@ mod tests {
 
     #[test]
     fn defaults_and_errors() {
-        let c = Config::merge(Args::default(), FileConfig::default()).unwrap();
+        let c = Config::merge(authed(), FileConfig::default()).unwrap();
         assert_eq!(c.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
         assert!(c.data_threads >= 1);
         let none = Args {
             listen: Some("none".into()),
-            ..Args::default()
+            ..authed()
         };
         assert!(matches!(
             Config::merge(none, FileConfig::default()),
@@ -290,7 +341,7 @@ mod tests {
         ));
         let dup = Args {
             exports: vec!["a=/x".into(), "a=/y".into()],
-            ..Args::default()
+            ..authed()
         };
         assert!(matches!(
             Config::merge(dup, FileConfig::default()),
@@ -303,8 +354,47 @@ mod tests {
         let mut both = FileConfig::default();
         both.exports.push(spec);
         assert!(matches!(
-            Config::merge(Args::default(), both),
+            Config::merge(authed(), both),
             Err(ConfigError::Export(ExportError::LeaseReadsUnleased(_)))
         ));
+    }
+
+    #[test]
+    fn no_token_refuses_to_start_unless_opted_out() {
+        let e = Config::merge(Args::default(), FileConfig::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::Auth(AuthError::NoToken)), "{e}");
+        assert!(e.to_string().contains("--insecure-no-auth"), "{e}");
+        let open = Args {
+            insecure_no_auth: true,
+            ..Args::default()
+        };
+        let c = Config::merge(open, FileConfig::default()).unwrap();
+        assert!(matches!(c.auth, ApiAuth::InsecureNoAuth));
+        let file: FileConfig = toml::from_str("insecure-no-auth = true").unwrap();
+        let c = Config::merge(Args::default(), file).unwrap();
+        assert!(matches!(c.auth, ApiAuth::InsecureNoAuth));
+    }
+
+    #[test]
+    fn export_roots_default_to_the_data_dir() {
+        let c = Config::merge(authed(), FileConfig::default()).unwrap();
+        assert!(c.export_roots.is_empty());
+        let with_data = Args {
+            data_dir: Some("/var/lib/n".into()),
+            ..authed()
+        };
+        let c = Config::merge(with_data.clone(), FileConfig::default()).unwrap();
+        assert_eq!(c.export_roots, [PathBuf::from("/var/lib/n/exports")]);
+        let file: FileConfig =
+            toml::from_str("export-roots = [\"/srv/a\"]\nallow-devices = [\"/dev/vdb\"]").unwrap();
+        let c = Config::merge(with_data.clone(), file.clone()).unwrap();
+        assert_eq!(c.export_roots, [PathBuf::from("/srv/a")]);
+        assert_eq!(c.allow_devices, [PathBuf::from("/dev/vdb")]);
+        let flags = Args {
+            export_roots: vec!["/srv/b".into(), "/srv/c".into()],
+            ..with_data
+        };
+        let c = Config::merge(flags, file).unwrap();
+        assert_eq!(c.export_roots.len(), 2);
     }
 }

@@ -3,6 +3,12 @@
 //! Sequence: greeting -> client flags -> options until EXPORT_NAME or a successful
 //! GO (transmission), or ABORT / a violation (close). One option is handled at a
 //! time; unknown options get ERR_UNSUP and haggling goes on.
+//!
+//! With TLS required ([`TlsPhase::Required`]) every option but STARTTLS and ABORT
+//! is answered NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be refused politely,
+//! closes the connection), so a plain client learns nothing, not even the export
+//! list. STARTTLS is acknowledged and [`haggle`] returns [`Haggled::StartTls`]: the
+//! caller runs the TLS handshake and haggles again over TLS ([`TlsPhase::Done`]).
 
 use std::sync::Arc;
 
@@ -51,6 +57,34 @@ pub enum HandshakeError {
     UnknownExport,
     #[error("export refused: {0}")]
     Refused(String),
+    #[error("EXPORT_NAME before STARTTLS on a server that requires TLS")]
+    TlsRequired,
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server offers no TLS: STARTTLS gets ERR_UNSUP.
+    Off,
+    /// TLS is required and not yet on.
+    Required,
+    /// The connection runs over TLS: a second STARTTLS gets ERR_INVALID.
+    Done,
+}
+
+/// The client's flags, kept across the switch to TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// How option haggling ended (short of an error).
+#[derive(Debug)]
+pub enum Haggled {
+    Transmission(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls(ClientFlags),
 }
 
 #[derive(Default)]
@@ -91,7 +125,8 @@ fn lookup(registry: &ExportRegistry, name: &str) -> Option<Arc<Export>> {
     }
 }
 
-/// Runs the handshake up to transmission; a client ABORT is `Err(Aborted)`.
+/// Runs the handshake of a server without TLS up to transmission; a client ABORT
+/// is `Err(Aborted)`.
 pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
@@ -101,21 +136,54 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(256);
+    let flags = greet(r, w).await?;
+    match haggle(r, w, registry, flags, TlsPhase::Off).await? {
+        Haggled::Transmission(n) => Ok(n),
+        Haggled::StartTls(_) => Err(HandshakeError::Protocol("STARTTLS without TLS")),
+    }
+}
+
+/// Sends the greeting and reads the client's flags.
+pub async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<ClientFlags, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(32);
     codec::Greeting {
         flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
     }
     .encode(&mut out);
     send(w, &out).await?;
-
     let cflags = r.read_u32().await?;
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         // The spec: an unknown client flag MUST make the server drop the connection.
         return Err(HandshakeError::Protocol("unknown client flags"));
     }
-    let mut st = State {
+    Ok(ClientFlags {
         fixed: cflags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: cflags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Option haggling, from the client's flags (or from the TLS handshake) on, until
+/// transmission or an acknowledged STARTTLS.
+pub async fn haggle<R, W>(
+    r: &mut R,
+    w: &mut W,
+    registry: &ExportRegistry,
+    client: ClientFlags,
+    tls: TlsPhase,
+) -> Result<Haggled, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    // Nothing negotiated before TLS carries over (the spec: state is reset).
+    let mut st = State {
+        fixed: client.fixed,
+        no_zeroes: client.no_zeroes,
         ..State::default()
     };
 
@@ -163,6 +231,27 @@ where
             return Err(HandshakeError::Protocol("option without fixed newstyle"));
         }
         let option = h.option;
+        if tls == TlsPhase::Required {
+            match opt {
+                ClientOption::StartTls => {
+                    reply(&mut out, option, OptionReply::Ack);
+                    send(w, &out).await?;
+                    return Ok(Haggled::StartTls(client));
+                }
+                ClientOption::Abort => {}
+                ClientOption::ExportName(_) => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    err(
+                        &mut out,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    send(w, &out).await?;
+                    continue;
+                }
+            }
+        }
         match opt {
             ClientOption::ExportName(requested) => {
                 let (name, token) = split_lease(&requested);
@@ -174,7 +263,7 @@ where
                 let flags = binding.transmission_flags(export.transmission_flags(st.structured));
                 codec::encode_export_name_reply(export.size, flags, st.no_zeroes, &mut out);
                 send(w, &out).await?;
-                return Ok(finish(st, export, binding, flags));
+                return Ok(Haggled::Transmission(finish(st, export, binding, flags)));
             }
             ClientOption::Abort => {
                 // The spec asks for an ACK; the client may already be gone.
@@ -197,12 +286,16 @@ where
                 reply(&mut out, option, OptionReply::Ack);
             }
             ClientOption::StartTls => {
-                err(
-                    &mut out,
-                    option,
-                    REP_ERR_UNSUP,
-                    "this server does not offer TLS",
-                );
+                if tls == TlsPhase::Done {
+                    err(&mut out, option, REP_ERR_INVALID, "TLS is already on");
+                } else {
+                    err(
+                        &mut out,
+                        option,
+                        REP_ERR_UNSUP,
+                        "this server does not offer TLS",
+                    );
+                }
             }
             ClientOption::StructuredReply => {
                 if st.extended {
@@ -327,7 +420,9 @@ where
                                 if st.meta.as_ref().is_some_and(|(n, _)| *n != req.name) {
                                     st.meta = None;
                                 }
-                                return Ok(finish(st, export, binding, flags));
+                                return Ok(Haggled::Transmission(finish(
+                                    st, export, binding, flags,
+                                )));
                             }
                         }
                     },
@@ -353,5 +448,104 @@ fn finish(st: State, export: Arc<Export>, binding: Binding, flags: u16) -> Negot
         extended: st.extended,
         base_allocation,
         flags,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    const FIXED: ClientFlags = ClientFlags {
+        fixed: true,
+        no_zeroes: true,
+    };
+
+    async fn send_opt(c: &mut DuplexStream, opt: ClientOption) {
+        let mut out = Vec::new();
+        opt.encode(&mut out);
+        c.write_all(&out).await.unwrap();
+    }
+
+    /// The reply type of the next option reply (its payload skipped).
+    async fn reply_type(c: &mut DuplexStream) -> u32 {
+        let mut hb = [0u8; codec::OPTION_REPLY_HEADER_LEN];
+        c.read_exact(&mut hb).await.unwrap();
+        let h = codec::OptionReplyHeader::decode(&hb).unwrap();
+        let mut skip = vec![0u8; h.length as usize];
+        c.read_exact(&mut skip).await.unwrap();
+        h.reply_type
+    }
+
+    fn go() -> ClientOption {
+        ClientOption::Go(codec::InfoRequest {
+            name: "disk".into(),
+            requests: vec![],
+        })
+    }
+
+    /// Runs `haggle` in `phase` on one end of a pipe; the test drives the other.
+    fn server(
+        phase: TlsPhase,
+    ) -> (
+        DuplexStream,
+        tokio::task::JoinHandle<Result<Haggled, HandshakeError>>,
+    ) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(server);
+            haggle(&mut r, &mut w, &ExportRegistry::default(), FIXED, phase).await
+        });
+        (client, task)
+    }
+
+    #[tokio::test]
+    async fn tls_required_refuses_every_option_but_starttls_and_abort() {
+        let (mut c, task) = server(TlsPhase::Required);
+        for opt in [
+            ClientOption::List,
+            go(),
+            ClientOption::StructuredReply,
+            ClientOption::ExtendedHeaders,
+        ] {
+            send_opt(&mut c, opt).await;
+            assert_eq!(reply_type(&mut c).await, REP_ERR_TLS_REQD);
+        }
+        send_opt(&mut c, ClientOption::StartTls).await;
+        assert_eq!(reply_type(&mut c).await, REP_ACK);
+        assert!(matches!(task.await.unwrap(), Ok(Haggled::StartTls(_))));
+
+        // EXPORT_NAME cannot be refused politely: the connection closes.
+        let (mut c, task) = server(TlsPhase::Required);
+        send_opt(&mut c, ClientOption::ExportName("disk".into())).await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(HandshakeError::TlsRequired)
+        ));
+
+        let (mut c, task) = server(TlsPhase::Required);
+        send_opt(&mut c, ClientOption::Abort).await;
+        assert_eq!(reply_type(&mut c).await, REP_ACK);
+        assert!(matches!(task.await.unwrap(), Err(HandshakeError::Aborted)));
+    }
+
+    #[tokio::test]
+    async fn starttls_twice_is_invalid_and_without_tls_unsupported() {
+        let (mut c, task) = server(TlsPhase::Done);
+        send_opt(&mut c, ClientOption::StartTls).await;
+        assert_eq!(reply_type(&mut c).await, REP_ERR_INVALID);
+        // Haggling goes on over TLS.
+        send_opt(&mut c, ClientOption::List).await;
+        assert_eq!(reply_type(&mut c).await, REP_ACK);
+        send_opt(&mut c, ClientOption::Abort).await;
+        assert_eq!(reply_type(&mut c).await, REP_ACK);
+        assert!(matches!(task.await.unwrap(), Err(HandshakeError::Aborted)));
+
+        let (mut c, task) = server(TlsPhase::Off);
+        send_opt(&mut c, ClientOption::StartTls).await;
+        assert_eq!(reply_type(&mut c).await, REP_ERR_UNSUP);
+        send_opt(&mut c, ClientOption::Abort).await;
+        assert_eq!(reply_type(&mut c).await, REP_ACK);
+        assert!(matches!(task.await.unwrap(), Err(HandshakeError::Aborted)));
     }
 }

@@ -1,7 +1,6 @@
 //! stagehand-nbd: the storage node's NBD server. Parses flags, sets up logging and
 //! signals, and hands over to `nbd_server::run`.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -23,14 +22,7 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let args = nbd_server::Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    stagehand_common::logging::init();
     let config = nbd_server::Config::from_args(args).context("configuration")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, BufReader};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::BufPool;
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::conn;
 use crate::dataplane::DataPlane;
 use crate::export::{Export, ExportError, ExportRegistry};
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, Haggled, HandshakeError, Negotiated, TlsPhase};
 use crate::io::IoEngine;
 
 /// A client must finish option haggling within this time.
@@ -40,16 +41,31 @@ pub enum ServerError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Control(#[from] crate::control::node::ControlError),
+    #[error("NBD TLS: {0}")]
+    Tls(#[from] stagehand_common::tls::TlsError),
 }
 
 /// Shared by every connection.
-#[derive(Debug)]
 pub struct ServerState {
     pub registry: Arc<ExportRegistry>,
     pub engine: Arc<IoEngine>,
     pub pool: Arc<BufPool>,
     conn_limit: Arc<Semaphore>,
     data: DataPlane,
+    /// Set with --tls-*: every connection must switch to TLS (NBD_OPT_STARTTLS)
+    /// with a client certificate signed by the CA before anything else.
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("registry", &self.registry)
+            .field("engine", &self.engine.name())
+            .field("data", &self.data)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A server with its listeners bound, ready to [`Server::serve`].
@@ -75,6 +91,10 @@ impl Server {
         config: &Config,
         registry: Arc<ExportRegistry>,
     ) -> Result<Self, ServerError> {
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::from(files.mutual_server_config()?)),
+            None => None,
+        };
         let engine = Arc::new(IoEngine::new(config.io_engine).map_err(ServerError::Engine)?);
         let tcp = match config.listen {
             Some(addr) => {
@@ -112,6 +132,7 @@ impl Server {
             pool: BufPool::new(),
             conn_limit: Arc::new(Semaphore::new(config.max_connections)),
             data: DataPlane::start(config.data_threads).map_err(ServerError::DataPlane)?,
+            tls,
         });
         Ok(Self { state, tcp, unix })
     }
@@ -243,10 +264,7 @@ async fn accept_tcp(l: TcpListener, state: Arc<ServerState>, token: Cancellation
                     let tk = token.clone();
                     state.data.spawn(&mut conns, move || async move {
                         match tokio::net::TcpStream::from_std(s) {
-                            Ok(s) => {
-                                let (r, w) = s.into_split();
-                                connection(r, w, st, tk, peer.to_string()).await;
-                            }
+                            Ok(s) => connection(s, st, tk, peer.to_string()).await,
                             Err(e) => tracing::warn!(%peer, error = %e, "cannot serve connection"),
                         }
                         drop(permit);
@@ -285,10 +303,7 @@ async fn accept_unix(l: UnixListener, state: Arc<ServerState>, token: Cancellati
                     let tk = token.clone();
                     state.data.spawn(&mut conns, move || async move {
                         match tokio::net::UnixStream::from_std(s) {
-                            Ok(s) => {
-                                let (r, w) = s.into_split();
-                                connection(r, w, st, tk, "unix".into()).await;
-                            }
+                            Ok(s) => connection(s, st, tk, "unix".into()).await,
                             Err(e) => tracing::warn!(error = %e, "cannot serve connection"),
                         }
                         drop(permit);
@@ -305,35 +320,113 @@ async fn accept_unix(l: UnixListener, state: Arc<ServerState>, token: Cancellati
     while conns.join_next().await.is_some() {}
 }
 
-async fn connection<R, W>(
-    r: R,
-    mut w: W,
+/// A connection's byte stream: split for option haggling and transmission, and
+/// put back together for the TLS handshake after NBD_OPT_STARTTLS.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: conn::ReplySink;
+    fn split(self) -> (Self::Read, Self::Write);
+    fn reunite(r: Self::Read, w: Self::Write) -> std::io::Result<Self>;
+}
+
+macro_rules! transport {
+    ($t:ty, $m:ident) => {
+        impl Transport for $t {
+            type Read = tokio::net::$m::OwnedReadHalf;
+            type Write = tokio::net::$m::OwnedWriteHalf;
+            fn split(self) -> (Self::Read, Self::Write) {
+                self.into_split()
+            }
+            fn reunite(r: Self::Read, w: Self::Write) -> std::io::Result<Self> {
+                r.reunite(w)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }
+        }
+    };
+}
+
+transport!(TcpStream, tcp);
+transport!(UnixStream, unix);
+
+type TlsStream<S> = tokio_rustls::server::TlsStream<S>;
+
+/// A connection ready for transmission: plain (the socket's own halves, with
+/// sendfile) or over TLS.
+enum Ready<S: Transport> {
+    Plain(BufReader<S::Read>, S::Write, Negotiated),
+    Tls(
+        BufReader<tokio::io::ReadHalf<TlsStream<S>>>,
+        tokio::io::WriteHalf<TlsStream<S>>,
+        Negotiated,
+    ),
+}
+
+/// Greeting, option haggling and (when the server requires it) the switch to TLS.
+async fn handshake<S: Transport>(s: S, state: &ServerState) -> Result<Ready<S>, HandshakeError> {
+    let (r, mut w) = s.split();
+    // Option haggling is small messages; a small buffer keeps the reader honest
+    // about what it has consumed before transmission takes over the stream.
+    let mut r = BufReader::with_capacity(4096, r);
+    let phase = match state.tls {
+        Some(_) => TlsPhase::Required,
+        None => TlsPhase::Off,
+    };
+    let client = handshake::greet(&mut r, &mut w).await?;
+    let client = match handshake::haggle(&mut r, &mut w, &state.registry, client, phase).await? {
+        Haggled::Transmission(n) => return Ok(Ready::Plain(r, w, n)),
+        Haggled::StartTls(client) => client,
+    };
+    let Some(acceptor) = &state.tls else {
+        return Err(HandshakeError::Protocol("STARTTLS without TLS"));
+    };
+    // The client starts TLS only after our ACK; bytes already buffered would be
+    // plaintext smuggled in front of the TLS session.
+    if !r.buffer().is_empty() {
+        return Err(HandshakeError::Protocol("data after STARTTLS"));
+    }
+    let s = S::reunite(r.into_inner(), w)?;
+    let tls = acceptor.accept(s).await?;
+    let (r, mut w) = tokio::io::split(tls);
+    let mut r = BufReader::with_capacity(4096, r);
+    match handshake::haggle(&mut r, &mut w, &state.registry, client, TlsPhase::Done).await? {
+        Haggled::Transmission(n) => Ok(Ready::Tls(r, w, n)),
+        Haggled::StartTls(_) => Err(HandshakeError::Protocol("STARTTLS twice")),
+    }
+}
+
+async fn connection<S: Transport>(
+    s: S,
     state: Arc<ServerState>,
     token: CancellationToken,
     peer: String,
+) {
+    let ready = tokio::select! {
+        _ = token.cancelled() => return,
+        n = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(s, &state)) => n,
+    };
+    match ready {
+        Ok(Ok(Ready::Plain(r, w, neg))) => transmission(r, w, neg, &state, token, &peer).await,
+        Ok(Ok(Ready::Tls(r, w, neg))) => {
+            tracing::debug!(%peer, "TLS on");
+            transmission(r, w, neg, &state, token, &peer).await
+        }
+        Ok(Err(HandshakeError::Aborted)) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "handshake ended"),
+        Err(_) => tracing::debug!(%peer, "handshake timed out"),
+    }
+}
+
+async fn transmission<R, W>(
+    r: BufReader<R>,
+    w: W,
+    neg: Negotiated,
+    state: &ServerState,
+    token: CancellationToken,
+    peer: &str,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: conn::ReplySink,
 {
-    // Option haggling is small messages; a small buffer keeps the reader honest
-    // about what it has consumed before transmission takes over the stream.
-    let mut r = BufReader::with_capacity(4096, r);
-    let neg = tokio::select! {
-        _ = token.cancelled() => return,
-        n = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut r, &mut w, &state.registry)) => n,
-    };
-    let neg = match neg {
-        Ok(Ok(n)) => n,
-        Ok(Err(HandshakeError::Aborted)) => return,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "handshake ended");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "handshake timed out");
-            return;
-        }
-    };
     let export = Arc::clone(&neg.export);
     tracing::debug!(%peer, export = %export.name, structured = neg.structured, extended = neg.extended, "transmission");
     conn::count_connection(&export, 1);

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nbd_client::{Client, ClientOptions};
+use nbd_server::config::FileConfig;
 use nbd_server::export::{Export, ExportSpec};
-use nbd_server::{Config, Server};
+use nbd_server::{Args, Config, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stats_registry_and_shutdown() {
@@ -24,11 +25,14 @@ async fn serve_stats_registry_and_shutdown() {
         lease_reads: false,
         description: Some("test disk".into()),
     };
-    let config = Config {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        exports: vec![spec("a", &a)],
-        ..Config::default()
+    let args = Args {
+        listen: Some("127.0.0.1:0".into()),
+        // No control API is started here; the flag only satisfies the start check.
+        insecure_no_auth: true,
+        ..Args::default()
     };
+    let mut config = Config::merge(args, FileConfig::default()).unwrap();
+    config.exports = vec![spec("a", &a)];
     let server = Server::bind(&config).await.unwrap();
     let addr = server.tcp_addr().unwrap().to_string();
     let state = Arc::clone(server.state());

@@ -179,13 +179,25 @@ impl Drop for Daemon {
     }
 }
 
+/// The control API token [`start_nbd`] gives the server when the test's args choose
+/// no authentication of their own (the server refuses to start without one).
+pub const NBD_API_TOKEN: &str = "stagehand-tests-api-token";
+
 /// Starts `stagehand-nbd` with `args` plus `--listen 127.0.0.1:0` (unless the args
-/// choose a listener) and waits for it to report its listeners.
+/// choose a listener) and `--api-token NBD_API_TOKEN` (unless they choose
+/// `--api-token[-file]` or `--insecure-no-auth`), and waits for it to report its
+/// listeners.
 pub fn start_nbd(args: &[&str]) -> Daemon {
     let exe = bin("stagehand-nbd", "nbd-server");
     let mut cmd = Command::new(exe);
     if !args.contains(&"--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !args
+        .iter()
+        .any(|a| ["--api-token", "--api-token-file", "--insecure-no-auth"].contains(a))
+    {
+        cmd.args(["--api-token", NBD_API_TOKEN]);
     }
     cmd.args(args)
         .env("RUST_LOG", "debug")

@@ -55,8 +55,10 @@ async fn api_errors_and_auth() {
         let (s, v) = node.call(Method::GET, "/v1/exports/disk", None, auth).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["lease"], serde_json::Value::Null, "a 401 call fenced");
-        let (s, _) = node.call(Method::GET, "/v1/health", None, None).await;
+        // Health is open and says nothing else.
+        let (s, v) = node.call(Method::GET, "/v1/health", None, None).await;
         assert_eq!(s, StatusCode::OK);
+        assert_eq!(v, json!({"status": "ok"}));
 
         // 409: stale epoch.
         let (s, _) = node
@@ -129,7 +131,7 @@ async fn api_errors_and_auth() {
             .call(
                 Method::PUT,
                 "/v1/exports/x",
-                Some("{\"size_bytes\": 1}"),
+                Some("{\"path\": \"relative.img\", \"size_bytes\": 1}"),
                 auth,
             )
             .await;
@@ -138,7 +140,8 @@ async fn api_errors_and_auth() {
             v["error"]["message"]
                 .as_str()
                 .expect("message")
-                .contains("path")
+                .contains("absolute"),
+            "{v}"
         );
 
         let (s, v) = node.call(Method::GET, "/metrics", None, auth).await;
@@ -156,6 +159,44 @@ async fn api_errors_and_auth() {
             text.contains("stagehand_nbd_connections{export=\"disk\"}"),
             "{text}"
         );
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_refuses_to_start_and_insecure_no_auth_serves_open() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = stagehand_tests::run_timeout(
+            std::process::Command::new(lease_support::server_bin()).args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--data-dir",
+                &dir.path().join("data").display().to_string(),
+            ]),
+            Duration::from_secs(20),
+        )
+        .expect("server runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without a token: {stderr}");
+        assert!(
+            stderr.contains("refusing to serve the API without authentication")
+                && stderr.contains("--insecure-no-auth"),
+            "{stderr}"
+        );
+
+        let node = Node::start(
+            &dir.path().join("data"),
+            &["--insecure-no-auth".to_string()],
+            None,
+        )
+        .await;
+        assert_eq!(node.api_token, None);
+        let (s, v) = node.call(Method::GET, "/v1/exports", None, None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
     })
     .await
     .expect("test finished in time");
@@ -283,7 +324,7 @@ async fn lease_reads_refuses_plain_names() {
             .call(Method::GET, "/v1/exports/strict", None, None)
             .await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(v["lease_required_for_reads"], true, "{v}");
+        assert_eq!(v["require_lease_for_reads"], true, "{v}");
 
         // From the command line: a plain name is refused, the holder reads and writes.
         let refused = connect(&addr, "strict").await;
@@ -303,7 +344,7 @@ async fn lease_reads_refuses_plain_names() {
 
         // From the API: the same, and the flag must come with a leased export.
         let path = dir.path().join("api.img");
-        let body = json!({"path": path, "size_bytes": 1 << 20, "lease_required_for_reads": true});
+        let body = json!({"path": path, "size_bytes": 1 << 20, "require_lease_for_reads": true});
         let (s, v) = node
             .call(
                 Method::PUT,
@@ -313,7 +354,7 @@ async fn lease_reads_refuses_plain_names() {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
-        assert_eq!(v["lease_required_for_reads"], true, "{v}");
+        assert_eq!(v["require_lease_for_reads"], true, "{v}");
         assert!(connect(&addr, "api").await.is_err(), "plain name opened");
         let token = node.fence("api", 1).await;
         connect(&addr, &format!("api;lease={token}"))

@@ -6,7 +6,7 @@
 //! [`ExportHost`], which the NBD server's export registry implements. The lease side
 //! (gates, durable records, the fence sequence) lives here and in `lease` / `store`.
 
-mod error;
+pub mod confine;
 pub mod metrics;
 pub mod node;
 
@@ -15,19 +15,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use error::ApiError;
+pub use confine::Confinement;
 use metrics::FenceMetrics;
+pub use stagehand_common::api_error::ApiError;
+use stagehand_common::api_error::parse_json;
+use stagehand_common::auth::{ApiAuth, require_bearer};
 
-use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseToken, TokenHash};
+use crate::lease::{FenceError, LeaseGate, LeasePolicy, LeaseToken};
 use crate::store::{ExportRecord, Store};
 
 /// Counters of one export, read at the moment of the request.
@@ -84,22 +87,31 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 pub struct ControlState {
     host: Arc<dyn ExportHost>,
     store: Arc<Store>,
-    /// Hash of the API bearer token; None = no authentication.
-    api_token: Option<TokenHash>,
+    /// How callers authenticate (checked by `require_bearer` before any handler).
+    auth: Arc<ApiAuth>,
+    /// Which files PUT may serve.
+    confinement: Confinement,
     fences: FenceMetrics,
     /// Serializes export creation and removal (fences do not take it).
     registry_lock: tokio::sync::Mutex<()>,
 }
 
 impl ControlState {
-    pub fn new(host: Arc<dyn ExportHost>, store: Arc<Store>, api_token: Option<&str>) -> Self {
+    pub fn new(host: Arc<dyn ExportHost>, store: Arc<Store>, auth: ApiAuth) -> Self {
         Self {
             host,
             store,
-            api_token: api_token.map(TokenHash::of),
+            auth: Arc::new(auth),
+            confinement: Confinement::default(),
             fences: FenceMetrics::default(),
             registry_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Limits the files PUT may serve (without this: none, and no path-less PUT).
+    pub fn confined(mut self, confinement: Confinement) -> Self {
+        self.confinement = confinement;
+        self
     }
 
     pub fn fence_metrics(&self) -> &FenceMetrics {
@@ -127,15 +139,15 @@ pub fn stored_exports(store: &Store) -> Vec<(String, ExportRecord)> {
     store.snapshot().exports.into_iter().collect()
 }
 
-/// Serves the control API on `listener` until `shutdown` is cancelled.
+/// Serves the control API on `listener` (HTTPS with `tls`) until `shutdown` is
+/// cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ControlState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    stagehand_common::http::serve(listener, router(state), tls, shutdown).await
 }
 
 pub fn router(state: Arc<ControlState>) -> Router {
@@ -148,8 +160,8 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/exports/{name}/fence", post(fence_export))
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            require_token,
+            Arc::clone(&state.auth),
+            require_bearer,
         ));
     Router::new()
         // Health stays open so readiness probes need no secret; it reveals nothing.
@@ -168,34 +180,13 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .with_state(state)
 }
 
-async fn require_token(
-    State(state): State<Arc<ControlState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Some(expected) = &state.api_token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(TokenHash::of);
-        // Hashes are compared in constant time; hashing first also hides the length.
-        if !presented.is_some_and(|p| p.matches(expected)) {
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    next.run(request).await
-}
-
-/// Parses a JSON body with an error a person can act on (axum's own rejection is
-/// plain text).
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "The request body is not valid JSON for this call: {e}."
-        ))
-    })
+/// 404 `export_not_found` for `export`.
+fn not_found(export: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "export_not_found",
+        format!("No export named {export:?} on this storage node; GET /v1/exports lists them."),
+    )
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -243,7 +234,7 @@ struct ExportDetail {
     size_bytes: u64,
     read_only: bool,
     leased: bool,
-    lease_required_for_reads: bool,
+    require_lease_for_reads: bool,
     lease: Option<LeaseView>,
     connections: u64,
     bitmaps: Vec<String>,
@@ -266,7 +257,7 @@ fn detail(e: &ExportInfo) -> ExportDetail {
         size_bytes: e.size_bytes,
         read_only: e.read_only,
         leased: e.gate.is_leased(),
-        lease_required_for_reads: e.gate.policy().is_some_and(|p| p.lease_required_for_reads),
+        require_lease_for_reads: e.gate.policy().is_some_and(|p| p.lease_required_for_reads),
         lease: lease_view(&e.gate),
         connections: e.stats.connections,
         bitmaps: Vec::new(),
@@ -283,24 +274,23 @@ async fn get_export(
     State(state): State<Arc<ControlState>>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<ExportDetail>, ApiError> {
-    let e = state
-        .host
-        .get(&name)
-        .ok_or_else(|| ApiError::not_found(&name))?;
+    let e = state.host.get(&name).ok_or_else(|| not_found(&name))?;
     Ok(Json(detail(&e)))
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutExportRequest {
-    path: PathBuf,
+    /// Omitted: `<first export root>/<name>.img`.
+    path: Option<PathBuf>,
     size_bytes: Option<u64>,
     #[serde(default)]
     read_only: bool,
     #[serde(default = "yes")]
     leased: bool,
-    #[serde(default)]
-    lease_required_for_reads: bool,
+    /// A plain `NAME` (no lease token) is refused at the handshake.
+    #[serde(default, alias = "lease_required_for_reads")]
+    require_lease_for_reads: bool,
 }
 
 fn yes() -> bool {
@@ -335,28 +325,23 @@ async fn put_export(
     body: Bytes,
 ) -> Result<(StatusCode, Json<ExportDetail>), ApiError> {
     check_name(&name)?;
-    let req: PutExportRequest = parse_body(&body)?;
-    if !req.path.is_absolute() {
-        return Err(ApiError::bad_request(format!(
-            "path {} must be absolute.",
-            req.path.display()
-        )));
-    }
-    if req.lease_required_for_reads && !req.leased {
+    let req: PutExportRequest = parse_json(&body)?;
+    if req.require_lease_for_reads && !req.leased {
         return Err(ApiError::bad_request(
-            "lease_required_for_reads needs a leased export; drop \"leased\": false.",
+            "require_lease_for_reads needs a leased export; drop \"leased\": false.",
         ));
     }
     let _registry = state.registry_lock.lock().await;
+    let path = state.confinement.resolve(&name, req.path.as_deref())?;
     if let Some(existing) = state.host.get(&name) {
-        let same = existing.path == req.path
+        let same = existing.path == path
             && existing.read_only == req.read_only
             && existing.gate.is_leased() == req.leased
             && existing
                 .gate
                 .policy()
                 .is_some_and(|p| p.lease_required_for_reads)
-                == req.lease_required_for_reads;
+                == req.require_lease_for_reads;
         return if same {
             Ok((StatusCode::OK, Json(detail(&existing))))
         } else {
@@ -369,22 +354,22 @@ async fn put_export(
             ))
         };
     }
-    ensure_file(&req.path, req.size_bytes)?;
+    ensure_file(&path, req.size_bytes)?;
     let policy = LeasePolicy {
-        lease_required_for_reads: req.lease_required_for_reads,
+        lease_required_for_reads: req.require_lease_for_reads,
     };
     let gate = gate_for(&state.store, &name, req.leased, policy);
     let info = state
         .host
         .add(NewExport {
             name: name.clone(),
-            path: req.path.clone(),
+            path: path.clone(),
             read_only: req.read_only,
             gate,
         })
-        .map_err(|e| ApiError::bad_request(format!("Cannot serve {}: {e}.", req.path.display())))?;
+        .map_err(|e| ApiError::bad_request(format!("Cannot serve {}: {e}.", path.display())))?;
     let record = ExportRecord {
-        path: req.path,
+        path,
         read_only: req.read_only,
         leased: req.leased,
         policy,
@@ -422,10 +407,7 @@ async fn delete_export(
     Query(q): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let _registry = state.registry_lock.lock().await;
-    let e = state
-        .host
-        .get(&name)
-        .ok_or_else(|| ApiError::not_found(&name))?;
+    let e = state.host.get(&name).ok_or_else(|| not_found(&name))?;
     if e.stats.connections > 0 && !q.force {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -497,16 +479,13 @@ async fn fence_export(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> Result<Json<FenceReply>, ApiError> {
-    let req: FenceRequest = parse_body(&body)?;
+    let req: FenceRequest = parse_json(&body)?;
     if req.holder.is_empty() || req.holder.len() > 255 || req.holder.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "holder must be 1 to 255 printable characters.",
         ));
     }
-    let e = state
-        .host
-        .get(&name)
-        .ok_or_else(|| ApiError::not_found(&name))?;
+    let e = state.host.get(&name).ok_or_else(|| not_found(&name))?;
     let start = Instant::now();
     let token = LeaseToken::generate();
     let ticket = match e.gate.fence(&name, req.epoch, &req.holder, token.hash()) {

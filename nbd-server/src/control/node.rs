@@ -2,15 +2,14 @@
 //! [`ExportHost`], and the start-up of the durable store, the exports' lease gates
 //! and the API listener.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ConnectionCount, ControlState, ExportHost, ExportInfo, ExportStats, NewExport, gate_for,
-    stored_exports,
+    Confinement, ConnectionCount, ControlState, ExportHost, ExportInfo, ExportStats, NewExport,
+    gate_for, stored_exports,
 };
 use crate::config::Config;
 use crate::export::{Export, ExportRegistry, ExportSpec};
@@ -21,14 +20,8 @@ use crate::store::{Store, StoreError};
 pub enum ControlError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot read the API token file {path}: {source}")]
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} is empty")]
-    EmptyTokenFile(PathBuf),
+    #[error("control API TLS: {0}")]
+    Tls(#[from] stagehand_common::tls::TlsError),
     #[error("cannot listen for the control API on {addr}: {source}")]
     Listen {
         addr: String,
@@ -98,6 +91,14 @@ impl ExportHost for ExportRegistry {
     }
 }
 
+/// The operator's limits on API-added exports.
+pub fn confinement(config: &Config) -> Confinement {
+    Confinement {
+        roots: config.export_roots.clone(),
+        devices: config.allow_devices.clone(),
+    }
+}
+
 /// The durable store of `config.data_dir` (in memory, with a warning, without one).
 pub fn open_store(config: &Config) -> Result<Arc<Store>, ControlError> {
     Ok(Arc::new(match &config.data_dir {
@@ -128,9 +129,15 @@ pub fn open_registry(
         let gate = gate_for(store, &spec.name, !spec.unleased, policy);
         registry.insert(Arc::new(open_export(spec, gate)?))?;
     }
+    let confinement = confinement(config);
     for (name, record) in stored_exports(store) {
         if registry.get(&name).is_some() {
             tracing::warn!(export = %name, "export given on the command line and stored by the API; using the command line");
+            continue;
+        }
+        // The roots may have narrowed since the export was added.
+        if !confinement.allows(&record.path) {
+            tracing::error!(export = %name, path = %record.path.display(), "stored export not served: its path is outside every --export-root (or an unlisted block device)");
             continue;
         }
         let spec = ExportSpec {
@@ -148,25 +155,6 @@ pub fn open_registry(
         }
     }
     Ok(registry)
-}
-
-/// Reads the API bearer token from `--api-token` or `--api-token-file`.
-pub fn api_token(config: &Config) -> Result<Option<String>, ControlError> {
-    if let Some(t) = &config.api_token {
-        return Ok(Some(t.clone()));
-    }
-    let Some(path) = &config.api_token_file else {
-        return Ok(None);
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| ControlError::TokenFile {
-        path: path.clone(),
-        source,
-    })?;
-    let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.is_empty() {
-        return Err(ControlError::EmptyTokenFile(path.clone()));
-    }
-    Ok(Some(token))
 }
 
 /// Nice value of the control API's thread (and of the blocking threads it starts,
@@ -221,10 +209,6 @@ pub async fn start_api(
     let Some(addr) = &config.api else {
         return Ok(None);
     };
-    let token = api_token(config)?;
-    if token.is_none() {
-        tracing::warn!(%addr, "control API without --api-token: anyone who can reach it can fence");
-    }
     let listen_err = |source| ControlError::Listen {
         addr: addr.clone(),
         source,
@@ -237,9 +221,16 @@ pub async fn start_api(
         .thread_name("control-api")
         .build()
         .map_err(listen_err)?;
-    tracing::info!(%local, "control API listening");
-    println!("stagehand-nbd: control api on http://{local}");
-    let state = Arc::new(ControlState::new(registry, store, token.as_deref()));
+    let tls = match &config.tls {
+        Some(files) => Some(files.api_server_config()?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%local, scheme, "control API listening");
+    println!("stagehand-nbd: control api on {scheme}://{local}");
+    let state = Arc::new(
+        ControlState::new(registry, store, config.auth.clone()).confined(confinement(config)),
+    );
     let thread = std::thread::Builder::new()
         .name("control-api".into())
         .spawn(move || {
@@ -247,7 +238,7 @@ pub async fn start_api(
             realtime_for_fences();
             runtime.block_on(async move {
                 let served = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => super::serve(l, state, shutdown).await,
+                    Ok(l) => super::serve(l, state, tls, shutdown).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = served {

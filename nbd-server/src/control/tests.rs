@@ -77,17 +77,28 @@ impl Drop for Api {
 async fn start_with(dir: tempfile::TempDir, token: Option<&str>) -> Api {
     let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
     let host = Arc::new(FakeHost::default());
-    let state = Arc::new(ControlState::new(
-        Arc::clone(&host) as Arc<dyn ExportHost>,
-        store,
-        token,
-    ));
+    let state = Arc::new(
+        ControlState::new(
+            Arc::clone(&host) as Arc<dyn ExportHost>,
+            store,
+            match token {
+                Some(t) => {
+                    ApiAuth::Bearer(stagehand_common::secret::Secret::new(t).expect("token"))
+                }
+                None => ApiAuth::InsecureNoAuth,
+            },
+        )
+        .confined(Confinement {
+            roots: vec![dir.path().to_path_buf()],
+            devices: Vec::new(),
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve(listener, state, shutdown.clone()));
+    tokio::spawn(serve(listener, state, None, shutdown.clone()));
     Api {
         base,
         client: reqwest::Client::builder()
@@ -253,12 +264,9 @@ async fn errors_are_json_with_codes() {
                 .contains("JSON")
         );
     }
+    let missing = json!({"path": api.dir.path().join("missing.img")}).to_string();
     let (s, v) = api
-        .call(
-            reqwest::Method::PUT,
-            "/v1/exports/d2",
-            Some("{\"path\": \"/nonexistent/x\"}"),
-        )
+        .call(reqwest::Method::PUT, "/v1/exports/d2", Some(&missing))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(

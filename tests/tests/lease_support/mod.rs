@@ -65,6 +65,9 @@ pub fn checksum(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).expect("read backing file"))
 }
 
+/// The API token of a node started without one of the test's own.
+pub const DEFAULT_API_TOKEN: &str = "lease-tests-api-token";
+
 /// A running storage node, killed on drop.
 pub struct Node {
     child: Option<Child>,
@@ -78,8 +81,18 @@ pub struct Node {
 
 impl Node {
     /// Starts the server with `--listen`, `--api`, `--data-dir` and `extra` flags, and
-    /// waits (bounded) until `/v1/health` answers.
+    /// waits (bounded) until `/v1/health` answers. Unless `extra` names its own
+    /// `--export-root`, the data directory's parent is one. Without `api_token`, and unless
+    /// `extra` chooses `--api-token-file` or `--insecure-no-auth`, the node gets
+    /// [`DEFAULT_API_TOKEN`], which [`Node::call`] then sends when given no token.
     pub async fn start(data_dir: &Path, extra: &[String], api_token: Option<&str>) -> Node {
+        let own_auth = extra
+            .iter()
+            .any(|a| a == "--api-token-file" || a == "--insecure-no-auth");
+        let api_token = match api_token {
+            None if !own_auth => Some(DEFAULT_API_TOKEN),
+            t => t,
+        };
         let nbd_port = free_port();
         let api_port = free_port();
         let mut args = vec![
@@ -93,6 +106,13 @@ impl Node {
         if let Some(t) = api_token {
             args.push("--api-token".into());
             args.push(t.into());
+        }
+        // API-added exports in these tests live next to the data directory.
+        if !extra.iter().any(|a| a == "--export-root")
+            && let Some(parent) = data_dir.parent()
+        {
+            args.push("--export-root".into());
+            args.push(parent.display().to_string());
         }
         args.extend(extra.iter().cloned());
         Self::spawn(args, nbd_port, api_port, data_dir, api_token).await
@@ -190,6 +210,7 @@ impl Node {
         format!("127.0.0.1:{}", self.nbd_port)
     }
 
+    /// Calls the API with `token`, else with the node's own token (if it has one).
     pub async fn call(
         &self,
         method: reqwest::Method,
@@ -198,7 +219,7 @@ impl Node {
         token: Option<&str>,
     ) -> (reqwest::StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base()));
-        if let Some(t) = token {
+        if let Some(t) = token.or(self.api_token.as_deref()) {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
