@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use stagehand_common::auth::{ApiAuth, AuthError};
 
 pub const DEFAULT_API: &str = "127.0.0.1:7071";
 
@@ -20,13 +21,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("cannot read the API token file {path}: {source}")]
-    TokenFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} is empty")]
-    EmptyToken(PathBuf),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("invalid address {value:?} for {key}: {source}")]
     Addr {
         key: &'static str,
@@ -57,6 +53,10 @@ pub struct AgentFlags {
     /// File holding the bearer token (first line).
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the API without authentication (and accept no token-proved migration
+    /// peers). Without a token and without this flag the agent refuses to start.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// TOML file with any of the above (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -77,6 +77,8 @@ struct FileConfig {
     api_token: Option<String>,
     #[serde(alias = "api_token_file")]
     api_token_file: Option<PathBuf>,
+    #[serde(alias = "insecure_no_auth")]
+    insecure_no_auth: Option<bool>,
 }
 
 /// The resolved configuration `run` works from.
@@ -87,8 +89,8 @@ pub struct AgentConfig {
     pub migration_listen: Option<SocketAddr>,
     pub host_id: String,
     pub data_dir: PathBuf,
-    /// None: the API is open (loopback development only).
-    pub api_token: Option<String>,
+    /// How API callers authenticate; the token also proves migration peers.
+    pub auth: ApiAuth,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -99,7 +101,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("migration_listen", &self.migration_listen)
             .field("host_id", &self.host_id)
             .field("data_dir", &self.data_dir)
-            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            // ApiAuth's Debug redacts the token.
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -139,22 +142,13 @@ impl AgentConfig {
         let api = flags.api.or(file.api).unwrap_or_else(|| DEFAULT_API.into());
         let migration_listen = flags.migration_listen.or(file.migration_listen);
         let token_file = flags.api_token_file.or(file.api_token_file);
-        let api_token = match (flags.api_token.or(file.api_token), token_file) {
-            (Some(t), _) => Some(t),
-            (None, Some(path)) => {
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| ConfigError::TokenFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let token = text.lines().next().unwrap_or("").trim().to_string();
-                if token.is_empty() {
-                    return Err(ConfigError::EmptyToken(path));
-                }
-                Some(token)
-            }
-            (None, None) => None,
-        };
+        let token = flags.api_token.or(file.api_token);
+        let auth = ApiAuth::from_flags(
+            token.as_deref(),
+            token_file.as_deref(),
+            flags.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+            "stagehand-agent",
+        )?;
         Ok(AgentConfig {
             api: parse_addr("api", &api)?,
             migration_listen: migration_listen
@@ -168,7 +162,7 @@ impl AgentConfig {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/stagehand-agent")),
-            api_token,
+            auth,
         })
     }
 }
@@ -203,7 +197,7 @@ mod tests {
             Some("127.0.0.1:9001".parse().expect("addr"))
         );
         assert_eq!(c.host_id, "h1");
-        assert_eq!(c.api_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.auth.token().map(|t| t.expose()), Some("s3cret"));
         assert!(
             !format!("{c:?}").contains("s3cret"),
             "token leaked into Debug"
@@ -225,6 +219,7 @@ mod tests {
         assert!(matches!(
             AgentConfig::resolve(AgentFlags {
                 api: Some("nope".into()),
+                insecure_no_auth: true,
                 ..Default::default()
             }),
             Err(ConfigError::Addr { .. })
@@ -236,7 +231,20 @@ mod tests {
                 api_token_file: Some(empty),
                 ..Default::default()
             }),
-            Err(ConfigError::EmptyToken(_))
+            Err(ConfigError::Auth(_))
+        ));
+        // Secure by default: no token and no opt-out is refused.
+        assert!(matches!(
+            AgentConfig::resolve(AgentFlags::default()),
+            Err(ConfigError::Auth(AuthError::NoToken))
+        ));
+        assert!(matches!(
+            AgentConfig::resolve(AgentFlags {
+                insecure_no_auth: true,
+                ..Default::default()
+            })
+            .map(|c| c.auth),
+            Ok(ApiAuth::InsecureNoAuth)
         ));
     }
 }

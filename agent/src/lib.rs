@@ -75,12 +75,12 @@ pub async fn serve(
         addr: config.api,
         source,
     })?;
-    if config.api_token.is_none() {
-        tracing::warn!("no --api-token: the API accepts every caller");
-    }
     let manager = Arc::new(manager::VmManager::new());
     let state = api::ApiState::new(manager.clone(), Arc::new(config.clone()));
-    let migrations = migration::MigrationService::new(manager.clone(), config.api_token.clone());
+    let migrations = migration::MigrationService::new(
+        manager.clone(),
+        config.auth.token().map(|t| t.expose().to_string()),
+    );
     let migration_addr = match config.migration_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)

@@ -39,13 +39,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    stagehand_common::logging::init();
     if let Some(Command::GuestImage { name, out }) = cli.command {
         let (image, load_addr) = agent::guests::by_name(&name).with_context(|| {
             format!(

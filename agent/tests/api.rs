@@ -152,6 +152,49 @@ fn kvm_ok() -> bool {
         .is_ok()
 }
 
+/// Secure by default: without a token and without `--insecure-no-auth` the agent
+/// does not start, and says why.
+#[test]
+fn refuses_to_start_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(agent_bin())
+        .args(["--api", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("STAGEHAND_AGENT_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stagehand-agent");
+    assert!(!out.status.success(), "started without a token");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve the API without authentication")
+            && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("api listening"),
+        "it must not listen"
+    );
+    // With the explicit opt-out it starts (and is killed here at once).
+    let mut child = Command::new(agent_bin())
+        .args(["--api", "127.0.0.1:0", "--insecure-no-auth"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("STAGEHAND_AGENT_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stagehand-agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("api listening"), "{line}");
+}
+
 #[test]
 fn guest_image_subcommand_writes_the_sweeper() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -181,17 +224,16 @@ fn api_lifecycle_against_the_real_binary() {
     let mut agent = start_agent();
     let a = agent.addr;
 
-    // Auth: no token or a wrong one is 401 in our error shape; the right one works.
+    // Health is open and says nothing but "ok" (no host id, no version).
     let r = http(a, "GET", "/v1/health", None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
+    // Everything else: no token or a wrong one is 401 in our error shape.
+    let r = http(a, "GET", "/v1/vms", None, None);
     assert_eq!(r.status, 401);
     assert_eq!(r.error_code(), "unauthorized");
-    assert_eq!(
-        http(a, "GET", "/v1/health", Some("wrong"), None).status,
-        401
-    );
-    let r = http(a, "GET", "/v1/health", Some(TOKEN), None);
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["host_id"], "test-host");
+    assert_eq!(http(a, "GET", "/v1/vms", Some("wrong"), None).status, 401);
+    assert_eq!(http(a, "GET", "/metrics", None, None).status, 401);
     let r = http(a, "GET", "/v1/vms/none", Some(TOKEN), None);
     assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
     let r = http(
@@ -304,7 +346,7 @@ fn api_lifecycle_against_the_real_binary() {
             "{text}"
         );
         assert!(
-            text.contains("stagehand_agent_api_unauthorized_total 2"),
+            text.contains("stagehand_agent_api_unauthorized_total 3"),
             "{text}"
         );
 
