@@ -6,8 +6,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use stagehand_common::auth::{ApiAuth, AuthError};
+use stagehand_common::tls::{TlsError, TlsFiles};
 
 pub const DEFAULT_API: &str = "127.0.0.1:7071";
+/// `--data-dir` when none is given.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/stagehand-agent";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,6 +26,8 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("invalid address {value:?} for {key}: {source}")]
     Addr {
         key: &'static str,
@@ -44,9 +49,13 @@ pub struct AgentFlags {
     /// This host's identifier (default: the hostname).
     #[arg(long)]
     pub host_id: Option<String>,
-    /// Directory for the agent's state.
+    /// Directory for the agent's state. Memory dumps must be written under it.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Guest images (`boot.flat_binary`) must be under this directory (default
+    /// `<data-dir>/images`, created on start).
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
     /// Bearer token required on the API (and by migration peers).
     #[arg(long, env = "STAGEHAND_AGENT_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -57,6 +66,16 @@ pub struct AgentFlags {
     /// peers). Without a token and without this flag the agent refuses to start.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// This agent's certificate (PEM): with --tls-key and --tls-ca, the API is HTTPS
+    /// and migration streams (in and out) are TLS with client certificates.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) peers' certificates must be signed by.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// TOML file with any of the above (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,12 +92,20 @@ struct FileConfig {
     host_id: Option<String>,
     #[serde(alias = "data_dir")]
     data_dir: Option<PathBuf>,
+    #[serde(alias = "images_dir")]
+    images_dir: Option<PathBuf>,
     #[serde(alias = "api_token")]
     api_token: Option<String>,
     #[serde(alias = "api_token_file")]
     api_token_file: Option<PathBuf>,
     #[serde(alias = "insecure_no_auth")]
     insecure_no_auth: Option<bool>,
+    #[serde(alias = "tls_cert")]
+    tls_cert: Option<PathBuf>,
+    #[serde(alias = "tls_key")]
+    tls_key: Option<PathBuf>,
+    #[serde(alias = "tls_ca")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// The resolved configuration `run` works from.
@@ -89,8 +116,12 @@ pub struct AgentConfig {
     pub migration_listen: Option<SocketAddr>,
     pub host_id: String,
     pub data_dir: PathBuf,
+    /// Where `boot.flat_binary` may point (`--images-dir`, default `<data-dir>/images`).
+    pub images_dir: PathBuf,
     /// How API callers authenticate; the token also proves migration peers.
     pub auth: ApiAuth,
+    /// `--tls-*`: HTTPS API, TLS migration streams, `nbds://` disks.
+    pub tls: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -101,8 +132,10 @@ impl std::fmt::Debug for AgentConfig {
             .field("migration_listen", &self.migration_listen)
             .field("host_id", &self.host_id)
             .field("data_dir", &self.data_dir)
+            .field("images_dir", &self.images_dir)
             // ApiAuth's Debug redacts the token.
             .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -149,6 +182,19 @@ impl AgentConfig {
             flags.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
             "stagehand-agent",
         )?;
+        let tls = TlsFiles::from_flags(
+            flags.tls_cert.or(file.tls_cert).as_deref(),
+            flags.tls_key.or(file.tls_key).as_deref(),
+            flags.tls_ca.or(file.tls_ca).as_deref(),
+        )?;
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let images_dir = flags
+            .images_dir
+            .or(file.images_dir)
+            .unwrap_or_else(|| data_dir.join("images"));
         Ok(AgentConfig {
             api: parse_addr("api", &api)?,
             migration_listen: migration_listen
@@ -158,11 +204,10 @@ impl AgentConfig {
                 .host_id
                 .or(file.host_id)
                 .unwrap_or_else(default_host_id),
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/stagehand-agent")),
+            data_dir,
+            images_dir,
             auth,
+            tls,
         })
     }
 }

@@ -210,6 +210,19 @@ fn guest_image_subcommand_writes_the_sweeper() {
         std::fs::read(&out).expect("image"),
         agent::guests::AB_SWEEPER
     );
+    // Without --out it goes into the images directory, where the API may boot it.
+    let status = Command::new(agent_bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["guest-image", "ab-sweeper"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run guest-image");
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read(dir.path().join("data/images/ab-sweeper.bin")).expect("image"),
+        agent::guests::AB_SWEEPER
+    );
     let bad = Command::new(agent_bin())
         .args(["guest-image", "no-such-guest", "--out"])
         .arg(&out)
@@ -223,6 +236,7 @@ fn guest_image_subcommand_writes_the_sweeper() {
 fn api_lifecycle_against_the_real_binary() {
     let mut agent = start_agent();
     let a = agent.addr;
+    let images = agent._dir.path().join("data/images");
 
     // Health is open and says nothing but "ok" (no host id, no version).
     let r = http(a, "GET", "/v1/health", None, None);
@@ -252,11 +266,41 @@ fn api_lifecycle_against_the_real_binary() {
         "PUT",
         "/v1/vms/bad",
         Some(TOKEN),
-        Some(
-            r#"{"memory_mib":16,"vcpus":1,"boot":{"flat_binary":"/nonexistent/x.bin","load_addr":31744},"disks":[]}"#,
-        ),
+        Some(&format!(
+            r#"{{"memory_mib":16,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[]}}"#,
+            images.join("missing.bin").display().to_string()
+        )),
     );
     assert_eq!((r.status, r.error_code().as_str()), (400, "bad_image"));
+
+    // Confinement: a token holder boots only from the images directory and dumps
+    // only under the data directory; `..` and symlinks do not get out.
+    std::os::unix::fs::symlink("/etc/passwd", images.join("escape.bin")).expect("symlink");
+    for image in [
+        "/etc/passwd".to_string(),
+        format!("{}/../../../../etc/passwd", images.display()),
+        images.join("escape.bin").display().to_string(),
+        "relative.bin".to_string(),
+    ] {
+        let r = http(
+            a,
+            "PUT",
+            "/v1/vms/escape",
+            Some(TOKEN),
+            Some(&format!(
+                r#"{{"memory_mib":16,"vcpus":1,"boot":{{"flat_binary":{image:?}}},"disks":[]}}"#
+            )),
+        );
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (403, "path_not_allowed"),
+            "booting {image}"
+        );
+    }
+    assert_eq!(
+        http(a, "GET", "/v1/vms/escape", Some(TOKEN), None).status,
+        404
+    );
 
     if !kvm_ok() {
         {
@@ -267,7 +311,7 @@ fn api_lifecycle_against_the_real_binary() {
             );
         };
     } else {
-        let image = agent._dir.path().join("ab.bin");
+        let image = images.join("ab.bin");
         std::fs::write(&image, agent::guests::AB_SWEEPER).expect("write image");
         let create = format!(
             r#"{{"memory_mib":128,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[{{"nbd":"nbd://127.0.0.1:10809/d1"}}]}}"#,
@@ -294,7 +338,32 @@ fn api_lifecycle_against_the_real_binary() {
         }
         std::thread::sleep(Duration::from_millis(300)); // let it sweep a bit
 
-        let dump = agent._dir.path().join("ram.bin");
+        // Dumps outside the data directory are refused before anything is written.
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(outside.path(), agent._dir.path().join("data/out"))
+            .expect("symlink");
+        for path in [
+            outside.path().join("ram.bin"),
+            agent._dir.path().join("data/../ram.bin"),
+            agent._dir.path().join("data/out/ram.bin"),
+        ] {
+            let r = http(
+                a,
+                "POST",
+                "/v1/vms/t1/memory-dump",
+                Some(TOKEN),
+                Some(&format!(r#"{{"path":{:?}}}"#, path.display().to_string())),
+            );
+            assert_eq!(
+                (r.status, r.error_code().as_str()),
+                (403, "path_not_allowed"),
+                "dump to {}",
+                path.display()
+            );
+            assert!(!path.exists(), "{} was written", path.display());
+        }
+
+        let dump = agent._dir.path().join("data/ram.bin");
         let dump_req = format!(r#"{{"path":{:?}}}"#, dump.display().to_string());
         let r = http(
             a,

@@ -98,7 +98,7 @@ impl Storage {
 }
 
 fn start_writer(a: &Agent, vm: &str, uri: &str) {
-    let image = a.dir.path().join("disk-writer.bin");
+    let image = a.images_dir().join("disk-writer.bin");
     std::fs::write(&image, DISK_WRITER).expect("write guest image");
     let v = a.ok(
         "PUT",
@@ -129,7 +129,7 @@ fn pause_and_check(a: &Agent, s: &Storage, vm: &str) -> (u64, Vec<u8>) {
     let t = Instant::now();
     a.ok("POST", &format!("/v1/vms/{vm}/pause"), None);
     let pause = t.elapsed();
-    let dump = a.dir.path().join(format!("{vm}.ram"));
+    let dump = a.data_dir().join(format!("{vm}.ram"));
     a.ok(
         "POST",
         &format!("/v1/vms/{vm}/memory-dump"),

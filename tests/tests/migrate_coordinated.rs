@@ -46,7 +46,7 @@ fn quiesce(src: &Agent, dst: &Agent) -> String {
 /// Dumps the paused VM's RAM twice, `gap` apart: equal dumps mean no vCPU ran.
 fn assert_stays_paused(a: &Agent, gap: Duration) {
     let dump = |n: u32| {
-        let p = a.dir.path().join(format!("still{n}.ram"));
+        let p = a.data_dir().join(format!("still{n}.ram"));
         a.ok("POST", "/v1/vms/ab/memory-dump", Some(json!({"path": p})));
         let ram = std::fs::read(&p).expect("read dump");
         let _ = std::fs::remove_file(&p);

@@ -71,6 +71,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// A request path outside the directories the operator allowed.
+    pub fn path_not_allowed(e: stagehand_common::paths::PathError) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "path_not_allowed", e.to_string())
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

@@ -9,6 +9,8 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::Deserialize;
 
+use stagehand_common::paths::confine;
+
 use super::{ApiError, ApiState, blocking};
 use crate::manager::{CreateVmRequest, VmInfo};
 
@@ -45,7 +47,15 @@ async fn create(
     Path(name): Path<String>,
     body: Result<axum::Json<CreateVmRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req = json(body)?;
+    let mut req: CreateVmRequest = json(body)?;
+    // A token holder boots only what the operator put in the images directory: the
+    // path is resolved (symlinks, `..`) and the resolved one is what gets read.
+    let image = confine(
+        std::path::Path::new(&req.boot.flat_binary),
+        &[state.config.images_dir.clone()],
+    )
+    .map_err(ApiError::path_not_allowed)?;
+    req.boot.flat_binary = image.to_string_lossy().into_owned();
     let manager = state.manager.clone();
     let info = blocking(move || Ok(manager.create(&name, &req)?)).await?;
     tracing::info!(vm = %info.name, memory_mib = info.memory_mib, vcpus = info.vcpus, "VM started");
@@ -120,8 +130,10 @@ async fn memory_dump(
     if !req.path.is_absolute() {
         return Err(ApiError::bad_request("The dump path must be absolute."));
     }
+    // Dumps land under the data directory only (resolved, so no `..` or symlink out).
+    let path =
+        confine(&req.path, &[state.config.data_dir.clone()]).map_err(ApiError::path_not_allowed)?;
     let manager = state.manager.clone();
-    let path = req.path.clone();
     let bytes = blocking(move || Ok(manager.memory_dump(&name, &path)?)).await?;
     Ok(axum::Json(serde_json::json!({
         "path": req.path,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -34,7 +35,7 @@ use super::protocol::{
     self, AuthKind, Command, Compression, ErrorCode, ID_LEN, MemRange, Message, NONCE_LEN,
     SwitchoverMode, auth, parse_memory,
 };
-use super::wire::{Conn, WireError};
+use super::wire::{Conn, Stream, WireError};
 use crate::contract::{MigrationTarget, VmSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +85,64 @@ impl ReceiverState {
             ) => S::Closed,
             (state, cmd, _) => return Err(OutOfOrder { state, cmd }),
         })
+    }
+}
+
+/// Largest payload a frame may declare before the peer proved the token or a ticket
+/// (the Hello it owes is 83 bytes): an unauthenticated peer cannot make the receiver
+/// allocate more than this per connection.
+pub const HANDSHAKE_MAX_FRAME: u64 = 128;
+
+/// Why a frame was refused from its header alone (nothing of it was read further).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameRefused {
+    #[error(transparent)]
+    OutOfOrder(#[from] OutOfOrder),
+    #[error("{cmd:?} declares {len} payload bytes; at most {max} are allowed in state {state:?}")]
+    TooLong {
+        state: ReceiverState,
+        cmd: Command,
+        len: u64,
+        max: u64,
+    },
+}
+
+impl ReceiverState {
+    /// Whether the peer has proved the cluster token or a ticket by this state.
+    pub fn authenticated(self) -> bool {
+        !matches!(self, ReceiverState::AwaitHello)
+    }
+
+    /// The largest payload a `cmd` frame may declare in this state (pure). A command
+    /// the state does not accept is refused outright, and before authentication only
+    /// small frames pass, so the shell checks a header against this before it
+    /// allocates anything for the payload.
+    pub fn max_frame_len(self, cmd: Command, mode: SwitchoverMode) -> Result<u64, OutOfOrder> {
+        self.next(cmd, mode)?;
+        let max = cmd.max_payload();
+        Ok(if self.authenticated() {
+            max
+        } else {
+            max.min(HANDSHAKE_MAX_FRAME)
+        })
+    }
+
+    /// Checks a received header against [`Self::max_frame_len`].
+    pub fn check_header(
+        self,
+        h: &protocol::FrameHeader,
+        mode: SwitchoverMode,
+    ) -> Result<(), FrameRefused> {
+        let max = self.max_frame_len(h.cmd, mode)?;
+        if h.length > max {
+            return Err(FrameRefused::TooLong {
+                state: self,
+                cmd: h.cmd,
+                len: h.length,
+                max,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -311,25 +370,39 @@ pub struct Receiver {
     tickets: Mutex<HashMap<[u8; ID_LEN], Ticket>>,
     sessions: Mutex<HashMap<[u8; ID_LEN], Arc<Session>>>,
     /// Connections being served; beyond `MAX_CONNECTIONS` new ones are closed at once.
-    active: Arc<std::sync::atomic::AtomicUsize>,
+    connections: Arc<Semaphore>,
+    /// Connections still in their handshake; beyond `MAX_PENDING_HANDSHAKES` new ones
+    /// are closed at once, so peers that prove nothing cannot take every connection.
+    handshakes: Arc<Semaphore>,
+    /// `--tls-*`: every connection must be TLS with a client certificate of our CA.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Most migration connections served at once (64 streams × a few migrations).
 pub const MAX_CONNECTIONS: usize = 256;
-/// Time an unauthenticated peer gets to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections in their handshake (not yet authenticated) at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Total time a peer gets, from accept, to finish the handshake (TLS, challenge and
+/// proof): a peer trickling bytes cannot stretch it, unlike a per-read timeout.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long an issued ticket stays valid.
 pub const TICKET_TTL: Duration = Duration::from_secs(600);
 
 impl Receiver {
-    pub fn new(host: Arc<dyn VmHost>, token: Option<&str>) -> Self {
+    pub fn new(
+        host: Arc<dyn VmHost>,
+        token: Option<&str>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         Receiver {
             host,
             token_key: token.map(|t| auth::derive_key(t.as_bytes())),
             tickets: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
-            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            tls,
         }
     }
 
@@ -385,45 +458,76 @@ impl Receiver {
                     continue;
                 }
             };
-            if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(%peer, "too many migration connections; refusing one");
+            let permits = Arc::clone(&self.connections)
+                .try_acquire_owned()
+                .and_then(|c| Ok((c, Arc::clone(&self.handshakes).try_acquire_owned()?)));
+            let Ok((conn_permit, handshake_permit)) = permits else {
+                // Dropped here: closed at once, before a byte is read.
+                tracing::debug!(%peer, "too many migration connections; refusing one");
                 continue;
-            }
+            };
+            // The handshake deadline: unless the thread reports the peer authenticated
+            // in time, the socket is shut down under it (any blocked read returns).
+            let killer = match std_stream.try_clone() {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "migration connection setup failed");
+                    continue;
+                }
+            };
+            let (authed, watch) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                if tokio::time::timeout(HANDSHAKE_DEADLINE, watch)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "migration handshake deadline passed; closing");
+                    let _ = killer.shutdown(std::net::Shutdown::Both);
+                }
+            });
             let me = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("mig-recv".into())
                 .spawn(move || {
-                    me.handle(std_stream, peer);
-                    me.active.fetch_sub(1, Ordering::SeqCst);
+                    let _conn_permit = conn_permit;
+                    me.handle(std_stream, peer, Pending(handshake_permit, authed));
                 });
             if let Err(e) = spawned {
-                self.active.fetch_sub(1, Ordering::SeqCst);
                 tracing::error!(error = %e, "cannot start a migration receiver thread");
             }
         }
     }
 
-    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr) {
-        let mut conn = match Conn::new(stream) {
+    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr, pending: Pending) {
+        // With TLS the handshake runs on the first write (the Challenge), inside the
+        // handshake deadline; a peer without a certificate of our CA gets no frame.
+        let stream = match &self.tls {
+            None => Ok(Stream::Plain(stream)),
+            Some(cfg) => Stream::server(stream, cfg.clone()),
+        };
+        let mut conn = match stream.and_then(Conn::with_stream) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "migration connection setup failed");
                 return;
             }
         };
-        // A peer that has not proved anything gets little time to hold a thread.
-        let timeouts = conn.set_read_timeout(HANDSHAKE_TIMEOUT);
+        // A peer that has not proved anything holds a thread until the deadline at
+        // most (the watchdog in `serve` shuts the socket down then).
+        let timeouts = conn.set_read_timeout(HANDSHAKE_DEADLINE);
         let ticket = match timeouts
             .map_err(WireError::Io)
             .and_then(|_| self.handshake(&mut conn))
         {
             Ok(v) => v,
             Err(e) => {
+                // Free the handshake slot before the peer sees the connection close.
+                drop(pending);
                 tracing::warn!(%peer, error = %e, "migration peer refused");
                 return;
             }
         };
+        pending.authenticated();
         // Only an authenticated peer's work outranks the host's other threads.
         super::stats::raise_thread_priority();
         if let Err(e) = conn.set_read_timeout(super::wire::IO_TIMEOUT) {
@@ -431,17 +535,16 @@ impl Receiver {
             return;
         }
         let state = ReceiverState::AwaitConfig;
-        let first = match conn.recv() {
+        let first = match recv_in(&mut conn, state, SwitchoverMode::Auto) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "migration peer left before Config");
+                if let WireError::Refused(msg) = &e {
+                    conn.send_error(ErrorCode::Protocol, msg);
+                }
+                tracing::warn!(%peer, error = %e, "migration peer failed before Config");
                 return;
             }
         };
-        if let Err(e) = state.next(first.command(), SwitchoverMode::Auto) {
-            conn.send_error(ErrorCode::Protocol, &e.to_string());
-            return;
-        }
         match first {
             Message::Config {
                 chunk_size,
@@ -503,10 +606,15 @@ impl Receiver {
             },
             Compression::None,
         )?;
-        let msg = conn.recv()?;
-        ReceiverState::AwaitHello
-            .next(msg.command(), SwitchoverMode::Auto)
-            .map_err(|_| WireError::Unexpected(msg.command()))?;
+        let msg = match recv_in(conn, ReceiverState::AwaitHello, SwitchoverMode::Auto) {
+            Ok(m) => m,
+            Err(e) => {
+                if let WireError::Refused(msg) = &e {
+                    conn.send_error(ErrorCode::Protocol, msg);
+                }
+                return Err(e);
+            }
+        };
         let Message::Hello {
             version,
             auth: kind,
@@ -756,8 +864,17 @@ impl Receiver {
         let mut state = ReceiverState::Data;
         let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
         loop {
-            let h = match conn.recv_frame(&mut payload) {
+            let check = |h: &protocol::FrameHeader| {
+                state
+                    .check_header(h, SwitchoverMode::Auto)
+                    .map_err(|e| e.to_string())
+            };
+            let h = match conn.recv_frame(&mut payload, check) {
                 Ok(h) => h,
+                Err(WireError::Refused(e)) => {
+                    conn.send_error(ErrorCode::Protocol, &e);
+                    return;
+                }
                 Err(_) => return, // The control connection decides the outcome.
             };
             if session.closed.load(Ordering::SeqCst) {
@@ -844,9 +961,23 @@ fn drive_control(
     let mut state = ReceiverState::Memory;
     let mut saved: Option<Vec<u8>> = None;
     let (mut scratch, mut payload, mut decompressed) = (Vec::new(), Vec::new(), Vec::new());
+    // Exactly one digest per chunk of this guest: the Digests frame's length is known.
+    let digests_len = 12 + s.digests.chunks() * 32;
     loop {
+        let check = |h: &protocol::FrameHeader| {
+            state
+                .check_header(h, mode.switchover)
+                .map_err(|e| e.to_string())?;
+            if h.cmd == Command::Digests && h.length != digests_len {
+                return Err(format!(
+                    "Digests declares {} payload bytes; this guest's take {digests_len}",
+                    h.length
+                ));
+            }
+            Ok(())
+        };
         let h = conn
-            .recv_frame(&mut payload)
+            .recv_frame(&mut payload, check)
             .map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
         state = state
             .next(h.cmd, mode.switchover)
@@ -958,6 +1089,33 @@ fn drive_control(
             _ => return Err((ErrorCode::Protocol, "unexpected message".into())),
         }
     }
+}
+
+/// A connection still in its handshake: holds one of the `MAX_PENDING_HANDSHAKES`
+/// permits and the watchdog's line. Dropping it (handshake failed) releases both.
+struct Pending(OwnedSemaphorePermit, tokio::sync::oneshot::Sender<()>);
+
+impl Pending {
+    /// The peer proved its secret: the deadline no longer applies.
+    fn authenticated(self) {
+        let Pending(permit, watchdog) = self;
+        let _ = watchdog.send(());
+        drop(permit);
+    }
+}
+
+/// Receives one frame that `state` accepts, refusing its header (before reading or
+/// allocating the payload) when the state does not allow it or it is too long.
+fn recv_in(
+    conn: &mut Conn,
+    state: ReceiverState,
+    mode: SwitchoverMode,
+) -> Result<Message, WireError> {
+    let mut payload = Vec::new();
+    let h = conn.recv_frame(&mut payload, |h| {
+        state.check_header(h, mode).map_err(|e| e.to_string())
+    })?;
+    Ok(Message::decode(&h, &payload)?)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1196,6 +1354,68 @@ mod tests {
             }
         }
         walk(S::AwaitHello, 7, false);
+    }
+
+    #[test]
+    fn before_authentication_only_a_small_hello_passes() {
+        for m in MODES {
+            assert_eq!(
+                S::AwaitHello.max_frame_len(C::Hello, m),
+                Ok(C::Hello.max_payload())
+            );
+            assert!(C::Hello.max_payload() <= HANDSHAKE_MAX_FRAME);
+            for c in ALL {
+                if c != C::Hello {
+                    assert!(S::AwaitHello.max_frame_len(c, m).is_err(), "{c:?}");
+                }
+                // Nothing at all once the connection is over.
+                assert!(S::Running.max_frame_len(c, m).is_err());
+                assert!(S::Closed.max_frame_len(c, m).is_err());
+            }
+            // The largest frame a peer can announce is refused from the header.
+            let h = protocol::FrameHeader {
+                cmd: C::Digests,
+                flags: 0,
+                length: C::Digests.max_payload(),
+            };
+            assert!(matches!(
+                S::AwaitHello.check_header(&h, m),
+                Err(FrameRefused::OutOfOrder(_))
+            ));
+            let h = protocol::FrameHeader {
+                cmd: C::Hello,
+                flags: 0,
+                length: C::Hello.max_payload() + 1,
+            };
+            assert!(matches!(
+                S::AwaitHello.check_header(&h, m),
+                Err(FrameRefused::TooLong { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn authenticated_states_allow_their_commands_full_length() {
+        for m in MODES {
+            for s in STATES {
+                for c in ALL {
+                    match (s.next(c, m), s.max_frame_len(c, m)) {
+                        (Ok(_), Ok(max)) if s.authenticated() => {
+                            assert_eq!(max, c.max_payload(), "{c:?} in {s:?}")
+                        }
+                        (Ok(_), Ok(max)) => assert!(max <= HANDSHAKE_MAX_FRAME),
+                        (Err(a), Err(b)) => assert_eq!(a, b),
+                        (a, b) => panic!("{c:?} in {s:?}: next {a:?}, max {b:?}"),
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            S::Memory.max_frame_len(C::Memory, M::Auto),
+            Ok(protocol::MAX_PAYLOAD)
+        );
+        assert_eq!(S::AwaitConfig.max_frame_len(C::Join, M::Auto), Ok(16));
+        assert!(S::Data.max_frame_len(C::Digests, M::Auto).is_err());
     }
 
     #[test]

@@ -85,9 +85,33 @@ pub enum ServiceError {
     WrongState(String),
 }
 
+/// TLS for migration streams (`--tls-*`): the listener requires a CA-signed client
+/// certificate; outgoing streams check the target against the CA.
+#[derive(Clone)]
+pub struct MigrationTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl MigrationTls {
+    pub fn from_files(
+        files: &stagehand_common::tls::TlsFiles,
+    ) -> Result<Self, stagehand_common::tls::TlsError> {
+        let mut server = (*files.mutual_server_config()?).clone();
+        // No session tickets: nothing but frames ever comes after the handshake, so an
+        // idle stream's "has the peer said something" check stays a socket peek.
+        server.send_tls13_tickets = 0;
+        Ok(MigrationTls {
+            server: Arc::new(server),
+            client: files.client_config()?,
+        })
+    }
+}
+
 pub struct MigrationService {
     host: Arc<dyn VmHost>,
     token: Option<String>,
+    tls: Option<MigrationTls>,
     receiver: Arc<Receiver>,
     migrations: Mutex<HashMap<String, Arc<Outgoing>>>,
 }
@@ -96,10 +120,24 @@ impl MigrationService {
     /// `token` is the cluster token (`--api-token`): proofs to targets are made with it
     /// and incoming streams must prove it (or a ticket this agent issued).
     pub fn new(host: Arc<dyn VmHost>, token: Option<String>) -> Arc<Self> {
+        Self::with_tls(host, token, None)
+    }
+
+    /// [`Self::new`], with every migration stream (in and out) over TLS when `tls`.
+    pub fn with_tls(
+        host: Arc<dyn VmHost>,
+        token: Option<String>,
+        tls: Option<MigrationTls>,
+    ) -> Arc<Self> {
         Arc::new(MigrationService {
-            receiver: Arc::new(Receiver::new(host.clone(), token.as_deref())),
+            receiver: Arc::new(Receiver::new(
+                host.clone(),
+                token.as_deref(),
+                tls.as_ref().map(|t| t.server.clone()),
+            )),
             host,
             token,
+            tls,
             migrations: Mutex::new(HashMap::new()),
         })
     }
@@ -218,6 +256,7 @@ impl MigrationService {
             auth,
             switchover,
             switchover_timeout: std::time::Duration::from_secs(switchover_timeout_s),
+            tls: self.tls.as_ref().map(|t| t.client.clone()),
         };
         let host = self.host.clone();
         let vm = name.to_string();
