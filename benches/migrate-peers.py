@@ -345,12 +345,13 @@ def main():
         cases = [c for c in cases if any(o.strip() in c[0] for o in only.split(","))]
     rows = []
     for name, mem, bw, shaped in cases:
-        q_variants = [("QEMU default", [])]
+        # BENCH_QEMU=0: our side only (no QEMU needed), e.g. for the TLS/plain figures.
+        q_variants = [("QEMU default", [])] if os.environ.get("BENCH_QEMU", "1") != "0" else []
         o_variants = [("stagehand default", {})]
         if PKI:
             # Every migration stream over TLS (client certificates), HTTPS API.
             o_variants.append(("stagehand TLS", {"tls": True}))
-        if bw or shaped:
+        if (bw or shaped) and q_variants:
             q_variants += [("QEMU auto-converge", ["auto-converge"]),
                            ("QEMU xbzrle+auto-converge", ["xbzrle", "auto-converge"])]
             o_variants += [("stagehand auto-converge", {"auto_converge": True}),

@@ -84,7 +84,10 @@ pub async fn serve(
     // Loaded before anything listens: a bad certificate stops the start.
     let (api_tls, migration_tls) = match &config.tls {
         Some(files) => (
-            Some(files.api_server_config()?),
+            {
+                devices::disk_uri::set_tls_client(files.client_config()?);
+                Some(files.api_server_config()?)
+            },
             Some(migration::service::MigrationTls::from_files(files)?),
         ),
         None => (None, None),

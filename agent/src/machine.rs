@@ -14,7 +14,9 @@ use tokio::runtime::Handle;
 use vm_memory::GuestMemoryMmap;
 use vm_memory::bitmap::AtomicBitmap;
 
-use crate::contract::{BootSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec};
+use crate::contract::{
+    BootSpec, DiskSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec,
+};
 use crate::devices::block::BlockDevices;
 use crate::devices::disk_uri::DiskUri;
 use crate::devices::{DeviceState, Devices};
@@ -411,7 +413,7 @@ impl Machine {
     }
 
     /// The disk URIs in use now (tokens included: never log them).
-    pub fn disk_uris(&self) -> Vec<String> {
+    pub fn disk_uris(&self) -> Vec<DiskSpec> {
         match &self.block {
             Some(b) => b.uris(),
             None => self.spec.disks.clone(),
@@ -608,7 +610,7 @@ impl MigrationSource for Machine {
         Ok(self.save_machine_state()?.encode()?)
     }
 
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         Ok(Machine::set_disks(self, disks)?)
     }
 }
@@ -627,7 +629,7 @@ impl MigrationTarget for Machine {
         Ok(self.start()?)
     }
 
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         Ok(Machine::set_disks(self, disks)?)
     }
 }
@@ -638,7 +640,7 @@ pub fn new_spec(
     memory_mib: u64,
     vcpus: u8,
     boot: BootSpec,
-    disks: Vec<String>,
+    disks: Vec<DiskSpec>,
 ) -> VmSpec {
     VmSpec {
         name: name.to_string(),
@@ -797,7 +799,7 @@ impl Machine {
     /// waiting for the connections. Only while paused: a source being rolled back
     /// after a fence, or a migration target before its first resume. One URI per
     /// disk, in order.
-    pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
+    pub fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), MachineError> {
         let have = self.block.as_ref().map_or(0, |b| b.uris().len());
         if disks.len() != have {
             return Err(MachineError::Invalid(format!(
@@ -806,7 +808,7 @@ impl Machine {
             )));
         }
         for d in disks {
-            DiskUri::parse(d).map_err(MachineError::Invalid)?;
+            DiskUri::new(d).map_err(MachineError::Invalid)?;
         }
         // Held throughout so nobody resumes the vCPUs while the disks change.
         let paused = self.paused.lock().expect("pause lock is never poisoned");

@@ -273,6 +273,29 @@ fn api_lifecycle_against_the_real_binary() {
     );
     assert_eq!((r.status, r.error_code().as_str()), (400, "bad_image"));
 
+    // Lease tokens go in their own field: a URI carrying one is refused, on create
+    // and on resume, and the refusal does not echo the token.
+    let r = http(
+        a,
+        "PUT",
+        "/v1/vms/leased",
+        Some(TOKEN),
+        Some(&format!(
+            r#"{{"memory_mib":16,"boot":{{"flat_binary":{:?}}},"disks":[{{"nbd":"nbd://127.0.0.1:1/d;lease=S3CRET"}}]}}"#,
+            images.join("x.bin").display().to_string()
+        )),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "lease_in_uri"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("S3CRET"));
+    let r = http(
+        a,
+        "POST",
+        "/v1/vms/leased/resume",
+        Some(TOKEN),
+        Some(r#"{"disks":[{"nbd":"nbd://127.0.0.1:1/d;lease=S3CRET"}]}"#),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "lease_in_uri"));
+
     // Confinement: a token holder boots only from the images directory and dumps
     // only under the data directory; `..` and symlinks do not get out.
     std::os::unix::fs::symlink("/etc/passwd", images.join("escape.bin")).expect("symlink");
@@ -314,7 +337,7 @@ fn api_lifecycle_against_the_real_binary() {
         let image = images.join("ab.bin");
         std::fs::write(&image, agent::guests::AB_SWEEPER).expect("write image");
         let create = format!(
-            r#"{{"memory_mib":128,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[{{"nbd":"nbd://127.0.0.1:10809/d1"}}]}}"#,
+            r#"{{"memory_mib":128,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[{{"nbd":"nbd://127.0.0.1:10809/d1","lease":"L3ASE"}}]}}"#,
             image.display().to_string()
         );
         let r = http(a, "PUT", "/v1/vms/t1", Some(TOKEN), Some(&create));
@@ -322,7 +345,14 @@ fn api_lifecycle_against_the_real_binary() {
         let vm = r.json();
         assert_eq!(vm["state"], "running");
         assert_eq!(vm["memory_mib"], 128);
-        assert_eq!(vm["disks"][0]["nbd"], "nbd://127.0.0.1:10809/d1");
+        assert_eq!(
+            vm["disks"][0],
+            serde_json::json!({"nbd": "nbd://127.0.0.1:10809/d1"})
+        );
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("L3ASE"),
+            "lease shown"
+        );
         let r = http(a, "PUT", "/v1/vms/t1", Some(TOKEN), Some(&create));
         assert_eq!((r.status, r.error_code().as_str()), (409, "already_exists"));
 

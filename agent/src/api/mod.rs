@@ -127,6 +127,26 @@ impl From<ManagerError> for ApiError {
     }
 }
 
+/// Checks request disks: a URI with `;lease=` is 400 `lease_in_uri`, an invalid one
+/// 400 `invalid_request`, `nbds://` without `--tls-*` 400 `invalid_request`.
+pub fn check_disks(disks: &[crate::contract::DiskSpec]) -> Result<(), ApiError> {
+    use crate::devices::disk_uri::{self, DiskError};
+    disk_uri::check_disks(disks).map_err(|e| match e {
+        DiskError::LeaseInUri(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "lease_in_uri",
+            format!("{e}: put the token in the lease field"),
+        ),
+        DiskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+    })?;
+    if disks.iter().any(|d| d.nbd.starts_with("nbds://")) && !disk_uri::tls_configured() {
+        return Err(ApiError::bad_request(
+            "nbds:// disks need this agent started with --tls-cert/--tls-key/--tls-ca",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs blocking manager work off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

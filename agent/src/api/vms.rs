@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use stagehand_common::paths::confine;
 
-use super::{ApiError, ApiState, blocking};
+use super::{ApiError, ApiState, blocking, check_disks};
 use crate::manager::{CreateVmRequest, VmInfo};
 
 pub fn routes() -> Router<ApiState> {
@@ -48,11 +48,12 @@ async fn create(
     body: Result<axum::Json<CreateVmRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut req: CreateVmRequest = json(body)?;
+    check_disks(&req.disks)?;
     // A token holder boots only what the operator put in the images directory: the
     // path is resolved (symlinks, `..`) and the resolved one is what gets read.
     let image = confine(
         std::path::Path::new(&req.boot.flat_binary),
-        &[state.config.images_dir.clone()],
+        std::slice::from_ref(&state.config.images_dir),
     )
     .map_err(ApiError::path_not_allowed)?;
     req.boot.flat_binary = image.to_string_lossy().into_owned();
@@ -93,8 +94,9 @@ async fn pause(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResumeRequest {
-    /// New disk URIs (one per disk, in order) to reconnect with before resuming.
-    disks: Option<Vec<String>>,
+    /// New disks (one per disk, in order; `{nbd, lease}`) to reconnect with before
+    /// resuming.
+    disks: Option<Vec<crate::contract::DiskSpec>>,
 }
 
 async fn resume(
@@ -109,6 +111,9 @@ async fn resume(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))?
     };
+    if let Some(d) = &req.disks {
+        check_disks(d)?;
+    }
     let manager = state.manager.clone();
     Ok(axum::Json(
         blocking(move || Ok(manager.resume_with_disks(&name, req.disks.as_deref())?)).await?,
@@ -131,8 +136,8 @@ async fn memory_dump(
         return Err(ApiError::bad_request("The dump path must be absolute."));
     }
     // Dumps land under the data directory only (resolved, so no `..` or symlink out).
-    let path =
-        confine(&req.path, &[state.config.data_dir.clone()]).map_err(ApiError::path_not_allowed)?;
+    let path = confine(&req.path, std::slice::from_ref(&state.config.data_dir))
+        .map_err(ApiError::path_not_allowed)?;
     let manager = state.manager.clone();
     let bytes = blocking(move || Ok(manager.memory_dump(&name, &path)?)).await?;
     Ok(axum::Json(serde_json::json!({

@@ -33,6 +33,7 @@ use tokio::runtime::Handle;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk_uri::DiskUri;
+use crate::contract::DiskSpec;
 use crate::vstate::memory::{GuestMemoryAtomic, ram_size};
 
 pub const BLK_PORT_BASE: u16 = 0x510;
@@ -416,7 +417,7 @@ impl BlockDevices {
     /// Disks for `uris` (not connected yet). `mem` is the VM's RAM.
     pub fn new(
         vm: &str,
-        uris: &[String],
+        uris: &[DiskSpec],
         mem: GuestMemoryAtomic,
         runtime: Handle,
     ) -> Result<Self, String> {
@@ -435,7 +436,7 @@ impl BlockDevices {
                     vm: vm.to_string(),
                     location: Mutex::new(Location {
                         generation: 0,
-                        uri: DiskUri::parse(u)?,
+                        uri: DiskUri::new(u)?,
                     }),
                     regs: Mutex::new(BlockRegs::default()),
                     conn: tokio::sync::Mutex::new(None),
@@ -586,16 +587,13 @@ impl BlockDevices {
     }
 
     /// The URIs in use, in disk order.
-    pub fn uris(&self) -> Vec<String> {
-        self.disks
-            .iter()
-            .map(|d| d.location().uri.uri.clone())
-            .collect()
+    pub fn uris(&self) -> Vec<DiskSpec> {
+        self.disks.iter().map(|d| d.location().uri.spec()).collect()
     }
 
     /// Replaces the URIs (one per disk, same order) and opens them, waiting for the
     /// connections. Call only with no request in flight (paused and quiesced).
-    pub fn set_uris(&self, uris: &[String]) -> Result<(), String> {
+    pub fn set_uris(&self, uris: &[DiskSpec]) -> Result<(), String> {
         if uris.len() != self.disks.len() {
             return Err(format!(
                 "{} disk URIs given; this VM has {} disks",
@@ -605,7 +603,7 @@ impl BlockDevices {
         }
         let parsed = uris
             .iter()
-            .map(|u| DiskUri::parse(u))
+            .map(DiskUri::new)
             .collect::<Result<Vec<_>, _>>()?;
         for (disk, uri) in self.disks.iter().zip(parsed) {
             let mut l = disk.location();
@@ -743,7 +741,10 @@ mod tests {
         // Port 1 on loopback refuses at once: every request that gets that far fails.
         let dev = BlockDevices::new(
             "t",
-            &["nbd://127.0.0.1:1/d;lease=SECRET".to_string()],
+            &[DiskSpec {
+                nbd: "nbd://127.0.0.1:1/d".into(),
+                lease: Some(stagehand_common::secret::Secret::new("SECRET").expect("token")),
+            }],
             mem,
             rt.handle().clone(),
         )
@@ -759,7 +760,7 @@ mod tests {
         assert!(
             BlockDevices::new(
                 "t",
-                &["http://x".into()],
+                &[DiskSpec::plain("http://x")],
                 crate::vstate::memory::create_guest_memory(1).expect("ram"),
                 rt.handle().clone()
             )

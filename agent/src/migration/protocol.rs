@@ -1,4 +1,4 @@
-//! The live-migration wire protocol between two agents, version 2.
+//! The live-migration wire protocol between two agents, version 3.
 //!
 //! Pure: no I/O. The async/threaded shells in `sender` and `receiver` read a 16-byte
 //! header, check its declared length against the per-command limit, read exactly that
@@ -50,7 +50,7 @@
 //! sender   -> Digests{chunk_size, BLAKE3 per chunk}
 //! receiver -> Ok | Error(digest_mismatch)      (target memory == source paused image)
 //!   switchover "coordinated" only (the source waits for the coordinator's go-ahead):
-//! sender   -> Switchover{disk URIs}             (new lease tokens, one per VM disk)
+//! sender   -> Switchover{disks: URI + lease}     (new lease tokens, one per VM disk)
 //! receiver -> Ok                                (MigrationTarget::set_disks done)
 //!   both modes:
 //! sender   -> Complete
@@ -81,19 +81,22 @@
 //! abandoned (see `receiver::ReceiverState`).
 //!
 //! Versioning: a receiver accepts the versions in `[MIN_VERSION, VERSION]` and says so
-//! in its challenge; the sender picks the highest it also speaks. Version 2 added the
+//! in its challenge; the sender picks the highest it also speaks. Version 3 carries each
+//! disk's lease token in its own field (Switchover and the spec's disks) instead of in
+//! the URI; version-2 peers are refused. Version 2 added the
 //! switchover mode and timeout to Config and the Switchover message; version 1 peers
 //! are refused (a version-1 receiver would resume without waiting for the go-ahead).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::contract::{PAGE_SIZE, VmSpec};
+use crate::contract::{DiskSpec, PAGE_SIZE, VmSpec};
+use stagehand_common::secret::Secret;
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest version this build still accepts as a receiver.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload of any frame (a Memory frame carries at most one 2 MiB chunk plus
@@ -168,7 +171,7 @@ impl Command {
             Command::Challenge => 4 + NONCE_LEN as u64,
             Command::Hello => 2 + 1 + (ID_LEN + 2 * NONCE_LEN) as u64,
             Command::Config => 1 << 20,
-            Command::Switchover => 4 + (MAX_DISKS * (4 + MAX_URI_LEN)) as u64,
+            Command::Switchover => 4 + (MAX_DISKS * 2 * (4 + MAX_URI_LEN)) as u64,
             Command::Sparse => 4 + (MAX_SPARSE_PAGES * (10 + MAX_SPARSE_WORDS * 10)) as u64,
             Command::Join => ID_LEN as u64,
             Command::Sync => 4,
@@ -471,9 +474,10 @@ pub enum Message {
     Sparse {
         pages: Vec<SparsePage>,
     },
-    /// The coordinator's go-ahead: the disk URIs the target opens (coordinated mode).
+    /// The coordinator's go-ahead: the disks (URI and lease) the target opens
+    /// (coordinated mode).
     Switchover {
-        disks: Vec<String>,
+        disks: Vec<DiskSpec>,
     },
     Complete,
     Abandon {
@@ -658,10 +662,14 @@ impl Message {
             Message::Switchover { disks } => {
                 // The sender checked count and lengths (service::switchover); a longer
                 // list would be refused by the receiver, never silently cut.
+                // Per disk: the URI, then the lease (length 0: none).
                 p.extend_from_slice(&(disks.len() as u32).to_le_bytes());
                 for d in disks {
-                    p.extend_from_slice(&(d.len() as u32).to_le_bytes());
-                    p.extend_from_slice(d.as_bytes());
+                    p.extend_from_slice(&(d.nbd.len() as u32).to_le_bytes());
+                    p.extend_from_slice(d.nbd.as_bytes());
+                    let lease = d.lease.as_ref().map_or("", |l| l.expose());
+                    p.extend_from_slice(&(lease.len() as u32).to_le_bytes());
+                    p.extend_from_slice(lease.as_bytes());
                 }
             }
             Message::Complete => {}
@@ -752,7 +760,16 @@ impl Message {
                     if len == 0 || len > MAX_URI_LEN {
                         return Err(ProtocolError::BadUri);
                     }
-                    disks.push(text(r.take(len)?)?);
+                    let nbd = text(r.take(len)?)?;
+                    let len = r.u32()? as usize;
+                    if len > MAX_URI_LEN {
+                        return Err(ProtocolError::BadUri);
+                    }
+                    let lease = match text(r.take(len)?)? {
+                        t if t.is_empty() => None,
+                        t => Some(Secret::new(t).map_err(|_| ProtocolError::BadUri)?),
+                    };
+                    disks.push(DiskSpec { nbd, lease });
                 }
                 Message::Switchover { disks }
             }
@@ -1174,8 +1191,11 @@ mod tests {
             Message::Switchover { disks: vec![] },
             Message::Switchover {
                 disks: vec![
-                    "nbd://10.0.0.2:10809/vm7-root;lease=abc".into(),
-                    "nbd+unix:///d2;lease=x?socket=/run/s".into(),
+                    DiskSpec {
+                        nbd: "nbd://10.0.0.2:10809/vm7-root".into(),
+                        lease: Some(Secret::new("abc").expect("token")),
+                    },
+                    DiskSpec::plain("nbd+unix:///d2?socket=/run/s"),
                 ],
             },
             Message::Join { session: [5; 16] },
@@ -1391,6 +1411,14 @@ mod tests {
             dec(Command::Switchover, &p),
             Err(ProtocolError::BadLength(Command::Switchover))
         );
+        // A URI without its lease length.
+        let mut p = 1u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&5u32.to_le_bytes());
+        p.extend_from_slice(b"nbd:/");
+        assert_eq!(
+            dec(Command::Switchover, &p),
+            Err(ProtocolError::BadLength(Command::Switchover))
+        );
         // An unknown switchover mode in Config.
         let mut b = Message::Config {
             chunk_size: 2 << 20,
@@ -1536,7 +1564,11 @@ mod tests {
         }
 
         #[test]
-        fn switchover_round_trips(disks in proptest::collection::vec(".{1,40}", 0..8)) {
+        fn switchover_round_trips(disks in proptest::collection::vec((".{1,40}", proptest::option::of(".{1,40}")), 0..8)) {
+            let disks = disks
+                .into_iter()
+                .map(|(nbd, lease)| DiskSpec { nbd, lease: lease.map(|l| Secret::new(l).expect("non-empty")) })
+                .collect();
             let m = Message::Switchover { disks };
             prop_assert_eq!(roundtrip(&m, Compression::None), m);
         }

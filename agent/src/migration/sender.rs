@@ -488,7 +488,7 @@ fn wait_go_ahead(
     out: &Outgoing,
     control: &mut Conn,
     deadline: Instant,
-) -> Result<Vec<String>, SendError> {
+) -> Result<Vec<crate::contract::DiskSpec>, SendError> {
     let mut next_probe = Instant::now();
     loop {
         let got = out.with_window(|w| match w {

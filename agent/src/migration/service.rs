@@ -41,8 +41,9 @@ pub struct MigrateRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchoverRequest {
-    /// One NBD URI per VM disk, in the VM's order, with the target's lease tokens.
-    pub disks: Vec<String>,
+    /// One disk per VM disk, in the VM's order: `{nbd, lease}` with the target's
+    /// lease tokens.
+    pub disks: Vec<crate::contract::DiskSpec>,
 }
 
 /// Default of `switchover_timeout_s`.
@@ -83,6 +84,8 @@ pub enum ServiceError {
     Ended(String),
     #[error("{0}")]
     WrongState(String),
+    #[error("{0}: put the token in the lease field")]
+    LeaseInUri(String),
 }
 
 /// TLS for migration streams (`--tls-*`): the listener requires a CA-signed client
@@ -382,15 +385,24 @@ impl MigrationService {
             )));
         }
         if req.disks.len() > MAX_DISKS
-            || req
-                .disks
-                .iter()
-                .any(|d| d.is_empty() || d.len() > MAX_URI_LEN)
+            || req.disks.iter().any(|d| {
+                d.nbd.is_empty()
+                    || d.nbd.len() > MAX_URI_LEN
+                    || d.lease
+                        .as_ref()
+                        .is_some_and(|l| l.expose().len() > MAX_URI_LEN)
+            })
         {
             return Err(ServiceError::BadRequest(format!(
-                "disk URIs must be non-empty and at most {MAX_URI_LEN} bytes"
+                "disk URIs and leases must be non-empty and at most {MAX_URI_LEN} bytes"
             )));
         }
+        crate::devices::disk_uri::check_disks(&req.disks).map_err(|e| match e {
+            crate::devices::disk_uri::DiskError::LeaseInUri(_) => {
+                ServiceError::LeaseInUri(e.to_string())
+            }
+            other => ServiceError::BadRequest(other.to_string()),
+        })?;
         h.with_window(|w| match w {
             Window::Open => {
                 *w = Window::GoAhead(req.disks);

@@ -13,7 +13,7 @@ use super::fake::{FakeHost, FakeState, FakeVm};
 use super::protocol::SwitchoverMode;
 use super::service::{LimitsPatch, MigrateRequest, MigrationService, SwitchoverRequest};
 use super::stats::{MigrationInfo, MigrationState};
-use crate::contract::MigrationSource;
+use crate::contract::{DiskSpec, MigrationSource};
 
 const MIB: u64 = 1 << 20;
 const MEM_MIB: u64 = 32;
@@ -553,7 +553,11 @@ fn assert_failed_paused(src: &Agent, dst: &Agent, vm: &FakeVm, name: &str) {
 fn coordinated_switchover_waits_for_the_go_ahead_and_uses_its_disks() {
     let rt = runtime();
     let (src, dst) = (agent(&rt, Some("tok")), agent(&rt, Some("tok")));
-    let old = vec!["nbd://src:10809/vm1-root;lease=OLD".to_string()];
+    let lease = |t: &str| Some(stagehand_common::secret::Secret::new(t).expect("token"));
+    let old = vec![DiskSpec {
+        nbd: "nbd://src:10809/vm1-root".into(),
+        lease: lease("OLD"),
+    }];
     let vm = src.host.add_running_with_disks("vm1", MEM_MIB, old);
     wait_until(Duration::from_secs(5), "first sweep", || {
         vm.sweeps.load(Ordering::SeqCst) > 0
@@ -575,7 +579,20 @@ fn coordinated_switchover_waits_for_the_go_ahead_and_uses_its_disks() {
         src.svc.switchover(&id, SwitchoverRequest { disks: vec![] }),
         Err(super::service::ServiceError::BadRequest(_))
     ));
-    let new = vec!["nbd://dst:10809/vm1-root;lease=NEW".to_string()];
+    let new = vec![DiskSpec {
+        nbd: "nbd://dst:10809/vm1-root".into(),
+        lease: lease("NEW"),
+    }];
+    // A token in the URI is refused (lease_in_uri), and changes nothing.
+    assert!(matches!(
+        src.svc.switchover(
+            &id,
+            SwitchoverRequest {
+                disks: vec![DiskSpec::plain("nbd://dst:10809/vm1-root;lease=NEW")]
+            }
+        ),
+        Err(super::service::ServiceError::LeaseInUri(_))
+    ));
     let go = SwitchoverRequest { disks: new.clone() };
     src.svc.switchover(&id, go.clone()).expect("go-ahead");
     // Repeating the same go-ahead is harmless; cancelling after it is not allowed.
