@@ -30,7 +30,8 @@ pub struct MigrateRequest {
     pub compression: Option<Compression>,
     /// A one-time ticket from the target (`POST /v1/migrations/tickets` there), used
     /// instead of the cluster token.
-    pub ticket: Option<String>,
+    /// A secret: `Debug` shows `<redacted>`.
+    pub ticket: Option<stagehand_common::secret::Secret>,
     /// `auto` (default) or `coordinated`: wait, quiesced, for the go-ahead.
     pub switchover: Option<SwitchoverMode>,
     /// Coordinated mode: fail (source stays paused) without a go-ahead in this time.
@@ -174,7 +175,7 @@ impl MigrationService {
         }
         let (secret, auth) = match (&req.ticket, &self.token) {
             (Some(t), _) => {
-                let (id, secret) = parse_ticket(t).ok_or_else(|| {
+                let (id, secret) = parse_ticket(t.expose()).ok_or_else(|| {
                     ServiceError::BadRequest(
                         "ticket is not of the form ID.SECRET issued by the target".into(),
                     )

@@ -68,6 +68,10 @@ fn agent(rt: &tokio::runtime::Runtime, token: Option<&str>) -> Agent {
     )
 }
 
+fn secret(s: &str) -> stagehand_common::secret::Secret {
+    stagehand_common::secret::Secret::new(s).expect("non-empty")
+}
+
 fn req(target: &str) -> MigrateRequest {
     MigrateRequest {
         target: target.to_string(),
@@ -363,7 +367,7 @@ fn a_one_time_ticket_works_once() {
     src.host.add_running("vm1", MEM_MIB);
     let ticket = dst.svc.issue_ticket("vm1");
     let mut r = req(&dst.addr);
-    r.ticket = Some(ticket.clone());
+    r.ticket = Some(secret(&ticket));
     let id = src.svc.start("vm1", r.clone()).expect("start");
     let info = wait_final(&src.svc, &id, Duration::from_secs(30));
     assert_eq!(info.state, MigrationState::Completed, "{info:?}");
@@ -372,7 +376,7 @@ fn a_one_time_ticket_works_once() {
     let third = agent(&rt, None);
     third.host.add_running("vm3", MEM_MIB);
     let mut r = req(&dst.addr);
-    r.ticket = Some(ticket);
+    r.ticket = Some(secret(&ticket));
     let id = third.svc.start("vm3", r).expect("start");
     let info = wait_final(&third.svc, &id, Duration::from_secs(10));
     assert_eq!(
@@ -382,7 +386,7 @@ fn a_one_time_ticket_works_once() {
     );
     // A ticket for another VM is refused too.
     let mut r = req(&dst.addr);
-    r.ticket = Some(dst.svc.issue_ticket("other"));
+    r.ticket = Some(secret(&dst.svc.issue_ticket("other")));
     let id = third.svc.start("vm3", r).expect("start");
     let info = wait_final(&third.svc, &id, Duration::from_secs(10));
     assert_eq!(
