@@ -88,9 +88,10 @@ def main():
             for host, site in (("kvm-a1", "siteA"), ("kvm-b1", "siteB")):
                 coord("host", "add", host, "--site", site, "--api", f"http://{agents[host][0]}",
                       "--migration", agents[host][1], "--memory", "1G")
-            guest = f"{d}/disk-writer.bin"
-            subprocess.run([f"{BIN}/stagehand-agent", "guest-image", "disk-writer", "--out", guest],
-                           check=True, capture_output=True)
+            # Into the first host's images directory: agents boot only from there.
+            guest = f"{d}/kvm-a1/images/disk-writer.bin"
+            subprocess.run([f"{BIN}/stagehand-agent", "--data-dir", f"{d}/kvm-a1", "guest-image",
+                            "disk-writer"], check=True, capture_output=True)
             coord("vm", "create", "vm7", "--site", "siteA", "--memory", "128M", "--image", guest,
                   "--disk", "64M")
             time.sleep(1)

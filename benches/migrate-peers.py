@@ -6,7 +6,8 @@ SeaBIOS, ours as a flat binary at 0x7c00), with the same memory, source and targ
 loopback, one run per case, plus a case whose target runs in a network namespace
 behind a veth pair shaped to 110 MiB/s with tc (so compression counts on the wire, as
 on a real WAN link). BENCH_CASES=substring,... picks cases. Prints a table with total time and downtime and our
-ratios to QEMU. Called by benches/migrate-peers.sh (make bench-migrate).
+ratios to QEMU. Each case also runs our agents with --tls-* ("stagehand TLS": every
+stream TLS with client certificates; BENCH_TLS=0 leaves it out). Called by benches/migrate-peers.sh (make bench-migrate).
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -201,24 +203,49 @@ def run_qemu(mem_mib, image, workdir, bandwidth_mibs, caps, link=None):
 
 # ------------------------------------------------------------- stagehand ---------
 
+# --tls-* files for the "stagehand TLS" variant (made once per run by make_pki).
+PKI = {}
+
+
+def make_pki(workdir):
+    """A throwaway CA and one node certificate (valid for loopback and the shaped link's
+    target address, server and client auth) that both agents use."""
+    d = os.path.join(workdir, "pki")
+    os.makedirs(d, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+    run("req", "-x509", *ec, "-keyout", f"{d}/ca-key.pem", "-out", f"{d}/ca-cert.pem",
+        "-days", "2", "-subj", "/CN=bench-ca")
+    run("req", *ec, "-keyout", f"{d}/key.pem", "-out", f"{d}/csr.pem", "-subj", "/CN=bench-node")
+    with open(f"{d}/ext.cnf", "w") as f:
+        f.write(f"subjectAltName=IP:127.0.0.1,IP:{ShapedLink.NS_IP},DNS:localhost\n"
+                "extendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", f"{d}/csr.pem", "-CA", f"{d}/ca-cert.pem", "-CAkey", f"{d}/ca-key.pem",
+        "-CAcreateserial", "-out", f"{d}/cert.pem", "-days", "2", "-extfile", f"{d}/ext.cnf")
+    PKI.update(cert=f"{d}/cert.pem", key=f"{d}/key.pem", ca=f"{d}/ca-cert.pem")
+
+
 def http(method, url, body=None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
+    ctx = ssl.create_default_context(cafile=PKI["ca"]) if url.startswith("https") else None
+    with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
         raw = r.read()
         return json.loads(raw) if raw and r.headers.get("Content-Type", "").startswith("application/json") else raw
 
 
-def agent(workdir, tag, link=None):
+def agent(workdir, tag, link=None, tls=False):
     api, mig = free_port(), free_port()
     host = link.NS_IP if link else "127.0.0.1"
     args = [AGENT, "--api", f"{host}:{api}", "--migration-listen", f"{host}:{mig}",
             "--api-token", TOKEN, "--data-dir", os.path.join(workdir, tag)]
+    if tls:
+        args += ["--tls-cert", PKI["cert"], "--tls-key", PKI["key"], "--tls-ca", PKI["ca"]]
     if link:
         args = link.prefix() + args
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"{tag}.log"), "wb"))
-    base = f"http://{host}:{api}"
+    base = f"{'https' if tls else 'http'}://{host}:{api}"
     wait_for(lambda: _health(base), 20, f"agent {tag}")
     return p, base, f"{host}:{mig}"
 
@@ -232,11 +259,16 @@ def _health(base):
 
 
 def run_ours(mem_mib, flat, workdir, bandwidth_mibs, extra, link=None):
-    src, sbase, _ = agent(workdir, "asrc")
-    dst, dbase, dmig = agent(workdir, "adst", link=link)
+    extra = dict(extra)
+    tls = extra.pop("tls", False)
+    src, sbase, _ = agent(workdir, "asrc", tls=tls)
+    dst, dbase, dmig = agent(workdir, "adst", link=link, tls=tls)
     try:
+        # The agent boots only from its images directory (<data-dir>/images).
+        image = os.path.join(workdir, "asrc", "images", "ab.bin")
+        shutil.copyfile(flat, image)
         http("PUT", f"{sbase}/v1/vms/ab", {"memory_mib": mem_mib, "vcpus": 1,
-                                            "boot": {"flat_binary": flat, "load_addr": 0x7C00}, "disks": []})
+                                            "boot": {"flat_binary": image, "load_addr": 0x7C00}, "disks": []})
         wait_for(lambda: b"A" in http("GET", f"{sbase}/v1/vms/ab/console"), 30, "'A' from our guest")
         time.sleep(2)
         body = {"target": dmig, "timeout_s": int(CONVERGE_TIMEOUT_S)}
@@ -296,6 +328,8 @@ def main():
     with open(image, "wb") as f:  # SeaBIOS will not boot a 512-byte disk.
         f.write(sector.ljust(MIB, b"\0"))
 
+    if os.environ.get("BENCH_TLS", "1") != "0":
+        make_pki(workdir)
     # (name, memory MiB, application bandwidth cap MiB/s, tc-shaped link MiB/s)
     cases = [
         ("150 MiB unlimited", 150, None, None),
@@ -311,9 +345,13 @@ def main():
         cases = [c for c in cases if any(o.strip() in c[0] for o in only.split(","))]
     rows = []
     for name, mem, bw, shaped in cases:
-        q_variants = [("QEMU default", [])]
+        # BENCH_QEMU=0: our side only (no QEMU needed), e.g. for the TLS/plain figures.
+        q_variants = [("QEMU default", [])] if os.environ.get("BENCH_QEMU", "1") != "0" else []
         o_variants = [("stagehand default", {})]
-        if bw or shaped:
+        if PKI:
+            # Every migration stream over TLS (client certificates), HTTPS API.
+            o_variants.append(("stagehand TLS", {"tls": True}))
+        if (bw or shaped) and q_variants:
             q_variants += [("QEMU auto-converge", ["auto-converge"]),
                            ("QEMU xbzrle+auto-converge", ["xbzrle", "auto-converge"])]
             o_variants += [("stagehand auto-converge", {"auto_converge": True}),
@@ -334,6 +372,16 @@ def main():
         qt, qd = min(r["total_ms"] for r in q), min(r["downtime_ms"] for r in q)
         ot, od = min(r["total_ms"] for r in o), min(r["downtime_ms"] for r in o)
         print(f"  {name}: total {ot:.0f}/{qt:.0f} ms = {ot / qt:.2f}x, downtime {od:.1f}/{qd:.1f} ms = {od / max(qd, 0.001):.2f}x")
+    if PKI:
+        print("\nTLS cost (stagehand TLS / stagehand default; target: within 1.10x on the unlimited cases):")
+        for name, results in rows:
+            d = dict(results)
+            p, t = d.get("stagehand default"), d.get("stagehand TLS")
+            if not (p and t and p["total_ms"] and t["total_ms"]):
+                print(f"  {name}: one side never converged")
+                continue
+            print(f"  {name}: total {t['total_ms']:.0f}/{p['total_ms']:.0f} ms = {t['total_ms'] / p['total_ms']:.2f}x, "
+                  f"downtime {t['downtime_ms']:.1f}/{p['downtime_ms']:.1f} ms = {t['downtime_ms'] / max(p['downtime_ms'], 0.001):.2f}x")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -5,8 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use stagehand_common::auth::{ApiAuth, AuthError};
+use stagehand_common::tls::{TlsError, TlsFiles};
 
 pub const DEFAULT_API: &str = "127.0.0.1:7071";
+/// `--data-dir` when none is given.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/stagehand-agent";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,13 +24,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("cannot read the API token file {path}: {source}")]
-    TokenFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} is empty")]
-    EmptyToken(PathBuf),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("invalid address {value:?} for {key}: {source}")]
     Addr {
         key: &'static str,
@@ -48,15 +49,33 @@ pub struct AgentFlags {
     /// This host's identifier (default: the hostname).
     #[arg(long)]
     pub host_id: Option<String>,
-    /// Directory for the agent's state.
+    /// Directory for the agent's state. Memory dumps must be written under it.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Guest images (`boot.flat_binary`) must be under this directory (default
+    /// `<data-dir>/images`, created on start).
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
     /// Bearer token required on the API (and by migration peers).
     #[arg(long, env = "STAGEHAND_AGENT_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
     /// File holding the bearer token (first line).
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the API without authentication (and accept no token-proved migration
+    /// peers). Without a token and without this flag the agent refuses to start.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// This agent's certificate (PEM): with --tls-key and --tls-ca, the API is HTTPS
+    /// and migration streams (in and out) are TLS with client certificates.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) peers' certificates must be signed by.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// TOML file with any of the above (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,10 +92,20 @@ struct FileConfig {
     host_id: Option<String>,
     #[serde(alias = "data_dir")]
     data_dir: Option<PathBuf>,
+    #[serde(alias = "images_dir")]
+    images_dir: Option<PathBuf>,
     #[serde(alias = "api_token")]
     api_token: Option<String>,
     #[serde(alias = "api_token_file")]
     api_token_file: Option<PathBuf>,
+    #[serde(alias = "insecure_no_auth")]
+    insecure_no_auth: Option<bool>,
+    #[serde(alias = "tls_cert")]
+    tls_cert: Option<PathBuf>,
+    #[serde(alias = "tls_key")]
+    tls_key: Option<PathBuf>,
+    #[serde(alias = "tls_ca")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// The resolved configuration `run` works from.
@@ -87,8 +116,12 @@ pub struct AgentConfig {
     pub migration_listen: Option<SocketAddr>,
     pub host_id: String,
     pub data_dir: PathBuf,
-    /// None: the API is open (loopback development only).
-    pub api_token: Option<String>,
+    /// Where `boot.flat_binary` may point (`--images-dir`, default `<data-dir>/images`).
+    pub images_dir: PathBuf,
+    /// How API callers authenticate; the token also proves migration peers.
+    pub auth: ApiAuth,
+    /// `--tls-*`: HTTPS API, TLS migration streams, `nbds://` disks.
+    pub tls: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -99,7 +132,10 @@ impl std::fmt::Debug for AgentConfig {
             .field("migration_listen", &self.migration_listen)
             .field("host_id", &self.host_id)
             .field("data_dir", &self.data_dir)
-            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            .field("images_dir", &self.images_dir)
+            // ApiAuth's Debug redacts the token.
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -139,22 +175,26 @@ impl AgentConfig {
         let api = flags.api.or(file.api).unwrap_or_else(|| DEFAULT_API.into());
         let migration_listen = flags.migration_listen.or(file.migration_listen);
         let token_file = flags.api_token_file.or(file.api_token_file);
-        let api_token = match (flags.api_token.or(file.api_token), token_file) {
-            (Some(t), _) => Some(t),
-            (None, Some(path)) => {
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| ConfigError::TokenFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let token = text.lines().next().unwrap_or("").trim().to_string();
-                if token.is_empty() {
-                    return Err(ConfigError::EmptyToken(path));
-                }
-                Some(token)
-            }
-            (None, None) => None,
-        };
+        let token = flags.api_token.or(file.api_token);
+        let auth = ApiAuth::from_flags(
+            token.as_deref(),
+            token_file.as_deref(),
+            flags.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+            "stagehand-agent",
+        )?;
+        let tls = TlsFiles::from_flags(
+            flags.tls_cert.or(file.tls_cert).as_deref(),
+            flags.tls_key.or(file.tls_key).as_deref(),
+            flags.tls_ca.or(file.tls_ca).as_deref(),
+        )?;
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let images_dir = flags
+            .images_dir
+            .or(file.images_dir)
+            .unwrap_or_else(|| data_dir.join("images"));
         Ok(AgentConfig {
             api: parse_addr("api", &api)?,
             migration_listen: migration_listen
@@ -164,11 +204,10 @@ impl AgentConfig {
                 .host_id
                 .or(file.host_id)
                 .unwrap_or_else(default_host_id),
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/stagehand-agent")),
-            api_token,
+            data_dir,
+            images_dir,
+            auth,
+            tls,
         })
     }
 }
@@ -203,7 +242,7 @@ mod tests {
             Some("127.0.0.1:9001".parse().expect("addr"))
         );
         assert_eq!(c.host_id, "h1");
-        assert_eq!(c.api_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.auth.token().map(|t| t.expose()), Some("s3cret"));
         assert!(
             !format!("{c:?}").contains("s3cret"),
             "token leaked into Debug"
@@ -225,6 +264,7 @@ mod tests {
         assert!(matches!(
             AgentConfig::resolve(AgentFlags {
                 api: Some("nope".into()),
+                insecure_no_auth: true,
                 ..Default::default()
             }),
             Err(ConfigError::Addr { .. })
@@ -236,7 +276,20 @@ mod tests {
                 api_token_file: Some(empty),
                 ..Default::default()
             }),
-            Err(ConfigError::EmptyToken(_))
+            Err(ConfigError::Auth(_))
+        ));
+        // Secure by default: no token and no opt-out is refused.
+        assert!(matches!(
+            AgentConfig::resolve(AgentFlags::default()),
+            Err(ConfigError::Auth(AuthError::NoToken))
+        ));
+        assert!(matches!(
+            AgentConfig::resolve(AgentFlags {
+                insecure_no_auth: true,
+                ..Default::default()
+            })
+            .map(|c| c.auth),
+            Ok(ApiAuth::InsecureNoAuth)
         ));
     }
 }

@@ -7,6 +7,7 @@
 //! lists of page numbers (page `p` covers guest-physical `p * PAGE_SIZE`).
 
 use serde::{Deserialize, Serialize};
+use stagehand_common::secret::Secret;
 
 /// Page size used for dirty tracking and migration.
 pub const PAGE_SIZE: u64 = 4096;
@@ -20,11 +21,32 @@ pub struct VmSpec {
     pub vcpus: u8,
     /// Boot description (flat binary path and load address) as given at creation.
     pub boot: BootSpec,
-    /// NBD URIs of the guest's disks (empty until guest disks exist).
-    pub disks: Vec<String>,
+    /// The guest's disks: NBD URIs and their lease tokens.
+    pub disks: Vec<DiskSpec>,
     /// CPUID leaves the guest was given, as (function, index, eax, ebx, ecx, edx).
     /// The receiver refuses a migration whose guest CPUID its host cannot supply.
     pub cpuid: Vec<[u32; 6]>,
+}
+
+/// One disk: `{"nbd": URI, "lease": TOKEN}` (the API's shape). The URI never carries
+/// the token (`;lease=` in it is refused); the lease is a [`Secret`]: `Debug` shows
+/// `<redacted>`, and it serializes only for the wire and the migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub nbd: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Secret>,
+}
+
+impl DiskSpec {
+    /// A disk without a lease.
+    pub fn plain(nbd: impl Into<String>) -> Self {
+        DiskSpec {
+            nbd: nbd.into(),
+            lease: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +96,7 @@ pub trait MigrationSource: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, VmError>;
     /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks; only
     /// while paused (source rollback) or before the first resume (target).
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError>;
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError>;
 }
 
 /// The target side: an empty VM created from a `VmSpec`, filled by migration, then
@@ -87,5 +109,5 @@ pub trait MigrationTarget: Send + Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks; only
     /// while paused (source rollback) or before the first resume (target).
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError>;
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError>;
 }

@@ -38,6 +38,8 @@ pub enum AgentError {
     },
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] stagehand_common::tls::TlsError),
 }
 
 /// Addresses the agent actually listens on (port 0 resolved).
@@ -59,10 +61,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    for dir in [&config.data_dir, &config.images_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .map_err(|source| AgentError::Bind {
@@ -75,12 +79,24 @@ pub async fn serve(
         addr: config.api,
         source,
     })?;
-    if config.api_token.is_none() {
-        tracing::warn!("no --api-token: the API accepts every caller");
-    }
     let manager = Arc::new(manager::VmManager::new());
     let state = api::ApiState::new(manager.clone(), Arc::new(config.clone()));
-    let migrations = migration::MigrationService::new(manager.clone(), config.api_token.clone());
+    // Loaded before anything listens: a bad certificate stops the start.
+    let (api_tls, migration_tls) = match &config.tls {
+        Some(files) => (
+            {
+                devices::disk_uri::set_tls_client(files.client_config()?);
+                Some(files.api_server_config()?)
+            },
+            Some(migration::service::MigrationTls::from_files(files)?),
+        ),
+        None => (None, None),
+    };
+    let migrations = migration::MigrationService::with_tls(
+        manager.clone(),
+        config.auth.token().map(|t| t.expose().to_string()),
+        migration_tls,
+    );
     let migration_addr = match config.migration_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -102,13 +118,12 @@ pub async fn serve(
         None => None,
     };
     let app = api::app(state, api::migration::routes(migrations));
-    tracing::info!(api = %api_addr, host_id = %config.host_id, "agent ready");
+    tracing::info!(api = %api_addr, host_id = %config.host_id, tls = api_tls.is_some(), "agent ready");
     on_ready(&Bound {
         api: api_addr,
         migration: migration_addr,
     });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    let result = stagehand_common::http::serve(listener, app, api_tls, shutdown)
         .await
         .map_err(AgentError::Serve);
     tracing::info!("shutting down: stopping all VMs");

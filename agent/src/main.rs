@@ -15,12 +15,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Writes a built-in test guest (a flat binary) to a file.
+    /// Writes a built-in test guest (a flat binary) into the images directory
+    /// (`--images-dir`, default `<data-dir>/images`), where the API may boot it.
     GuestImage {
-        /// Guest name: ab-sweeper.
+        /// Guest name: ab-sweeper, disk-writer.
         name: String,
+        /// Another file to write instead of `<images-dir>/<name>.bin`.
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -39,13 +41,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    stagehand_common::logging::init();
     if let Some(Command::GuestImage { name, out }) = cli.command {
         let (image, load_addr) = agent::guests::by_name(&name).with_context(|| {
             format!(
@@ -53,6 +49,21 @@ fn run() -> anyhow::Result<()> {
                 agent::guests::NAMES.join(", ")
             )
         })?;
+        let out = match out {
+            Some(o) => o,
+            None => {
+                let dir = cli.flags.images_dir.clone().unwrap_or_else(|| {
+                    cli.flags
+                        .data_dir
+                        .clone()
+                        .unwrap_or_else(|| agent::config::DEFAULT_DATA_DIR.into())
+                        .join("images")
+                });
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                dir.join(format!("{name}.bin"))
+            }
+        };
         std::fs::write(&out, image).with_context(|| format!("writing {}", out.display()))?;
         println!(
             "{}: {} bytes, load at {load_addr:#x}",

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{BootSpec, MigrationSource, MigrationTarget, VmError, VmSpec};
+use crate::contract::{BootSpec, DiskSpec, MigrationSource, MigrationTarget, VmError, VmSpec};
 use crate::devices::disk_uri::redact_uri;
 use crate::machine::{Machine, MachineError, new_spec};
 
@@ -120,10 +120,12 @@ fn default_load_addr() -> u64 {
     0x7c00
 }
 
-/// A disk: `{nbd: URI}` in requests and answers.
+/// A disk in requests: `{nbd: URI, lease: TOKEN}` (the lease optional, never in the URI).
+pub type DiskRequest = DiskSpec;
+
+/// A disk in answers: its URI only, never the lease.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct DiskRequest {
+pub struct DiskInfo {
     pub nbd: String,
 }
 
@@ -134,8 +136,8 @@ pub struct VmInfo {
     pub state: VmLifecycle,
     pub memory_mib: u64,
     pub vcpus: u8,
-    /// Lease tokens show as `;lease=<redacted>`.
-    pub disks: Vec<DiskRequest>,
+    /// URIs only: lease tokens are never shown.
+    pub disks: Vec<DiskInfo>,
     /// Why the guest stopped on its own, when state is `stopped` or `failed`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub stop_reason: Option<String>,
@@ -169,8 +171,8 @@ impl Entry {
             disks: spec
                 .disks
                 .into_iter()
-                .map(|nbd| DiskRequest {
-                    nbd: redact_uri(&nbd),
+                .map(|d| DiskInfo {
+                    nbd: redact_uri(&d.nbd),
                 })
                 .collect(),
             stop_reason,
@@ -240,7 +242,7 @@ impl VmManager {
                 flat_binary: req.boot.flat_binary.clone(),
                 load_addr: req.boot.load_addr,
             },
-            req.disks.iter().map(|d| d.nbd.clone()).collect(),
+            req.disks.clone(),
         );
         // Built outside the lock: creating a VM takes a while and must not block GETs.
         let machine = Arc::new(Machine::boot_on(spec, self.runtime.clone())?);
@@ -311,7 +313,7 @@ impl VmManager {
     pub fn resume_with_disks(
         &self,
         name: &str,
-        disks: Option<&[String]>,
+        disks: Option<&[DiskSpec]>,
     ) -> Result<VmInfo, ManagerError> {
         let check = |e: &Entry| match e.effective_state().0 {
             VmLifecycle::Running | VmLifecycle::Paused => Ok(()),

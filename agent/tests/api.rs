@@ -152,6 +152,49 @@ fn kvm_ok() -> bool {
         .is_ok()
 }
 
+/// Secure by default: without a token and without `--insecure-no-auth` the agent
+/// does not start, and says why.
+#[test]
+fn refuses_to_start_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(agent_bin())
+        .args(["--api", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("STAGEHAND_AGENT_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stagehand-agent");
+    assert!(!out.status.success(), "started without a token");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve the API without authentication")
+            && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("api listening"),
+        "it must not listen"
+    );
+    // With the explicit opt-out it starts (and is killed here at once).
+    let mut child = Command::new(agent_bin())
+        .args(["--api", "127.0.0.1:0", "--insecure-no-auth"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("STAGEHAND_AGENT_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stagehand-agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("api listening"), "{line}");
+}
+
 #[test]
 fn guest_image_subcommand_writes_the_sweeper() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -167,6 +210,19 @@ fn guest_image_subcommand_writes_the_sweeper() {
         std::fs::read(&out).expect("image"),
         agent::guests::AB_SWEEPER
     );
+    // Without --out it goes into the images directory, where the API may boot it.
+    let status = Command::new(agent_bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["guest-image", "ab-sweeper"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run guest-image");
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read(dir.path().join("data/images/ab-sweeper.bin")).expect("image"),
+        agent::guests::AB_SWEEPER
+    );
     let bad = Command::new(agent_bin())
         .args(["guest-image", "no-such-guest", "--out"])
         .arg(&out)
@@ -180,18 +236,18 @@ fn guest_image_subcommand_writes_the_sweeper() {
 fn api_lifecycle_against_the_real_binary() {
     let mut agent = start_agent();
     let a = agent.addr;
+    let images = agent._dir.path().join("data/images");
 
-    // Auth: no token or a wrong one is 401 in our error shape; the right one works.
+    // Health is open and says nothing but "ok" (no host id, no version).
     let r = http(a, "GET", "/v1/health", None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
+    // Everything else: no token or a wrong one is 401 in our error shape.
+    let r = http(a, "GET", "/v1/vms", None, None);
     assert_eq!(r.status, 401);
     assert_eq!(r.error_code(), "unauthorized");
-    assert_eq!(
-        http(a, "GET", "/v1/health", Some("wrong"), None).status,
-        401
-    );
-    let r = http(a, "GET", "/v1/health", Some(TOKEN), None);
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["host_id"], "test-host");
+    assert_eq!(http(a, "GET", "/v1/vms", Some("wrong"), None).status, 401);
+    assert_eq!(http(a, "GET", "/metrics", None, None).status, 401);
     let r = http(a, "GET", "/v1/vms/none", Some(TOKEN), None);
     assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
     let r = http(
@@ -210,11 +266,64 @@ fn api_lifecycle_against_the_real_binary() {
         "PUT",
         "/v1/vms/bad",
         Some(TOKEN),
-        Some(
-            r#"{"memory_mib":16,"vcpus":1,"boot":{"flat_binary":"/nonexistent/x.bin","load_addr":31744},"disks":[]}"#,
-        ),
+        Some(&format!(
+            r#"{{"memory_mib":16,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[]}}"#,
+            images.join("missing.bin").display().to_string()
+        )),
     );
     assert_eq!((r.status, r.error_code().as_str()), (400, "bad_image"));
+
+    // Lease tokens go in their own field: a URI carrying one is refused, on create
+    // and on resume, and the refusal does not echo the token.
+    let r = http(
+        a,
+        "PUT",
+        "/v1/vms/leased",
+        Some(TOKEN),
+        Some(&format!(
+            r#"{{"memory_mib":16,"boot":{{"flat_binary":{:?}}},"disks":[{{"nbd":"nbd://127.0.0.1:1/d;lease=S3CRET"}}]}}"#,
+            images.join("x.bin").display().to_string()
+        )),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "lease_in_uri"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("S3CRET"));
+    let r = http(
+        a,
+        "POST",
+        "/v1/vms/leased/resume",
+        Some(TOKEN),
+        Some(r#"{"disks":[{"nbd":"nbd://127.0.0.1:1/d;lease=S3CRET"}]}"#),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "lease_in_uri"));
+
+    // Confinement: a token holder boots only from the images directory and dumps
+    // only under the data directory; `..` and symlinks do not get out.
+    std::os::unix::fs::symlink("/etc/passwd", images.join("escape.bin")).expect("symlink");
+    for image in [
+        "/etc/passwd".to_string(),
+        format!("{}/../../../../etc/passwd", images.display()),
+        images.join("escape.bin").display().to_string(),
+        "relative.bin".to_string(),
+    ] {
+        let r = http(
+            a,
+            "PUT",
+            "/v1/vms/escape",
+            Some(TOKEN),
+            Some(&format!(
+                r#"{{"memory_mib":16,"vcpus":1,"boot":{{"flat_binary":{image:?}}},"disks":[]}}"#
+            )),
+        );
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (403, "path_not_allowed"),
+            "booting {image}"
+        );
+    }
+    assert_eq!(
+        http(a, "GET", "/v1/vms/escape", Some(TOKEN), None).status,
+        404
+    );
 
     if !kvm_ok() {
         {
@@ -225,10 +334,10 @@ fn api_lifecycle_against_the_real_binary() {
             );
         };
     } else {
-        let image = agent._dir.path().join("ab.bin");
+        let image = images.join("ab.bin");
         std::fs::write(&image, agent::guests::AB_SWEEPER).expect("write image");
         let create = format!(
-            r#"{{"memory_mib":128,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[{{"nbd":"nbd://127.0.0.1:10809/d1"}}]}}"#,
+            r#"{{"memory_mib":128,"vcpus":1,"boot":{{"flat_binary":{:?},"load_addr":31744}},"disks":[{{"nbd":"nbd://127.0.0.1:10809/d1","lease":"L3ASE"}}]}}"#,
             image.display().to_string()
         );
         let r = http(a, "PUT", "/v1/vms/t1", Some(TOKEN), Some(&create));
@@ -236,7 +345,14 @@ fn api_lifecycle_against_the_real_binary() {
         let vm = r.json();
         assert_eq!(vm["state"], "running");
         assert_eq!(vm["memory_mib"], 128);
-        assert_eq!(vm["disks"][0]["nbd"], "nbd://127.0.0.1:10809/d1");
+        assert_eq!(
+            vm["disks"][0],
+            serde_json::json!({"nbd": "nbd://127.0.0.1:10809/d1"})
+        );
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("L3ASE"),
+            "lease shown"
+        );
         let r = http(a, "PUT", "/v1/vms/t1", Some(TOKEN), Some(&create));
         assert_eq!((r.status, r.error_code().as_str()), (409, "already_exists"));
 
@@ -252,7 +368,32 @@ fn api_lifecycle_against_the_real_binary() {
         }
         std::thread::sleep(Duration::from_millis(300)); // let it sweep a bit
 
-        let dump = agent._dir.path().join("ram.bin");
+        // Dumps outside the data directory are refused before anything is written.
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(outside.path(), agent._dir.path().join("data/out"))
+            .expect("symlink");
+        for path in [
+            outside.path().join("ram.bin"),
+            agent._dir.path().join("data/../ram.bin"),
+            agent._dir.path().join("data/out/ram.bin"),
+        ] {
+            let r = http(
+                a,
+                "POST",
+                "/v1/vms/t1/memory-dump",
+                Some(TOKEN),
+                Some(&format!(r#"{{"path":{:?}}}"#, path.display().to_string())),
+            );
+            assert_eq!(
+                (r.status, r.error_code().as_str()),
+                (403, "path_not_allowed"),
+                "dump to {}",
+                path.display()
+            );
+            assert!(!path.exists(), "{} was written", path.display());
+        }
+
+        let dump = agent._dir.path().join("data/ram.bin");
         let dump_req = format!(r#"{{"path":{:?}}}"#, dump.display().to_string());
         let r = http(
             a,
@@ -304,7 +445,7 @@ fn api_lifecycle_against_the_real_binary() {
             "{text}"
         );
         assert!(
-            text.contains("stagehand_agent_api_unauthorized_total 2"),
+            text.contains("stagehand_agent_api_unauthorized_total 3"),
             "{text}"
         );
 

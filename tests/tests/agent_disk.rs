@@ -10,12 +10,14 @@ mod migrate_support;
 
 use std::time::{Duration, Instant};
 
+use agent::contract::DiskSpec;
 use agent::guests::{
     DISK_WRITER, DISK_WRITER_ACKED_ADDR, DISK_WRITER_LOAD_ADDR, check_ab_ram, check_disk_records,
 };
 use nbd_client::{Client, ClientOptions};
 use reqwest::Method;
 use serde_json::json;
+use stagehand_common::secret::Secret;
 
 use lease_support::Node;
 use migrate_support::{Agent, kvm_or_skip, wait_until};
@@ -70,15 +72,22 @@ impl Storage {
         v["token"].as_str().expect("token").to_string()
     }
 
-    fn uri(&self, token: &str) -> String {
-        format!("nbd://{}/disk;lease={token}", self.node.nbd_addr())
+    /// The disk as the agent's API takes it: the URI, and the lease in its own field.
+    fn uri(&self, token: &str) -> DiskSpec {
+        DiskSpec {
+            nbd: format!("nbd://{}/disk", self.node.nbd_addr()),
+            lease: Some(Secret::new(token).expect("token")),
+        }
     }
 
-    fn unix_uri(&self, token: &str) -> String {
-        format!(
-            "nbd+unix:///disk;lease={token}?socket={}",
-            self._dir.path().join("nbd.sock").display()
-        )
+    fn unix_uri(&self, token: &str) -> DiskSpec {
+        DiskSpec {
+            nbd: format!(
+                "nbd+unix:///disk?socket={}",
+                self._dir.path().join("nbd.sock").display()
+            ),
+            lease: Some(Secret::new(token).expect("token")),
+        }
     }
 
     /// The disk writer's region of the disk, read through a plain (read-only) export
@@ -97,8 +106,8 @@ impl Storage {
     }
 }
 
-fn start_writer(a: &Agent, vm: &str, uri: &str) {
-    let image = a.dir.path().join("disk-writer.bin");
+fn start_writer(a: &Agent, vm: &str, uri: &DiskSpec) {
+    let image = a.images_dir().join("disk-writer.bin");
     std::fs::write(&image, DISK_WRITER).expect("write guest image");
     let v = a.ok(
         "PUT",
@@ -106,7 +115,7 @@ fn start_writer(a: &Agent, vm: &str, uri: &str) {
         Some(json!({
             "memory_mib": MEM_MIB, "vcpus": 1,
             "boot": {"flat_binary": image, "load_addr": DISK_WRITER_LOAD_ADDR},
-            "disks": [{"nbd": uri}]
+            "disks": [uri]
         })),
     );
     assert_redacted(&v, uri);
@@ -116,11 +125,10 @@ fn start_writer(a: &Agent, vm: &str, uri: &str) {
 }
 
 /// The VM's disks are shown, but never the lease token.
-fn assert_redacted(vm: &serde_json::Value, uri: &str) {
-    let shown = vm["disks"][0]["nbd"].as_str().expect("disk shown");
-    let (base, rest) = uri.split_once(";lease=").expect("URI has a token");
-    let tail = rest.find('?').map_or("", |i| &rest[i..]);
-    assert_eq!(shown, format!("{base};lease=<redacted>{tail}"), "{vm}");
+fn assert_redacted(vm: &serde_json::Value, disk: &DiskSpec) {
+    assert_eq!(vm["disks"][0], json!({"nbd": disk.nbd}), "{vm}");
+    let token = disk.lease.as_ref().expect("a leased disk").expose();
+    assert!(!vm.to_string().contains(token), "{vm}");
 }
 
 /// Pauses the VM (draining its disk I/O), dumps RAM, and checks RAM (A-B sweep) and
@@ -129,7 +137,7 @@ fn pause_and_check(a: &Agent, s: &Storage, vm: &str) -> (u64, Vec<u8>) {
     let t = Instant::now();
     a.ok("POST", &format!("/v1/vms/{vm}/pause"), None);
     let pause = t.elapsed();
-    let dump = a.dir.path().join(format!("{vm}.ram"));
+    let dump = a.data_dir().join(format!("{vm}.ram"));
     a.ok(
         "POST",
         &format!("/v1/vms/{vm}/memory-dump"),
@@ -224,12 +232,27 @@ fn disk_writer_survives_pause_fence_and_rollback() {
     // Bad resume bodies are refused clearly, and disks change only while paused.
     for bad in [
         json!({"disks": ["http://x"]}),
+        json!({"disks": [{"nbd": "http://x"}]}),
         json!({"disks": [uri2, uri2]}),
         json!({"disks": [uri2], "bogus": 1}),
+        json!({"disks": [{"nbd": uri2.nbd, "lease": token2, "extra": 1}]}),
     ] {
         let (s, v) = a.request("POST", "/v1/vms/dw/resume", Some(bad));
         assert_eq!(s, 400, "{v}");
     }
+    // The token in the URI instead of its field: refused as such, not echoed.
+    let in_uri = format!("nbd://{}/disk;lease={token2}", storage.node.nbd_addr());
+    let (s, v) = a.request(
+        "POST",
+        "/v1/vms/dw/resume",
+        Some(json!({"disks": [{"nbd": in_uri}]})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("lease_in_uri")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(token2.as_str()), "{v}");
     let (s, v) = a.request("POST", "/v1/vms/dw/resume", Some(json!({"disks": [uri2]})));
     assert_eq!(
         (s, v["error"]["code"].as_str()),

@@ -46,7 +46,7 @@ fn quiesce(src: &Agent, dst: &Agent) -> String {
 /// Dumps the paused VM's RAM twice, `gap` apart: equal dumps mean no vCPU ran.
 fn assert_stays_paused(a: &Agent, gap: Duration) {
     let dump = |n: u32| {
-        let p = a.dir.path().join(format!("still{n}.ram"));
+        let p = a.data_dir().join(format!("still{n}.ram"));
         a.ok("POST", "/v1/vms/ab/memory-dump", Some(json!({"path": p})));
         let ram = std::fs::read(&p).expect("read dump");
         let _ = std::fs::remove_file(&p);
@@ -76,9 +76,17 @@ fn coordinated_switchover_completes_after_the_go_ahead() {
     let (s, v) = src.request(
         "POST",
         &format!("/v1/migrations/{id}/switchover"),
+        Some(json!({"disks": [{"nbd": "nbd://x:1/y", "lease": "z"}]})),
+    );
+    assert_eq!(s, 400, "one disk for a VM without disks: {v}");
+    // The old shape (a bare URI, the token in it) is refused.
+    let (s, v) = src.request(
+        "POST",
+        &format!("/v1/migrations/{id}/switchover"),
         Some(json!({"disks": ["nbd://x:1/y;lease=z"]})),
     );
-    assert_eq!(s, 400, "one URI for a VM without disks: {v}");
+    assert_eq!(s, 400, "a bare URI: {v}");
+    assert_eq!(src.migration(&id)["state"], "quiesced");
     src.ok(
         "POST",
         &format!("/v1/migrations/{id}/switchover"),

@@ -49,6 +49,7 @@ impl From<ServiceError> for ApiError {
         let (status, code) = match e {
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ServiceError::LeaseInUri(_) => (StatusCode::BAD_REQUEST, "lease_in_uri"),
             ServiceError::NoCredentials => (StatusCode::BAD_REQUEST, "no_credentials"),
             ServiceError::Ended(_) => (StatusCode::CONFLICT, "migration_ended"),
             ServiceError::WrongState(_) => (StatusCode::CONFLICT, "wrong_state"),

@@ -1,5 +1,5 @@
 //! The agent's HTTP API (axum): VMs, console, pause/resume, memory dumps, health and
-//! metrics, behind bearer-token auth. Routes are documented in docs/agent-api.md.
+//! metrics, behind bearer-token auth (health is open). Routes are documented in docs/agent-api.md.
 //!
 //! Composable: [`vm_routes`] is a `Router<ApiState>` without auth or state; [`app`]
 //! applies the state, merges any extra `Router` (live migration adds its own, e.g.
@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
+use stagehand_common::auth::require_bearer;
 
 use crate::config::AgentConfig;
 use crate::manager::{ManagerError, VmManager};
@@ -69,6 +69,11 @@ impl ApiError {
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// A request path outside the directories the operator allowed.
+    pub fn path_not_allowed(e: stagehand_common::paths::PathError) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "path_not_allowed", e.to_string())
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -122,6 +127,26 @@ impl From<ManagerError> for ApiError {
     }
 }
 
+/// Checks request disks: a URI with `;lease=` is 400 `lease_in_uri`, an invalid one
+/// 400 `invalid_request`, `nbds://` without `--tls-*` 400 `invalid_request`.
+pub fn check_disks(disks: &[crate::contract::DiskSpec]) -> Result<(), ApiError> {
+    use crate::devices::disk_uri::{self, DiskError};
+    disk_uri::check_disks(disks).map_err(|e| match e {
+        DiskError::LeaseInUri(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "lease_in_uri",
+            format!("{e}: put the token in the lease field"),
+        ),
+        DiskError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+    })?;
+    if disks.iter().any(|d| d.nbd.starts_with("nbds://")) && !disk_uri::tls_configured() {
+        return Err(ApiError::bad_request(
+            "nbds:// disks need this agent started with --tls-cert/--tls-key/--tls-ca",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs blocking manager work off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -131,53 +156,40 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("worker task failed: {e}")))?
 }
 
-/// Checks `Authorization: Bearer TOKEN` in constant time when a token is configured.
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(expected) = &state.config.api_token {
-        let given = bearer(request.headers()).unwrap_or("");
-        let ok: bool = given.as_bytes().ct_eq(expected.as_bytes()).into();
-        if !ok {
-            state.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Send the agent's API token as 'Authorization: Bearer TOKEN'.",
-            )
-            .into_response();
-        }
-    }
+/// Counts every request, the ones refused for their token (the 401s, which only
+/// `require_bearer` answers) and the ones answered with an error status.
+async fn count(State(metrics): State<Arc<ApiMetrics>>, request: Request, next: Next) -> Response {
+    metrics.requests.fetch_add(1, Ordering::Relaxed);
     let response = next.run(request).await;
-    if response.status().is_client_error() || response.status().is_server_error() {
-        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+    if status.is_client_error() || status.is_server_error() {
+        metrics.errors.fetch_add(1, Ordering::Relaxed);
     }
     response
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-/// Health and metrics, plus the VM routes; no auth, no state applied.
+/// Metrics plus the VM routes; no auth, no state applied.
 pub fn vm_routes() -> Router<ApiState> {
-    vms::routes()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
+    vms::routes().route("/metrics", get(metrics))
 }
 
 /// The whole API: [`vm_routes`] with `state`, merged with `extra` (routes with their
-/// own state already applied), all behind the token check.
+/// own state already applied), all behind the token check but `/v1/health`, which is
+/// open (load balancers and the coordinator probe it) and says nothing but "ok".
 pub fn app(state: ApiState, extra: Router) -> Router {
-    vm_routes()
+    let auth = Arc::new(state.config.auth.clone());
+    let protected = vm_routes()
         .with_state(state.clone())
         .merge(extra)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state, require_token))
+        .layer(middleware::from_fn_with_state(auth, require_bearer));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(protected)
+        .layer(middleware::from_fn_with_state(state.metrics, count))
 }
 
 /// The API without extra routes.
@@ -189,12 +201,8 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route.")
 }
 
-async fn health(State(state): State<ApiState>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({
-        "status": "ok",
-        "host_id": state.config.host_id,
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {

@@ -9,7 +9,9 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use super::{ApiError, ApiState, blocking};
+use stagehand_common::paths::confine;
+
+use super::{ApiError, ApiState, blocking, check_disks};
 use crate::manager::{CreateVmRequest, VmInfo};
 
 pub fn routes() -> Router<ApiState> {
@@ -45,7 +47,16 @@ async fn create(
     Path(name): Path<String>,
     body: Result<axum::Json<CreateVmRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req = json(body)?;
+    let mut req: CreateVmRequest = json(body)?;
+    check_disks(&req.disks)?;
+    // A token holder boots only what the operator put in the images directory: the
+    // path is resolved (symlinks, `..`) and the resolved one is what gets read.
+    let image = confine(
+        std::path::Path::new(&req.boot.flat_binary),
+        std::slice::from_ref(&state.config.images_dir),
+    )
+    .map_err(ApiError::path_not_allowed)?;
+    req.boot.flat_binary = image.to_string_lossy().into_owned();
     let manager = state.manager.clone();
     let info = blocking(move || Ok(manager.create(&name, &req)?)).await?;
     tracing::info!(vm = %info.name, memory_mib = info.memory_mib, vcpus = info.vcpus, "VM started");
@@ -83,8 +94,9 @@ async fn pause(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResumeRequest {
-    /// New disk URIs (one per disk, in order) to reconnect with before resuming.
-    disks: Option<Vec<String>>,
+    /// New disks (one per disk, in order; `{nbd, lease}`) to reconnect with before
+    /// resuming.
+    disks: Option<Vec<crate::contract::DiskSpec>>,
 }
 
 async fn resume(
@@ -99,6 +111,9 @@ async fn resume(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))?
     };
+    if let Some(d) = &req.disks {
+        check_disks(d)?;
+    }
     let manager = state.manager.clone();
     Ok(axum::Json(
         blocking(move || Ok(manager.resume_with_disks(&name, req.disks.as_deref())?)).await?,
@@ -120,8 +135,10 @@ async fn memory_dump(
     if !req.path.is_absolute() {
         return Err(ApiError::bad_request("The dump path must be absolute."));
     }
+    // Dumps land under the data directory only (resolved, so no `..` or symlink out).
+    let path = confine(&req.path, std::slice::from_ref(&state.config.data_dir))
+        .map_err(ApiError::path_not_allowed)?;
     let manager = state.manager.clone();
-    let path = req.path.clone();
     let bytes = blocking(move || Ok(manager.memory_dump(&name, &path)?)).await?;
     Ok(axum::Json(serde_json::json!({
         "path": req.path,

@@ -11,7 +11,9 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, bitmap::AtomicBitmap};
 
 use super::VmHost;
-use crate::contract::{BootSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec};
+use crate::contract::{
+    BootSpec, DiskSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec,
+};
 
 pub const SWEEP_START: u64 = 1 << 20;
 
@@ -32,7 +34,7 @@ pub struct FakeVm {
     /// Pause between pages, to model a guest slower than memcpy.
     page_delay: Duration,
     /// The URIs of the last `set_disks` (None: never called).
-    pub disks: Mutex<Option<Vec<String>>>,
+    pub disks: Mutex<Option<Vec<DiskSpec>>>,
 }
 
 impl FakeVm {
@@ -41,7 +43,7 @@ impl FakeVm {
         memory_mib: u64,
         sweep_end: u64,
         page_delay: Duration,
-        disks: Vec<String>,
+        disks: Vec<DiskSpec>,
     ) -> Arc<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (memory_mib << 20) as usize)])
             .expect("anonymous mapping");
@@ -233,13 +235,13 @@ impl MigrationSource for FakeVm {
         }
         Ok(self.pos.load(Ordering::SeqCst).to_le_bytes().to_vec())
     }
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         record_disks(self, disks)
     }
 }
 
 /// Both sides' `set_disks`: like the real VMM, only while the vCPUs do not run.
-fn record_disks(vm: &FakeVm, disks: &[String]) -> Result<(), VmError> {
+fn record_disks(vm: &FakeVm, disks: &[DiskSpec]) -> Result<(), VmError> {
     if !*vm.gate.lock().expect("gate") {
         return Err(VmError::WrongState {
             state: "running".into(),
@@ -268,7 +270,7 @@ impl MigrationTarget for FakeTarget {
         self.0.start();
         Ok(())
     }
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         record_disks(&self.0, disks)
     }
 }
@@ -315,7 +317,7 @@ impl FakeHost {
         &self,
         name: &str,
         memory_mib: u64,
-        disks: Vec<String>,
+        disks: Vec<DiskSpec>,
     ) -> Arc<FakeVm> {
         let vm = FakeVm::with_disks(name, memory_mib, self.sweep_end, self.page_delay, disks);
         if !self.sparse_guest {

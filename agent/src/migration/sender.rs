@@ -38,7 +38,7 @@ use super::stats::{
     Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, raise_thread_priority,
     thread_cpu,
 };
-use super::wire::{Conn, WireError};
+use super::wire::{Conn, Stream, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
 
 /// How the sender reaches and proves itself to the target.
@@ -53,6 +53,9 @@ pub struct SendParams {
     pub switchover: SwitchoverMode,
     /// Coordinated mode: how long the quiesced source waits for the go-ahead.
     pub switchover_timeout: Duration,
+    /// `--tls-*`: every stream is TLS, the target checked against the CA under the
+    /// host part of `target` as its name, our certificate presented.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -485,7 +488,7 @@ fn wait_go_ahead(
     out: &Outgoing,
     control: &mut Conn,
     deadline: Instant,
-) -> Result<Vec<String>, SendError> {
+) -> Result<Vec<crate::contract::DiskSpec>, SendError> {
     let mut next_probe = Instant::now();
     loop {
         let got = out.with_window(|w| match w {
@@ -540,7 +543,15 @@ fn connect(target: &str, p: &SendParams) -> Result<Conn, SendError> {
         })?;
     let stream =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(WireError::Io)?;
-    let mut c = Conn::new(stream).map_err(WireError::Io)?;
+    let stream = match &p.tls {
+        None => Stream::Plain(stream),
+        Some(cfg) => {
+            let name = stagehand_common::tls::server_name(target)
+                .map_err(|e| WireError::Io(std::io::Error::other(e)))?;
+            Stream::client(stream, cfg.clone(), name).map_err(WireError::Io)?
+        }
+    };
+    let mut c = Conn::with_stream(stream).map_err(WireError::Io)?;
     let Message::Challenge {
         version_min,
         version_max,

@@ -30,7 +30,8 @@ pub struct MigrateRequest {
     pub compression: Option<Compression>,
     /// A one-time ticket from the target (`POST /v1/migrations/tickets` there), used
     /// instead of the cluster token.
-    pub ticket: Option<String>,
+    /// A secret: `Debug` shows `<redacted>`.
+    pub ticket: Option<stagehand_common::secret::Secret>,
     /// `auto` (default) or `coordinated`: wait, quiesced, for the go-ahead.
     pub switchover: Option<SwitchoverMode>,
     /// Coordinated mode: fail (source stays paused) without a go-ahead in this time.
@@ -41,8 +42,9 @@ pub struct MigrateRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchoverRequest {
-    /// One NBD URI per VM disk, in the VM's order, with the target's lease tokens.
-    pub disks: Vec<String>,
+    /// One disk per VM disk, in the VM's order: `{nbd, lease}` with the target's
+    /// lease tokens.
+    pub disks: Vec<crate::contract::DiskSpec>,
 }
 
 /// Default of `switchover_timeout_s`.
@@ -83,11 +85,37 @@ pub enum ServiceError {
     Ended(String),
     #[error("{0}")]
     WrongState(String),
+    #[error("{0}: put the token in the lease field")]
+    LeaseInUri(String),
+}
+
+/// TLS for migration streams (`--tls-*`): the listener requires a CA-signed client
+/// certificate; outgoing streams check the target against the CA.
+#[derive(Clone)]
+pub struct MigrationTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl MigrationTls {
+    pub fn from_files(
+        files: &stagehand_common::tls::TlsFiles,
+    ) -> Result<Self, stagehand_common::tls::TlsError> {
+        let mut server = (*files.mutual_server_config()?).clone();
+        // No session tickets: nothing but frames ever comes after the handshake, so an
+        // idle stream's "has the peer said something" check stays a socket peek.
+        server.send_tls13_tickets = 0;
+        Ok(MigrationTls {
+            server: Arc::new(server),
+            client: files.client_config()?,
+        })
+    }
 }
 
 pub struct MigrationService {
     host: Arc<dyn VmHost>,
     token: Option<String>,
+    tls: Option<MigrationTls>,
     receiver: Arc<Receiver>,
     migrations: Mutex<HashMap<String, Arc<Outgoing>>>,
 }
@@ -96,10 +124,24 @@ impl MigrationService {
     /// `token` is the cluster token (`--api-token`): proofs to targets are made with it
     /// and incoming streams must prove it (or a ticket this agent issued).
     pub fn new(host: Arc<dyn VmHost>, token: Option<String>) -> Arc<Self> {
+        Self::with_tls(host, token, None)
+    }
+
+    /// [`Self::new`], with every migration stream (in and out) over TLS when `tls`.
+    pub fn with_tls(
+        host: Arc<dyn VmHost>,
+        token: Option<String>,
+        tls: Option<MigrationTls>,
+    ) -> Arc<Self> {
         Arc::new(MigrationService {
-            receiver: Arc::new(Receiver::new(host.clone(), token.as_deref())),
+            receiver: Arc::new(Receiver::new(
+                host.clone(),
+                token.as_deref(),
+                tls.as_ref().map(|t| t.server.clone()),
+            )),
             host,
             token,
+            tls,
             migrations: Mutex::new(HashMap::new()),
         })
     }
@@ -133,7 +175,7 @@ impl MigrationService {
         }
         let (secret, auth) = match (&req.ticket, &self.token) {
             (Some(t), _) => {
-                let (id, secret) = parse_ticket(t).ok_or_else(|| {
+                let (id, secret) = parse_ticket(t.expose()).ok_or_else(|| {
                     ServiceError::BadRequest(
                         "ticket is not of the form ID.SECRET issued by the target".into(),
                     )
@@ -218,6 +260,7 @@ impl MigrationService {
             auth,
             switchover,
             switchover_timeout: std::time::Duration::from_secs(switchover_timeout_s),
+            tls: self.tls.as_ref().map(|t| t.client.clone()),
         };
         let host = self.host.clone();
         let vm = name.to_string();
@@ -343,15 +386,24 @@ impl MigrationService {
             )));
         }
         if req.disks.len() > MAX_DISKS
-            || req
-                .disks
-                .iter()
-                .any(|d| d.is_empty() || d.len() > MAX_URI_LEN)
+            || req.disks.iter().any(|d| {
+                d.nbd.is_empty()
+                    || d.nbd.len() > MAX_URI_LEN
+                    || d.lease
+                        .as_ref()
+                        .is_some_and(|l| l.expose().len() > MAX_URI_LEN)
+            })
         {
             return Err(ServiceError::BadRequest(format!(
-                "disk URIs must be non-empty and at most {MAX_URI_LEN} bytes"
+                "disk URIs and leases must be non-empty and at most {MAX_URI_LEN} bytes"
             )));
         }
+        crate::devices::disk_uri::check_disks(&req.disks).map_err(|e| match e {
+            crate::devices::disk_uri::DiskError::LeaseInUri(_) => {
+                ServiceError::LeaseInUri(e.to_string())
+            }
+            other => ServiceError::BadRequest(other.to_string()),
+        })?;
         h.with_window(|w| match w {
             Window::Open => {
                 *w = Window::GoAhead(req.disks);

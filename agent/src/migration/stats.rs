@@ -125,7 +125,7 @@ pub enum Window {
     /// Quiesced, waiting: go-ahead or cancel may come.
     Open,
     /// The go-ahead came with these disk URIs (secrets: never logged or shown).
-    GoAhead(Vec<String>),
+    GoAhead(Vec<crate::contract::DiskSpec>),
     /// Cancelled while quiesced, before any go-ahead.
     Cancelled,
     /// Aborted while quiesced, before any go-ahead: the coordinator fenced (or may have

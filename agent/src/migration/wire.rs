@@ -1,11 +1,14 @@
-//! Blocking framed connection over TCP: reads a whole header, checks it, reads exactly
-//! the declared payload, then decodes. Used by the sender and receiver threads.
+//! Blocking framed connection over TCP, or TLS over TCP (`--tls-*`): reads a whole
+//! header, checks it, reads exactly the declared payload, then decodes. Used by the
+//! sender and receiver threads.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use super::protocol::{Compression, ErrorCode, FrameHeader, HEADER_LEN, Message, ProtocolError};
+use super::protocol::{
+    Command, Compression, ErrorCode, FrameHeader, HEADER_LEN, Message, ProtocolError,
+};
 
 /// How long a peer may stay silent before the connection is declared dead. Bounds
 /// every wait, so a killed peer or a cut link ends the migration instead of hanging.
@@ -21,42 +24,149 @@ pub enum WireError {
     Remote { code: ErrorCode, message: String },
     #[error("peer sent {0:?} where another message was expected")]
     Unexpected(super::protocol::Command),
+    /// The header was refused before its payload was read or allocated.
+    #[error("peer's frame refused from its header: {0}")]
+    Refused(String),
+}
+
+/// The frames a sender accepts from a receiver (responses only; each is small, so a
+/// receiver cannot make the sender allocate more than a few KiB per frame).
+fn response_only(h: &FrameHeader) -> Result<(), String> {
+    match h.cmd {
+        Command::Challenge | Command::Ok | Command::Error => Ok(()),
+        other => Err(format!("{other:?} is not a response")),
+    }
+}
+
+/// The byte stream under a [`Conn`]: plain TCP, or TLS (rustls, blocking) over it.
+pub enum Stream {
+    Plain(TcpStream),
+    /// The sender's side of a TLS connection.
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    /// The receiver's side of a TLS connection.
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Stream {
+    /// A TLS client stream to a receiver named `name` (the handshake runs on first use).
+    pub fn client(
+        tcp: TcpStream,
+        cfg: std::sync::Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> std::io::Result<Self> {
+        let c = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+        Ok(Stream::Client(Box::new(rustls::StreamOwned::new(c, tcp))))
+    }
+
+    /// A TLS server stream (the handshake runs on first use: the receiver's first
+    /// write, its Challenge, so it is covered by the handshake deadline).
+    pub fn server(
+        tcp: TcpStream,
+        cfg: std::sync::Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        let c = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+        Ok(Stream::Server(Box::new(rustls::StreamOwned::new(c, tcp))))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Client(s) => s.get_ref(),
+            Stream::Server(s) => s.get_ref(),
+        }
+    }
+
+    /// Plaintext that TLS already decrypted and buffered (a peek on the socket would
+    /// not see it).
+    fn buffered(&mut self) -> bool {
+        fn has<S: rustls::SideData>(c: &mut rustls::ConnectionCommon<S>) -> bool {
+            c.process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
+        }
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Client(s) => has(&mut s.conn),
+            Stream::Server(s) => has(&mut s.conn),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Client(s) => s.read(buf),
+            Stream::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Client(s) => s.write(buf),
+            Stream::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Client(s) => s.flush(),
+            Stream::Server(s) => s.flush(),
+        }
+    }
 }
 
 pub struct Conn {
-    stream: TcpStream,
-    /// Wire bytes written (header + payload).
+    stream: Stream,
+    /// Wire bytes written (header + payload; TLS overhead not counted).
     pub written: u64,
 }
 
 impl Conn {
     pub fn new(stream: TcpStream) -> std::io::Result<Self> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Self::with_stream(Stream::Plain(stream))
+    }
+
+    pub fn with_stream(stream: Stream) -> std::io::Result<Self> {
+        let tcp = stream.tcp();
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+        tcp.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(Conn { stream, written: 0 })
     }
 
     pub fn send(&mut self, m: &Message, c: Compression) -> Result<usize, WireError> {
         let frame = m.encode(c);
         self.stream.write_all(&frame)?;
+        self.stream.flush()?;
         self.written += frame.len() as u64;
         Ok(frame.len())
     }
 
+    /// Receives one response frame (Challenge, Ok or Error: what a sender reads).
     pub fn recv(&mut self) -> Result<Message, WireError> {
         let mut payload = Vec::new();
-        let h = self.recv_frame(&mut payload)?;
+        let h = self.recv_frame(&mut payload, response_only)?;
         Ok(Message::decode(&h, &payload)?)
     }
 
     /// Reads one whole frame into `payload` (reused across frames) and returns its
-    /// checked header; the caller decodes.
-    pub fn recv_frame(&mut self, payload: &mut Vec<u8>) -> Result<FrameHeader, WireError> {
+    /// checked header; the caller decodes. `check` sees the header first (the
+    /// protocol state's allowed commands and lengths): a refused header is an error
+    /// before a single payload byte is read or allocated.
+    pub fn recv_frame(
+        &mut self,
+        payload: &mut Vec<u8>,
+        check: impl FnOnce(&FrameHeader) -> Result<(), String>,
+    ) -> Result<FrameHeader, WireError> {
         let mut hdr = [0u8; HEADER_LEN];
         self.stream.read_exact(&mut hdr)?;
         let h = FrameHeader::parse(&hdr)?;
-        // The header check bounded `length` by the command's limit.
+        check(&h).map_err(WireError::Refused)?;
+        // Both checks bounded `length`.
         payload.resize(h.length as usize, 0);
         self.stream.read_exact(payload)?;
         Ok(h)
@@ -73,6 +183,7 @@ impl Conn {
             self.stream.write_all(p)?;
             n += p.len();
         }
+        self.stream.flush()?;
         self.written += n as u64;
         Ok(n)
     }
@@ -100,10 +211,16 @@ impl Conn {
     /// For a connection on which the peer has nothing to say: fails if the peer closed
     /// it (EOF or reset) or sent something after all (an Error frame, or garbage).
     pub fn check_idle_peer(&mut self) -> Result<(), WireError> {
-        self.stream.set_nonblocking(true)?;
-        let mut b = [0u8; 1];
-        let peeked = self.stream.peek(&mut b);
-        self.stream.set_nonblocking(false)?;
+        let peeked = if self.stream.buffered() {
+            Ok(1)
+        } else {
+            let tcp = self.stream.tcp();
+            tcp.set_nonblocking(true)?;
+            let mut b = [0u8; 1];
+            let peeked = tcp.peek(&mut b);
+            tcp.set_nonblocking(false)?;
+            peeked
+        };
         match peeked {
             Ok(0) => Err(WireError::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -120,14 +237,16 @@ impl Conn {
     }
 
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(std::net::Shutdown::Both);
     }
 
+    /// The TCP socket under the connection (TLS or not), to shut it down from
+    /// another thread.
     pub fn try_clone_stream(&self) -> std::io::Result<TcpStream> {
-        self.stream.try_clone()
+        self.stream.tcp().try_clone()
     }
 
     pub fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
-        self.stream.set_read_timeout(Some(t))
+        self.stream.tcp().set_read_timeout(Some(t))
     }
 }

@@ -42,14 +42,30 @@ pub struct Agent {
     pub api: String,
     pub migration: String,
     pub dir: tempfile::TempDir,
+    /// `--tls-*` files when the agent runs with TLS (HTTPS API, TLS migration).
+    pub tls: Option<stagehand_common::tls::TlsFiles>,
 }
 
 impl Agent {
     pub fn start() -> Agent {
+        Self::start_with(None)
+    }
+
+    /// An agent with `--tls-cert/--tls-key/--tls-ca` from `tls` when given.
+    pub fn start_with(tls: Option<stagehand_common::tls::TlsFiles>) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let (api, mig) = (free_port(), free_port());
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let child = Command::new(agent_bin())
+        let mut cmd = Command::new(agent_bin());
+        if let Some(t) = &tls {
+            cmd.arg("--tls-cert")
+                .arg(&t.cert)
+                .arg("--tls-key")
+                .arg(&t.key)
+                .arg("--tls-ca")
+                .arg(&t.ca);
+        }
+        let child = cmd
             .args(["--api", &format!("127.0.0.1:{api}")])
             .args(["--migration-listen", &format!("127.0.0.1:{mig}")])
             .args(["--api-token", TOKEN])
@@ -69,12 +85,28 @@ impl Agent {
             api: format!("127.0.0.1:{api}"),
             migration: format!("127.0.0.1:{mig}"),
             dir,
+            tls,
         };
         wait_until(Duration::from_secs(20), "agent health", || {
             a.try_request("GET", "/v1/health", None)
                 .is_ok_and(|(s, _)| s == 200)
         });
         a
+    }
+
+    /// The agent's `--data-dir` (memory dumps must be written under it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The agent's images directory (`<data-dir>/images`): guests boot from there only.
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir().join("images")
+    }
+
+    /// The agent's process id (for /proc/PID/status).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// SIGKILL, like a host that dies.
@@ -95,8 +127,19 @@ impl Agent {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> std::io::Result<(u16, Vec<u8>)> {
-        let mut s = TcpStream::connect(&self.api)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let tcp = TcpStream::connect(&self.api)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut s: Box<dyn ReadWrite> = match &self.tls {
+            None => Box::new(tcp),
+            Some(t) => {
+                let cfg = stagehand_common::tls::ca_only_client_config(&t.ca)
+                    .map_err(std::io::Error::other)?;
+                let name =
+                    stagehand_common::tls::server_name(&self.api).map_err(std::io::Error::other)?;
+                let c = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+                Box::new(rustls::StreamOwned::new(c, tcp))
+            }
+        };
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         write!(
             s,
@@ -105,7 +148,12 @@ impl Agent {
             body.len()
         )?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
+        // A TLS peer that closes without close_notify ends the reply all the same.
+        match s.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(e),
+        }
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
@@ -166,7 +214,7 @@ impl Agent {
 
     /// Starts the A-B sweeper and waits until it printed 'A'.
     pub fn start_ab(&self, vm: &str, memory_mib: u64) {
-        let image = self.dir.path().join("ab.bin");
+        let image = self.images_dir().join("ab.bin");
         std::fs::write(&image, agent::guests::AB_SWEEPER).expect("write guest image");
         self.ok(
             "PUT",
@@ -186,7 +234,7 @@ impl Agent {
     /// byte at 1 MiB (to see the sweep move between two calls).
     pub fn check_ab(&self, vm: &str) -> u8 {
         self.ok("POST", &format!("/v1/vms/{vm}/pause"), None);
-        let dump = self.dir.path().join(format!("{vm}.ram"));
+        let dump = self.data_dir().join(format!("{vm}.ram"));
         self.ok(
             "POST",
             &format!("/v1/vms/{vm}/memory-dump"),
@@ -225,6 +273,10 @@ impl Agent {
         (s == 200).then(|| v["state"].as_str().unwrap_or("").to_string())
     }
 }
+
+/// A plain or TLS stream to the API.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 impl Drop for Agent {
     fn drop(&mut self) {

@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{CpuId, kvm_cpuid_entry2};
+use kvm_bindings::CpuId;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vm_memory::GuestMemoryMmap;
 use vm_memory::bitmap::AtomicBitmap;
 
-use crate::contract::{BootSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec};
+use crate::contract::{
+    BootSpec, DiskSpec, MigrationSource, MigrationTarget, PAGE_SIZE, VmError, VmSpec,
+};
 use crate::devices::block::BlockDevices;
 use crate::devices::disk_uri::DiskUri;
 use crate::devices::{DeviceState, Devices};
@@ -105,81 +107,6 @@ impl MachineState {
         }
         Ok(state)
     }
-}
-
-/// CPUID leaves whose feature bits a guest may only use when the host has them:
-/// (function, index, which registers: eax, ebx, ecx, edx).
-const FEATURE_LEAVES: &[(u32, u32, [bool; 4])] = &[
-    (1, 0, [false, false, true, true]),
-    (7, 0, [false, true, true, true]),
-    (7, 1, [true, false, false, false]),
-    (0xd, 1, [true, false, false, false]),
-    (0x8000_0001, 0, [false, false, true, true]),
-];
-
-/// Checks that every CPU feature the guest was given exists on the host (pure).
-/// Leaf 1 ECX bit 27 (OSXSAVE) follows the guest's CR4 and is not a host feature.
-pub fn check_cpuid_compatible(guest: &[[u32; 6]], host: &[[u32; 6]]) -> Result<(), String> {
-    const REGS: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
-    for &(function, index, regs) in FEATURE_LEAVES {
-        let Some(g) = guest.iter().find(|l| l[0] == function && l[1] == index) else {
-            continue;
-        };
-        let h = host
-            .iter()
-            .find(|l| l[0] == function && l[1] == index)
-            .copied()
-            .unwrap_or([function, index, 0, 0, 0, 0]);
-        for (r, check) in regs.iter().enumerate() {
-            let mut want = g[2 + r];
-            if function == 1 && r == 2 {
-                want &= !(1 << 27);
-            }
-            let missing = want & !h[2 + r];
-            if *check && missing != 0 {
-                return Err(format!(
-                    "CPUID leaf {function:#x}.{index} {}: guest bits {missing:#010x} are missing here",
-                    REGS[r]
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn cpuid_to_spec(cpuid: &CpuId) -> Vec<[u32; 6]> {
-    cpuid
-        .as_slice()
-        .iter()
-        .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
-        .collect()
-}
-
-/// Builds the target's CPUID from the spec's leaves, taking KVM's per-leaf flags
-/// (significant index and so on) from the host's own table.
-fn cpuid_from_spec(spec: &[[u32; 6]], host: &CpuId) -> Result<CpuId, MachineError> {
-    let entries: Vec<kvm_cpuid_entry2> = spec
-        .iter()
-        .map(|l| {
-            let flags = host
-                .as_slice()
-                .iter()
-                .find(|h| h.function == l[0] && h.index == l[1])
-                .map(|h| h.flags)
-                .unwrap_or(0);
-            kvm_cpuid_entry2 {
-                function: l[0],
-                index: l[1],
-                flags,
-                eax: l[2],
-                ebx: l[3],
-                ecx: l[4],
-                edx: l[5],
-                ..Default::default()
-            }
-        })
-        .collect();
-    CpuId::from_entries(&entries).map_err(|e| MachineError::Invalid(format!("CPUID table: {e:?}")))
 }
 
 struct Throttle {
@@ -411,7 +338,7 @@ impl Machine {
     }
 
     /// The disk URIs in use now (tokens included: never log them).
-    pub fn disk_uris(&self) -> Vec<String> {
+    pub fn disk_uris(&self) -> Vec<DiskSpec> {
         match &self.block {
             Some(b) => b.uris(),
             None => self.spec.disks.clone(),
@@ -608,7 +535,7 @@ impl MigrationSource for Machine {
         Ok(self.save_machine_state()?.encode()?)
     }
 
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         Ok(Machine::set_disks(self, disks)?)
     }
 }
@@ -627,7 +554,7 @@ impl MigrationTarget for Machine {
         Ok(self.start()?)
     }
 
-    fn set_disks(&self, disks: &[String]) -> Result<(), VmError> {
+    fn set_disks(&self, disks: &[DiskSpec]) -> Result<(), VmError> {
         Ok(Machine::set_disks(self, disks)?)
     }
 }
@@ -638,7 +565,7 @@ pub fn new_spec(
     memory_mib: u64,
     vcpus: u8,
     boot: BootSpec,
-    disks: Vec<String>,
+    disks: Vec<DiskSpec>,
 ) -> VmSpec {
     VmSpec {
         name: name.to_string(),
@@ -669,162 +596,11 @@ fn disk_runtime(preferred: Option<Handle>) -> Result<Handle, MachineError> {
     Ok(FALLBACK.get_or_init(|| rt).handle().clone())
 }
 
+mod cpuid;
+mod disks;
+
+pub use cpuid::check_cpuid_compatible;
+use cpuid::{cpuid_from_spec, cpuid_to_spec};
+
 #[cfg(test)]
-// The set_disks block stays last in the file (the issue 5 merge contract).
-#[allow(clippy::items_after_test_module)]
-mod tests {
-    use super::*;
-    use crate::devices::DEVICE_STATE_VERSION;
-    use crate::vstate::vcpu::{FpuState, VCPU_STATE_VERSION};
-
-    fn sample_state() -> MachineState {
-        let mut regs = kvm_bindings::kvm_regs {
-            rip: 0x7c2a,
-            rflags: 0x202,
-            ..Default::default()
-        };
-        regs.rbx = 0x55;
-        let mut lapic = kvm_bindings::kvm_lapic_state::default();
-        lapic.regs[0x20] = 7;
-        let mut xsave = kvm_bindings::kvm_xsave::default();
-        xsave.region[5] = 0xdead_beef;
-        MachineState {
-            version: MACHINE_STATE_VERSION,
-            vm: VmState {
-                version: vm::VM_STATE_VERSION,
-                pic_master: Default::default(),
-                pic_slave: kvm_bindings::kvm_irqchip {
-                    chip_id: 1,
-                    ..Default::default()
-                },
-                ioapic: kvm_bindings::kvm_irqchip {
-                    chip_id: 2,
-                    ..Default::default()
-                },
-                pit: Default::default(),
-                clock: kvm_bindings::kvm_clock_data {
-                    clock: 123_456_789,
-                    ..Default::default()
-                },
-            },
-            vcpus: vec![VcpuState {
-                version: VCPU_STATE_VERSION,
-                id: 0,
-                mp_state: Default::default(),
-                regs,
-                sregs: Default::default(),
-                fpu: FpuState {
-                    fpr: vec![[1; 16]; 8],
-                    fcw: 0x37f,
-                    fsw: 0,
-                    ftwx: 0,
-                    last_opcode: 0,
-                    last_ip: 0,
-                    last_dp: 0,
-                    xmm: vec![[2; 16]; 16],
-                    mxcsr: 0x1f80,
-                },
-                xsave,
-                xcrs: Default::default(),
-                debugregs: Default::default(),
-                lapic,
-                tsc_khz: Some(2_000_000),
-                msrs: vec![(0x10, 99), (0x1b, 0xfee0_0900)],
-                vcpu_events: Default::default(),
-            }],
-            devices: DeviceState {
-                version: DEVICE_STATE_VERSION,
-                serial: Default::default(),
-                console: b"AB".to_vec(),
-                port92: 2,
-                post_code: 0,
-                cmos_index: 0,
-                disks: vec![crate::devices::block::BlockRegs {
-                    capacity: 2048,
-                    status: crate::devices::block::STATUS_OK,
-                    ..Default::default()
-                }],
-            },
-        }
-    }
-
-    #[test]
-    fn machine_state_round_trips_and_checks_its_version() {
-        let bytes = sample_state().encode().expect("encodes");
-        let back = MachineState::decode(&bytes).expect("decodes");
-        assert_eq!(
-            back.encode().expect("encodes"),
-            bytes,
-            "lossless round trip"
-        );
-        assert_eq!(back.vcpus[0].regs.rip, 0x7c2a);
-        assert_eq!(back.vcpus[0].xsave.region[5], 0xdead_beef);
-        assert_eq!(back.vcpus[0].lapic.regs[0x20], 7);
-        assert_eq!(back.vcpus[0].msrs, vec![(0x10, 99), (0x1b, 0xfee0_0900)]);
-        assert_eq!(back.vm.clock.clock, 123_456_789);
-        assert_eq!(back.devices.console, b"AB");
-        assert_eq!(back.devices.disks[0].capacity, 2048);
-
-        let mut future = sample_state();
-        future.version = MACHINE_STATE_VERSION + 1;
-        let err = MachineState::decode(&future.encode().expect("encodes"))
-            .expect_err("unknown version refused");
-        assert!(err.to_string().contains("version"), "{err}");
-        assert!(
-            MachineState::decode(&bytes[..bytes.len() / 2]).is_err(),
-            "truncated"
-        );
-    }
-
-    #[test]
-    fn cpuid_subset_is_compatible() {
-        let host = vec![[1, 0, 0, 0, 0b1111, 0b1111], [7, 0, 0, 0b11, 0, 0]];
-        assert!(check_cpuid_compatible(&[[1, 0, 0, 0, 0b0101, 0b1000]], &host).is_ok());
-        // OSXSAVE follows CR4, never a host feature.
-        assert!(check_cpuid_compatible(&[[1, 0, 0, 0, 1 << 27, 0]], &host).is_ok());
-        let err = check_cpuid_compatible(&[[7, 0, 0, 0b111, 0, 0]], &host)
-            .expect_err("bit 2 of leaf 7 ebx is missing");
-        assert!(err.contains("0x7.0 ebx"), "{err}");
-        // A feature leaf the host lacks entirely cannot carry features.
-        assert!(check_cpuid_compatible(&[[0x8000_0001, 0, 0, 0, 1, 0]], &host).is_err());
-        // Non-feature leaves are not compared.
-        assert!(check_cpuid_compatible(&[[0, 0, 0xd, 1, 2, 3]], &host).is_ok());
-    }
-}
-
-impl Machine {
-    /// Replaces the VM's disk URIs (new lease tokens) and reconnects its disks,
-    /// waiting for the connections. Only while paused: a source being rolled back
-    /// after a fence, or a migration target before its first resume. One URI per
-    /// disk, in order.
-    pub fn set_disks(&self, disks: &[String]) -> Result<(), MachineError> {
-        let have = self.block.as_ref().map_or(0, |b| b.uris().len());
-        if disks.len() != have {
-            return Err(MachineError::Invalid(format!(
-                "{} disk URIs given; this VM has {have} disks",
-                disks.len()
-            )));
-        }
-        for d in disks {
-            DiskUri::parse(d).map_err(MachineError::Invalid)?;
-        }
-        // Held throughout so nobody resumes the vCPUs while the disks change.
-        let paused = self.paused.lock().expect("pause lock is never poisoned");
-        if !*paused {
-            return Err(MachineError::WrongState {
-                state: "running",
-                needed: "paused",
-            });
-        }
-        if let Some(b) = &self.block {
-            // Nothing may be in flight against the old URIs (a pause drained them;
-            // this makes sure for a VM that was never paused through `pause`).
-            b.quiesce(DISK_QUIESCE_TIMEOUT)
-                .map_err(MachineError::Disk)?;
-            b.set_uris(disks).map_err(MachineError::Disk)?;
-        }
-        drop(paused);
-        tracing::info!(vm = %self.spec.name, disks = disks.len(), "disks replaced");
-        Ok(())
-    }
-}
+mod tests;

@@ -28,156 +28,22 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use nbd_client::{Client, ClientError};
-use serde::{Deserialize, Serialize};
+
 use tokio::runtime::Handle;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk_uri::DiskUri;
+use crate::contract::DiskSpec;
 use crate::vstate::memory::{GuestMemoryAtomic, ram_size};
 
-pub const BLK_PORT_BASE: u16 = 0x510;
-pub const BLK_PORT_STRIDE: u16 = 0x20;
-pub const MAX_DISKS: usize = 8;
-pub const SECTOR_SIZE: u64 = 512;
-/// Largest single request.
-pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
+mod regs;
 
-pub const REG_CAPACITY_LO: u16 = 0x00;
-pub const REG_CAPACITY_HI: u16 = 0x04;
-pub const REG_SECTOR_LO: u16 = 0x08;
-pub const REG_SECTOR_HI: u16 = 0x0c;
-pub const REG_ADDR_LO: u16 = 0x10;
-pub const REG_ADDR_HI: u16 = 0x14;
-pub const REG_LENGTH: u16 = 0x18;
-pub const REG_COMMAND: u16 = 0x1c;
-
-pub const CMD_READ: u32 = 1;
-pub const CMD_WRITE: u32 = 2;
-pub const CMD_FLUSH: u32 = 3;
-pub const CMD_IDENTIFY: u32 = 4;
-
-pub const STATUS_IDLE: u32 = 0;
-pub const STATUS_BUSY: u32 = 1;
-pub const STATUS_OK: u32 = 2;
-pub const STATUS_ERROR: u32 = 3;
+pub use regs::*;
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a single NBD request may take before the guest sees an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One disk's register file; also its saved state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockRegs {
-    pub capacity: u64,
-    pub sector: u64,
-    pub addr: u64,
-    pub length: u32,
-    /// The last command written.
-    pub command: u32,
-    pub status: u32,
-}
-
-/// A request as validated at command time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
-    Read { offset: u64, addr: u64, len: u32 },
-    Write { offset: u64, len: u32 },
-    Flush,
-    Identify,
-}
-
-impl BlockRegs {
-    /// The 32-bit register at `reg` (a multiple of 4 below 0x20).
-    pub fn read_reg(&self, reg: u16) -> u32 {
-        let lo = |v: u64| v as u32;
-        let hi = |v: u64| (v >> 32) as u32;
-        match reg {
-            REG_CAPACITY_LO => lo(self.capacity),
-            REG_CAPACITY_HI => hi(self.capacity),
-            REG_SECTOR_LO => lo(self.sector),
-            REG_SECTOR_HI => hi(self.sector),
-            REG_ADDR_LO => lo(self.addr),
-            REG_ADDR_HI => hi(self.addr),
-            REG_LENGTH => self.length,
-            REG_COMMAND => self.status,
-            _ => u32::MAX,
-        }
-    }
-
-    /// Stores byte `b` (0..4) of register `reg`; the command register only latches.
-    fn write_byte(&mut self, reg: u16, b: u16, value: u8) {
-        let shift = u32::from(b) * 8;
-        let set32 = |old: u32| (old & !(0xff << shift)) | (u32::from(value) << shift);
-        let set_lo = |old: u64| (old & !0xffff_ffff) | u64::from(set32(old as u32));
-        let set_hi = |old: u64| (old & 0xffff_ffff) | (u64::from(set32((old >> 32) as u32)) << 32);
-        match reg {
-            REG_SECTOR_LO => self.sector = set_lo(self.sector),
-            REG_SECTOR_HI => self.sector = set_hi(self.sector),
-            REG_ADDR_LO => self.addr = set_lo(self.addr),
-            REG_ADDR_HI => self.addr = set_hi(self.addr),
-            REG_LENGTH => self.length = set32(self.length),
-            REG_COMMAND => self.command = set32(self.command),
-            _ => {} // capacity is read-only
-        }
-    }
-
-    /// Checks the request the registers describe against guest RAM of `ram` bytes
-    /// (pure). The sector range is checked later against the disk's real size.
-    pub fn request(&self, ram: u64) -> Result<Request, String> {
-        let data = |this: &Self| -> Result<(u64, u32), String> {
-            let len = this.length;
-            if len == 0 || u64::from(len) % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
-                return Err(format!(
-                    "length {len} is not a multiple of {SECTOR_SIZE} in 512..={MAX_REQUEST_BYTES}"
-                ));
-            }
-            let end = this.addr.checked_add(u64::from(len));
-            if end.is_none_or(|e| e > ram) {
-                return Err(format!(
-                    "buffer {:#x}+{len} is outside guest RAM ({ram} bytes)",
-                    this.addr
-                ));
-            }
-            let offset = this
-                .sector
-                .checked_mul(SECTOR_SIZE)
-                .filter(|o| o.checked_add(u64::from(len)).is_some())
-                .ok_or_else(|| format!("sector {} is out of range", this.sector))?;
-            Ok((offset, len))
-        };
-        match self.command {
-            CMD_READ => {
-                let (offset, len) = data(self)?;
-                Ok(Request::Read {
-                    offset,
-                    addr: self.addr,
-                    len,
-                })
-            }
-            CMD_WRITE => {
-                let (offset, len) = data(self)?;
-                Ok(Request::Write { offset, len })
-            }
-            CMD_FLUSH => Ok(Request::Flush),
-            CMD_IDENTIFY => Ok(Request::Identify),
-            other => Err(format!("unknown command {other}")),
-        }
-    }
-}
-
-/// `offset..offset+len` must lie within a disk of `size` bytes (pure).
-pub fn check_disk_range(offset: u64, len: u32, size: u64) -> Result<(), String> {
-    match offset.checked_add(u64::from(len)) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(format!(
-            "sectors {}..+{} are past the end of the disk ({} sectors)",
-            offset / SECTOR_SIZE,
-            u64::from(len) / SECTOR_SIZE,
-            size / SECTOR_SIZE
-        )),
-    }
-}
 
 /// Requests in flight over all disks of a VM, for draining at pause.
 #[derive(Default)]
@@ -416,7 +282,7 @@ impl BlockDevices {
     /// Disks for `uris` (not connected yet). `mem` is the VM's RAM.
     pub fn new(
         vm: &str,
-        uris: &[String],
+        uris: &[DiskSpec],
         mem: GuestMemoryAtomic,
         runtime: Handle,
     ) -> Result<Self, String> {
@@ -435,7 +301,7 @@ impl BlockDevices {
                     vm: vm.to_string(),
                     location: Mutex::new(Location {
                         generation: 0,
-                        uri: DiskUri::parse(u)?,
+                        uri: DiskUri::new(u)?,
                     }),
                     regs: Mutex::new(BlockRegs::default()),
                     conn: tokio::sync::Mutex::new(None),
@@ -586,16 +452,13 @@ impl BlockDevices {
     }
 
     /// The URIs in use, in disk order.
-    pub fn uris(&self) -> Vec<String> {
-        self.disks
-            .iter()
-            .map(|d| d.location().uri.uri.clone())
-            .collect()
+    pub fn uris(&self) -> Vec<DiskSpec> {
+        self.disks.iter().map(|d| d.location().uri.spec()).collect()
     }
 
     /// Replaces the URIs (one per disk, same order) and opens them, waiting for the
     /// connections. Call only with no request in flight (paused and quiesced).
-    pub fn set_uris(&self, uris: &[String]) -> Result<(), String> {
+    pub fn set_uris(&self, uris: &[DiskSpec]) -> Result<(), String> {
         if uris.len() != self.disks.len() {
             return Err(format!(
                 "{} disk URIs given; this VM has {} disks",
@@ -605,7 +468,7 @@ impl BlockDevices {
         }
         let parsed = uris
             .iter()
-            .map(|u| DiskUri::parse(u))
+            .map(DiskUri::new)
             .collect::<Result<Vec<_>, _>>()?;
         for (disk, uri) in self.disks.iter().zip(parsed) {
             let mut l = disk.location();
@@ -656,155 +519,4 @@ impl BlockDevices {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn regs(command: u32, sector: u64, addr: u64, length: u32) -> BlockRegs {
-        BlockRegs {
-            command,
-            sector,
-            addr,
-            length,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn registers_read_back_by_halves_and_bytes() {
-        let mut r = BlockRegs::default();
-        for (i, b) in 0x1122_3344u32.to_le_bytes().into_iter().enumerate() {
-            r.write_byte(REG_SECTOR_HI, i as u16, b);
-        }
-        r.write_byte(REG_SECTOR_LO, 0, 7);
-        assert_eq!(r.sector, 0x1122_3344_0000_0007);
-        assert_eq!(r.read_reg(REG_SECTOR_HI), 0x1122_3344);
-        r.write_byte(REG_CAPACITY_LO, 0, 9);
-        assert_eq!(r.capacity, 0, "capacity is read-only");
-        r.status = STATUS_OK;
-        r.write_byte(REG_COMMAND, 0, 2);
-        assert_eq!((r.command, r.read_reg(REG_COMMAND)), (2, STATUS_OK));
-    }
-
-    #[test]
-    fn good_requests_are_accepted() {
-        let ram = 1 << 20;
-        assert_eq!(
-            regs(CMD_READ, 2, 0x1000, 1024).request(ram),
-            Ok(Request::Read {
-                offset: 1024,
-                addr: 0x1000,
-                len: 1024
-            })
-        );
-        assert_eq!(
-            regs(CMD_WRITE, 0, ram - 512, 512).request(ram),
-            Ok(Request::Write {
-                offset: 0,
-                len: 512
-            })
-        );
-        assert_eq!(
-            regs(CMD_FLUSH, u64::MAX, u64::MAX, 3).request(ram),
-            Ok(Request::Flush)
-        );
-        assert_eq!(
-            regs(CMD_IDENTIFY, 0, 0, 0).request(ram),
-            Ok(Request::Identify)
-        );
-    }
-
-    #[test]
-    fn bad_requests_are_refused() {
-        let ram = 1 << 20;
-        for r in [
-            regs(CMD_READ, 0, 0, 0),
-            regs(CMD_READ, 0, 0, 100),
-            regs(CMD_READ, 0, 0, MAX_REQUEST_BYTES + 512),
-            regs(CMD_WRITE, 0, ram - 511, 512),
-            regs(CMD_WRITE, 0, u64::MAX - 100, 512),
-            regs(CMD_READ, u64::MAX / 256, 0, 512),
-            regs(9, 0, 0, 512),
-        ] {
-            assert!(r.request(ram).is_err(), "{r:?}");
-        }
-        assert!(check_disk_range(0, 512, 512).is_ok());
-        assert!(check_disk_range(512, 512, 512).is_err());
-        assert!(check_disk_range(u64::MAX - 10, 512, u64::MAX).is_err());
-    }
-
-    fn device() -> (tokio::runtime::Runtime, BlockDevices) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let mem = crate::vstate::memory::create_guest_memory(1).expect("1 MiB of RAM");
-        // Port 1 on loopback refuses at once: every request that gets that far fails.
-        let dev = BlockDevices::new(
-            "t",
-            &["nbd://127.0.0.1:1/d;lease=SECRET".to_string()],
-            mem,
-            rt.handle().clone(),
-        )
-        .expect("device");
-        (rt, dev)
-    }
-
-    #[test]
-    fn ports_outside_the_disks_are_not_claimed() {
-        let (rt, dev) = device();
-        assert!(dev.claims(BLK_PORT_BASE) && dev.claims(BLK_PORT_BASE + 0x1f));
-        assert!(!dev.claims(BLK_PORT_BASE - 1) && !dev.claims(BLK_PORT_BASE + 0x20));
-        assert!(
-            BlockDevices::new(
-                "t",
-                &["http://x".into()],
-                crate::vstate::memory::create_guest_memory(1).expect("ram"),
-                rt.handle().clone()
-            )
-            .is_err()
-        );
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
-        /// Any sequence of port accesses of any width is harmless: no panic, STATUS
-        /// always one of the four values, and the device drains.
-        #[test]
-        fn random_port_traffic_is_harmless(
-            ops in proptest::collection::vec((0u16..0x24, proptest::collection::vec(any::<u8>(), 1..5), any::<bool>()), 1..40)
-        ) {
-            let (_rt, dev) = device();
-            for (off, bytes, write) in ops {
-                let port = BLK_PORT_BASE + off;
-                if write {
-                    dev.pio_write(port, &bytes);
-                } else {
-                    let mut buf = bytes.clone();
-                    dev.pio_read(port, &mut buf);
-                }
-                let mut st = [0u8; 4];
-                dev.pio_read(BLK_PORT_BASE + REG_COMMAND, &mut st);
-                prop_assert!(u32::from_le_bytes(st) <= STATUS_ERROR);
-            }
-            prop_assert!(dev.quiesce(Duration::from_secs(10)).is_ok());
-        }
-
-        /// Whatever the guest puts in the registers, an accepted request lies inside
-        /// guest RAM and names a representable disk range.
-        #[test]
-        fn accepted_requests_stay_in_bounds(
-            command in 0u32..6, sector: u64, addr: u64, length: u32, ram in 1u64..(1 << 34)
-        ) {
-            if let Ok(Request::Read { offset, addr, len }) = regs(command, sector, addr, length).request(ram) {
-                prop_assert!(addr + u64::from(len) <= ram);
-                prop_assert!(offset.checked_add(u64::from(len)).is_some());
-            }
-            if let Ok(Request::Write { offset, len }) = regs(command, sector, addr, length).request(ram) {
-                prop_assert!(addr + u64::from(len) <= ram);
-                prop_assert!(offset.checked_add(u64::from(len)).is_some());
-            }
-        }
-    }
-}
+mod tests;
