@@ -360,7 +360,7 @@ impl AgentClient {
     pub async fn resume_with_disks(
         &self,
         name: &str,
-        disks: &[String],
+        disks: &[Value],
     ) -> Result<AgentVm, DaemonError> {
         let body = json!({ "disks": disks });
         self.0
@@ -373,7 +373,7 @@ impl AgentClient {
     }
 
     /// The go-ahead of a coordinated switchover: the target opens `disks` and resumes.
-    pub async fn switchover(&self, id: &str, disks: &[String]) -> Result<(), DaemonError> {
+    pub async fn switchover(&self, id: &str, disks: &[Value]) -> Result<(), DaemonError> {
         let body = json!({ "disks": disks });
         self.0
             .call::<Value>(

@@ -1,9 +1,12 @@
 //! coord: the Stagehand coordinator (see README.md and docs/coordinator.md).
 //!
 //! - `store`: RocksDB state, atomic synced batches.
-//! - `migration`: the pure migration state machine and crash-recovery planner.
+//! - `migration`: the journaled record and its pure state machine.
+//! - `driver`: `next_action`, the pure decision of the next migration step (live and
+//!   after a restart alike).
 //! - `model`: inventory records; `daemons`: HTTP clients of stagehand-nbd and agents.
-//! - `service`: inventory, placement, VM creation, the migration driver, recovery.
+//! - `service`: inventory and placement, the VM lifecycle, the migration executor,
+//!   recovery.
 //! - `api`: the HTTP/JSON API (axum); `config`: `coord serve` flags and TOML.
 //! - `cli`: the client verbs (`coord site add`, `coord migrate`, ...).
 
@@ -11,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemons;
+pub mod driver;
 pub mod error;
 pub mod migration;
 pub mod model;
@@ -64,8 +68,13 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
             source,
         })?;
     let bound = listener.local_addr().map_err(ServeError::Serve)?;
-    let recovering = Arc::clone(&coord);
-    tokio::spawn(async move { recovering.recover().await });
+    // Unfinished migrations get their executors (and cancel controls) before the API
+    // answers its first call.
+    match coord.recover() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),
+        Err(e) => tracing::error!(error = %e, "cannot read the migration journal"),
+    }
     println!("coord: api listening on {bound}");
     tracing::info!(%bound, "coordinator serving");
     let app = api::router(Arc::clone(&coord), cfg.api_token);

@@ -1,7 +1,7 @@
-//! The coordinator killed at each phase of a migration (fail point), then restarted
-//! on the same state: it ends with exactly one running copy whose host holds the
-//! disk lease, the migration reaches a terminal phase, and the disk-writer guest's
-//! disk checks out.
+//! The coordinator killed during a migration, then restarted on the same state: it
+//! drives the migration on at once (figures advance, a cancel works), and it ends
+//! with exactly one running copy whose host holds the disk lease, and the
+//! disk-writer guest's disk checks out.
 
 mod coord_support;
 
@@ -82,15 +82,12 @@ fn killed_at_each_phase_recovers_to_one_copy_holding_the_lease() {
             "phase {phase}: recorded epoch matches storage"
         );
         assert_eq!(shown["state"], "running", "phase {phase}");
-        if matches!(*phase, "fencing" | "fenced" | "target_running") {
-            // Past the fence intent the VM moves on: the quiesced source got the go-ahead
-            // from the restarted coordinator, with tokens of a fresh epoch.
-            assert_eq!(m["state"], "committed", "phase {phase}: {m}");
-            assert!(epoch >= 2);
-        } else {
-            assert_eq!(m["state"], "cancelled", "phase {phase}: {m}");
-            assert_eq!(epoch, 1, "phase {phase}: no fence before the intent");
-        }
+        // The restarted coordinator drives the migration on from its journal with
+        // the same driver: before the fence intent the agents' migration goes on (or
+        // starts), after it the quiesced source gets the go-ahead with tokens of a
+        // fresh epoch. Either way it ends on the target.
+        assert_eq!(m["state"], "committed", "phase {phase}: {m}");
+        assert!(epoch >= 2);
         let idx = if host == "kvm-a1" { 0 } else { 1 };
         c.check_disk_writer(idx, &vm, &export);
         // One guest at a time: the machine has few cores.
