@@ -489,6 +489,23 @@ impl Cluster {
         acked
     }
 
+    /// Polls `probe` until it yields a value (bounded; panics naming `what`).
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut(&Cluster) -> Option<T>,
+    ) -> T {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe(self) {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Polls `coord migration show` until the migration is terminal (bounded).
     pub fn wait_migration(&self, id: &str, limit: Duration) -> Value {
         let end = Instant::now() + limit;
