@@ -31,6 +31,9 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     pub coordinator: String,
+    /// CA certificate (PEM) to verify an https:// coordinator against.
+    #[arg(long, global = true, env = "STAGEHAND_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -59,6 +62,9 @@ pub enum Command {
     /// Migrations and their journal.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// TLS certificates for a cluster (a new CA and one directory per node).
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Print a VM's disk lease tokens (JSON) from the coordinator's state directory.
     /// Needs read access to that directory, which holds them anyway; for tests and
     /// break-glass use. The API never shows tokens.
@@ -67,6 +73,27 @@ pub enum Command {
         vm: String,
         #[arg(long, value_name = "DIR")]
         data_dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Create a CA in --out (ca-cert.pem, ca-key.pem) and, for each --node, a
+    /// directory --out/NODE with ca-cert.pem, server-cert.pem, server-key.pem,
+    /// client-cert.pem and client-key.pem (the layout libnbd's tls-certificates= and
+    /// qemu's tls-creds-x509 take). Each node certificate is valid for its name, every
+    /// --san, localhost, 127.0.0.1 and ::1, as a server and as a client. Give a daemon
+    /// --tls-cert DIR/server-cert.pem --tls-key DIR/server-key.pem --tls-ca DIR/ca-cert.pem.
+    Create {
+        /// Directory to create the CA and node directories in.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// A node (daemon) to issue a certificate for; repeat for each.
+        #[arg(long = "node", value_name = "NAME", required = true)]
+        nodes: Vec<String>,
+        /// Another name (host name or IP address) every node certificate is valid for.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
     },
 }
 
@@ -94,9 +121,10 @@ pub enum StorageCmd {
         /// Other sites whose hosts reach this node, comma-separated.
         #[arg(long, value_delimiter = ',')]
         reachable_from: Vec<String>,
-        /// Directory on the node where VM disks are created.
-        #[arg(long, default_value = "/var/lib/stagehand/disks")]
-        disk_dir: String,
+        /// Directory on the node where VM disks are created (it must be under one of
+        /// the node's --export-root). Default: the node's own export root.
+        #[arg(long)]
+        disk_dir: Option<String>,
         /// The node's own API token, when it differs from the cluster token.
         #[arg(long)]
         token: Option<String>,
@@ -290,15 +318,30 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
+    /// A client of the coordinator at `base`; an https coordinator is verified against
+    /// `ca` (the system roots are not used).
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, CliError> {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(120));
+        if let Some(ca) = ca {
+            let cfg = stagehand_common::tls::ca_only_client_config(ca)
+                .map_err(|e| CliError::Local(format!("--ca: {e}")))?;
+            b = b.use_preconfigured_tls(rustls::ClientConfig::clone(&cfg));
+        } else if base.starts_with("https://") {
+            return Err(CliError::Local(
+                "an https coordinator needs --ca FILE (or STAGEHAND_CA) to verify it".into(),
+            ));
+        }
+        Ok(Self {
+            http: b
                 .build()
-                .expect("a reqwest client with a timeout builds"),
+                .map_err(|e| CliError::Local(format!("HTTP client: {e}")))?,
             base: base.trim_end_matches('/').to_owned(),
             token,
-        }
+        })
     }
 
     pub async fn call(
@@ -504,10 +547,14 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
     let token = std::env::var("STAGEHAND_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
-    let c = Client::new(&cli.coordinator, token);
+    if let Command::Certs(CertsCmd::Create { out, nodes, sans }) = &cli.command {
+        return certs_create(out, nodes, sans);
+    }
+    let c = Client::new(&cli.coordinator, token, cli.ca.as_deref())?;
     let j = cli.json;
     match cli.command {
         Command::Serve(_) => unreachable!("main runs serve itself"),
+        Command::Certs(_) => unreachable!("handled above"),
         Command::LeaseTokens { vm, data_dir } => {
             let st = crate::store::Store::open_read_only(&data_dir)
                 .map_err(|e| CliError::Local(e.to_string()))?;
@@ -715,6 +762,25 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
             });
         }
     }
+    Ok(())
+}
+
+/// `coord certs create`: a new CA and a certificate directory per node.
+fn certs_create(out: &std::path::Path, nodes: &[String], sans: &[String]) -> Result<(), CliError> {
+    if out.join("ca-key.pem").exists() {
+        return Err(CliError::Local(format!(
+            "{} already holds a CA (ca-key.pem); choose another --out",
+            out.display()
+        )));
+    }
+    let local = |e: stagehand_common::pki::PkiError| CliError::Local(e.to_string());
+    let ca = stagehand_common::pki::Ca::create(out).map_err(local)?;
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    for n in nodes {
+        let dir = ca.issue(n, &sans).map_err(local)?;
+        println!("{n}: {}", dir.display());
+    }
+    println!("CA: {}", out.join("ca-cert.pem").display());
     Ok(())
 }
 

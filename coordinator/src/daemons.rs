@@ -178,13 +178,18 @@ impl StorageClient {
             .map(|_| ())
     }
 
+    /// Creates (or confirms) an export whose reads, like its writes, need the current
+    /// lease. Without `path` the node creates `<its export root>/<name>.img`.
     pub async fn put_export(
         &self,
         name: &str,
-        path: &str,
+        path: Option<&str>,
         size_bytes: u64,
     ) -> Result<ExportInfo, DaemonError> {
-        let body = json!({"path": path, "size_bytes": size_bytes});
+        let mut body = json!({"size_bytes": size_bytes, "require_lease_for_reads": true});
+        if let Some(p) = path {
+            body["path"] = json!(p);
+        }
         self.0
             .json(
                 reqwest::Method::PUT,

@@ -22,8 +22,10 @@ pub struct StorageNode {
     /// Sites other than its own whose hosts reach it (shared storage across sites).
     #[serde(default)]
     pub reachable_from: Vec<String>,
-    /// Directory on the storage node where the coordinator creates disk files.
-    pub disk_dir: String,
+    /// Directory on the storage node where the coordinator creates disk files; None:
+    /// the node's own export root (the export is created without a path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_dir: Option<String>,
     /// Token for this node's API when it differs from the cluster token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -193,7 +195,7 @@ mod tests {
             api: "http://x".into(),
             nbd: "x:1".into(),
             reachable_from: vec!["siteB".into()],
-            disk_dir: "/d".into(),
+            disk_dir: None,
             token: None,
         };
         assert!(s.reaches("siteA"));

@@ -112,14 +112,16 @@ fn killed_during_capped_precopy_is_driven_again_at_once() {
     };
     let guest = c.guest_image("disk-writer").display().to_string();
     c.ok(&[
-        "vm", "create", "vmc", "--site", "siteA", "--memory", "256M", "--image", &guest,
-        "--disk", "8M",
+        "vm", "create", "vmc", "--site", "siteA", "--memory", "256M", "--image", &guest, "--disk",
+        "8M",
     ]);
     // A freshly booted guest dirties little: wait until it wrote 4096 records (its
     // second console byte, 'W') and so sweeps at full speed.
-    c.wait_for("the guest writing at full speed", Duration::from_secs(60), |c| {
-        (c.console_len(0, "vmc") >= 2).then_some(())
-    });
+    c.wait_for(
+        "the guest writing at full speed",
+        Duration::from_secs(60),
+        |c| (c.console_len(0, "vmc") >= 2).then_some(()),
+    );
     // 1 MiB/s and a 1 ms downtime limit: pre-copy does not converge while the guest
     // writes (it goes on until the agent's timeout).
     let v = c.ok(&[
@@ -152,11 +154,15 @@ fn killed_during_capped_precopy_is_driven_again_at_once() {
     c.start_coord(&[]);
     let restarted = std::time::Instant::now();
     // Figures advance again (the agents kept moving memory meanwhile).
-    c.wait_for("figures advancing after the restart", Duration::from_secs(20), |c| {
-        let (state, bytes) = moved(c);
-        assert_eq!(state, "precopy", "still in pre-copy after the restart");
-        (bytes > before).then_some(())
-    });
+    c.wait_for(
+        "figures advancing after the restart",
+        Duration::from_secs(20),
+        |c| {
+            let (state, bytes) = moved(c);
+            assert_eq!(state, "precopy", "still in pre-copy after the restart");
+            (bytes > before).then_some(())
+        },
+    );
     // A cancel is accepted at once.
     let (ok, _, err) = c.cli(&["migration", "cancel", &id]);
     assert!(ok, "cancel after the restart: {err}");

@@ -109,7 +109,7 @@ impl Coordinator {
         for s in &node.reachable_from {
             self.require_site(s)?;
         }
-        if !node.disk_dir.starts_with('/') {
+        if node.disk_dir.as_ref().is_some_and(|d| !d.starts_with('/')) {
             return Err(ApiError::bad_request(
                 "disk_dir must be an absolute path on the storage node.",
             ));

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use stagehand_common::secret::Secret;
+
 use crate::daemons::{AgentClient, DaemonClient, StorageClient};
 use crate::error::ApiError;
 use crate::model::*;
@@ -44,7 +46,12 @@ pub const HOLD_ENV: &str = "STAGEHAND_COORD_HOLD";
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// The cluster token: used when calling daemons added without their own token.
-    pub cluster_token: Option<String>,
+    pub cluster_token: Option<Secret>,
+    /// TLS for calling daemons over https (their certificate checked against the CA,
+    /// this coordinator's presented), and for NBD connections to storage nodes.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where `--disk-image` files must be.
+    pub images_dir: PathBuf,
     /// Concurrent migrations per host (in or out).
     pub max_migrations_per_host: usize,
     /// Concurrent migrations per site (in or out).
@@ -112,13 +119,17 @@ fn failpoint_hit(fp: &Option<String>, phase: &str) {
 }
 
 impl Coordinator {
-    pub fn new(store: Store, cfg: ServiceConfig) -> Arc<Self> {
-        let http = reqwest::Client::builder()
+    pub fn new(store: Store, cfg: ServiceConfig) -> Result<Arc<Self>, reqwest::Error> {
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .expect("a reqwest client with timeouts builds");
-        Arc::new(Self {
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &cfg.tls {
+            // reqwest is built with the same rustls (0.23) as stagehand_common: the config
+            // (our CA as the only root, our certificate as the client's) is used as is.
+            http = http.use_preconfigured_tls(rustls::ClientConfig::clone(tls));
+        }
+        let http = http.build()?;
+        Ok(Arc::new(Self {
             store,
             http,
             cfg,
@@ -130,11 +141,18 @@ impl Coordinator {
                     .map(|(p, f)| (p.to_owned(), PathBuf::from(f)))
             }),
             shutdown: CancellationToken::new(),
-        })
+        }))
+    }
+
+    fn cluster_token(&self) -> Option<String> {
+        self.cfg
+            .cluster_token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
     }
 
     pub(crate) fn storage_client(&self, s: &StorageNode) -> StorageClient {
-        let token = s.token.clone().or_else(|| self.cfg.cluster_token.clone());
+        let token = s.token.clone().or_else(|| self.cluster_token());
         StorageClient(DaemonClient::new(
             self.http.clone(),
             &s.api,
@@ -144,7 +162,7 @@ impl Coordinator {
     }
 
     pub(crate) fn agent_client(&self, h: &Host) -> AgentClient {
-        let token = h.token.clone().or_else(|| self.cfg.cluster_token.clone());
+        let token = h.token.clone().or_else(|| self.cluster_token());
         AgentClient(DaemonClient::new(self.http.clone(), &h.api, token, "agent"))
     }
 
@@ -286,17 +304,26 @@ impl Coordinator {
         out
     }
 
-    /// The disks as agents take them (create, resume, switchover), with the VM's
-    /// current lease tokens.
+    /// The disks as agents take them in create, resume and the switchover go-ahead:
+    /// `{"nbd": URI, "lease": TOKEN}`. The token never goes into the URI (it would end
+    /// up in logs); `nbds://` when the coordinator runs with TLS (the agent connects
+    /// with its own client certificate).
     pub(crate) fn disk_specs(&self, vm: &Vm) -> Result<Vec<Value>, ApiError> {
+        let scheme = if self.cfg.tls.is_some() {
+            "nbds"
+        } else {
+            "nbd"
+        };
         vm.disks
             .iter()
             .map(|d| {
                 let s = self.storage(&d.storage)?;
-                Ok(Value::String(format!(
-                    "nbd://{}/{};lease={}",
-                    s.nbd, d.export, d.token
-                )))
+                let mut spec =
+                    serde_json::json!({"nbd": format!("{scheme}://{}/{}", s.nbd, d.export)});
+                if !d.token.is_empty() {
+                    spec["lease"] = Value::String(d.token.clone());
+                }
+                Ok(spec)
             })
             .collect()
     }

@@ -1,5 +1,7 @@
 //! The VM lifecycle: create (place, create and lease the disk, start), show, delete.
 
+use std::path::{Path, PathBuf};
+
 use serde_json::{Value, json};
 
 use super::{Coordinator, CreateVmRequest, FILL_HOLDER};
@@ -16,6 +18,11 @@ impl Coordinator {
                 "memory and disk size must be above zero.",
             ));
         }
+        // The image is checked (where it is, how big) before anything is created.
+        let image = match &req.disk_image {
+            Some(i) => Some(self.disk_image(i, req.disk_bytes)?),
+            None => None,
+        };
         let _g = self.inventory.lock().await;
         if self.store.get::<Vm>("vms", name)?.is_some() {
             return Err(ApiError::conflict(
@@ -47,15 +54,24 @@ impl Coordinator {
             })?;
         let sc = self.storage_client(&storage);
         let export = format!("{name}-disk0");
-        let path = format!("{}/{export}.img", storage.disk_dir.trim_end_matches('/'));
+        // Without a disk directory the node puts the file in its own export root.
+        let path = storage
+            .disk_dir
+            .as_ref()
+            .map(|d| format!("{}/{export}.img", d.trim_end_matches('/')));
         let info = sc
-            .put_export(&export, &path, req.disk_bytes)
+            .put_export(&export, path.as_deref(), req.disk_bytes)
             .await
             .map_err(|e| ApiError::daemon("creating the disk export", &e))?;
         let mut first_epoch = 1;
-        if let Some(image) = &req.disk_image {
-            self.fill_disk(&sc, &storage, &export, image, info.size_bytes)
-                .await?;
+        if let Some(image) = &image {
+            if let Err(e) = self
+                .fill_disk(&sc, &storage, &export, image, info.size_bytes)
+                .await
+            {
+                let _ = sc.delete_export(&export).await;
+                return Err(e);
+            }
             first_epoch = 2;
         }
         let fence = sc
@@ -93,6 +109,41 @@ impl Coordinator {
         Ok(vm)
     }
 
+    /// The disk image `image` (absolute, or relative to the images directory) if it
+    /// lies under the images directory and fits a disk of `disk_bytes`: 403
+    /// `path_not_allowed` or 400 otherwise, before a byte of it is read.
+    pub(crate) fn disk_image(&self, image: &str, disk_bytes: u64) -> Result<PathBuf, ApiError> {
+        let root = &self.cfg.images_dir;
+        let p = Path::new(image);
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            root.join(p)
+        };
+        let path = stagehand_common::paths::confine(&p, std::slice::from_ref(root)).map_err(|e| {
+            ApiError::new(
+                403,
+                "path_not_allowed",
+                format!("--disk-image must be a file under the coordinator's images directory ({}): {e}", root.display()),
+            )
+        })?;
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            ApiError::bad_request(format!("Cannot read the disk image {image}: {e}"))
+        })?;
+        if !meta.is_file() {
+            return Err(ApiError::bad_request(format!(
+                "The disk image {image} is not a regular file."
+            )));
+        }
+        if meta.len() > disk_bytes {
+            return Err(ApiError::bad_request(format!(
+                "The disk image ({} bytes) is larger than the disk ({disk_bytes} bytes); give a larger --disk.",
+                meta.len()
+            )));
+        }
+        Ok(path)
+    }
+
     /// Writes a raw image into a new export through NBD, under a coordinator-held
     /// lease, so the host's first epoch (2) fences the filler out for good.
     pub(crate) async fn fill_disk(
@@ -100,12 +151,16 @@ impl Coordinator {
         sc: &StorageClient,
         storage: &StorageNode,
         export: &str,
-        image: &str,
+        image: &Path,
         size: u64,
     ) -> Result<(), ApiError> {
         let data = tokio::fs::read(image).await.map_err(|e| {
-            ApiError::bad_request(format!("Cannot read the disk image {image}: {e}"))
+            ApiError::bad_request(format!(
+                "Cannot read the disk image {}: {e}",
+                image.display()
+            ))
         })?;
+        // Checked before reading; checked again in case the file grew meanwhile.
         if data.len() as u64 > size {
             return Err(ApiError::bad_request(format!(
                 "The disk image ({} bytes) is larger than the disk ({size} bytes).",
@@ -116,6 +171,7 @@ impl Coordinator {
             .fence(export, 1, FILL_HOLDER)
             .await
             .map_err(|e| ApiError::daemon("taking the disk to fill it", &e))?;
+        // The lease travels in the export name (`EXPORT;lease=TOKEN`) on the wire only.
         let opts = nbd_client::ClientOptions::new(&format!("{export};lease={}", f.token));
         let fill = async {
             let c = nbd_client::Client::connect_tcp(&storage.nbd, opts).await?;
@@ -140,7 +196,7 @@ impl Coordinator {
             "memory_mib": vm.memory_mib,
             "vcpus": vm.vcpus,
             "boot": {"flat_binary": vm.image, "load_addr": vm.load_addr},
-            "disks": disks.into_iter().map(|d| json!({"nbd": d})).collect::<Vec<_>>(),
+            "disks": disks,
         }))
     }
 
