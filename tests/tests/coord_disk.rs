@@ -122,7 +122,7 @@ fn disk_writer_moves_back_and_forth_five_times() {
         );
         acked = now;
         // Past the node's 100 ms grace the fenced connection is closed: refused either way.
-        held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+        held.assert_fenced(&c.nbd.nbd, EXPORT, &c.read_token("vm7"), 4 << 20);
         drop(held);
         assert!(
             token_refused(&c.nbd.nbd, EXPORT, &old[0].2),
@@ -181,7 +181,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     let held = HeldWriter::open(&c.nbd.nbd, EXPORT, &before[0].2);
     let id = migrate_until_fenced(&c, &go);
     // Right after the fence (the coordinator holds): the source's old binding.
-    let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+    let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, &c.read_token("vm7"), 4 << 20);
     eprintln!(
         "write under the epoch-1 token right after the fence: errno {errno:?} (1 = EPERM; None = closed)"
     );

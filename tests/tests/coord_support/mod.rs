@@ -99,7 +99,7 @@ pub struct Cluster {
     pub guest: PathBuf,
 }
 
-fn spawn(
+pub fn spawn(
     exe: &Path,
     args: &[String],
     name: &'static str,
@@ -135,7 +135,8 @@ impl Cluster {
         let nbd_api = format!("127.0.0.1:{}", free_port());
         let nbd_port = format!("127.0.0.1:{}", free_port());
         std::fs::create_dir_all(d.join("nbd-data")).expect("mkdir");
-        std::fs::create_dir_all(d.join("disks")).expect("mkdir");
+        // The coordinator's images directory (its default, <data-dir>/images).
+        std::fs::create_dir_all(d.join("coord-data/images")).expect("mkdir");
         let mut nbd = spawn(
             &bin("stagehand-nbd", "nbd-server"),
             &[
@@ -302,7 +303,7 @@ impl Cluster {
     pub fn register(&self) {
         self.ok(&["site", "add", "siteA"]);
         self.ok(&["site", "add", "siteB"]);
-        let disks = self.dir.path().join("disks").display().to_string();
+        // No --disk-dir: disks go to the node's own export root (<data-dir>/exports).
         self.ok(&[
             "storage",
             "add",
@@ -315,8 +316,6 @@ impl Cluster {
             &self.nbd.nbd,
             "--reachable-from",
             "siteB",
-            "--disk-dir",
-            &disks,
         ]);
         for (i, (host, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
             .iter()
@@ -387,6 +386,30 @@ impl Cluster {
             kind,
             &self.dir.path().join(format!("{kind}.bin")),
         )
+    }
+
+    /// Where the storage node keeps an export's file (its default export root).
+    pub fn disk_file(&self, export: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("nbd-data/exports")
+            .join(format!("{export}.img"))
+    }
+
+    /// The coordinator's images directory (`--disk-image` files go there).
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join("coord-data/images")
+    }
+
+    /// The token of the VM's first disk's current lease (reads need it: the
+    /// coordinator creates disks with `require_lease_for_reads`).
+    pub fn read_token(&self, vm: &str) -> String {
+        let t = self.lease_tokens(vm);
+        assert!(
+            t.first().is_some_and(|d| !d.2.is_empty()),
+            "no lease token recorded for {vm}: {t:?}"
+        );
+        t[0].2.clone()
     }
 
     /// The VM's disk lease tokens `(epoch, holder, token)`, read from the coordinator's
@@ -479,7 +502,7 @@ impl Cluster {
         let mut word = [0u8; 8];
         word.copy_from_slice(&ram[at..at + 8]);
         let acked = u64::from_le_bytes(word);
-        let disk = read_disk(&self.nbd.nbd, export, 1 << 20);
+        let disk = read_disk(&self.nbd.nbd, export, &self.read_token(vm), 1 << 20);
         let check = agent::guests::check_disk_records(&disk, acked)
             .unwrap_or_else(|e| panic!("disk of {vm} on agent {i}: {e}"));
         agent::guests::check_ab_ram(&ram).unwrap_or_else(|e| panic!("RAM of {vm}: {e}"));
@@ -537,14 +560,14 @@ fn guest_image(agent_exe: &Path, kind: &str, out_path: &Path) -> PathBuf {
     out_path.to_path_buf()
 }
 
-/// The first `len` bytes of `export`, read through a read-only NBD connection (plain
-/// export name, no lease).
-pub fn read_disk(nbd: &str, export: &str, len: u32) -> Vec<u8> {
+/// The first `len` bytes of `export`, read under the current lease `token` (nothing
+/// is written).
+pub fn read_disk(nbd: &str, export: &str, token: &str, len: u32) -> Vec<u8> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let fut = async {
-            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
-                .await?;
+            let opts = nbd_client::ClientOptions::new(&format!("{export};lease={token}"));
+            let c = nbd_client::Client::connect_tcp(nbd, opts).await?;
             let data = c.read(0, len).await?;
             c.disconnect().await?;
             Ok::<_, nbd_client::ClientError>(data)
@@ -624,8 +647,15 @@ impl HeldWriter {
     }
 
     /// Asserts the write at `offset` is refused (EPERM or a closed connection) and that
-    /// nothing landed on the disk; returns the errno when there was one.
-    pub fn assert_fenced(&self, nbd: &str, export: &str, offset: u64) -> Option<u32> {
+    /// nothing landed on the disk (read under the current holder's `reader_token`);
+    /// returns the errno when there was one.
+    pub fn assert_fenced(
+        &self,
+        nbd: &str,
+        export: &str,
+        reader_token: &str,
+        offset: u64,
+    ) -> Option<u32> {
         let r = self.write(offset);
         let errno = match r {
             Ok(()) => panic!("a write under a fenced token landed at {offset}"),
@@ -635,7 +665,8 @@ impl HeldWriter {
         };
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let sector = rt.block_on(async {
-            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+            let opts = nbd_client::ClientOptions::new(&format!("{export};lease={reader_token}"));
+            let c = nbd_client::Client::connect_tcp(nbd, opts)
                 .await
                 .expect("read-only connect");
             let d = c.read(offset, 512).await.expect("read back");
