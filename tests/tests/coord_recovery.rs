@@ -143,6 +143,7 @@ fn killed_during_capped_precopy_is_driven_again_at_once() {
             m["memory_bytes"].as_u64().unwrap_or(0),
         )
     };
+    c.wait_precopy(&id);
     let before = c.wait_for("a second pre-copy pass", Duration::from_secs(60), |c| {
         let (ok, m, _) = c.cli(&["migration", "show", &id]);
         assert!(ok && m["state"] == "precopy", "still in pre-copy: {m}");

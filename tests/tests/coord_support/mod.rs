@@ -337,28 +337,45 @@ impl Cluster {
         }
     }
 
+    /// The one HTTP client of the coord tests (curl): `method` on `url` with the
+    /// cluster token and an optional JSON body; (status, raw body).
+    pub fn http_raw(&self, method: &str, url: &str, body: Option<&str>) -> (u16, Vec<u8>) {
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-m",
+            "60",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &auth,
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "-d", b]);
+        }
+        cmd.arg(url);
+        let out = run_timeout(&mut cmd, Duration::from_secs(70)).expect("curl runs");
+        let text = out.stdout;
+        let split = text.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+        let code = String::from_utf8_lossy(&text[split..])
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, text[..split].to_vec())
+    }
+
+    /// [`Cluster::http_raw`] with a JSON answer (Null when it is not JSON).
+    pub fn http(&self, method: &str, url: &str, body: Option<&str>) -> (u16, Value) {
+        let (code, raw) = self.http_raw(method, url, body);
+        (code, serde_json::from_slice(&raw).unwrap_or(Value::Null))
+    }
+
     /// GET on a daemon with the cluster token; (status, JSON body).
     pub fn get(&self, url: &str) -> (u16, Value) {
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "10",
-                "-w",
-                "\n%{http_code}",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                url,
-            ]),
-            Duration::from_secs(15),
-        )
-        .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
+        self.http("GET", url, None)
     }
 
     /// The VM's state on agent `i` ("absent" when the agent has none).
@@ -441,49 +458,64 @@ impl Cluster {
     /// POST on agent `i` with the cluster token; (status, JSON body).
     pub fn agent_post(&self, i: usize, path: &str, body: &str) -> (u16, Value) {
         let url = format!("http://{}{path}", self.agents[i].api);
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "60",
-                "-X",
-                "POST",
-                "-w",
-                "\n%{http_code}",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                body,
-                &url,
-            ]),
-            Duration::from_secs(70),
-        )
-        .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
+        self.http("POST", &url, Some(body))
     }
 
     /// Bytes of COM1 output of the VM on agent `i`.
     pub fn console_len(&self, i: usize, vm: &str) -> usize {
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "10",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                &format!("http://{}/v1/vms/{vm}/console", self.agents[i].api),
-            ]),
-            Duration::from_secs(15),
-        )
-        .expect("curl runs");
-        out.stdout.len()
+        let url = format!("http://{}/v1/vms/{vm}/console", self.agents[i].api);
+        self.http_raw("GET", &url, None).1.len()
+    }
+
+    /// Waits until the guest on agent `i` printed something new since now (the disk
+    /// writer prints 'A' once booted, then 'W' every 4096 acknowledged records), so
+    /// it has made progress: at least one 'W' in all. The observable replacement for
+    /// "sleep a moment and hope it ran".
+    pub fn wait_guest_progress(&self, i: usize, vm: &str) {
+        let start = self.console_len(i, vm).max(1);
+        self.wait_for(
+            &format!("{vm} on agent {i} to make progress"),
+            Duration::from_secs(60),
+            |c| (c.console_len(i, vm) > start).then_some(()),
+        );
+    }
+
+    /// Waits (bounded) until agent `i` has no copy of `vm`.
+    pub fn wait_absent(&self, i: usize, vm: &str) {
+        self.wait_for(
+            &format!("agent {i} to drop {vm}"),
+            Duration::from_secs(20),
+            |c| (c.agent_vm_state(i, vm) == "absent").then_some(()),
+        );
+    }
+
+    /// The phases of a migration's journal, in order.
+    pub fn journal_phases(&self, id: &str) -> Vec<String> {
+        let show = self.ok(&["migration", "show", id]);
+        show["journal"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["phase"]["phase"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Names of the hosts whose agent runs `vm`.
+    pub fn running_on(&self, vm: &str) -> Vec<&'static str> {
+        [("kvm-a1", 0usize), ("kvm-b1", 1)]
+            .into_iter()
+            .filter(|(_, i)| self.agent_vm_state(*i, vm) == "running")
+            .map(|(h, _)| h)
+            .collect()
+    }
+
+    /// Waits until migration `id` is in pre-copy and has moved some memory.
+    pub fn wait_precopy(&self, id: &str) -> Value {
+        self.wait_for("pre-copy to move memory", Duration::from_secs(60), |c| {
+            let (ok, m, _) = c.cli(&["migration", "show", id]);
+            (ok && m["state"] == "precopy" && m["memory_bytes"].as_u64().unwrap_or(0) > 0)
+                .then_some(m)
+        })
     }
 
     /// Checks the disk-writer guest of `vm` on agent `i`: pause, dump its RAM, read its
@@ -531,20 +563,14 @@ impl Cluster {
 
     /// Polls `coord migration show` until the migration is terminal (bounded).
     pub fn wait_migration(&self, id: &str, limit: Duration) -> Value {
-        let end = Instant::now() + limit;
-        loop {
-            let (ok, v, _) = self.cli(&["migration", "show", id]);
-            if ok
-                && matches!(
-                    v["state"].as_str(),
-                    Some("committed" | "rolled_back" | "cancelled")
-                )
-            {
-                return v;
-            }
-            assert!(Instant::now() < end, "migration {id} did not end: {v}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.wait_for(&format!("migration {id} to end"), limit, |c| {
+            let (ok, v, _) = c.cli(&["migration", "show", id]);
+            (ok && matches!(
+                v["state"].as_str(),
+                Some("committed" | "rolled_back" | "cancelled")
+            ))
+            .then_some(v)
+        })
     }
 }
 
