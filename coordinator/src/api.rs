@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stagehand_common::auth::{ApiAuth, require_bearer};
+use stagehand_common::secret::Secret;
 
 use crate::error::ApiError;
 use crate::model::*;
@@ -126,7 +127,7 @@ struct AddStorage {
     #[serde(default)]
     disk_dir: Option<String>,
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 async fn list_storage(State(st): State<AppState>) -> ApiResult<Vec<StorageView>> {
@@ -188,7 +189,7 @@ struct AddHost {
     migration: String,
     memory_mib: u64,
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 async fn list_hosts(State(st): State<AppState>) -> ApiResult<Vec<HostView>> {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
+use stagehand_common::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -163,7 +164,7 @@ pub struct ExportInfo {
 pub struct FenceReply {
     pub epoch: u64,
     pub holder: String,
-    pub token: String,
+    pub token: Secret,
 }
 
 /// stagehand-nbd's control API.

@@ -36,7 +36,7 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
             let v: Vec<Value> = rec
                 .disks
                 .iter()
-                .map(|d| json!({"export": d.export, "epoch": d.epoch, "holder": d.holder, "token": d.token}))
+                .map(|d| json!({"export": d.export, "epoch": d.epoch, "holder": d.holder, "token": d.token.as_ref().map(|t| t.expose()).unwrap_or("")}))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }

@@ -440,9 +440,9 @@ impl Coordinator {
         };
         let tokens = match run.vm.disks.split_first() {
             Some((first, rest))
-                if !first.token.is_empty()
+                if first.token.is_some()
                     && rest.iter().all(|d| {
-                        !d.token.is_empty() && d.epoch == first.epoch && d.holder == first.holder
+                        d.token.is_some() && d.epoch == first.epoch && d.holder == first.holder
                     }) =>
             {
                 Some((first.epoch, first.holder.clone()))
@@ -654,7 +654,7 @@ impl Coordinator {
                         // (the target holds it); a later fence replaces it.
                         d.epoch = epoch;
                         d.holder = dst.clone();
-                        d.token.clear();
+                        d.token = None;
                     }
                 }
                 run.vm.host = dst;
@@ -738,7 +738,7 @@ impl Coordinator {
                 .map_err(|e| ApiError::daemon("fencing the disk", &e))?;
             d.epoch = r.epoch;
             d.holder = r.holder;
-            d.token = r.token;
+            d.token = Some(r.token);
         }
         Ok(())
     }

@@ -152,7 +152,11 @@ impl Coordinator {
     }
 
     pub(crate) fn storage_client(&self, s: &StorageNode) -> StorageClient {
-        let token = s.token.clone().or_else(|| self.cluster_token());
+        let token = s
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
+            .or_else(|| self.cluster_token());
         StorageClient(DaemonClient::new(
             self.http.clone(),
             &s.api,
@@ -162,7 +166,11 @@ impl Coordinator {
     }
 
     pub(crate) fn agent_client(&self, h: &Host) -> AgentClient {
-        let token = h.token.clone().or_else(|| self.cluster_token());
+        let token = h
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
+            .or_else(|| self.cluster_token());
         AgentClient(DaemonClient::new(self.http.clone(), &h.api, token, "agent"))
     }
 
@@ -320,8 +328,8 @@ impl Coordinator {
                 let s = self.storage(&d.storage)?;
                 let mut spec =
                     serde_json::json!({"nbd": format!("{scheme}://{}/{}", s.nbd, d.export)});
-                if !d.token.is_empty() {
-                    spec["lease"] = Value::String(d.token.clone());
+                if let Some(t) = &d.token {
+                    spec["lease"] = Value::String(t.expose().to_owned());
                 }
                 Ok(spec)
             })

@@ -84,7 +84,7 @@ impl Coordinator {
             size_bytes: info.size_bytes,
             epoch: fence.epoch,
             holder: fence.holder,
-            token: fence.token,
+            token: Some(fence.token),
         };
         let vm = Vm {
             name: name.to_owned(),
@@ -172,7 +172,7 @@ impl Coordinator {
             .await
             .map_err(|e| ApiError::daemon("taking the disk to fill it", &e))?;
         // The lease travels in the export name (`EXPORT;lease=TOKEN`) on the wire only.
-        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={}", f.token));
+        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={}", f.token.expose()));
         let fill = async {
             let c = nbd_client::Client::connect_tcp(&storage.nbd, opts).await?;
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
