@@ -54,6 +54,14 @@ async fn serve_tls(app: Router, tls: Option<Arc<rustls::ServerConfig>>) -> Strin
     format!("{scheme}://{addr}")
 }
 
+/// A fake daemon's router: `/v1/health` as every daemon answers it.
+fn daemon<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route(
+        "/v1/health",
+        get(|| async { Json(json!({"status": "ok"})) }),
+    )
+}
+
 fn service_config(dir: &std::path::Path) -> ServiceConfig {
     ServiceConfig {
         cluster_token: None,
@@ -69,8 +77,7 @@ async fn storage_node(st: Shared<Storage>) -> String {
 }
 
 async fn storage_node_tls(st: Shared<Storage>, tls: Option<Arc<rustls::ServerConfig>>) -> String {
-    let app = Router::new()
-        .route("/v1/health", get(|| async { Json(json!({"status": "ok"})) }))
+    let app = daemon()
         .route(
             "/v1/exports/{name}",
             put(
@@ -167,11 +174,7 @@ fn err(status: StatusCode, code: &str) -> (StatusCode, Json<Value>) {
 
 async fn agent(idx: usize, world: Shared<World>) -> String {
     let app =
-        Router::new()
-            .route(
-                "/v1/health",
-                get(|| async { Json(json!({"status": "ok"})) }),
-            )
+        daemon()
             .route(
                 "/v1/vms/{name}",
                 put(
