@@ -144,6 +144,8 @@ enum Script {
     Normal,
     /// Quiesces, then fails when the go-ahead arrives (the target vanished).
     TargetDiesAtGoAhead,
+    /// Moves memory for ever (a capped pre-copy that does not converge) until cancelled.
+    NeverConverges,
 }
 
 #[derive(Default)]
@@ -256,16 +258,34 @@ async fn agent(idx: usize, world: Shared<World>) -> String {
                 get(|State(a): State<AgentState>| async move {
                     let mut w = a.world.lock().unwrap();
                     w.polls += 1;
-                    if w.migration == "active" && w.polls > 3 {
+                    if w.migration == "active"
+                        && w.polls > 3
+                        && w.script != Some(Script::NeverConverges)
+                    {
                         w.migration = "quiesced".into();
                     }
                     let error = (w.migration == "failed")
                         .then(|| json!({"code": "connection", "message": "target gone"}));
                     Json(json!({
                         "state": w.migration, "total_ms": 40.0, "downtime_ms": 7.0,
-                        "ram_transferred_bytes": 4096.0, "total_bytes": 8192.0,
+                        "ram_transferred_bytes": 4096.0 * f64::from(w.polls), "total_bytes": 8192.0,
                         "passes": [{}, {}], "quiesced_at_ms": 30.0, "error": error,
                     }))
+                }),
+            )
+            .route(
+                "/v1/migrations/{id}/cancel",
+                post(|State(a): State<AgentState>| async move {
+                    let mut w = a.world.lock().unwrap();
+                    if !matches!(w.migration.as_str(), "active" | "quiesced") {
+                        return err(StatusCode::CONFLICT, "wrong_state");
+                    }
+                    // The agent resumes the source with its own disks.
+                    w.migration = "cancelled".into();
+                    if let Some(vm) = w.vms.get_mut(&(a.idx, "vm7".to_owned())) {
+                        vm.0 = "running".into();
+                    }
+                    (StatusCode::OK, Json(json!({"state": "cancelled"})))
                 }),
             )
             .route(
@@ -279,7 +299,7 @@ async fn agent(idx: usize, world: Shared<World>) -> String {
                         w.go_aheads.push(b.clone());
                         let vm = ("vm7".to_owned(), a.idx);
                         match w.script.unwrap_or(Script::Normal) {
-                            Script::Normal => {
+                            Script::Normal | Script::NeverConverges => {
                                 let disks = b["disks"].as_array().cloned().unwrap_or_default();
                                 w.vms.remove(&(vm.1, vm.0.clone()));
                                 w.vms.insert((1 - vm.1, vm.0), ("running".into(), disks));
@@ -639,4 +659,78 @@ async fn disk_images_only_from_the_images_dir_and_only_if_they_fit() {
     assert_eq!(e.code, "storage_unreachable", "{e}");
     assert_eq!(f.storage.lock().unwrap().deletes, 1);
     assert!(f.coord.vm("vm9").is_err());
+}
+
+/// A coordinator stopped during a pre-copy that does not converge, and a new one on
+/// the same state: the migration gets an executor at once (before any API call), its
+/// figures advance, and a cancel is accepted and ends it with the source running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_drives_an_unfinished_precopy_at_once() {
+    let f = fixture().await;
+    f.world.lock().unwrap().script = Some(Script::NeverConverges);
+    let doc = f
+        .coord
+        .start_migration(MigrateRequest {
+            vm: "vm7".into(),
+            to_site: Some("siteB".into()),
+            to_host: None,
+            options: MigrationOptions::default(),
+        })
+        .await
+        .expect("migration starts");
+    let id = doc.record.id.clone();
+    let moving = |c: &Coordinator| {
+        c.migration(&id)
+            .map(|m| (m.record.phase.name(), m.figures.memory_bytes))
+            .expect("migration")
+    };
+    wait(|| {
+        let (phase, bytes) = moving(&f.coord);
+        phase == "precopy" && bytes > 0
+    })
+    .await;
+    // Stop the first coordinator (its executor ends; the agent goes on) and open the
+    // state again.
+    let Fixture {
+        coord,
+        storage: _storage,
+        world,
+        _dir: dir,
+    } = f;
+    coord.shutdown.cancel();
+    let gone = Arc::downgrade(&coord);
+    drop(coord);
+    wait(|| gone.upgrade().is_none()).await;
+    let coord = Coordinator::new(
+        Store::open(&dir.path().join("state")).expect("store reopens"),
+        service_config(dir.path()),
+    )
+    .expect("coordinator");
+    let before = moving(&coord).1;
+    assert_eq!(coord.recover().expect("recover"), 1);
+    // Figures advance again.
+    wait(|| moving(&coord).1 > before).await;
+    // A cancel is accepted at once (it used to answer `not_driven` while the agents
+    // moved memory) and ends the migration with the source running.
+    coord
+        .cancel_migration(&id)
+        .expect("cancel after the restart");
+    wait(|| moving(&coord).0 == "cancelled").await;
+    let vm = coord.vm("vm7").expect("vm");
+    assert_eq!(vm.host, "kvm-a1");
+    assert_eq!(vm.migration, None);
+    assert_eq!(
+        world.lock().unwrap().vms[&(0, "vm7".to_owned())].0,
+        "running"
+    );
+    coord.shutdown.cancel();
+}
+
+/// Waits (bounded, 10 s) until `cond` holds.
+async fn wait(mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < end, "timed out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
