@@ -12,6 +12,9 @@ use stagehand_tests::{bin, free_port, run_timeout};
 
 pub const TOKEN: &str = "coord-test-cluster-token-0123456789";
 
+/// The agents' host names, by index.
+pub const HOSTS: [&str; 2] = ["kvm-a1", "kvm-b1"];
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub child: Child,
@@ -159,12 +162,18 @@ impl Cluster {
             &mut nbd,
         );
         let agent_exe = bin("stagehand-agent", "agent");
+        // Guest images live in one directory that is every agent's images directory
+        // (their default, <data-dir>/images, is a symlink to it): a VM's image path is
+        // the same on both hosts, and agents only boot images from there.
+        let images = d.join("images");
+        std::fs::create_dir_all(&images).expect("mkdir");
         let mut agents = Vec::new();
-        for host in ["kvm-a1", "kvm-b1"] {
+        for host in HOSTS {
             let api = format!("127.0.0.1:{}", free_port());
             let mig = format!("127.0.0.1:{}", free_port());
             let data = d.join(format!("{host}-data"));
             std::fs::create_dir_all(&data).expect("mkdir");
+            std::os::unix::fs::symlink(&images, data.join("images")).expect("symlink images");
             let mut p = spawn(
                 &agent_exe,
                 &[
@@ -190,7 +199,7 @@ impl Cluster {
                 migration: mig,
             });
         }
-        let guest = guest_image(&agent_exe, "ab-sweeper", &d.join("ab.bin"));
+        let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
         let mut c = Cluster {
             dir,
             nbd: Node {
@@ -401,7 +410,7 @@ impl Cluster {
         guest_image(
             &bin("stagehand-agent", "agent"),
             kind,
-            &self.dir.path().join(format!("{kind}.bin")),
+            &self.dir.path().join("images").join(format!("{kind}.bin")),
         )
     }
 
@@ -524,7 +533,12 @@ impl Cluster {
     pub fn check_disk_writer(&self, i: usize, vm: &str, export: &str) -> u64 {
         let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/pause"), "");
         assert_eq!(code, 200, "pause {vm}: {v}");
-        let dump = self.dir.path().join(format!("{vm}.ram"));
+        // Agents write memory dumps only under their data directory.
+        let dump = self
+            .dir
+            .path()
+            .join(format!("{}-data", HOSTS[i]))
+            .join(format!("{vm}.ram"));
         let body = serde_json::json!({"path": dump}).to_string();
         let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/memory-dump"), &body);
         assert_eq!(code, 200, "memory-dump {vm}: {v}");
