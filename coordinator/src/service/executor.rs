@@ -432,12 +432,6 @@ impl Coordinator {
                 presence_of(run.da.get_vm(&run.vm.name).await),
             )
         };
-        let (storage_epoch, storage_holder) = if source_migration == SourceMigration::Active {
-            // Not needed until the source quiesces.
-            (0, None)
-        } else {
-            self.observed_lease(&run.vm).await
-        };
         let tokens = match run.vm.disks.split_first() {
             Some((first, rest))
                 if first.token.is_some()
@@ -448,6 +442,23 @@ impl Coordinator {
                 Some((first.epoch, first.holder.clone()))
             }
             _ => None,
+        };
+        // The storage node's lease matters for the next epoch and for a running target;
+        // where the driver provably reads neither (memory moving; the quiesce to
+        // journal; the go-ahead with tokens in hand) the call is saved: it would add to
+        // the guest's downtime.
+        let needs_storage = match (&source_migration, &run.doc.record.phase) {
+            (SourceMigration::Active, _) => false,
+            (SourceMigration::Quiesced, Phase::Precopy) => false,
+            (SourceMigration::Quiesced, Phase::Fenced { epoch }) => {
+                tokens != Some((*epoch, run.dst.name.clone()))
+            }
+            _ => true,
+        };
+        let (storage_epoch, storage_holder) = if needs_storage {
+            self.observed_lease(&run.vm).await
+        } else {
+            (0, None)
         };
         Observation {
             source,
