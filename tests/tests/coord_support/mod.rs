@@ -46,14 +46,6 @@ impl Drop for Proc {
     }
 }
 
-pub fn have_kvm() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 /// Waits until GET `url` answers 200 (bounded).
 pub fn wait_health(url: &str, token: Option<&str>, p: &mut Proc) {
     let end = Instant::now() + Duration::from_secs(30);
@@ -300,8 +292,7 @@ impl Cluster {
     /// A started cluster with its sites, storage node and hosts registered, or `None`
     /// after a loud skip when /dev/kvm is missing (the agents need it).
     pub fn registered_or_skip(test: &str) -> Option<Cluster> {
-        if !have_kvm() {
-            stagehand_tests::skip!("SKIPPED: {test}: /dev/kvm missing");
+        if !stagehand_tests::kvm_or_skip(test) {
             return None;
         }
         let c = Cluster::start();
