@@ -4,15 +4,16 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
+use stagehand_common::auth::{ApiAuth, require_bearer};
+use stagehand_common::secret::Secret;
 
 use crate::error::ApiError;
 use crate::model::*;
@@ -32,15 +33,12 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 struct AppState {
     coord: Arc<Coordinator>,
-    token: Option<Arc<String>>,
 }
 
-/// The router, with bearer auth on everything except /v1/health.
-pub fn router(coord: Arc<Coordinator>, token: Option<String>) -> Router {
-    let state = AppState {
-        coord,
-        token: token.map(Arc::new),
-    };
+/// The router, with bearer auth on everything except /v1/health (which answers only
+/// `{"status":"ok"}`).
+pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>) -> Router {
+    let state = AppState { coord };
     let authed = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/sites", get(list_sites))
@@ -57,7 +55,7 @@ pub fn router(coord: Arc<Coordinator>, token: Option<String>) -> Router {
         .route("/v1/migrations", get(list_migrations).post(migrate))
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
-        .layer(middleware::from_fn_with_state(state.clone(), auth));
+        .layer(middleware::from_fn_with_state(auth, require_bearer));
     Router::new()
         .route(
             "/v1/health",
@@ -68,28 +66,6 @@ pub fn router(coord: Arc<Coordinator>, token: Option<String>) -> Router {
             ApiError::not_found("not_found", "No such API path; see docs/coordinator.md.")
         })
         .with_state(state)
-}
-
-async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(want) = &st.token {
-        let got = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // Compare hashes so the comparison time does not depend on the token's length.
-        let (a, b) = (blake3::hash(got.as_bytes()), blake3::hash(want.as_bytes()));
-        if !bool::from(a.as_bytes().ct_eq(b.as_bytes())) {
-            return ApiError::new(
-                401,
-                "unauthorized",
-                "Missing or wrong bearer token; set STAGEHAND_TOKEN.",
-            )
-            .into_response();
-        }
-    }
-    next.run(req).await
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -121,7 +97,8 @@ pub struct StorageView {
     api: String,
     nbd: String,
     reachable_from: Vec<String>,
-    disk_dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_dir: Option<String>,
     own_token: bool,
 }
 
@@ -147,9 +124,10 @@ struct AddStorage {
     nbd: String,
     #[serde(default)]
     reachable_from: Vec<String>,
-    disk_dir: String,
     #[serde(default)]
-    token: Option<String>,
+    disk_dir: Option<String>,
+    #[serde(default)]
+    token: Option<Secret>,
 }
 
 async fn list_storage(State(st): State<AppState>) -> ApiResult<Vec<StorageView>> {
@@ -211,7 +189,7 @@ struct AddHost {
     migration: String,
     memory_mib: u64,
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 async fn list_hosts(State(st): State<AppState>) -> ApiResult<Vec<HostView>> {

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use stagehand_common::auth::{ApiAuth, AuthError};
+use stagehand_common::tls::{TlsError, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -19,8 +21,10 @@ pub enum ConfigError {
     },
     #[error("--api {0:?} is not HOST:PORT")]
     BadAddr(String),
-    #[error("the token file {0} is empty")]
-    EmptyToken(PathBuf),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Flags of `coord serve`; each can also be set in the TOML file.
@@ -43,25 +47,54 @@ pub struct ServeFlags {
     /// Read the cluster token from the first line of FILE.
     #[arg(long, value_name = "FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the API without authentication (and call daemons without a token). Only
+    /// on purpose: without a token and without this flag `coord serve` refuses to start.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// This coordinator's certificate (PEM): the API is served over HTTPS and daemons
+    /// are called with it as the client certificate. With --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): daemons called over https must present a certificate it signed.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Where `--disk-image` files must be (default <data-dir>/images).
+    #[arg(long, value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
     /// Concurrent migrations each host may take part in (default 2, as KubeVirt).
     #[arg(long, value_name = "N")]
     pub max_migrations_per_host: Option<usize>,
     /// Concurrent migrations each site may take part in, in or out (default 4).
     #[arg(long, value_name = "N")]
     pub max_migrations_per_site: Option<usize>,
-    /// TOML file with the same keys (api, data_dir, api_token, api_token_file, ...).
+    /// TOML file with the same keys, spelled like the flags (api, data-dir,
+    /// api-token-file, tls-cert, ...).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     api: Option<String>,
+    #[serde(alias = "data_dir")]
     data_dir: Option<PathBuf>,
+    #[serde(alias = "api_token")]
     api_token: Option<String>,
+    #[serde(alias = "api_token_file")]
     api_token_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_no_auth: bool,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    images_dir: Option<PathBuf>,
+    #[serde(alias = "max_migrations_per_host")]
     max_migrations_per_host: Option<usize>,
+    #[serde(alias = "max_migrations_per_site")]
     max_migrations_per_site: Option<usize>,
 }
 
@@ -69,7 +102,11 @@ struct FileConfig {
 pub struct ServeConfig {
     pub api: SocketAddr,
     pub data_dir: PathBuf,
-    pub api_token: Option<String>,
+    /// How API callers authenticate; its token is also sent to daemons added without
+    /// their own.
+    pub auth: ApiAuth,
+    pub tls: Option<TlsFiles>,
+    pub images_dir: PathBuf,
     pub max_migrations_per_host: usize,
     pub max_migrations_per_site: usize,
 }
@@ -94,29 +131,33 @@ impl ServeFlags {
             .or(file.api)
             .unwrap_or_else(|| "127.0.0.1:7070".to_owned());
         let api = api.parse().map_err(|_| ConfigError::BadAddr(api.clone()))?;
+        let token = self.api_token.or(file.api_token);
         let token_file = self.api_token_file.or(file.api_token_file);
-        let api_token = match (self.api_token.or(file.api_token), token_file) {
-            (Some(t), _) => Some(t),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let t = text.lines().next().unwrap_or("").trim().to_owned();
-                if t.is_empty() {
-                    return Err(ConfigError::EmptyToken(path));
-                }
-                Some(t)
-            }
-            (None, None) => None,
-        };
+        let auth = ApiAuth::from_flags(
+            token.as_deref(),
+            token_file.as_deref(),
+            self.insecure_no_auth || file.insecure_no_auth,
+            "coord",
+        )?;
+        let tls = TlsFiles::from_flags(
+            self.tls_cert.or(file.tls_cert).as_deref(),
+            self.tls_key.or(file.tls_key).as_deref(),
+            self.tls_ca.or(file.tls_ca).as_deref(),
+        )?;
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("coord-data"));
+        let images_dir = self
+            .images_dir
+            .or(file.images_dir)
+            .unwrap_or_else(|| data_dir.join("images"));
         Ok(ServeConfig {
             api,
-            data_dir: self
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("coord-data")),
-            api_token,
+            data_dir,
+            auth,
+            tls,
+            images_dir,
             max_migrations_per_host: self
                 .max_migrations_per_host
                 .or(file.max_migrations_per_host)
@@ -141,7 +182,7 @@ mod tests {
         let cfg = dir.path().join("c.toml");
         std::fs::write(
             &cfg,
-            "api = \"127.0.0.1:9\"\napi_token = \"file\"\nmax_migrations_per_host = 4\nmax_migrations_per_site = 3\n",
+            "api = \"127.0.0.1:9\"\napi-token = \"file\"\nmax-migrations-per-host = 4\nmax_migrations_per_site = 3\ndata-dir = \"/srv/coord\"\n",
         )
         .unwrap();
         let flags = ServeFlags {
@@ -151,9 +192,10 @@ mod tests {
         };
         let c = flags.resolve().unwrap();
         assert_eq!(c.api.port(), 7);
-        assert_eq!(c.api_token.as_deref(), Some("file"));
+        assert_eq!(c.auth.token().map(|t| t.expose()), Some("file"));
         assert_eq!(c.max_migrations_per_host, 4);
         assert_eq!(c.max_migrations_per_site, 3);
+        assert_eq!(c.images_dir, PathBuf::from("/srv/coord/images"));
         std::fs::write(&cfg, "bogus = 1\n").unwrap();
         let flags = ServeFlags {
             config: Some(cfg),
@@ -163,7 +205,22 @@ mod tests {
     }
 
     #[test]
-    fn token_file_first_line() {
+    fn no_token_refuses_to_start_unless_insecure() {
+        let e = ServeFlags::default().resolve().unwrap_err();
+        assert!(matches!(e, ConfigError::Auth(AuthError::NoToken)), "{e}");
+        assert!(e.to_string().contains("--insecure-no-auth"));
+        let c = ServeFlags {
+            insecure_no_auth: true,
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.auth.token().is_none());
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn token_file_first_line_and_tls_all_or_none() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t");
         std::fs::write(&f, "  secret \nignored\n").unwrap();
@@ -173,13 +230,21 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(c.api_token.as_deref(), Some("secret"));
+        assert_eq!(c.auth.token().map(|t| t.expose()), Some("secret"));
+        assert!(!format!("{c:?}").contains("secret"));
         std::fs::write(&f, "\n").unwrap();
         let e = ServeFlags {
-            api_token_file: Some(f),
+            api_token_file: Some(f.clone()),
             ..Default::default()
         }
         .resolve();
-        assert!(matches!(e, Err(ConfigError::EmptyToken(_))));
+        assert!(matches!(e, Err(ConfigError::Auth(_))));
+        let e = ServeFlags {
+            insecure_no_auth: true,
+            tls_cert: Some(f),
+            ..Default::default()
+        }
+        .resolve();
+        assert!(matches!(e, Err(ConfigError::Tls(_))));
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
+use stagehand_common::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -163,7 +164,7 @@ pub struct ExportInfo {
 pub struct FenceReply {
     pub epoch: u64,
     pub holder: String,
-    pub token: String,
+    pub token: Secret,
 }
 
 /// stagehand-nbd's control API.
@@ -178,13 +179,18 @@ impl StorageClient {
             .map(|_| ())
     }
 
+    /// Creates (or confirms) an export whose reads, like its writes, need the current
+    /// lease. Without `path` the node creates `<its export root>/<name>.img`.
     pub async fn put_export(
         &self,
         name: &str,
-        path: &str,
+        path: Option<&str>,
         size_bytes: u64,
     ) -> Result<ExportInfo, DaemonError> {
-        let body = json!({"path": path, "size_bytes": size_bytes});
+        let mut body = json!({"size_bytes": size_bytes, "require_lease_for_reads": true});
+        if let Some(p) = path {
+            body["path"] = json!(p);
+        }
         self.0
             .json(
                 reqwest::Method::PUT,
@@ -360,7 +366,7 @@ impl AgentClient {
     pub async fn resume_with_disks(
         &self,
         name: &str,
-        disks: &[String],
+        disks: &[Value],
     ) -> Result<AgentVm, DaemonError> {
         let body = json!({ "disks": disks });
         self.0
@@ -373,7 +379,7 @@ impl AgentClient {
     }
 
     /// The go-ahead of a coordinated switchover: the target opens `disks` and resumes.
-    pub async fn switchover(&self, id: &str, disks: &[String]) -> Result<(), DaemonError> {
+    pub async fn switchover(&self, id: &str, disks: &[Value]) -> Result<(), DaemonError> {
         let body = json!({ "disks": disks });
         self.0
             .call::<Value>(

@@ -1,9 +1,12 @@
 //! coord: the Stagehand coordinator (see README.md and docs/coordinator.md).
 //!
 //! - `store`: RocksDB state, atomic synced batches.
-//! - `migration`: the pure migration state machine and crash-recovery planner.
+//! - `migration`: the journaled record and its pure state machine.
+//! - `driver`: `next_action`, the pure decision of the next migration step (live and
+//!   after a restart alike).
 //! - `model`: inventory records; `daemons`: HTTP clients of stagehand-nbd and agents.
-//! - `service`: inventory, placement, VM creation, the migration driver, recovery.
+//! - `service`: inventory and placement, the VM lifecycle, the migration executor,
+//!   recovery.
 //! - `api`: the HTTP/JSON API (axum); `config`: `coord serve` flags and TOML.
 //! - `cli`: the client verbs (`coord site add`, `coord migrate`, ...).
 
@@ -11,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemons;
+pub mod driver;
 pub mod error;
 pub mod migration;
 pub mod model;
@@ -33,13 +37,17 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] stagehand_common::tls::TlsError),
+    #[error("cannot build the HTTP client for the daemons: {0}")]
+    Http(#[from] reqwest::Error),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
 }
 
-/// Runs the coordinator until `shutdown` fires: opens the store, settles migrations a
-/// previous run left unfinished (in the background), and serves the API. Prints
-/// `coord: api listening on ADDR` once it accepts connections.
+/// Runs the coordinator until `shutdown` fires: opens the store, hands migrations a
+/// previous run left unfinished to their executors, and serves the API (HTTPS with
+/// `--tls-*`). Prints `coord: api listening on ADDR` once it accepts connections.
 pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Store {
         dir: cfg.data_dir.clone(),
@@ -49,14 +57,23 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
         dir: cfg.data_dir.clone(),
         source,
     })?;
+    let (client_tls, server_tls) = match &cfg.tls {
+        Some(files) => (
+            Some(files.client_config()?),
+            Some(files.api_server_config()?),
+        ),
+        None => (None, None),
+    };
     let coord = service::Coordinator::new(
         st,
         service::ServiceConfig {
-            cluster_token: cfg.api_token.clone(),
+            cluster_token: cfg.auth.token().cloned(),
+            tls: client_tls,
+            images_dir: cfg.images_dir.clone(),
             max_migrations_per_host: cfg.max_migrations_per_host,
             max_migrations_per_site: cfg.max_migrations_per_site,
         },
-    );
+    )?;
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
         .map_err(|source| ServeError::Listen {
@@ -64,14 +81,22 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
             source,
         })?;
     let bound = listener.local_addr().map_err(ServeError::Serve)?;
-    let recovering = Arc::clone(&coord);
-    tokio::spawn(async move { recovering.recover().await });
+    // Unfinished migrations get their executors (and cancel controls) before the API
+    // answers its first call.
+    match coord.recover() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),
+        Err(e) => tracing::error!(error = %e, "cannot read the migration journal"),
+    }
+    let scheme = if server_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!("coord: api listening on {bound}");
-    tracing::info!(%bound, "coordinator serving");
-    let app = api::router(Arc::clone(&coord), cfg.api_token);
-    let stop = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
+    tracing::info!(%bound, scheme, "coordinator serving");
+    let app = api::router(Arc::clone(&coord), Arc::new(cfg.auth));
+    stagehand_common::http::serve(listener, app, server_tls, shutdown)
         .await
         .map_err(ServeError::Serve)?;
     coord.shutdown.cancel();

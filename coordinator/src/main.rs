@@ -29,13 +29,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(flags: coordinator::config::ServeFlags) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    stagehand_common::logging::init();
     let cfg = flags.resolve().context("reading the configuration")?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();

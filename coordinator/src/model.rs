@@ -2,7 +2,8 @@
 //! the API. Secrets (daemon tokens, lease tokens) live in the records but are skipped
 //! when a record is shown: see the `*View` conversions in `api.rs`.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use stagehand_common::secret::Secret;
 
 use crate::migration::MigrationRecord;
 
@@ -22,11 +23,13 @@ pub struct StorageNode {
     /// Sites other than its own whose hosts reach it (shared storage across sites).
     #[serde(default)]
     pub reachable_from: Vec<String>,
-    /// Directory on the storage node where the coordinator creates disk files.
-    pub disk_dir: String,
+    /// Directory on the storage node where the coordinator creates disk files; None:
+    /// the node's own export root (the export is created without a path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_dir: Option<String>,
     /// Token for this node's API when it differs from the cluster token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 impl StorageNode {
@@ -46,7 +49,7 @@ pub struct Host {
     /// Guest memory this host may hold, MiB (the agent does not report it yet).
     pub memory_mib: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,9 +60,21 @@ pub struct Disk {
     /// Lease epoch and holder as last confirmed by the storage node.
     pub epoch: u64,
     pub holder: String,
-    /// The holder's lease token (secret: never shown by the API, never logged).
-    #[serde(default)]
-    pub token: String,
+    /// The holder's lease token (never shown by the API, never logged; `Debug`
+    /// prints `<redacted>`). None when the coordinator does not know it (a roll
+    /// forward to a lease the target got before a crash). Stored as a string, "" for
+    /// None.
+    #[serde(default, serialize_with = "token_out", deserialize_with = "token_in")]
+    pub token: Option<Secret>,
+}
+
+fn token_out<S: Serializer>(t: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_ref().map(Secret::expose).unwrap_or(""))
+}
+
+fn token_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(Secret::new(s).ok())
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -186,6 +201,26 @@ mod tests {
     }
 
     #[test]
+    fn disk_tokens_are_stored_but_never_debug_printed() {
+        let d = Disk {
+            storage: "n".into(),
+            export: "e".into(),
+            size_bytes: 1,
+            epoch: 2,
+            holder: "h".into(),
+            token: Secret::new("tok-secret-1").ok(),
+        };
+        assert!(!format!("{d:?}").contains("tok-secret-1"));
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains("\"token\":\"tok-secret-1\""), "{json}");
+        let back: Disk = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, d);
+        let cleared = Disk { token: None, ..d };
+        let json = serde_json::to_string(&cleared).unwrap();
+        assert_eq!(serde_json::from_str::<Disk>(&json).unwrap().token, None);
+    }
+
+    #[test]
     fn storage_reach() {
         let s = StorageNode {
             name: "nbd-a1".into(),
@@ -193,7 +228,7 @@ mod tests {
             api: "http://x".into(),
             nbd: "x:1".into(),
             reachable_from: vec!["siteB".into()],
-            disk_dir: "/d".into(),
+            disk_dir: None,
             token: None,
         };
         assert!(s.reaches("siteA"));

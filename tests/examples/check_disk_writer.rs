@@ -1,11 +1,16 @@
 //! `check_disk_writer`: checks a running disk-writer guest the way the end-to-end tests
 //! do, for the demo. Pauses the VM on its agent, dumps its RAM, reads the first MiB
-//! of its disk through a read-only NBD connection, runs `agent::guests`'
+//! of its disk through NBD (nothing is written), runs `agent::guests`'
 //! `check_disk_records` and `check_ab_ram`, and resumes the VM.
 //!
 //! ```text
-//! check_disk_writer AGENT_URL VM NBD_HOST:PORT EXPORT DUMP_DIR   (token in STAGEHAND_TOKEN)
+//! check_disk_writer AGENT_URL VM NBD_HOST:PORT EXPORT DUMP_DIR
 //! ```
+//!
+//! The API token comes from `STAGEHAND_TOKEN`. Disks the coordinator creates need the
+//! current lease for reads too: give its token in `STAGEHAND_LEASE_TOKEN` (e.g. from
+//! `coord lease-tokens VM --data-dir DIR`); without it the export is opened by its
+//! plain name.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -55,9 +60,14 @@ async fn run() -> Result<()> {
             .and_then(|w| w.try_into().ok())
             .context("the RAM dump is too short")?;
         let acked = u64::from_le_bytes(word);
-        let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+        // The lease travels in the export name on the wire only.
+        let name = match std::env::var("STAGEHAND_LEASE_TOKEN") {
+            Ok(t) if !t.is_empty() => format!("{export};lease={t}"),
+            _ => export.to_owned(),
+        };
+        let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(&name))
             .await
-            .context("connecting to the storage node read-only")?;
+            .context("connecting to the storage node")?;
         let len = c.size().min(1 << 20) as u32;
         let disk = c.read(0, len).await.context("reading the disk")?;
         let _ = c.disconnect().await;

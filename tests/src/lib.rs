@@ -58,6 +58,20 @@ macro_rules! skip {
     }};
 }
 
+/// Whether KVM is usable (`/dev/kvm` opens read-write); prints the loud skip line for
+/// `test` when it is not. The one KVM check of the integration tests.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        skip!("SKIPPED: {test}: /dev/kvm missing or not usable");
+    }
+    usable
+}
+
 /// Returns from the calling test with a loud message when a tool is missing.
 #[macro_export]
 macro_rules! require_tool {

@@ -4,7 +4,11 @@
 
 mod coord_support;
 
-use coord_support::Cluster;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use coord_support::{Cluster, TOKEN, spawn};
+use stagehand_tests::{bin, free_port, run_timeout};
 
 #[test]
 fn inventory_verbs_and_their_errors() {
@@ -56,8 +60,6 @@ fn inventory_verbs_and_their_errors() {
         &dead,
         "--nbd",
         "127.0.0.1:1",
-        "--disk-dir",
-        "/tmp",
     ]);
     assert!(err.contains("storage_unreachable"), "{err}");
 
@@ -94,7 +96,7 @@ fn vm_create_show_list_delete() {
     };
     let guest = c.guest.display().to_string();
     // A disk image: the coordinator writes it through NBD under its own lease.
-    let img = c.dir.path().join("disk.img");
+    let img = c.images_dir().join("disk.img");
     let pattern: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     std::fs::write(&img, &pattern).expect("write image");
     let vm = c.ok(&[
@@ -117,7 +119,8 @@ fn vm_create_show_list_delete() {
     // Epoch 1 went to the filler, 2 to the host.
     assert_eq!(vm["disks"][0]["epoch"], 2);
     assert_eq!(c.lease("vm7-disk0"), ("kvm-a1".to_owned(), 2));
-    let file = std::fs::read(c.dir.path().join("disks/vm7-disk0.img")).expect("disk file");
+    // Created without a path: in the node's own export root.
+    let file = std::fs::read(c.disk_file("vm7-disk0")).expect("disk file");
     assert_eq!(file.len(), 16 << 20);
     assert_eq!(&file[..pattern.len()], &pattern[..]);
     assert_eq!(c.agent_vm_state(0, "vm7"), "running");
@@ -141,6 +144,23 @@ fn vm_create_show_list_delete() {
         assert!(!show[key].is_null(), "vm show lacks {key}: {show}");
     }
     assert_eq!(show["agent_state"], "running");
+    // A disk image must come from the coordinator's images directory.
+    let err = c.fails(&[
+        "vm",
+        "create",
+        "vm9",
+        "--site",
+        "siteA",
+        "--memory",
+        "64M",
+        "--image",
+        &guest,
+        "--disk",
+        "16M",
+        "--disk-image",
+        "/etc/passwd",
+    ]);
+    assert!(err.contains("path_not_allowed"), "{err}");
     assert!(
         show.to_string().find("token").is_none(),
         "tokens must not leak: {show}"
@@ -152,4 +172,161 @@ fn vm_create_show_list_delete() {
     assert_eq!(c.agent_vm_state(1, "vm8"), "absent");
     let err = c.fails(&["vm", "show", "vm8"]);
     assert!(err.contains("vm_not_found"), "{err}");
+}
+
+/// `coord serve` refuses to start without a token (unless --insecure-no-auth); with
+/// `coord certs create` and --tls-* its API is HTTPS, /v1/health answers only
+/// `{"status":"ok"}` without a token, and the CLI verifies it against --ca.
+#[test]
+fn secure_by_default_https_api_and_certs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let coord = bin("coord", "coordinator");
+    let api = format!("127.0.0.1:{}", free_port());
+    let data = d.join("coord-data").display().to_string();
+    let out = run_timeout(
+        Command::new(&coord).args(["serve", "--api", &api, "--data-dir", &data]),
+        Duration::from_secs(20),
+    )
+    .expect("coord serve runs");
+    assert!(
+        !out.status.success(),
+        "coord serve without a token must not start"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--insecure-no-auth"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+
+    let pki = d.join("pki");
+    let out = run_timeout(
+        Command::new(&coord).args([
+            "certs",
+            "create",
+            "--out",
+            &pki.display().to_string(),
+            "--node",
+            "coord",
+            "--node",
+            "nbd-a1",
+            "--san",
+            "coord.example",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("coord certs create runs");
+    assert!(out.status.success(), "certs create: {out:?}");
+    for f in [
+        "ca-cert.pem",
+        "coord/server-cert.pem",
+        "coord/server-key.pem",
+        "coord/client-key.pem",
+        "nbd-a1/ca-cert.pem",
+    ] {
+        assert!(pki.join(f).is_file(), "{f} missing");
+    }
+    let n = pki.join("coord");
+    let mut p = spawn(
+        &coord,
+        &[
+            "serve".into(),
+            "--api".into(),
+            api.clone(),
+            "--data-dir".into(),
+            data.clone(),
+            "--api-token".into(),
+            TOKEN.into(),
+            "--tls-cert".into(),
+            n.join("server-cert.pem").display().to_string(),
+            "--tls-key".into(),
+            n.join("server-key.pem").display().to_string(),
+            "--tls-ca".into(),
+            n.join("ca-cert.pem").display().to_string(),
+        ],
+        "coord serve",
+        &d.join("coord.log"),
+        &[],
+    );
+    let ca = pki.join("ca-cert.pem").display().to_string();
+    let health = |scheme: &str| {
+        let out = run_timeout(
+            Command::new("curl").args([
+                "-s",
+                "-m",
+                "2",
+                "--cacert",
+                &ca,
+                &format!("{scheme}://{api}/v1/health"),
+            ]),
+            Duration::from_secs(5),
+        )
+        .expect("curl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            panic!(
+                "coord serve exited: {s}: {:?}",
+                std::fs::read_to_string(d.join("coord.log"))
+            );
+        }
+        let (ok, body) = health("https");
+        if ok {
+            break body;
+        }
+        assert!(Instant::now() < end, "HTTPS health never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("health JSON");
+    assert_eq!(v, serde_json::json!({"status": "ok"}));
+    assert!(!health("http").0, "plain HTTP to the HTTPS API must fail");
+    let url = format!("https://{api}");
+    let cli = |extra: &[&str]| {
+        let out = run_timeout(
+            Command::new(&coord)
+                .args(extra)
+                .args(["site", "add", "siteA", "--json"])
+                .env("STAGEHAND_COORDINATOR", &url)
+                .env("STAGEHAND_TOKEN", TOKEN)
+                .env_remove("STAGEHAND_CA"),
+            Duration::from_secs(30),
+        )
+        .expect("coord runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = cli(&[]);
+    assert!(!ok && err.contains("--ca"), "{err}");
+    let other = d.join("other");
+    other_ca(&coord, &other);
+    let (ok, err) = cli(&["--ca", &other.join("ca-cert.pem").display().to_string()]);
+    assert!(
+        !ok && err.contains("cannot reach the coordinator"),
+        "a foreign CA: {err}"
+    );
+    let (ok, err) = cli(&["--ca", &ca]);
+    assert!(ok, "site add over HTTPS: {err}");
+    p.kill();
+}
+
+/// A second, unrelated CA (via `coord certs create`).
+fn other_ca(coord: &std::path::Path, out: &std::path::Path) {
+    let o = run_timeout(
+        Command::new(coord).args([
+            "certs",
+            "create",
+            "--out",
+            &out.display().to_string(),
+            "--node",
+            "x",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("certs create");
+    assert!(o.status.success());
 }

@@ -26,33 +26,13 @@ fn create_writer(c: &Cluster) {
     ]);
 }
 
-/// The phases of a migration's journal, in order.
-fn journal_phases(c: &Cluster, id: &str) -> Vec<String> {
-    let show = c.ok(&["migration", "show", id]);
-    show["journal"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["phase"]["phase"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Names of the hosts whose agent runs vm7.
-fn running_on(c: &Cluster) -> Vec<&'static str> {
-    [("kvm-a1", 0usize), ("kvm-b1", 1)]
-        .into_iter()
-        .filter(|(_, i)| c.agent_vm_state(*i, "vm7") == "running")
-        .map(|(h, _)| h)
-        .collect()
-}
-
 #[test]
 fn disk_writer_moves_back_and_forth_five_times() {
     let Some(c) = Cluster::registered_or_skip("disk_writer_moves_back_and_forth_five_times") else {
         return;
     };
     create_writer(&c);
-    std::thread::sleep(Duration::from_millis(500));
+    c.wait_guest_progress(0, "vm7");
     let mut acked = c.check_disk_writer(0, "vm7", EXPORT);
     let (_, mut epoch) = c.lease(EXPORT);
     assert_eq!(epoch, 1);
@@ -93,7 +73,7 @@ fn disk_writer_moves_back_and_forth_five_times() {
         assert_eq!(m["state"], "committed", "{m}");
         let id = m["id"].as_str().unwrap_or("").to_owned();
         assert_eq!(
-            journal_phases(&c, &id),
+            c.journal_phases(&id),
             [
                 "planned",
                 "precopy",
@@ -111,10 +91,10 @@ fn disk_writer_moves_back_and_forth_five_times() {
         let vm = c.ok(&["vm", "show", "vm7"]);
         assert_eq!(vm["host"], to_host);
         assert_eq!(vm["disks"][0]["epoch"], epoch);
-        assert_eq!(running_on(&c), vec![to_host], "exactly one copy runs");
+        assert_eq!(c.running_on("vm7"), vec![to_host], "exactly one copy runs");
         // The guest goes on writing on the target, and what it acknowledged anywhere
         // is on the disk.
-        std::thread::sleep(Duration::from_millis(300));
+        c.wait_guest_progress(to_idx, "vm7");
         let now = c.check_disk_writer(to_idx, "vm7", EXPORT);
         assert!(
             now > acked,
@@ -122,7 +102,7 @@ fn disk_writer_moves_back_and_forth_five_times() {
         );
         acked = now;
         // Past the node's 100 ms grace the fenced connection is closed: refused either way.
-        held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+        held.assert_fenced(&c.nbd.nbd, EXPORT, &c.read_token("vm7"), 4 << 20);
         drop(held);
         assert!(
             token_refused(&c.nbd.nbd, EXPORT, &old[0].2),
@@ -132,12 +112,7 @@ fn disk_writer_moves_back_and_forth_five_times() {
         at = to_idx;
     }
     // The target's console shows the guest alive after the last move.
-    let before = c.console_len(at, "vm7");
-    let end = Instant::now() + Duration::from_secs(20);
-    while c.console_len(at, "vm7") <= before {
-        assert!(Instant::now() < end, "the guest's console stopped growing");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_guest_progress(at, "vm7");
 }
 
 /// Starts a migration of vm7 to siteB with the coordinator held at `fenced`; returns
@@ -148,14 +123,11 @@ fn migrate_until_fenced(c: &Cluster, go: &std::path::Path) -> String {
     let _ = std::fs::remove_file(&held);
     let m = c.ok(&["migrate", "vm7", "--to", "siteB", "--downtime-ms", "300"]);
     let id = m["id"].as_str().expect("migration id").to_owned();
-    let end = Instant::now() + Duration::from_secs(90);
-    while !held.exists() {
-        assert!(
-            Instant::now() < end,
-            "the coordinator never reached the fenced hold point"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_for(
+        "the coordinator to reach the fenced hold point",
+        Duration::from_secs(90),
+        |_| held.exists().then_some(()),
+    );
     id
 }
 
@@ -173,7 +145,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     let hold = format!("fenced:{}", go.display());
     c.start_coord(&[("STAGEHAND_COORD_HOLD", hold.as_str())]);
     create_writer(&c);
-    std::thread::sleep(Duration::from_millis(500));
+    c.wait_guest_progress(0, "vm7");
     c.check_disk_writer(0, "vm7", EXPORT);
 
     // 1. Cancelled after the fence, before the go-ahead: the disks come back.
@@ -181,7 +153,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     let held = HeldWriter::open(&c.nbd.nbd, EXPORT, &before[0].2);
     let id = migrate_until_fenced(&c, &go);
     // Right after the fence (the coordinator holds): the source's old binding.
-    let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, 4 << 20);
+    let errno = held.assert_fenced(&c.nbd.nbd, EXPORT, &c.read_token("vm7"), 4 << 20);
     eprintln!(
         "write under the epoch-1 token right after the fence: errno {errno:?} (1 = EPERM; None = closed)"
     );
@@ -193,7 +165,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     let m = c.wait_migration(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "rolled_back", "{m}");
     assert_eq!(c.lease(EXPORT), ("kvm-a1".to_owned(), 3));
-    assert_eq!(running_on(&c), vec!["kvm-a1"]);
+    assert_eq!(c.running_on("vm7"), vec!["kvm-a1"]);
     c.check_disk_writer(0, "vm7", EXPORT);
     for (e, _, t) in before.iter().chain(&fenced) {
         assert!(
@@ -214,7 +186,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     std::fs::write(&go, b"").expect("release the hold");
     let m = c.wait_migration(&id, Duration::from_secs(120));
     assert_eq!(m["state"], "rolled_back", "{m}");
-    let phases = journal_phases(&c, &id);
+    let phases = c.journal_phases(&id);
     assert_eq!(
         phases,
         [
@@ -233,7 +205,7 @@ fn failure_after_the_fence_rolls_back_under_a_new_epoch() {
     assert_eq!(vm["host"], "kvm-a1");
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["disks"][0]["epoch"], 5);
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_guest_progress(0, "vm7");
     c.check_disk_writer(0, "vm7", EXPORT);
     for (e, _, t) in before.iter().chain(&fenced) {
         assert!(

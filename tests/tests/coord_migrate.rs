@@ -8,6 +8,20 @@ use std::time::Duration;
 
 use coord_support::Cluster;
 
+/// A migration that does not converge on its own (1 MiB/s, 1 ms of downtime allowed).
+fn slow_migrate(vm: &str) -> [&str; 8] {
+    [
+        "migrate",
+        vm,
+        "--to",
+        "siteB",
+        "--bandwidth",
+        "1",
+        "--downtime-ms",
+        "1",
+    ]
+}
+
 #[test]
 fn cancel_keeps_the_guest_on_the_source() {
     let Some(c) = Cluster::registered_or_skip("cancel_keeps_the_guest_on_the_source") else {
@@ -18,13 +32,12 @@ fn cancel_keeps_the_guest_on_the_source() {
         "vm", "create", "vm7", "--site", "siteA", "--memory", "256M", "--image", &guest, "--disk",
         "16M",
     ]);
-    // 1 MiB/s: 256 MiB cannot finish before the cancel, once the guest sweeps at full
-    // speed (a freshly booted one dirties little, and Sparse frames carry its pages in
-    // ~20 bytes, so even 1 MiB/s could converge).
-    std::thread::sleep(Duration::from_secs(2));
-    let m = c.ok(&["migrate", "vm7", "--to", "siteB", "--bandwidth", "1"]);
+    // 1 MiB/s and a 1 ms downtime limit: pre-copy cannot converge while the guest
+    // writes anything (a freshly booted one dirties little, and Sparse frames carry
+    // its pages in ~20 bytes, so a cap alone could converge).
+    let m = c.ok(&slow_migrate("vm7"));
     let id = m["id"].as_str().expect("id").to_owned();
-    std::thread::sleep(Duration::from_millis(800));
+    c.wait_precopy(&id);
     c.ok(&["migration", "cancel", &id]);
     let m = c.wait_migration(&id, Duration::from_secs(60));
     assert_eq!(m["phase"]["phase"], "cancelled", "{m}");
@@ -34,12 +47,8 @@ fn cancel_keeps_the_guest_on_the_source() {
     let vm = c.ok(&["vm", "show", "vm7"]);
     assert_eq!(vm["host"], "kvm-a1");
     assert_eq!(vm["state"], "running");
-    // The target has no copy left (bounded wait: the agent drops it when the stream ends).
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while c.agent_vm_state(1, "vm7") != "absent" {
-        assert!(std::time::Instant::now() < end, "target copy stayed");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The target has no copy left (the agent drops it when the stream ends).
+    c.wait_absent(1, "vm7");
 }
 
 #[test]
@@ -54,11 +63,9 @@ fn limits_and_offline_move() {
             "8M",
         ]);
     }
-    // Two slow migrations occupy kvm-a1 (limit 2 per host): a third is refused. The
-    // guests sweep at full speed first, or 1 MiB/s could converge (see above).
-    std::thread::sleep(Duration::from_secs(2));
-    let m1 = c.ok(&["migrate", "vm1", "--to", "siteB", "--bandwidth", "1"]);
-    let m2 = c.ok(&["migrate", "vm2", "--to", "siteB", "--bandwidth", "1"]);
+    // Two slow migrations occupy kvm-a1 (limit 2 per host): a third is refused.
+    let m1 = c.ok(&slow_migrate("vm1"));
+    let m2 = c.ok(&slow_migrate("vm2"));
     let err = c.fails(&["migrate", "vm3", "--to", "siteB"]);
     assert!(err.contains("too_many_migrations"), "{err}");
     let err = c.fails(&["migrate", "vm1", "--to", "siteB"]);
@@ -118,7 +125,7 @@ fn limits_and_offline_move() {
         p.kill();
     }
     c.start_coord_with(&["--max-migrations-per-site", "1"], &[]);
-    let m1 = c.ok(&["migrate", "vm1", "--to", "siteB", "--bandwidth", "1"]);
+    let m1 = c.ok(&slow_migrate("vm1"));
     let err = c.fails(&["migrate", "vm2", "--host", "kvm-b1"]);
     assert!(
         err.contains("too_many_migrations") && err.contains("Site siteA"),

@@ -12,6 +12,9 @@ use stagehand_tests::{bin, free_port, run_timeout};
 
 pub const TOKEN: &str = "coord-test-cluster-token-0123456789";
 
+/// The agents' host names, by index.
+pub const HOSTS: [&str; 2] = ["kvm-a1", "kvm-b1"];
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub child: Child,
@@ -41,14 +44,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-pub fn have_kvm() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
 }
 
 /// Waits until GET `url` answers 200 (bounded).
@@ -99,7 +94,7 @@ pub struct Cluster {
     pub guest: PathBuf,
 }
 
-fn spawn(
+pub fn spawn(
     exe: &Path,
     args: &[String],
     name: &'static str,
@@ -135,7 +130,8 @@ impl Cluster {
         let nbd_api = format!("127.0.0.1:{}", free_port());
         let nbd_port = format!("127.0.0.1:{}", free_port());
         std::fs::create_dir_all(d.join("nbd-data")).expect("mkdir");
-        std::fs::create_dir_all(d.join("disks")).expect("mkdir");
+        // The coordinator's images directory (its default, <data-dir>/images).
+        std::fs::create_dir_all(d.join("coord-data/images")).expect("mkdir");
         let mut nbd = spawn(
             &bin("stagehand-nbd", "nbd-server"),
             &[
@@ -161,12 +157,18 @@ impl Cluster {
             &mut nbd,
         );
         let agent_exe = bin("stagehand-agent", "agent");
+        // Guest images live in one directory that is every agent's images directory
+        // (their default, <data-dir>/images, is a symlink to it): a VM's image path is
+        // the same on both hosts, and agents only boot images from there.
+        let images = d.join("images");
+        std::fs::create_dir_all(&images).expect("mkdir");
         let mut agents = Vec::new();
-        for host in ["kvm-a1", "kvm-b1"] {
+        for host in HOSTS {
             let api = format!("127.0.0.1:{}", free_port());
             let mig = format!("127.0.0.1:{}", free_port());
             let data = d.join(format!("{host}-data"));
             std::fs::create_dir_all(&data).expect("mkdir");
+            std::os::unix::fs::symlink(&images, data.join("images")).expect("symlink images");
             let mut p = spawn(
                 &agent_exe,
                 &[
@@ -192,7 +194,7 @@ impl Cluster {
                 migration: mig,
             });
         }
-        let guest = guest_image(&agent_exe, "ab-sweeper", &d.join("ab.bin"));
+        let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
         let mut c = Cluster {
             dir,
             nbd: Node {
@@ -293,8 +295,7 @@ impl Cluster {
     /// A started cluster with its sites, storage node and hosts registered, or `None`
     /// after a loud skip when /dev/kvm is missing (the agents need it).
     pub fn registered_or_skip(test: &str) -> Option<Cluster> {
-        if !have_kvm() {
-            stagehand_tests::skip!("SKIPPED: {test}: /dev/kvm missing");
+        if !stagehand_tests::kvm_or_skip(test) {
             return None;
         }
         let c = Cluster::start();
@@ -305,7 +306,7 @@ impl Cluster {
     pub fn register(&self) {
         self.ok(&["site", "add", "siteA"]);
         self.ok(&["site", "add", "siteB"]);
-        let disks = self.dir.path().join("disks").display().to_string();
+        // No --disk-dir: disks go to the node's own export root (<data-dir>/exports).
         self.ok(&[
             "storage",
             "add",
@@ -318,8 +319,6 @@ impl Cluster {
             &self.nbd.nbd,
             "--reachable-from",
             "siteB",
-            "--disk-dir",
-            &disks,
         ]);
         for (i, (host, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
             .iter()
@@ -341,28 +340,45 @@ impl Cluster {
         }
     }
 
+    /// The one HTTP client of the coord tests (curl): `method` on `url` with the
+    /// cluster token and an optional JSON body; (status, raw body).
+    pub fn http_raw(&self, method: &str, url: &str, body: Option<&str>) -> (u16, Vec<u8>) {
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-m",
+            "60",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &auth,
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "-d", b]);
+        }
+        cmd.arg(url);
+        let out = run_timeout(&mut cmd, Duration::from_secs(70)).expect("curl runs");
+        let text = out.stdout;
+        let split = text.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+        let code = String::from_utf8_lossy(&text[split..])
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, text[..split].to_vec())
+    }
+
+    /// [`Cluster::http_raw`] with a JSON answer (Null when it is not JSON).
+    pub fn http(&self, method: &str, url: &str, body: Option<&str>) -> (u16, Value) {
+        let (code, raw) = self.http_raw(method, url, body);
+        (code, serde_json::from_slice(&raw).unwrap_or(Value::Null))
+    }
+
     /// GET on a daemon with the cluster token; (status, JSON body).
     pub fn get(&self, url: &str) -> (u16, Value) {
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "10",
-                "-w",
-                "\n%{http_code}",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                url,
-            ]),
-            Duration::from_secs(15),
-        )
-        .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
+        self.http("GET", url, None)
     }
 
     /// The VM's state on agent `i` ("absent" when the agent has none).
@@ -388,8 +404,32 @@ impl Cluster {
         guest_image(
             &bin("stagehand-agent", "agent"),
             kind,
-            &self.dir.path().join(format!("{kind}.bin")),
+            &self.dir.path().join("images").join(format!("{kind}.bin")),
         )
+    }
+
+    /// Where the storage node keeps an export's file (its default export root).
+    pub fn disk_file(&self, export: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("nbd-data/exports")
+            .join(format!("{export}.img"))
+    }
+
+    /// The coordinator's images directory (`--disk-image` files go there).
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join("coord-data/images")
+    }
+
+    /// The token of the VM's first disk's current lease (reads need it: the
+    /// coordinator creates disks with `require_lease_for_reads`).
+    pub fn read_token(&self, vm: &str) -> String {
+        let t = self.lease_tokens(vm);
+        assert!(
+            t.first().is_some_and(|d| !d.2.is_empty()),
+            "no lease token recorded for {vm}: {t:?}"
+        );
+        t[0].2.clone()
     }
 
     /// The VM's disk lease tokens `(epoch, holder, token)`, read from the coordinator's
@@ -421,49 +461,64 @@ impl Cluster {
     /// POST on agent `i` with the cluster token; (status, JSON body).
     pub fn agent_post(&self, i: usize, path: &str, body: &str) -> (u16, Value) {
         let url = format!("http://{}{path}", self.agents[i].api);
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "60",
-                "-X",
-                "POST",
-                "-w",
-                "\n%{http_code}",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                body,
-                &url,
-            ]),
-            Duration::from_secs(70),
-        )
-        .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
+        self.http("POST", &url, Some(body))
     }
 
     /// Bytes of COM1 output of the VM on agent `i`.
     pub fn console_len(&self, i: usize, vm: &str) -> usize {
-        let out = run_timeout(
-            Command::new("curl").args([
-                "-s",
-                "-m",
-                "10",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                &format!("http://{}/v1/vms/{vm}/console", self.agents[i].api),
-            ]),
-            Duration::from_secs(15),
-        )
-        .expect("curl runs");
-        out.stdout.len()
+        let url = format!("http://{}/v1/vms/{vm}/console", self.agents[i].api);
+        self.http_raw("GET", &url, None).1.len()
+    }
+
+    /// Waits until the guest on agent `i` printed something new since now (the disk
+    /// writer prints 'A' once booted, then 'W' every 4096 acknowledged records), so
+    /// it has made progress: at least one 'W' in all. The observable replacement for
+    /// "sleep a moment and hope it ran".
+    pub fn wait_guest_progress(&self, i: usize, vm: &str) {
+        let start = self.console_len(i, vm).max(1);
+        self.wait_for(
+            &format!("{vm} on agent {i} to make progress"),
+            Duration::from_secs(60),
+            |c| (c.console_len(i, vm) > start).then_some(()),
+        );
+    }
+
+    /// Waits (bounded) until agent `i` has no copy of `vm`.
+    pub fn wait_absent(&self, i: usize, vm: &str) {
+        self.wait_for(
+            &format!("agent {i} to drop {vm}"),
+            Duration::from_secs(20),
+            |c| (c.agent_vm_state(i, vm) == "absent").then_some(()),
+        );
+    }
+
+    /// The phases of a migration's journal, in order.
+    pub fn journal_phases(&self, id: &str) -> Vec<String> {
+        let show = self.ok(&["migration", "show", id]);
+        show["journal"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["phase"]["phase"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Names of the hosts whose agent runs `vm`.
+    pub fn running_on(&self, vm: &str) -> Vec<&'static str> {
+        [("kvm-a1", 0usize), ("kvm-b1", 1)]
+            .into_iter()
+            .filter(|(_, i)| self.agent_vm_state(*i, vm) == "running")
+            .map(|(h, _)| h)
+            .collect()
+    }
+
+    /// Waits until migration `id` is in pre-copy and has moved some memory.
+    pub fn wait_precopy(&self, id: &str) -> Value {
+        self.wait_for("pre-copy to move memory", Duration::from_secs(60), |c| {
+            let (ok, m, _) = c.cli(&["migration", "show", id]);
+            (ok && m["state"] == "precopy" && m["memory_bytes"].as_u64().unwrap_or(0) > 0)
+                .then_some(m)
+        })
     }
 
     /// Checks the disk-writer guest of `vm` on agent `i`: pause, dump its RAM, read its
@@ -472,7 +527,12 @@ impl Cluster {
     pub fn check_disk_writer(&self, i: usize, vm: &str, export: &str) -> u64 {
         let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/pause"), "");
         assert_eq!(code, 200, "pause {vm}: {v}");
-        let dump = self.dir.path().join(format!("{vm}.ram"));
+        // Agents write memory dumps only under their data directory.
+        let dump = self
+            .dir
+            .path()
+            .join(format!("{}-data", HOSTS[i]))
+            .join(format!("{vm}.ram"));
         let body = serde_json::json!({"path": dump}).to_string();
         let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/memory-dump"), &body);
         assert_eq!(code, 200, "memory-dump {vm}: {v}");
@@ -482,7 +542,7 @@ impl Cluster {
         let mut word = [0u8; 8];
         word.copy_from_slice(&ram[at..at + 8]);
         let acked = u64::from_le_bytes(word);
-        let disk = read_disk(&self.nbd.nbd, export, 1 << 20);
+        let disk = read_disk(&self.nbd.nbd, export, &self.read_token(vm), 1 << 20);
         let check = agent::guests::check_disk_records(&disk, acked)
             .unwrap_or_else(|e| panic!("disk of {vm} on agent {i}: {e}"));
         agent::guests::check_ab_ram(&ram).unwrap_or_else(|e| panic!("RAM of {vm}: {e}"));
@@ -492,22 +552,33 @@ impl Cluster {
         acked
     }
 
-    /// Polls `coord migration show` until the migration is terminal (bounded).
-    pub fn wait_migration(&self, id: &str, limit: Duration) -> Value {
+    /// Polls `probe` until it yields a value (bounded; panics naming `what`).
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut(&Cluster) -> Option<T>,
+    ) -> T {
         let end = Instant::now() + limit;
         loop {
-            let (ok, v, _) = self.cli(&["migration", "show", id]);
-            if ok
-                && matches!(
-                    v["state"].as_str(),
-                    Some("committed" | "rolled_back" | "cancelled")
-                )
-            {
+            if let Some(v) = probe(self) {
                 return v;
             }
-            assert!(Instant::now() < end, "migration {id} did not end: {v}");
-            std::thread::sleep(Duration::from_millis(200));
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Polls `coord migration show` until the migration is terminal (bounded).
+    pub fn wait_migration(&self, id: &str, limit: Duration) -> Value {
+        self.wait_for(&format!("migration {id} to end"), limit, |c| {
+            let (ok, v, _) = c.cli(&["migration", "show", id]);
+            (ok && matches!(
+                v["state"].as_str(),
+                Some("committed" | "rolled_back" | "cancelled")
+            ))
+            .then_some(v)
+        })
     }
 }
 
@@ -523,14 +594,14 @@ fn guest_image(agent_exe: &Path, kind: &str, out_path: &Path) -> PathBuf {
     out_path.to_path_buf()
 }
 
-/// The first `len` bytes of `export`, read through a read-only NBD connection (plain
-/// export name, no lease).
-pub fn read_disk(nbd: &str, export: &str, len: u32) -> Vec<u8> {
+/// The first `len` bytes of `export`, read under the current lease `token` (nothing
+/// is written).
+pub fn read_disk(nbd: &str, export: &str, token: &str, len: u32) -> Vec<u8> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let fut = async {
-            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
-                .await?;
+            let opts = nbd_client::ClientOptions::new(&format!("{export};lease={token}"));
+            let c = nbd_client::Client::connect_tcp(nbd, opts).await?;
             let data = c.read(0, len).await?;
             c.disconnect().await?;
             Ok::<_, nbd_client::ClientError>(data)
@@ -610,8 +681,15 @@ impl HeldWriter {
     }
 
     /// Asserts the write at `offset` is refused (EPERM or a closed connection) and that
-    /// nothing landed on the disk; returns the errno when there was one.
-    pub fn assert_fenced(&self, nbd: &str, export: &str, offset: u64) -> Option<u32> {
+    /// nothing landed on the disk (read under the current holder's `reader_token`);
+    /// returns the errno when there was one.
+    pub fn assert_fenced(
+        &self,
+        nbd: &str,
+        export: &str,
+        reader_token: &str,
+        offset: u64,
+    ) -> Option<u32> {
         let r = self.write(offset);
         let errno = match r {
             Ok(()) => panic!("a write under a fenced token landed at {offset}"),
@@ -621,7 +699,8 @@ impl HeldWriter {
         };
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let sector = rt.block_on(async {
-            let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(export))
+            let opts = nbd_client::ClientOptions::new(&format!("{export};lease={reader_token}"));
+            let c = nbd_client::Client::connect_tcp(nbd, opts)
                 .await
                 .expect("read-only connect");
             let d = c.read(offset, 512).await.expect("read back");
