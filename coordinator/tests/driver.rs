@@ -146,6 +146,8 @@ enum Script {
     TargetDiesAtGoAhead,
     /// Moves memory for ever (a capped pre-copy that does not converge) until cancelled.
     NeverConverges,
+    /// Completes by itself without a go-ahead: the target runs with the source's disks.
+    CompletesAlone,
 }
 
 #[derive(Default)]
@@ -260,6 +262,16 @@ async fn agent(idx: usize, world: Shared<World>) -> String {
                     w.polls += 1;
                     if w.migration == "active"
                         && w.polls > 3
+                        && w.script == Some(Script::CompletesAlone)
+                    {
+                        w.migration = "completed".into();
+                        if let Some((_, disks)) = w.vms.remove(&(a.idx, "vm7".to_owned())) {
+                            w.vms
+                                .insert((1 - a.idx, "vm7".to_owned()), ("running".into(), disks));
+                        }
+                    }
+                    if w.migration == "active"
+                        && w.polls > 3
                         && w.script != Some(Script::NeverConverges)
                     {
                         w.migration = "quiesced".into();
@@ -272,6 +284,24 @@ async fn agent(idx: usize, world: Shared<World>) -> String {
                         "passes": [{}, {}], "quiesced_at_ms": 30.0, "error": error,
                     }))
                 }),
+            )
+            .route(
+                "/v1/vms/{name}/pause",
+                post(
+                    |State(a): State<AgentState>, Path(name): Path<String>| async move {
+                        let mut w = a.world.lock().unwrap();
+                        match w.vms.get_mut(&(a.idx, name.clone())) {
+                            Some(vm) if vm.0 == "running" => {
+                                vm.0 = "paused".into();
+                                (
+                                    StatusCode::OK,
+                                    Json(json!({"name": name, "state": "paused"})),
+                                )
+                            }
+                            _ => err(StatusCode::CONFLICT, "wrong_state"),
+                        }
+                    },
+                ),
             )
             .route(
                 "/v1/migrations/{id}/cancel",
@@ -299,7 +329,7 @@ async fn agent(idx: usize, world: Shared<World>) -> String {
                         w.go_aheads.push(b.clone());
                         let vm = ("vm7".to_owned(), a.idx);
                         match w.script.unwrap_or(Script::Normal) {
-                            Script::Normal | Script::NeverConverges => {
+                            Script::Normal | Script::NeverConverges | Script::CompletesAlone => {
                                 let disks = b["disks"].as_array().cloned().unwrap_or_default();
                                 w.vms.remove(&(vm.1, vm.0.clone()));
                                 w.vms.insert((1 - vm.1, vm.0), ("running".into(), disks));
@@ -733,4 +763,35 @@ async fn wait(mut cond: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < end, "timed out");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The agents finish a migration without the go-ahead (the target runs on the
+/// source's, soon fenced, token): the running copy is adopted - the disks are fenced
+/// to it under a new epoch and it is paused and resumed with the new token - and the
+/// migration commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_running_target_is_adopted_with_its_new_token() {
+    let f = fixture().await;
+    f.world.lock().unwrap().script = Some(Script::CompletesAlone);
+    let (m, phases) = migrate_and_wait(&f).await;
+    assert_eq!(m["state"], "committed", "{m}");
+    assert_eq!(
+        phases.last().map(String::as_str),
+        Some("committed"),
+        "{phases:?}"
+    );
+    let lease = f.storage.lock().unwrap().leases["vm7-disk0"].clone();
+    assert_eq!((lease.0, lease.1.as_str()), (2, "kvm-b1"));
+    let w = f.world.lock().unwrap();
+    assert_eq!(
+        w.resumes,
+        vec![(
+            1,
+            json!({"disks": [{"nbd": "nbd://127.0.0.1:1/vm7-disk0", "lease": lease.2}]})
+        )],
+        "the target is resumed once, with the epoch-2 token"
+    );
+    assert_eq!(w.vms[&(1, "vm7".to_owned())].0, "running");
+    drop(w);
+    assert_eq!(f.coord.vm("vm7").expect("vm").host, "kvm-b1");
 }

@@ -562,7 +562,13 @@ impl Coordinator {
                 Ok(Flow::Continue)
             }
             Action::Fence { to, epoch } => {
-                self.fence(run, to, epoch).await?;
+                let fenced = self.fence(run, to, epoch).await?;
+                if fenced && to == Side::Target && obs.target == VmPresence::Running {
+                    // Adopting a target that already runs (the agents finished without
+                    // the coordinator): it still holds the old, now fenced, token; hand
+                    // it the new one (the agent takes new disks on resume).
+                    self.rehand_target(run).await?;
+                }
                 Ok(Flow::Continue)
             }
             Action::GoAhead => {
@@ -712,7 +718,9 @@ impl Coordinator {
     }
 
     /// Journals the intent, fences, records the tokens (and `Fenced` for the target).
-    async fn fence(&self, run: &mut Run, to: Side, epoch: u64) -> Result<(), ApiError> {
+    /// True when the fence landed (false: a failed fence to the target, now a
+    /// decided rollback).
+    async fn fence(&self, run: &mut Run, to: Side, epoch: u64) -> Result<bool, ApiError> {
         let (intent, holder) = match to {
             Side::Target => (Event::FenceIntent { epoch }, run.dst.name.clone()),
             Side::Source => (Event::RollbackIntent { epoch }, run.src.name.clone()),
@@ -725,17 +733,39 @@ impl Coordinator {
         match (r, to) {
             // The VM record keeps its host until the commit but takes the new tokens
             // now, in the same synced batch as `Fenced`.
-            (Ok(()), Side::Target) => self.record_step(run, Event::FenceConfirmed, true).await,
+            (Ok(()), Side::Target) => self
+                .record_step(run, Event::FenceConfirmed, true)
+                .await
+                .map(|()| true),
             (Ok(()), Side::Source) => {
                 self.store.put("vms", &run.vm.name, &run.vm)?;
-                Ok(())
+                Ok(true)
             }
-            (Err(e), Side::Target) => {
-                self.decide_rollback(run, format!("fencing the disks to the target failed: {e}"))
-            }
+            (Err(e), Side::Target) => self
+                .decide_rollback(run, format!("fencing the disks to the target failed: {e}"))
+                .map(|()| false),
             // Retried by the driver under a newer epoch.
             (Err(e), Side::Source) => Err(e),
         }
+    }
+
+    /// Pauses the running target and resumes it with the VM's current tokens.
+    async fn rehand_target(&self, run: &mut Run) -> Result<(), ApiError> {
+        match run.da.pause(&run.vm.name).await {
+            Err(e) if e.status() != Some(409) => {
+                return Err(ApiError::daemon(
+                    "pausing the target to hand it its lease",
+                    &e,
+                ));
+            }
+            _ => {}
+        }
+        let disks = self.disk_specs(&run.vm)?;
+        run.da
+            .resume_with_disks(&run.vm.name, &disks)
+            .await
+            .map_err(|e| ApiError::daemon("resuming the target with its lease", &e))?;
+        Ok(())
     }
 
     /// Fences every disk of the VM to `holder` at `epoch` and records the new tokens.
