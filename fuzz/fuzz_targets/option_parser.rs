@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
             // Whatever decodes must encode and decode to the same value.
             let mut out = Vec::new();
             opt.encode(&mut out);
-            let again = ClientOption::decode(opt.code(), &out[OPTION_HEADER_LEN..]).expect("re-decode");
+            let again =
+                ClientOption::decode(opt.code(), &out[OPTION_HEADER_LEN..]).expect("re-decode");
             assert_eq!(again, opt);
         }
     }

@@ -40,7 +40,22 @@ async fn run() -> Result<()> {
         bail!("usage: check_disk_writer AGENT_URL VM NBD_HOST:PORT EXPORT DUMP_DIR");
     };
     let token = std::env::var("STAGEHAND_TOKEN").unwrap_or_default();
-    let http = reqwest::Client::new();
+    // STAGEHAND_TLS_DIR: a node certificate directory (ca-cert.pem, client-cert.pem,
+    // client-key.pem): the agent's API is then HTTPS and the storage node wants TLS.
+    let tls = match std::env::var_os("STAGEHAND_TLS_DIR") {
+        Some(d) => Some(
+            stagehand_common::pki::node_files(std::path::Path::new(&d))
+                .client_config()
+                .context("TLS files in STAGEHAND_TLS_DIR")?,
+        ),
+        None => None,
+    };
+    let http = match &tls {
+        Some(c) => reqwest::Client::builder()
+            .use_preconfigured_tls(rustls::ClientConfig::clone(c))
+            .build()?,
+        None => reqwest::Client::new(),
+    };
     let base = agent.trim_end_matches('/');
     post(&http, &format!("{base}/v1/vms/{vm}/pause"), &token, None).await?;
     let checked = async {
@@ -60,12 +75,17 @@ async fn run() -> Result<()> {
             .and_then(|w| w.try_into().ok())
             .context("the RAM dump is too short")?;
         let acked = u64::from_le_bytes(word);
-        // The lease travels in the export name on the wire only.
-        let name = match std::env::var("STAGEHAND_LEASE_TOKEN") {
-            Ok(t) if !t.is_empty() => format!("{export};lease={t}"),
-            _ => export.to_owned(),
-        };
-        let c = nbd_client::Client::connect_tcp(nbd, nbd_client::ClientOptions::new(&name))
+        // The lease travels in the export name on the wire only (nbd-client builds it).
+        let mut opts = nbd_client::ClientOptions::new(export);
+        if let Ok(t) = std::env::var("STAGEHAND_LEASE_TOKEN") {
+            if !t.is_empty() {
+                opts = opts.lease(&stagehand_common::secret::Secret::new(t)?);
+            }
+        }
+        if let Some(c) = &tls {
+            opts = opts.tls(c.clone(), stagehand_common::tls::server_name(nbd)?);
+        }
+        let c = nbd_client::Client::connect_tcp(nbd, opts)
             .await
             .context("connecting to the storage node")?;
         let len = c.size().min(1 << 20) as u32;

@@ -2,8 +2,8 @@
 //! `nbd://HOST[:PORT]/EXPORT`, `nbds://HOST[:PORT]/EXPORT` (TLS) or
 //! `nbd+unix:///EXPORT?socket=PATH`, and `lease` the write lease's token. The token
 //! never travels in the URI: one with `;lease=` is refused ([`DiskError::LeaseInUri`]),
-//! and the `EXPORT;lease=TOKEN` name stagehand-nbd parses is built only on the way to
-//! the wire ([`DiskUri::export_name`]). [`DiskUri`] is not `Debug`; old URIs that
+//! and the token goes to nbd-client's `ClientOptions::lease`, which builds the
+//! `EXPORT;lease=TOKEN` name stagehand-nbd parses only on the way to the wire. [`DiskUri`] is not `Debug`; old URIs that
 //! still carry a token are shown through [`redact_uri`].
 
 use std::path::PathBuf;
@@ -177,16 +177,6 @@ impl DiskUri {
         redact_uri(&self.uri)
     }
 
-    /// The export name on the wire: `EXPORT;lease=TOKEN` with a lease (what
-    /// stagehand-nbd parses), else `EXPORT`. The only place the two meet; nbd-client
-    /// in this base has no `ClientOptions::lease` to do it.
-    fn export_name(&self) -> String {
-        match &self.lease {
-            Some(t) => format!("{}{LEASE_MARK}{}", self.export, t.expose()),
-            None => self.export.clone(),
-        }
-    }
-
     /// `text` with any copy of the token (a server may echo the export name) hidden.
     pub fn scrub(&self, text: &str) -> String {
         match &self.lease {
@@ -196,7 +186,10 @@ impl DiskUri {
     }
 
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        let opts = ClientOptions::new(&self.export_name());
+        let mut opts = ClientOptions::new(&self.export);
+        if let Some(t) = &self.lease {
+            opts = opts.lease(t);
+        }
         match &self.target {
             Target::Tcp(addr) if self.tls => connect_tls(addr, opts).await,
             Target::Tcp(addr) => Client::connect_tcp(addr, opts).await,
@@ -205,21 +198,18 @@ impl DiskUri {
     }
 }
 
-/// `nbds://`: NBD over TLS with the agent's client configuration.
-///
-/// INTEGRATION POINT (nbd-client TLS): nbd-client in this base has no TLS yet
-/// (`ClientOptions` gains `.tls(config, server name)` in a parallel change). When it
-/// lands, this becomes
-/// `Client::connect_tcp(addr, opts.tls(cfg.clone(), tls::server_name(addr)?)).await`.
-/// Until then an `nbds://` disk fails to open with a clear error, never in the clear.
-async fn connect_tls(addr: &str, _opts: ClientOptions) -> Result<Client, ClientError> {
-    let why = match TLS_CLIENT.get() {
-        None => format!("nbds://{addr}: this agent has no --tls-* configured"),
-        Some(_) => {
-            format!("nbds://{addr}: NBD over TLS is not available in this build's nbd-client yet")
-        }
+/// `nbds://`: NBD over TLS (STARTTLS) with the agent's client configuration: the
+/// storage node is checked against the cluster CA under its host name or address,
+/// and the agent presents its own certificate.
+async fn connect_tls(addr: &str, opts: ClientOptions) -> Result<Client, ClientError> {
+    let Some(cfg) = TLS_CLIENT.get() else {
+        return Err(ClientError::Io(std::io::Error::other(format!(
+            "nbds://{addr}: this agent has no --tls-* configured"
+        ))));
     };
-    Err(ClientError::Io(std::io::Error::other(why)))
+    let name = stagehand_common::tls::server_name(addr)
+        .map_err(|e| ClientError::Io(std::io::Error::other(e.to_string())))?;
+    Client::connect_tcp(addr, opts.tls(Arc::clone(cfg), name)).await
 }
 
 #[cfg(test)]
@@ -238,11 +228,11 @@ mod tests {
         let u = DiskUri::new(&disk("nbd://127.0.0.1:10900/d1", Some("abc"))).expect("valid");
         assert!(u.target == Target::Tcp("127.0.0.1:10900".into()));
         assert_eq!(u.export, "d1");
-        assert_eq!(u.export_name(), "d1;lease=abc");
+        assert_eq!(u.lease.as_ref().map(Secret::expose), Some("abc"));
         assert!(!u.tls);
         let u = DiskUri::parse("nbd://host/d1").expect("valid");
         assert!(u.target == Target::Tcp(format!("host:{DEFAULT_NBD_PORT}")));
-        assert_eq!(u.export_name(), "d1");
+        assert!(u.lease.is_none());
         let u = DiskUri::parse("nbd://[::1]/d1").expect("valid");
         assert!(u.target == Target::Tcp(format!("[::1]:{DEFAULT_NBD_PORT}")));
         let u = DiskUri::parse("nbd://[::1]:99/d1").expect("valid");
@@ -256,7 +246,7 @@ mod tests {
         let u =
             DiskUri::new(&disk("nbd+unix:///d1?socket=/run/nbd.sock", Some("t0k"))).expect("valid");
         assert!(u.target == Target::Unix("/run/nbd.sock".into()));
-        assert_eq!(u.export_name(), "d1;lease=t0k");
+        assert_eq!(u.lease.as_ref().map(Secret::expose), Some("t0k"));
     }
 
     #[test]

@@ -171,8 +171,18 @@ impl Coordinator {
             .fence(export, 1, FILL_HOLDER)
             .await
             .map_err(|e| ApiError::daemon("taking the disk to fill it", &e))?;
-        // The lease travels in the export name (`EXPORT;lease=TOKEN`) on the wire only.
-        let opts = nbd_client::ClientOptions::new(&format!("{export};lease={}", f.token.expose()));
+        // The lease travels in the export name on the wire only (nbd-client builds it);
+        // with TLS the node is checked against the CA and sees our certificate.
+        let mut opts = nbd_client::ClientOptions::new(export).lease(&f.token);
+        if let Some(tls) = &self.cfg.tls {
+            let name = stagehand_common::tls::server_name(&storage.nbd).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "The storage node's NBD address {} is not a TLS name: {e}.",
+                    storage.nbd
+                ))
+            })?;
+            opts = opts.tls(std::sync::Arc::clone(tls), name);
+        }
         let fill = async {
             let c = nbd_client::Client::connect_tcp(&storage.nbd, opts).await?;
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
