@@ -7,6 +7,12 @@
 //! fresh cookie before it is sent, and one reader task routes every reply chunk
 //! to its waiter, so replies may arrive in any order.
 //!
+//! [`ClientOptions::lease`] opens a leased export with its token (sent as
+//! `EXPORT;lease=TOKEN` in the handshake only; no `Debug` shows it), and
+//! [`ClientOptions::tls`] requires TLS: NBD_OPT_STARTTLS, then a rustls handshake
+//! checking the server's certificate (and presenting the config's client
+//! certificate, which a stagehand-nbd with `--tls-*` requires).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), nbd_client::ClientError> {
 //! use nbd_client::{Client, ClientOptions};
@@ -882,4 +888,20 @@ async fn chunk<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_goes_on_the_wire_only_and_debug_hides_it() {
+        let token = Secret::new("s3cret-lease-token").expect("token");
+        let o = ClientOptions::new("vm7").lease(&token);
+        assert_eq!(o.wire_name(), "vm7;lease=s3cret-lease-token");
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert_eq!(ClientOptions::new("vm7").wire_name(), "vm7");
+    }
 }
