@@ -376,6 +376,31 @@ mod tests {
     }
 
     #[test]
+    fn toml_keys_of_auth_confinement_and_tls() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            api-token-file = "/etc/stagehand/api-token"
+            export-roots = ["/srv/disks"]
+            allow-devices = ["/dev/vdb"]
+            tls-cert = "/t/server-cert.pem"
+            tls-key = "/t/server-key.pem"
+            tls-ca = "/t/ca-cert.pem"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(file.export_roots, [PathBuf::from("/srv/disks")]);
+        let c = Config::merge(Args::default(), file).unwrap_err();
+        // The token file does not exist: the error names it.
+        assert!(c.to_string().contains("/etc/stagehand/api-token"), "{c}");
+        let mut half: FileConfig = toml::from_str("tls-cert = \"/t/c.pem\"").unwrap();
+        half.insecure_no_auth = Some(true);
+        assert!(matches!(
+            Config::merge(Args::default(), half),
+            Err(ConfigError::Tls(_))
+        ));
+    }
+
+    #[test]
     fn export_roots_default_to_the_data_dir() {
         let c = Config::merge(authed(), FileConfig::default()).unwrap();
         assert!(c.export_roots.is_empty());
