@@ -141,9 +141,6 @@ impl Cluster {
                 nbd_api.clone(),
                 "--data-dir".into(),
                 d.join("nbd-data").display().to_string(),
-                // The coordinator's --disk-dir: API-added exports must be under a root.
-                "--export-root".into(),
-                d.join("disks").display().to_string(),
                 "--api-token".into(),
                 TOKEN.into(),
             ],
