@@ -5,11 +5,11 @@
 //! 16-byte header and as much payload as it declares, cut short by the input's end).
 #![no_main]
 
+use agent::migration::protocol::SwitchoverMode;
 use agent::migration::protocol::{
     Command, FrameHeader, HEADER_LEN, Message, parse_memory, parse_sparse,
 };
 use agent::migration::receiver::{HANDSHAKE_MAX_FRAME, ReceiverState};
-use agent::migration::protocol::SwitchoverMode;
 use libfuzzer_sys::fuzz_target;
 
 const STATES: [ReceiverState; 9] = [
@@ -54,7 +54,9 @@ fuzz_target!(|data: &[u8]| {
         if state.check_header(&h, mode).is_err() {
             return;
         }
-        let n = usize::try_from(h.length).unwrap_or(usize::MAX).min(rest.len());
+        let n = usize::try_from(h.length)
+            .unwrap_or(usize::MAX)
+            .min(rest.len());
         let (payload, tail) = rest.split_at(n);
         rest = tail;
         let decoded = Message::decode(&h, payload);
