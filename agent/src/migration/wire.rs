@@ -38,13 +38,42 @@ fn response_only(h: &FrameHeader) -> Result<(), String> {
     }
 }
 
+/// The socket under a TLS stream, read through a buffer: rustls reads records 4 KiB
+/// at a time, which would cost a syscall per 4 KiB of a 64 MiB Memory frame.
+pub struct BufSock(std::io::BufReader<TcpStream>);
+
+/// Read buffer of [`BufSock`].
+const TLS_READ_BUFFER: usize = 256 << 10;
+
+impl BufSock {
+    fn new(tcp: TcpStream) -> Self {
+        BufSock(std::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp))
+    }
+}
+
+impl Read for BufSock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for BufSock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.get_mut().flush()
+    }
+}
+
 /// The byte stream under a [`Conn`]: plain TCP, or TLS (rustls, blocking) over it.
 pub enum Stream {
     Plain(TcpStream),
     /// The sender's side of a TLS connection.
-    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, BufSock>>),
     /// The receiver's side of a TLS connection.
-    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, BufSock>>),
 }
 
 impl Stream {
@@ -55,7 +84,10 @@ impl Stream {
         name: rustls::pki_types::ServerName<'static>,
     ) -> std::io::Result<Self> {
         let c = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
-        Ok(Stream::Client(Box::new(rustls::StreamOwned::new(c, tcp))))
+        Ok(Stream::Client(Box::new(rustls::StreamOwned::new(
+            c,
+            BufSock::new(tcp),
+        ))))
     }
 
     /// A TLS server stream (the handshake runs on first use: the receiver's first
@@ -65,28 +97,32 @@ impl Stream {
         cfg: std::sync::Arc<rustls::ServerConfig>,
     ) -> std::io::Result<Self> {
         let c = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
-        Ok(Stream::Server(Box::new(rustls::StreamOwned::new(c, tcp))))
+        Ok(Stream::Server(Box::new(rustls::StreamOwned::new(
+            c,
+            BufSock::new(tcp),
+        ))))
     }
 
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Client(s) => s.get_ref(),
-            Stream::Server(s) => s.get_ref(),
+            Stream::Client(s) => s.get_ref().0.get_ref(),
+            Stream::Server(s) => s.get_ref().0.get_ref(),
         }
     }
 
-    /// Plaintext that TLS already decrypted and buffered (a peek on the socket would
-    /// not see it).
+    /// Bytes already read off the socket (TLS records in the read buffer, or
+    /// plaintext TLS decrypted): a peek on the socket would not see them.
     fn buffered(&mut self) -> bool {
-        fn has<S: rustls::SideData>(c: &mut rustls::ConnectionCommon<S>) -> bool {
-            c.process_new_packets()
-                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
+        fn has<S: rustls::SideData>(c: &mut rustls::ConnectionCommon<S>, sock: &BufSock) -> bool {
+            !sock.0.buffer().is_empty()
+                || c.process_new_packets()
+                    .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
         }
         match self {
             Stream::Plain(_) => false,
-            Stream::Client(s) => has(&mut s.conn),
-            Stream::Server(s) => has(&mut s.conn),
+            Stream::Client(s) => has(&mut s.conn, &s.sock),
+            Stream::Server(s) => has(&mut s.conn, &s.sock),
         }
     }
 }
