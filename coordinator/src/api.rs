@@ -315,3 +315,15 @@ async fn cancel_migration(State(st): State<AppState>, Path(id): Path<String>) ->
     let m = st.coord.cancel_migration(&id)?;
     Ok(Json(migration_view(&m, None)))
 }
+
+/// For the `api_bodies` fuzz target: the coordinator's request bodies (0: storage
+/// add, 1: host add, 2: vm create, 3: migrate), parsed as their handlers do.
+#[doc(hidden)]
+pub fn fuzz_request_body(route: u8, raw: &[u8]) {
+    match route % 4 {
+        0 => drop(body::<AddStorage>(raw)),
+        1 => drop(body::<AddHost>(raw)),
+        2 => drop(body::<CreateVmRequest>(raw)),
+        _ => drop(body::<MigrateRequest>(raw)),
+    }
+}

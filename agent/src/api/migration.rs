@@ -141,6 +141,23 @@ async fn ticket(
         .into_response())
 }
 
+/// For the `api_bodies` fuzz target: the migration routes' bodies (0: migrate,
+/// 1: switchover, 2: limits patch, 3: ticket), parsed as their handlers do.
+#[doc(hidden)]
+pub fn fuzz_request_body(route: u8, body: &[u8]) {
+    use crate::migration::service::{LimitsPatch, MigrateRequest, SwitchoverRequest};
+    match route % 4 {
+        0 => drop(serde_json::from_slice::<MigrateRequest>(body)),
+        1 => {
+            if let Ok(r) = serde_json::from_slice::<SwitchoverRequest>(body) {
+                let _ = super::check_disks(&r.disks);
+            }
+        }
+        2 => drop(serde_json::from_slice::<LimitsPatch>(body)),
+        _ => drop(serde_json::from_slice::<TicketRequest>(body)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
