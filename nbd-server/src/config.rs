@@ -208,12 +208,17 @@ impl Config {
                 return Err(ConfigError::DuplicateExport(e.name.clone()));
             }
         }
-        let auth = ApiAuth::from_flags(
-            args.api_token.or(file.api_token).as_deref(),
-            args.api_token_file.or(file.api_token_file).as_deref(),
-            args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
-            "stagehand-nbd",
-        )?;
+        let api = args.api.or(file.api);
+        let token = args.api_token.or(file.api_token);
+        let token_file = args.api_token_file.or(file.api_token_file);
+        let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+        // Without --api there is no API to protect (a quick `--export` server); any
+        // auth flag given is still checked.
+        let auth = if api.is_none() && token.is_none() && token_file.is_none() && !insecure {
+            ApiAuth::InsecureNoAuth
+        } else {
+            ApiAuth::from_flags(token.as_deref(), token_file.as_deref(), insecure, "stagehand-nbd")?
+        };
         let data_dir = args.data_dir.or(file.data_dir);
         let mut export_roots = if args.export_roots.is_empty() {
             file.export_roots
@@ -247,7 +252,7 @@ impl Config {
                 .or(file.io_engine)
                 .unwrap_or(EngineKind::Auto),
             data_dir,
-            api: args.api.or(file.api),
+            api,
             auth,
             max_connections: args
                 .max_connections
@@ -361,12 +366,18 @@ mod tests {
 
     #[test]
     fn no_token_refuses_to_start_unless_opted_out() {
-        let e = Config::merge(Args::default(), FileConfig::default()).unwrap_err();
+        // No API at all: nothing to authenticate, the server starts.
+        Config::merge(Args::default(), FileConfig::default()).expect("no API, no token needed");
+        let with_api = || Args {
+            api: Some("127.0.0.1:0".into()),
+            ..Args::default()
+        };
+        let e = Config::merge(with_api(), FileConfig::default()).unwrap_err();
         assert!(matches!(e, ConfigError::Auth(AuthError::NoToken)), "{e}");
         assert!(e.to_string().contains("--insecure-no-auth"), "{e}");
         let open = Args {
             insecure_no_auth: true,
-            ..Args::default()
+            ..with_api()
         };
         let c = Config::merge(open, FileConfig::default()).unwrap();
         assert!(matches!(c.auth, ApiAuth::InsecureNoAuth));
