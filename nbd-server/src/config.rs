@@ -217,7 +217,12 @@ impl Config {
         let auth = if api.is_none() && token.is_none() && token_file.is_none() && !insecure {
             ApiAuth::InsecureNoAuth
         } else {
-            ApiAuth::from_flags(token.as_deref(), token_file.as_deref(), insecure, "stagehand-nbd")?
+            ApiAuth::from_flags(
+                token.as_deref(),
+                token_file.as_deref(),
+                insecure,
+                "stagehand-nbd",
+            )?
         };
         let data_dir = args.data_dir.or(file.data_dir);
         let mut export_roots = if args.export_roots.is_empty() {

@@ -77,10 +77,10 @@ async fn run() -> Result<()> {
         let acked = u64::from_le_bytes(word);
         // The lease travels in the export name on the wire only (nbd-client builds it).
         let mut opts = nbd_client::ClientOptions::new(export);
-        if let Ok(t) = std::env::var("STAGEHAND_LEASE_TOKEN") {
-            if !t.is_empty() {
-                opts = opts.lease(&stagehand_common::secret::Secret::new(t)?);
-            }
+        if let Ok(t) = std::env::var("STAGEHAND_LEASE_TOKEN")
+            && !t.is_empty()
+        {
+            opts = opts.lease(&stagehand_common::secret::Secret::new(t)?);
         }
         if let Some(c) = &tls {
             opts = opts.tls(c.clone(), stagehand_common::tls::server_name(nbd)?);
