@@ -7,5 +7,7 @@ if [ ! -f fuzz/Cargo.toml ]; then
   echo "fuzz-build: no fuzz/ crate yet"
   exit 0
 fi
-bash scripts/cargo.sh build --release -p stagehand-fuzz --bins
+# The whole workspace (fuzz is a member): a `-p` build would resolve other features and
+# recompile shared dependencies; after `make test`'s own build this is a no-op.
+bash scripts/cargo.sh build --release --workspace --bins
 echo "fuzz-build: fuzz targets built"
