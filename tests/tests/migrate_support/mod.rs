@@ -10,14 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "migrate-test-token";
 
-/// Whether KVM is usable; prints the loud skip line when it is not.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    stagehand_tests::skip!("SKIPPED: {test}: /dev/kvm missing");
-    false
-}
+/// The integration tests' one KVM check.
+pub use stagehand_tests::kvm_or_skip;
 
 pub fn agent_bin() -> PathBuf {
     if let Ok(d) = std::env::var("STAGEHAND_BIN_DIR") {
