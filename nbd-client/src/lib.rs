@@ -553,7 +553,18 @@ impl Client {
         let mut w = self.inner.writer.lock().await;
         w.write_all(&head).await?;
         w.flush().await?;
-        w.shutdown().await?;
+        // The server may close as soon as it reads NBD_CMD_DISC (the spec allows it);
+        // our shutdown (over TLS: a close_notify) can then meet a closed socket. The
+        // request is sent, so that is a clean end, not an error.
+        match w.shutdown().await {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
         drop(w);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut self.reader).await;
         Ok(())
