@@ -731,11 +731,16 @@ async fn a_restarted_coordinator_drives_an_unfinished_precopy_at_once() {
     let gone = Arc::downgrade(&coord);
     drop(coord);
     wait(|| gone.upgrade().is_none()).await;
-    let coord = Coordinator::new(
-        Store::open(&dir.path().join("state")).expect("store reopens"),
-        service_config(dir.path()),
-    )
-    .expect("coordinator");
+    // The last executor task may still hold the store for a moment after the
+    // coordinator itself is gone: wait until RocksDB's lock is free.
+    let mut store = None;
+    wait(|| {
+        store = Store::open(&dir.path().join("state")).ok();
+        store.is_some()
+    })
+    .await;
+    let coord = Coordinator::new(store.expect("store reopens"), service_config(dir.path()))
+        .expect("coordinator");
     let before = moving(&coord).1;
     assert_eq!(coord.recover().expect("recover"), 1);
     // Figures advance again.
