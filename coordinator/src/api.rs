@@ -55,6 +55,7 @@ pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>) -> Router {
         .route("/v1/migrations", get(list_migrations).post(migrate))
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/migrations/{id}/release", post(release_migration))
         .layer(middleware::from_fn_with_state(auth, require_bearer));
     Router::new()
         .route(
@@ -276,7 +277,7 @@ pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> V
         "switchover_wait_ms": f.switchover_wait_ms,
         "memory_bytes": f.memory_bytes, "memory_total_bytes": f.memory_total_bytes,
         "remaining_bytes": f.remaining_bytes, "disk_bytes": f.disk_bytes, "passes": f.passes,
-        "source_epoch": r.source_epoch, "offline": m.options.offline,
+        "source_epoch": r.source_epoch, "offline": m.options.offline, "hold": m.options.hold,
         "agent_migration": m.agent_migration, "created_ms": m.created_ms,
         "finished_ms": m.finished_ms, "error": m.error,
     });
@@ -313,6 +314,11 @@ async fn migrate(
 
 async fn cancel_migration(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Value> {
     let m = st.coord.cancel_migration(&id)?;
+    Ok(Json(migration_view(&m, None)))
+}
+
+async fn release_migration(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Value> {
+    let m = st.coord.release_migration(&id)?;
     Ok(Json(migration_view(&m, None)))
 }
 

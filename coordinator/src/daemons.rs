@@ -429,6 +429,18 @@ impl AgentClient {
             .map(|_| ())
     }
 
+    /// Changes a running migration's limits (`PATCH /v1/migrations/{id}`).
+    pub async fn patch_migration(&self, id: &str, body: &Value) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(
+                reqwest::Method::PATCH,
+                &format!("/v1/migrations/{id}"),
+                Some(body),
+            )
+            .await
+            .map(|_| ())
+    }
+
     pub async fn cancel_migration(&self, id: &str) -> Result<(), DaemonError> {
         self.0
             .call::<Value>(

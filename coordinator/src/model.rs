@@ -112,6 +112,10 @@ pub struct MigrationOptions {
     pub bandwidth_mibs: Option<u64>,
     #[serde(default)]
     pub offline: bool,
+    /// Hold the switchover: pre-copy goes on until `POST /v1/migrations/{id}/release`
+    /// (or a cancel). Cleared once the release reached the source agent.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// Figures of a migration, copied from the source agent's statistics as it runs.

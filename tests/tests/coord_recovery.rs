@@ -122,8 +122,8 @@ fn killed_during_capped_precopy_is_driven_again_at_once() {
         Duration::from_secs(60),
         |c| (c.console_len(0, "vmc") >= 2).then_some(()),
     );
-    // 1 MiB/s and a 1 ms downtime limit: pre-copy does not converge while the guest
-    // writes (it goes on until the agent's timeout).
+    // Held at 1 MiB/s: pre-copy goes on until the cancel below (the hold is in the
+    // journaled options, so it outlives the coordinator restart).
     let v = c.ok(&[
         "migrate",
         "vmc",
@@ -131,8 +131,7 @@ fn killed_during_capped_precopy_is_driven_again_at_once() {
         "siteB",
         "--bandwidth",
         "1",
-        "--downtime-ms",
-        "1",
+        "--hold",
     ]);
     let id = v["id"].as_str().expect("migration id").to_owned();
     let moved = |c: &Cluster| -> (String, u64) {

@@ -25,6 +25,13 @@ pub struct Limits {
     pub auto_converge: bool,
     pub timeout_s: u64,
     pub timeout_action: TimeoutAction,
+    /// Hold the switchover: keep copying dirty pages however small the rest gets, until
+    /// the hold is lifted (PATCH `{"hold": false}`), the migration is cancelled, or the
+    /// timeout cancels it. Lets an operator (or the coordinator, waiting for a disk
+    /// mirror to catch up) choose the moment of the stop-and-copy; QEMU's
+    /// pause-before-switchover serves the same purpose one step later.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 impl Default for Limits {
@@ -35,6 +42,7 @@ impl Default for Limits {
             auto_converge: false,
             timeout_s: 3600,
             timeout_action: TimeoutAction::Cancel,
+            hold: false,
         }
     }
 }
@@ -63,6 +71,9 @@ pub enum Decision {
     SwitchOver { forced: bool },
     /// Give up (timeout with the cancel action); the guest stays on the source.
     Cancel,
+    /// The switchover would happen now but is held: send another pass (the sender
+    /// paces such passes so that a small dirty set does not spin a core).
+    Held,
 }
 
 /// Pre-copy state across passes.
@@ -117,6 +128,23 @@ impl Precopy {
     /// Records a pass and decides what to do next. `elapsed` is the time since the
     /// migration started.
     pub fn after_pass(&mut self, limits: &Limits, pass: PassReport, elapsed: Duration) -> Decision {
+        match self.decide(limits, pass, elapsed) {
+            // A hold keeps even a forced switchover back; a timeout's cancel still ends
+            // the migration (the guest stays on the source).
+            Decision::SwitchOver { .. } if limits.hold => {
+                if elapsed >= Duration::from_secs(limits.timeout_s)
+                    && limits.timeout_action == TimeoutAction::Cancel
+                {
+                    Decision::Cancel
+                } else {
+                    Decision::Held
+                }
+            }
+            d => d,
+        }
+    }
+
+    fn decide(&mut self, limits: &Limits, pass: PassReport, elapsed: Duration) -> Decision {
         self.passes += 1;
         self.total_bytes += pass.bytes;
         self.total_time += pass.duration;
@@ -264,6 +292,42 @@ mod tests {
             Decision::Iterate
         );
         assert!(p.expected_downtime(400 << 20) > Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_hold_keeps_the_switchover_back_until_lifted_or_timed_out() {
+        let mut l = Limits {
+            hold: true,
+            ..Limits::default()
+        };
+        let mut p = Precopy::new();
+        // Nothing dirty at all: without the hold this switches over at once.
+        for _ in 0..5 {
+            assert_eq!(
+                p.after_pass(&l, pass(256 << 20, 250, 0), Duration::from_secs(1)),
+                Decision::Held
+            );
+        }
+        // A forced switchover (timeout with the force action) is held back too.
+        l.timeout_action = TimeoutAction::Force;
+        l.timeout_s = 1;
+        assert_eq!(
+            p.after_pass(&l, pass(1 << 30, 1000, 900 << 20), Duration::from_secs(2)),
+            Decision::Held
+        );
+        // The cancel action still ends a held migration at the timeout.
+        l.timeout_action = TimeoutAction::Cancel;
+        assert_eq!(
+            p.after_pass(&l, pass(256 << 20, 250, 0), Duration::from_secs(2)),
+            Decision::Cancel
+        );
+        // Lifted: the next pass that fits switches over.
+        l.hold = false;
+        l.timeout_s = 3600;
+        assert_eq!(
+            p.after_pass(&l, pass(256 << 20, 250, 0), Duration::from_secs(2)),
+            Decision::SwitchOver { forced: false }
+        );
     }
 
     #[test]

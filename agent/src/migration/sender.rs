@@ -38,6 +38,9 @@ use super::stats::{
     Downtime, ErrorInfo, MigrationState, Outgoing, PassInfo, Window, ms, raise_thread_priority,
     thread_cpu,
 };
+
+/// Shortest interval between two passes while the switchover is held.
+const HELD_PASS_INTERVAL: Duration = Duration::from_millis(50);
 use super::wire::{Conn, Stream, WireError};
 use crate::contract::{MigrationSource, PAGE_SIZE, VmError};
 
@@ -347,6 +350,14 @@ fn migrate(
         pass += 1;
         match decision {
             Decision::Iterate => continue,
+            Decision::Held => {
+                // Nothing left to gain from back-to-back passes over a small set: pace
+                // them so a held migration costs little CPU while it waits.
+                if let Some(rest) = HELD_PASS_INTERVAL.checked_sub(duration) {
+                    std::thread::sleep(rest);
+                }
+                continue;
+            }
             Decision::SwitchOver { forced } => {
                 tracing::info!(pass, forced, dirty_pages, "switching over");
                 break;

@@ -36,6 +36,8 @@ pub struct MigrateRequest {
     pub switchover: Option<SwitchoverMode>,
     /// Coordinated mode: fail (source stays paused) without a go-ahead in this time.
     pub switchover_timeout_s: Option<u64>,
+    /// Hold the switchover until a PATCH lifts it (see `Limits::hold`).
+    pub hold: Option<bool>,
 }
 
 /// Body of `POST /v1/migrations/{id}/switchover`: the coordinator's go-ahead.
@@ -67,6 +69,7 @@ pub struct LimitsPatch {
     pub auto_converge: Option<bool>,
     pub timeout_s: Option<u64>,
     pub timeout_action: Option<TimeoutAction>,
+    pub hold: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +195,7 @@ impl MigrationService {
             auto_converge: req.auto_converge.unwrap_or(d.auto_converge),
             timeout_s: req.timeout_s.unwrap_or(d.timeout_s),
             timeout_action: req.timeout_action.unwrap_or(d.timeout_action),
+            hold: req.hold.unwrap_or(d.hold),
         };
         let switchover = req.switchover.unwrap_or_default();
         let switchover_timeout_s = req
@@ -444,6 +448,9 @@ impl MigrationService {
         }
         if let Some(v) = p.timeout_action {
             l.timeout_action = v;
+        }
+        if let Some(v) = p.hold {
+            l.hold = v;
         }
         h.set_limits(l);
         Ok(h.snapshot())

@@ -229,6 +229,11 @@ pub struct MigrateArgs {
     /// it stopped. The downtime is the whole move.
     #[arg(long)]
     pub offline: bool,
+    /// Hold the switchover: pre-copy keeps the target in step (however little is left)
+    /// until `coord migration release ID`; cancel still works. Chooses the moment of
+    /// the pause, e.g. a quiet minute of the guest's workload.
+    #[arg(long, conflicts_with = "offline")]
+    pub hold: bool,
     /// Follow the migration to its end (progress bar on a terminal), then print its figures.
     #[arg(long)]
     pub wait: bool,
@@ -245,6 +250,9 @@ pub enum MigrationCmd {
     Show { id: String },
     /// Cancel a migration (possible until the disk handover starts).
     Cancel { id: String },
+    /// Let a migration started with --hold switch over (when the rest fits its
+    /// downtime limit).
+    Release { id: String },
 }
 
 #[cfg(test)]

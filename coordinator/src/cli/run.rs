@@ -160,7 +160,7 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => {
             let body = json!({
                 "vm": a.vm, "to_site": a.to, "to_host": a.host, "downtime_ms": a.downtime_ms,
-                "bandwidth_mibs": a.bandwidth, "offline": a.offline,
+                "bandwidth_mibs": a.bandwidth, "offline": a.offline, "hold": a.hold,
             });
             let v = c.call(M::POST, "/v1/migrations", Some(body)).await?;
             let id = v["id"]
@@ -228,6 +228,16 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                 .await?;
             emit(j, &v, |_| {
                 println!("cancel of {id} requested; the guest stays on the source")
+            });
+        }
+        Command::Migration(MigrationCmd::Release { id }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/migrations/{id}/release"), None)
+                .await?;
+            emit(j, &v, |_| {
+                println!(
+                    "release of {id} requested; it switches over once the rest fits its downtime limit"
+                )
             });
         }
     }

@@ -42,6 +42,8 @@ pub(crate) struct DriveControl {
     /// Set (under the `running` map lock) once the go-ahead may be sent: from then on a
     /// cancel is refused.
     go_ahead: AtomicBool,
+    /// The operator lifted the switchover hold.
+    release: AtomicBool,
     /// Wakes the executor from a wait (a cancel arrived).
     wake: Notify,
 }
@@ -52,6 +54,7 @@ impl DriveControl {
             cancel: AtomicBool::new(false),
             cancel_sent: AtomicBool::new(false),
             go_ahead: AtomicBool::new(false),
+            release: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -141,6 +144,11 @@ impl Coordinator {
         if req.to_site.is_none() && req.to_host.is_none() {
             return Err(ApiError::bad_request(
                 "Give a target site (--to) or host (--host).",
+            ));
+        }
+        if req.options.offline && req.options.hold {
+            return Err(ApiError::bad_request(
+                "An offline migration has no pre-copy to hold: give --offline or --hold, not both.",
             ));
         }
         let target = self.place(
@@ -308,6 +316,67 @@ impl Coordinator {
         }
     }
 
+    /// Lifts the switchover hold of a migration started with `hold`: the executor
+    /// passes it on to the source agent (or starts the agent's migration without it).
+    pub fn release_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
+        let doc = self.migration(id)?;
+        if doc.record.phase.is_terminal() {
+            return Err(ApiError::conflict(
+                "migration_finished",
+                format!(
+                    "Migration {id} already ended ({}).",
+                    doc.record.phase.name()
+                ),
+            ));
+        }
+        if !doc.options.hold {
+            return Err(ApiError::conflict(
+                "not_held",
+                format!("Migration {id} does not hold its switchover."),
+            ));
+        }
+        let running = self
+            .running
+            .lock()
+            .expect("running map lock is never poisoned");
+        match running.get(id) {
+            Some(c) => {
+                c.release.store(true, Ordering::SeqCst);
+                c.wake.notify_one();
+                Ok(doc)
+            }
+            None => Err(ApiError::conflict(
+                "not_driven",
+                format!("Migration {id} is not driven by this coordinator; try again shortly."),
+            )),
+        }
+    }
+
+    /// Passes a requested release on: to the source agent once its migration runs,
+    /// else into the options the agent's migration will start with.
+    async fn pass_release(&self, run: &mut Run, ctl: &DriveControl) {
+        if !run.doc.options.hold || !ctl.release.load(Ordering::SeqCst) {
+            return;
+        }
+        match &run.doc.agent_migration {
+            None => run.doc.options.hold = false,
+            Some(aid) => match run.sa.patch_migration(aid, &json!({"hold": false})).await {
+                Ok(()) => run.doc.options.hold = false,
+                // Ended meanwhile (cancelled, failed): nothing is held any more.
+                Err(e) if e.status() == Some(409) || e.status() == Some(404) => {
+                    run.doc.options.hold = false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lifting the hold at the source agent; retrying")
+                }
+            },
+        }
+        if !run.doc.options.hold {
+            tracing::info!(migration = %run.doc.record.id, "switchover hold lifted");
+            let _ = self.store.put("migrations", &run.doc.record.id, &run.doc);
+        }
+    }
+
     /// True when the executor may send the go-ahead (and from now on refuses cancels);
     /// false when a cancel came first. Atomic with `cancel_migration`.
     fn pass_point_of_no_return(&self, ctl: &DriveControl) -> bool {
@@ -360,6 +429,7 @@ impl Coordinator {
             if self.shutdown.is_cancelled() {
                 return;
             }
+            self.pass_release(&mut run, ctl).await;
             let obs = self.observe(&mut run, ctl).await;
             let action = next_action(&run.doc.record, &obs);
             if last.as_ref() != Some(&action) {
@@ -628,6 +698,9 @@ impl Coordinator {
         }
         if let Some(b) = run.doc.options.bandwidth_mibs {
             body["max_bandwidth_mibs"] = json!(b);
+        }
+        if run.doc.options.hold {
+            body["hold"] = json!(true);
         }
         match run.sa.migrate(&run.vm.name, &body).await {
             Ok(agent_id) => {
