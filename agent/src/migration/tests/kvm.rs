@@ -211,7 +211,8 @@ fn kvm_cancel_then_fresh_target_and_cut_link() {
     let m = boot_ab(&src, 150);
     let mut r = req(&dst.addr);
     r.max_bandwidth_mibs = Some(1);
-    r.downtime_limit_ms = Some(1);
+    // Held: stays in pre-copy until the cancel, however little the guest dirties.
+    r.hold = Some(true);
     let id = src.svc.start("ab", r.clone()).expect("start");
     wait_until(Duration::from_secs(30), "some memory sent", || {
         src.svc.get(&id).expect("exists").ram_transferred_bytes > 8 << 20
@@ -232,7 +233,7 @@ fn kvm_cancel_then_fresh_target_and_cut_link() {
     let p = proxy(&dst.addr);
     let mut r = req(&p.addr);
     r.max_bandwidth_mibs = Some(1);
-    r.downtime_limit_ms = Some(1);
+    r.hold = Some(true);
     let id = src.svc.start("ab", r).expect("start");
     wait_until(Duration::from_secs(30), "some memory sent", || {
         src.svc.get(&id).expect("exists").ram_transferred_bytes > 8 << 20
