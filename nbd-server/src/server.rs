@@ -323,7 +323,7 @@ async fn accept_unix(l: UnixListener, state: Arc<ServerState>, token: Cancellati
 /// A connection's byte stream: split for option haggling and transmission, and
 /// put back together for the TLS handshake after NBD_OPT_STARTTLS.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
-    type Read: AsyncRead + Unpin + Send + 'static;
+    type Read: conn::SpliceSocket;
     type Write: conn::ReplySink;
     fn split(self) -> (Self::Read, Self::Write);
     fn reunite(r: Self::Read, w: Self::Write) -> std::io::Result<Self>;
@@ -424,7 +424,7 @@ async fn transmission<R, W>(
     token: CancellationToken,
     peer: &str,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    BufReader<R>: conn::PayloadSource,
     W: conn::ReplySink,
 {
     let export = Arc::clone(&neg.export);

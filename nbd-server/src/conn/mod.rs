@@ -30,10 +30,13 @@ use nbd_proto::{ChunkPayload, Extent, ReplyHeader, Request, consts::*, encode_ch
 
 mod extents;
 mod ops;
+mod splice;
 mod writer;
 
 use extents::*;
 use ops::*;
+pub(crate) use splice::{PayloadSource, SpliceSocket};
+use splice::{Pipe, Received, SPLICE_WRITE_MIN};
 pub(crate) use writer::ReplySink;
 use writer::*;
 
@@ -78,7 +81,7 @@ pub(crate) async fn serve<R, W>(
     shutdown: CancellationToken,
 ) -> io::Result<()>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: PayloadSource,
     W: ReplySink,
 {
     // sendfile never waits for a device or fails with a media error only on memory
@@ -199,7 +202,7 @@ const SENDFILE_MIN: u64 = 1 << 20;
 /// Most replies gathered before the reader hands them over anyway.
 const MAX_BATCH: usize = 64;
 
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop<R: PayloadSource>(
     rd: &mut BufReader<R>,
     ctx: &Arc<ConnCtx>,
     tx: &mpsc::UnboundedSender<Out>,
@@ -211,6 +214,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         frames: Vec::with_capacity(MAX_BATCH),
         tx,
     };
+    // Made on the first large write; None for good when the kernel refuses one.
+    let mut pipe: Option<Pipe> = None;
+    let mut pipe_refused = !(R::SPLICE && ctx.zero_copy);
+    let mut spliced = splice::Counts::default();
     loop {
         // Everything already received is answered before we wait for more.
         if rd.buffer().len() < hl {
@@ -263,11 +270,42 @@ async fn read_loop<R: AsyncRead + Unpin>(
             if (rd.buffer().len() as u64) < payload_len {
                 batch.flush();
             }
-            let mut buf = ctx.pool.get(payload_len as usize);
-            // A client that vanishes mid-payload leaves nothing behind: the write
-            // is only submitted once the whole payload is here.
-            rd.read_exact(&mut buf).await?;
-            Some(buf)
+            let splice = !pipe_refused
+                && req.command == CMD_WRITE
+                && req.flags & CMD_FLAG_FUA == 0
+                && (SPLICE_WRITE_MIN..=WRITE_INLINE_MAX).contains(&payload_len);
+            if splice && pipe.is_none() {
+                pipe = Pipe::new();
+                pipe_refused = pipe.is_none();
+                if pipe_refused {
+                    tracing::debug!("no pipe large enough for spliced writes; copying");
+                }
+            }
+            match pipe.as_ref() {
+                Some(p) if splice && payload_len <= p.max_payload() => {
+                    match splice::receive(rd, p, payload_len as usize, &ctx.pool).await? {
+                        Received::InPipe => {
+                            spliced.writes += 1;
+                            batch.frames.push(write_piped(ctx, &req, p, permit)?);
+                            if batch.frames.len() >= MAX_BATCH {
+                                batch.flush();
+                            }
+                            continue;
+                        }
+                        Received::Copied(buf) => {
+                            spliced.fallbacks += 1;
+                            Some(buf)
+                        }
+                    }
+                }
+                _ => {
+                    let mut buf = ctx.pool.get(payload_len as usize);
+                    // A client that vanishes mid-payload leaves nothing behind: the
+                    // write is only submitted once the whole payload is here.
+                    rd.read_exact(&mut buf).await?;
+                    Some(buf)
+                }
+            }
         } else {
             None
         };

@@ -373,6 +373,38 @@ pub(super) fn write_inline(
     }
 }
 
+/// Writes a payload that sits in the connection's pipe (see `splice.rs`) into the
+/// file, on this task: only on memory filesystems, where that never waits for a
+/// device. The pipe is empty afterwards; an error here means it could not be
+/// emptied and the connection must end.
+pub(super) fn write_piped(
+    ctx: &ConnCtx,
+    req: &Request,
+    pipe: &super::splice::Pipe,
+    permit: OwnedSemaphorePermit,
+) -> io::Result<Frame> {
+    let len = req.length as usize;
+    if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
+        pipe.discard(len)?;
+        return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
+    }
+    // Admitted and issued in one go, on this task, right below.
+    let Ok(_guard) = ctx.export.lease.begin_change(&ctx.binding) else {
+        pipe.discard(len)?;
+        return Ok(error_frame(ctx, req, EPERM, FENCED_MSG, Some(permit)));
+    };
+    match pipe.to_file(&ctx.export.file, req.offset, len) {
+        Ok(()) => {
+            ExportStats::add(&ctx.export.stats.bytes_written, len as u64);
+            Ok(ok_frame(ctx, req, permit))
+        }
+        Err(e) => {
+            let Fail(errno, msg) = io_fail(&e);
+            Ok(error_frame(ctx, req, errno, msg, Some(permit)))
+        }
+    }
+}
+
 /// Admits one change (one write, fallocate or ioctl) under the connection's lease.
 /// The guard goes with the change to the I/O backend, which re-checks the epoch
 /// right before the kernel sees it and releases the guard when the kernel is done.
