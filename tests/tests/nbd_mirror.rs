@@ -13,9 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use stagehand_tests::netns::{LinkSpec, TwoSites};
 use stagehand_tests::{
     Daemon, NBD_API_TOKEN, free_port, pattern, require_tool, run_ok, run_timeout, sparse_file,
-    start_nbd,
+    start_nbd, start_nbd_in,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -73,7 +74,13 @@ impl Api {
     }
 
     /// Polls the job until `done` holds (or panics after `limit`).
-    fn wait_job(&self, id: &str, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    fn wait_job(
+        &self,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let (s, v) = self.call("GET", &format!("/v1/mirrors/{id}"), None);
@@ -150,7 +157,10 @@ fn fill(img: &Path, size: u64, count: u64, seed: u64) {
 
 fn identical(a: &Path, b: &Path) {
     let out = run_timeout(
-        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(a).arg(b),
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(a)
+            .arg(b),
         T,
     )
     .unwrap();
@@ -234,8 +244,17 @@ fn mirror_to_qemu_nbd_under_fio_load_ends_identical() {
     // The job stays listed, ended; DELETE then forgets it.
     let (s, list) = api.call("GET", "/v1/mirrors", None);
     assert_eq!(s, 200);
-    assert!(list.as_array().unwrap().iter().any(|j| j["id"] == id.as_str()), "{list}");
-    assert_eq!(api.call("DELETE", &format!("/v1/mirrors/{id}"), None).0, 204);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id.as_str()),
+        "{list}"
+    );
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/mirrors/{id}"), None).0,
+        204
+    );
     assert_eq!(api.call("GET", &format!("/v1/mirrors/{id}"), None).0, 404);
 }
 
@@ -309,7 +328,9 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
         &api,
         json!({"export": "src", "target": {"address": taddr, "export": "dst"}}),
     );
-    let v = api.wait_job(&id, T, "failed", |v| v["state"] == "failed" || v["state"] == "completed");
+    let v = api.wait_job(&id, T, "failed", |v| {
+        v["state"] == "failed" || v["state"] == "completed"
+    });
     assert!(v["error"].as_str().unwrap().contains("lease_token"), "{v}");
     let id = start_mirror(
         &api,
@@ -317,7 +338,10 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
                "bandwidth_mib_s": 100}),
     );
     let (_, text) = api.call_as(Some(NBD_API_TOKEN), "GET", "/v1/mirrors", None);
-    assert!(!text.contains(&token), "the lease token shows in the API: {text}");
+    assert!(
+        !text.contains(&token),
+        "the lease token shows in the API: {text}"
+    );
     // Kill -9 the target once a good part has crossed.
     let v = api.wait_job(&id, T, "150 MiB copied", |v| {
         v["bytes_copied"].as_u64().unwrap() >= 150 * MIB
@@ -334,14 +358,26 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
     let uri = format!("nbd://{}/src", src_node.tcp.as_deref().unwrap());
     for off in [3, 500, 1000] {
         run_ok(
-            Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &format!("write -P 0x5a {off}M 1M")]),
+            Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                &uri,
+                "-c",
+                &format!("write -P 0x5a {off}M 1M"),
+            ]),
             T,
         );
     }
     let (target, _tapi) = node(&targs);
-    let v = api.wait_job(&id, T, "synced after the restart", |v| v["state"] == "synced");
+    let v = api.wait_job(&id, T, "synced after the restart", |v| {
+        v["state"] == "synced"
+    });
     let copied = v["bytes_copied"].as_u64().unwrap();
-    eprintln!("resumed: killed at {} MiB, {} MiB in all: {v}", at_kill / MIB, copied / MIB);
+    eprintln!(
+        "resumed: killed at {} MiB, {} MiB in all: {v}",
+        at_kill / MIB,
+        copied / MIB
+    );
     complete(&api, &id);
     identical(&src, &dst);
     // Starting over would have copied at_kill + all of it again; resuming copies
@@ -354,4 +390,87 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
         copied / MIB
     );
     drop(target);
+}
+
+/// Two sites, 1 Gbit/s and 20 ms RTT between them: the source node in site A
+/// mirrors to a node in site B through the delay line. One request in flight is
+/// bound by the round trip; the default window fills the link.
+#[test]
+fn mirror_across_a_shaped_wan_link() {
+    if !TwoSites::available("mirror_across_a_shaped_wan_link") {
+        return;
+    }
+    require_tool!("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let data = 256;
+    let src = dir.path().join("src.img");
+    sparse_file(&src, size);
+    fill(&src, size, data, 11);
+    let dsts: Vec<_> = (1..=2)
+        .map(|i| dir.path().join(format!("dst{i}.img")))
+        .collect();
+    for d in &dsts {
+        sparse_file(d, size);
+    }
+    let link = LinkSpec::default();
+    let mut sites = TwoSites::create(link).unwrap();
+    sites.enter_a().unwrap();
+    let b_nbd = format!("{}:{}", sites.b_ip, free_port());
+    let exports: Vec<String> = dsts
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("dst{}={},unleased", i + 1, d.display()))
+        .collect();
+    let _target = start_nbd_in(
+        &["ip", "netns", "exec", &sites.b],
+        &[
+            "--listen",
+            &b_nbd,
+            "--export",
+            &exports[0],
+            "--export",
+            &exports[1],
+        ],
+    );
+    let relay = sites.relay(b_nbd.parse().unwrap()).unwrap();
+    let (_source, api) = node(&["--export", &format!("src={},unleased", src.display())]);
+    let target = |export: &str| json!({"address": relay.addr.to_string(), "export": export});
+
+    // One request in flight: about 1 MiB per round trip.
+    let id = start_mirror(
+        &api,
+        json!({"export": "src", "target": target("dst1"), "max_in_flight": 1}),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, v) = api.call("GET", &format!("/v1/mirrors/{id}"), None);
+    let one = v["rate_mib_s"].as_f64().unwrap();
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/mirrors/{id}"), None).0,
+        200
+    );
+
+    // The default window.
+    let start = Instant::now();
+    let id = start_mirror(&api, json!({"export": "src", "target": target("dst2")}));
+    let v = api.wait_job(&id, T, "synced", |v| v["state"] == "synced");
+    let secs = start.elapsed().as_secs_f64();
+    let copied = v["bytes_copied"].as_u64().unwrap();
+    complete(&api, &id);
+    identical(&src, &dsts[1]);
+    let rate = copied as f64 / secs;
+    let share = rate / link.bytes_per_s();
+    eprintln!(
+        "mirror over {} Mbit/s, {:?} RTT: {} MiB in {secs:.2} s = {:.1} MiB/s, {:.0} % of the link; one request in flight: {one:.1} MiB/s",
+        link.rate_mbit,
+        link.rtt,
+        copied / MIB,
+        rate / MIB as f64,
+        share * 100.0
+    );
+    assert!(
+        one * (MIB as f64) < rate / 2.0,
+        "the delay line did not slow one request in flight"
+    );
+    assert!(share >= 0.5, "only {:.0} % of the link", share * 100.0);
 }
