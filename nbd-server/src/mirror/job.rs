@@ -753,9 +753,12 @@ impl Job {
             if self.unflushed_bytes() >= self.tuning.flush_bytes
                 || last_flush.elapsed() >= self.tuning.flush_every
             {
-                // Concurrent with the steps in flight: FLUSH covers what the
-                // target acknowledged before it was sent (see `flush`).
-                self.flush(client).await?;
+                // Alongside the steps in flight (waiting for it would stall the
+                // window for a round trip and the target's fdatasync): FLUSH covers
+                // what the target acknowledged before it was sent (see `flush`).
+                let u = self.take_unflushed();
+                let (job, conn) = (Arc::clone(self), Arc::clone(client));
+                set.spawn(async move { job.flush_taken(&conn, u).await });
                 *last_flush = Instant::now();
             }
         }
@@ -827,6 +830,11 @@ impl Job {
     /// is all marked dirty again.
     async fn flush(&self, client: &Client) -> Result<(), Stop> {
         let u = self.take_unflushed();
+        self.flush_taken(client, u).await
+    }
+
+    /// FLUSH for the changes `u` taken out of the unflushed set.
+    async fn flush_taken(&self, client: &Client, u: Unflushed) -> Result<(), Stop> {
         if u.ranges.is_empty() {
             return Ok(());
         }
