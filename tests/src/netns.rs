@@ -62,6 +62,9 @@ pub struct TwoSites {
     pub a_ip: Ipv4Addr,
     pub b_ip: Ipv4Addr,
     pub link: LinkSpec,
+    /// The veth ends in A and in B.
+    dev_a: String,
+    dev_b: String,
     /// The namespace the creating thread was in, to go back to.
     original: File,
     entered: bool,
@@ -133,6 +136,8 @@ impl TwoSites {
             a_ip,
             b_ip,
             link,
+            dev_a: va.clone(),
+            dev_b: vb.clone(),
             original,
             entered: false,
         };
@@ -165,6 +170,14 @@ impl TwoSites {
         setns(&f)?;
         self.entered = true;
         Ok(())
+    }
+
+    /// Cuts the link (both ends down: packets are dropped, no connection is told)
+    /// or restores it.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        in_ns(&self.a, &["ip", "link", "set", &self.dev_a, state])?;
+        in_ns(&self.b, &["ip", "link", "set", &self.dev_b, state])
     }
 
     /// `program` to be run in site B.

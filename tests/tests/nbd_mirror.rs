@@ -474,3 +474,54 @@ fn mirror_across_a_shaped_wan_link() {
     );
     assert!(share >= 0.5, "only {:.0} % of the link", share * 100.0);
 }
+
+/// The link between the sites is cut mid-mirror (no connection is told) and
+/// restored: the job carries on and ends identical without starting over.
+#[test]
+fn mirror_survives_a_cut_wan_link() {
+    if !TwoSites::available("mirror_survives_a_cut_wan_link") {
+        return;
+    }
+    require_tool!("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let data = 200;
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    sparse_file(&src, size);
+    sparse_file(&dst, size);
+    fill(&src, size, data, 13);
+    let mut sites = TwoSites::create(LinkSpec::default()).unwrap();
+    sites.enter_a().unwrap();
+    let b_nbd = format!("{}:{}", sites.b_ip, free_port());
+    let export = format!("dst={},unleased", dst.display());
+    let _target = start_nbd_in(
+        &["ip", "netns", "exec", &sites.b],
+        &["--listen", &b_nbd, "--export", &export],
+    );
+    let relay = sites.relay(b_nbd.parse().unwrap()).unwrap();
+    let (_source, api) = node(&["--export", &format!("src={},unleased", src.display())]);
+    let id = start_mirror(
+        &api,
+        json!({"export": "src", "target": {"address": relay.addr.to_string(), "export": "dst"},
+               "bandwidth_mib_s": 50}),
+    );
+    api.wait_job(&id, T, "60 MiB copied", |v| {
+        v["bytes_copied"].as_u64().unwrap() >= 60 * MIB
+    });
+    sites.set_link(false).unwrap();
+    // Nothing crosses while the link is down.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, before) = api.call("GET", &format!("/v1/mirrors/{id}"), None);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, after) = api.call("GET", &format!("/v1/mirrors/{id}"), None);
+    let stalled =
+        after["bytes_copied"].as_u64().unwrap() - before["bytes_copied"].as_u64().unwrap();
+    assert!(stalled <= 40 * MIB, "{stalled} bytes crossed a cut link");
+    sites.set_link(true).unwrap();
+    let v = api.wait_job(&id, T, "synced after the cut", |v| v["state"] == "synced");
+    eprintln!("after the cut: {v}");
+    complete(&api, &id);
+    identical(&src, &dst);
+    let copied = v["bytes_copied"].as_u64().unwrap();
+    assert!(copied <= (data + 100) * MIB, "copied {} MiB", copied / MIB);
+}

@@ -72,6 +72,9 @@ pub struct Tuning {
     /// is lost (it may not have reached its disk).
     pub flush_bytes: u64,
     pub flush_every: Duration,
+    /// A request the target has not answered in this long counts as a lost
+    /// target (a cut link shows no error until TCP gives up, many minutes later).
+    pub request_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -84,6 +87,7 @@ impl Default for Tuning {
             bandwidth: None,
             flush_bytes: 64 << 20,
             flush_every: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -482,7 +486,7 @@ impl Job {
                 let mut r = Ok(());
                 for (i, chunk) in data.chunks(self.tuning.max_request as usize).enumerate() {
                     let at = offset + (i as u64) * self.tuning.max_request;
-                    r = client.write(at, chunk, fua).await;
+                    r = timed(self.tuning.request_timeout, client.write(at, chunk, fua)).await;
                     if r.is_err() {
                         break;
                     }
@@ -492,7 +496,10 @@ impl Job {
             Change::Zero { .. }
             | Change::Trim {
                 reads_zero: true, ..
-            } => zero_target(&client, offset, len, self.tuning.max_request).await,
+            } => {
+                let zero = zero_target(&client, offset, len, self.tuning.max_request);
+                timed(self.tuning.request_timeout, zero).await
+            }
             Change::Trim { .. } => {
                 // Unknown contents afterwards: let a pass copy whatever it reads.
                 self.note_change(offset, len);
@@ -808,10 +815,12 @@ impl Job {
             .map_err(|e| Stop::Fatal(format!("source read task: {e}")))?
             .map_err(|e| Stop::Fatal(format!("reading the source at {offset}: {e}")))?;
             if !plan::is_zero(&data) {
-                client
-                    .write(offset, &data, false)
-                    .await
-                    .map_err(|e| client_stop("writing to the target", e))?;
+                timed(
+                    self.tuning.request_timeout,
+                    client.write(offset, &data, false),
+                )
+                .await
+                .map_err(|e| client_stop("writing to the target", e))?;
                 let total = self.bytes_copied.fetch_add(len, Ordering::Relaxed) + len;
                 if let Ok(mut r) = self.rate.lock() {
                     r.add(total);
@@ -819,7 +828,8 @@ impl Job {
                 return Ok(());
             }
         }
-        zero_target(client, offset, len, self.tuning.max_request)
+        let zero = zero_target(client, offset, len, self.tuning.max_request);
+        timed(self.tuning.request_timeout, zero)
             .await
             .map_err(|e| client_stop("zeroing on the target", e))?;
         self.bytes_zeroed.fetch_add(len, Ordering::Relaxed);
@@ -838,7 +848,7 @@ impl Job {
         if u.ranges.is_empty() {
             return Ok(());
         }
-        match client.flush().await {
+        match timed(self.tuning.request_timeout, client.flush()).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 for (o, l) in u.ranges {
@@ -867,6 +877,20 @@ fn note_failure(failed: &mut Option<Stop>, r: Result<Result<(), Stop>, tokio::ta
     match (&failed, &e) {
         (Some(Stop::Fatal(_)), _) => {}
         _ => *failed = Some(e),
+    }
+}
+
+/// `fut` within `limit`, else a timeout error (the job then reconnects).
+async fn timed<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the target in {limit:?}"),
+        ))),
     }
 }
 
@@ -903,7 +927,8 @@ async fn target_zero_extents(client: &Client, size: u64) -> Result<Vec<(u64, u64
     while pos < size {
         // Lengths stay below 4 GiB for servers with 32-bit extents.
         let len = (size - pos).min(1 << 30);
-        let extents = match client.block_status(pos, len, false).await {
+        let status = client.block_status(pos, len, false);
+        let extents = match timed(Duration::from_secs(60), status).await {
             Ok(e) => e,
             Err(ClientError::Server { .. }) => break,
             Err(e) => return Err(Stop::Retry(format!("block status of the target: {e}"))),
