@@ -41,6 +41,20 @@ impl Api {
         }
     }
 
+    /// HTTPS, checking the node against `ca` (a node with `--tls-*` files).
+    fn new_tls(port: u16, ca: &Path) -> Api {
+        let pem = std::fs::read(ca).unwrap();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        Api {
+            http,
+            base: format!("https://127.0.0.1:{port}"),
+            ..Api::new(port)
+        }
+    }
+
     fn call_as(
         &self,
         token: Option<&str>,
@@ -524,4 +538,66 @@ fn mirror_survives_a_cut_wan_link() {
     identical(&src, &dst);
     let copied = v["bytes_copied"].as_u64().unwrap();
     assert!(copied <= (data + 100) * MIB, "copied {} MiB", copied / MIB);
+}
+
+/// Between two nodes with `--tls-*` files the job uses TLS by default: STARTTLS,
+/// this node's certificate presented, the target's checked against the CA.
+#[test]
+fn mirror_between_tls_nodes_uses_tls() {
+    require_tool!("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let pki =
+        stagehand_common::pki::TestPki::generate(&dir.path().join("pki"), &["a", "b"]).unwrap();
+    let tls_args = |node: &str| -> Vec<String> {
+        let f = pki.files(node);
+        vec![
+            "--tls-cert".into(),
+            f.cert.display().to_string(),
+            "--tls-key".into(),
+            f.key.display().to_string(),
+            "--tls-ca".into(),
+            f.ca.display().to_string(),
+        ]
+    };
+    let size = 64 * MIB;
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    sparse_file(&src, size);
+    sparse_file(&dst, size);
+    fill(&src, size, 16, 17);
+    let mut b = vec![
+        "--export".to_string(),
+        format!("dst={},unleased", dst.display()),
+    ];
+    b.extend(tls_args("b"));
+    let target = start_nbd(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    let api_port = free_port();
+    let mut a = vec![
+        "--api".to_string(),
+        format!("127.0.0.1:{api_port}"),
+        "--export".into(),
+        format!("src={},unleased", src.display()),
+    ];
+    a.extend(tls_args("a"));
+    let _source = start_nbd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let api = Api::new_tls(api_port, &pki.files("a").ca);
+    let addr = target.tcp.clone().unwrap();
+    // A plain connection is refused by a TLS node: the job keeps retrying, saying so.
+    let plain = start_mirror(
+        &api,
+        json!({"export": "src", "target": {"address": addr, "export": "dst", "tls": false}}),
+    );
+    let v = api.wait_job(&plain, T, "the refusal", |v| v["error"].is_string());
+    assert_eq!(v["state"], "copying", "{v}");
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/mirrors/{plain}"), None).0,
+        200
+    );
+    let id = start_mirror(
+        &api,
+        json!({"export": "src", "target": {"address": addr, "export": "dst"}}),
+    );
+    let v = api.wait_job(&id, T, "synced", |v| v["state"] == "synced");
+    assert_eq!(v["tls"], true, "{v}");
+    complete(&api, &id);
+    identical(&src, &dst);
 }
