@@ -7,7 +7,7 @@ BIN := $(CARGO_TARGET_DIR)/release
 # cargo with the system RocksDB when installed (see scripts/cargo.sh).
 CARGO := bash scripts/cargo.sh
 
-.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build fuzz clean
+.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence bench-geo fmt clippy lint fuzz-build fuzz clean
 
 deps:
 	@bash scripts/deps.sh
@@ -36,6 +36,12 @@ bench-migrate: build
 
 bench-fence: build
 	STAGEHAND_BIN_DIR=$(BIN) bash benches/fence.sh
+
+# Two sites in network namespaces (root): mirror throughput over a shaped link
+# (RATE_MBIT=1000 RTT_MS=20 ROUNDS=3 by default) against nbdcopy over the same link.
+bench-geo: build
+	$(CARGO) build $(CARGO_PROFILE) -p stagehand-tests --example bench_geo
+	STAGEHAND_BIN_DIR=$(BIN) $(BIN)/examples/bench_geo
 
 fmt:
 	$(CARGO) fmt --all

@@ -159,6 +159,8 @@ pub struct Export {
     /// Cancelled when the export is removed from the registry: every connection
     /// bound to it closes (see [`ExportRegistry::remove`]).
     pub removed: CancellationToken,
+    /// Mirror jobs following this export's changes (see [`crate::mirror::tap`]).
+    pub mirrors: crate::mirror::MirrorTap,
 }
 
 // Block device ioctls from linux/fs.h.
@@ -205,6 +207,7 @@ impl Export {
             stats: ExportStats::default(),
             nowait,
             removed: CancellationToken::new(),
+            mirrors: crate::mirror::MirrorTap::default(),
         })
     }
 

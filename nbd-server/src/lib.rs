@@ -10,6 +10,7 @@
 //! - [`io`]: io_uring and thread-pool file I/O; [`bufpool`]: reusable buffers.
 //! - [`lease`]: write leases and epoch fencing; [`store`]: durable state (`--data-dir`).
 //! - [`control`]: the HTTP/JSON control API (`--api`).
+//! - [`mirror`]: mirror jobs, pushing an export to another NBD server.
 //! - [`config`]: flags and TOML.
 
 pub mod bufpool;
@@ -21,6 +22,7 @@ pub mod export;
 pub mod handshake;
 pub mod io;
 pub mod lease;
+pub mod mirror;
 pub mod server;
 pub mod store;
 

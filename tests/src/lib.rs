@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod netns;
+
 /// Directory holding the workspace's built binaries: `STAGEHAND_BIN_DIR` when set,
 /// else the directory above this test executable's `deps/`.
 pub fn bin_dir() -> PathBuf {
@@ -202,8 +204,21 @@ pub const NBD_API_TOKEN: &str = "stagehand-tests-api-token";
 /// `--api-token[-file]` or `--insecure-no-auth`), and waits for it to report its
 /// listeners.
 pub fn start_nbd(args: &[&str]) -> Daemon {
+    start_nbd_in(&[], args)
+}
+
+/// [`start_nbd`] under a wrapper that execs it, e.g. `["ip", "netns", "exec", NS]`
+/// (the daemon keeps the wrapper's pid).
+pub fn start_nbd_in(wrapper: &[&str], args: &[&str]) -> Daemon {
     let exe = bin("stagehand-nbd", "nbd-server");
-    let mut cmd = Command::new(exe);
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     if !args.contains(&"--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }

@@ -1,6 +1,7 @@
 //! The request handlers: checks, reads, writes, flush, cache, trim and zeroes.
 
 use super::*;
+use crate::mirror;
 
 /// Maps an I/O error to the NBD error the spec asks for.
 pub(super) fn errno_of(e: &io::Error) -> u32 {
@@ -345,7 +346,8 @@ pub(super) fn write_inline(
     payload: Buf,
     permit: OwnedSemaphorePermit,
 ) -> Result<Frame, (Buf, OwnedSemaphorePermit)> {
-    if req.flags & CMD_FLAG_FUA != 0 {
+    // FUA, or a write-blocking mirror job (it waits for the target): not inline.
+    if req.flags & CMD_FLAG_FUA != 0 || ctx.export.mirrors.blocks_writes() {
         return Err((payload, permit));
     }
     if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
@@ -362,11 +364,13 @@ pub(super) fn write_inline(
         .write(&ctx.export.file, req.offset, &payload, &mut pos)
     {
         Err(e) => {
+            ctx.export.mirrors.note(req.offset, payload.len() as u64);
             let Fail(errno, msg) = io_fail(&e);
             Ok(error_frame(ctx, req, errno, msg, Some(permit)))
         }
         Ok(()) if pos == payload.len() => {
             ExportStats::add(&ctx.export.stats.bytes_written, pos as u64);
+            ctx.export.mirrors.note(req.offset, pos as u64);
             Ok(ok_frame(ctx, req, permit))
         }
         Ok(()) => Err((payload, permit)),
@@ -423,7 +427,7 @@ pub(super) async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) ->
     let guard = change(ctx)?;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let n = buf.len() as u64;
-    let (_buf, r) = ctx
+    let (buf, r) = ctx
         .engine
         .write_all(
             &ctx.export.file,
@@ -434,6 +438,16 @@ pub(super) async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) ->
             guard,
         )
         .await;
+    // Mirror jobs: marked, or (write-blocking) written to the target before the reply.
+    let change = mirror::Change::Write {
+        offset: req.offset,
+        data: &buf,
+        fua,
+    };
+    match &r {
+        Ok(()) => ctx.export.mirrors.after_change(change, true).await,
+        Err(_) => ctx.export.mirrors.note(req.offset, n),
+    }
     r.map_err(|e| io_fail(&e))?;
     ExportStats::add(&ctx.export.stats.bytes_written, n);
     Ok(())
@@ -463,6 +477,17 @@ pub(super) fn cache(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
 }
 
 pub(super) async fn trim(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    let r = trim_source(ctx, req).await;
+    let change = mirror::Change::Trim {
+        offset: req.offset,
+        len: req.length,
+        reads_zero: ctx.export.backing == Backing::File,
+    };
+    ctx.export.mirrors.after_change(change, r.is_ok()).await;
+    r
+}
+
+async fn trim_source(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     check_flags(req, CMD_FLAG_FUA)?;
     writable(ctx)?;
     check_range(&ctx.export, req, EINVAL)?;
@@ -526,6 +551,16 @@ pub(super) async fn blk_range_ioctl(
 }
 
 pub(super) async fn write_zeroes(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    let r = write_zeroes_source(ctx, req).await;
+    let change = mirror::Change::Zero {
+        offset: req.offset,
+        len: req.length,
+    };
+    ctx.export.mirrors.after_change(change, r.is_ok()).await;
+    r
+}
+
+async fn write_zeroes_source(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     check_flags(req, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO)?;
     writable(ctx)?;
     check_range(&ctx.export, req, ENOSPC)?;

@@ -8,6 +8,7 @@
 
 pub mod confine;
 pub mod metrics;
+mod mirrors;
 pub mod node;
 
 use std::path::{Path, PathBuf};
@@ -94,6 +95,8 @@ pub struct ControlState {
     fences: FenceMetrics,
     /// Serializes export creation and removal (fences do not take it).
     registry_lock: tokio::sync::Mutex<()>,
+    /// Mirror jobs (`/v1/mirrors`); None: the node runs none.
+    mirrors: Option<Arc<crate::mirror::MirrorManager>>,
 }
 
 impl ControlState {
@@ -105,7 +108,14 @@ impl ControlState {
             confinement: Confinement::default(),
             fences: FenceMetrics::default(),
             registry_lock: tokio::sync::Mutex::new(()),
+            mirrors: None,
         }
+    }
+
+    /// Serves `/v1/mirrors` with `mirrors`.
+    pub fn with_mirrors(mut self, mirrors: Arc<crate::mirror::MirrorManager>) -> Self {
+        self.mirrors = Some(mirrors);
+        self
     }
 
     /// Limits the files PUT may serve (without this: none, and no path-less PUT).
@@ -158,6 +168,13 @@ pub fn router(state: Arc<ControlState>) -> Router {
             get(get_export).put(put_export).delete(delete_export),
         )
         .route("/v1/exports/{name}/fence", post(fence_export))
+        .route("/v1/mirrors", get(mirrors::list).post(mirrors::create))
+        .route(
+            "/v1/mirrors/{id}",
+            get(mirrors::get).delete(mirrors::cancel),
+        )
+        .route("/v1/mirrors/{id}/mode", post(mirrors::set_mode))
+        .route("/v1/mirrors/{id}/complete", post(mirrors::complete))
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),
@@ -596,17 +613,18 @@ async fn metrics_text(State(state): State<Arc<ControlState>>) -> impl IntoRespon
 }
 
 /// For the `api_bodies` fuzz target: parses and checks a request body the way the
-/// handler of `route` does before it touches any state (0: PUT export, 1: fence).
-/// Never panics, whatever the bytes.
+/// handler of `route` does before it touches any state (0: PUT export, 1: fence,
+/// 2: POST mirror). Never panics, whatever the bytes.
 #[doc(hidden)]
 pub fn fuzz_request_body(route: u8, body: &[u8]) {
-    match route % 2 {
+    match route % 3 {
         0 => {
             if let Ok(req) = parse_json::<PutExportRequest>(body) {
                 let _ = req.require_lease_for_reads && !req.leased;
                 let _ = req.path.as_deref().map(std::path::Path::is_absolute);
             }
         }
+        2 => mirrors::fuzz_body(body),
         _ => {
             if let Ok(req) = parse_json::<FenceRequest>(body) {
                 let _ = req.holder.is_empty()

@@ -228,8 +228,12 @@ pub async fn start_api(
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(%local, scheme, "control API listening");
     println!("stagehand-nbd: control api on {scheme}://{local}");
+    // Mirror jobs run on this (the data path's) runtime, not the API's thread.
+    let mirrors = crate::mirror::MirrorManager::new(Arc::clone(&registry), config.tls.clone());
     let state = Arc::new(
-        ControlState::new(registry, store, config.auth.clone()).confined(confinement(config)),
+        ControlState::new(registry, store, config.auth.clone())
+            .confined(confinement(config))
+            .with_mirrors(mirrors),
     );
     let thread = std::thread::Builder::new()
         .name("control-api".into())
