@@ -278,6 +278,8 @@ async fn read_loop<R: PayloadSource>(
             let splice = !pipe_refused
                 && req.command == CMD_WRITE
                 && req.flags & CMD_FLAG_FUA == 0
+                // A write-blocking mirror job forwards the bytes: they must be here.
+                && !ctx.export.mirrors.blocks_writes()
                 && (SPLICE_WRITE_MIN..=WRITE_INLINE_MAX).contains(&payload_len);
             if splice && pipe.is_none() {
                 pipe = Pipe::new();

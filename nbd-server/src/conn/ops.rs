@@ -397,7 +397,11 @@ pub(super) fn write_piped(
         pipe.discard(len)?;
         return Ok(error_frame(ctx, req, EPERM, FENCED_MSG, Some(permit)));
     };
-    match pipe.to_file(&ctx.export.file, req.offset, len) {
+    let r = pipe.to_file(&ctx.export.file, req.offset, len);
+    // Landed (or maybe partly): mirror jobs copy the range (the receive path did not
+    // splice while a job blocks writes, see `read_loop`).
+    ctx.export.mirrors.note(req.offset, len as u64);
+    match r {
         Ok(()) => {
             ExportStats::add(&ctx.export.stats.bytes_written, len as u64);
             Ok(ok_frame(ctx, req, permit))
