@@ -12,6 +12,7 @@
 //! - [`control`]: the HTTP/JSON control API (`--api`).
 //! - [`config`]: flags and TOML.
 
+pub mod bitmap;
 pub mod bufpool;
 pub mod config;
 mod conn;
