@@ -60,6 +60,8 @@ pub(crate) struct ConnCtx {
     pub structured: bool,
     pub extended: bool,
     pub base_allocation: Option<u32>,
+    /// Selected `qemu:dirty-bitmap:NAME` contexts: (context id, bitmap).
+    pub bitmaps: Vec<(u32, Arc<crate::bitmap::DirtyBitmap>)>,
     pub engine: Arc<IoEngine>,
     pub pool: Arc<BufPool>,
     /// Large reads are sent straight from the file (see [`SENDFILE_MIN`]); set for
@@ -91,6 +93,7 @@ where
         structured: neg.structured,
         extended: neg.extended,
         base_allocation: neg.base_allocation,
+        bitmaps: neg.bitmaps,
         engine,
         pool,
         zero_copy: neg_zero_copy,
