@@ -519,6 +519,56 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
+    #[test]
+    fn meta_contexts_list_and_select_dirty_bitmaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.img");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let spec = crate::export::ExportSpec {
+            name: "m".into(),
+            path: p,
+            read_only: false,
+            unleased: true,
+            lease_reads: false,
+            description: None,
+        };
+        let e = Export::open(&spec).unwrap();
+        e.create_bitmap("b", 65536).unwrap();
+        e.create_bitmap("a", 4096).unwrap();
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = match_contexts(&e, &[], false);
+        assert!(all.base_allocation);
+        assert_eq!(all.bitmaps, ["a", "b"]);
+        let l = match_contexts(&e, &q(&["qemu:"]), false);
+        assert!(!l.base_allocation);
+        assert_eq!(l.bitmaps, ["a", "b"]);
+        assert_eq!(
+            match_contexts(&e, &q(&["qemu:dirty-bitmap:"]), false)
+                .bitmaps
+                .len(),
+            2
+        );
+        // SET takes exact names only, in query order, once each; unknown ones are ignored.
+        let s = match_contexts(
+            &e,
+            &q(&[
+                "qemu:dirty-bitmap:b",
+                "base:allocation",
+                "qemu:dirty-bitmap:zz",
+                "qemu:dirty-bitmap:b",
+                "qemu:",
+            ]),
+            true,
+        );
+        assert!(s.base_allocation);
+        assert_eq!(s.bitmaps, ["b"]);
+        assert!(
+            match_contexts(&e, &q(&["qemu:dirty-bitmap:"]), true)
+                .bitmaps
+                .is_empty()
+        );
+    }
+
     const FIXED: ClientFlags = ClientFlags {
         fixed: true,
         no_zeroes: true,

@@ -120,6 +120,16 @@ pub struct DirtyBitmap {
     /// Per region: COLD, HOT or HOT_REFERENCED. Empty without persistence.
     regions: Vec<AtomicU8>,
     persist: Option<Mutex<Persist>>,
+    /// Cold regions writers are waiting to have logged (see [`DirtyBitmap::try_mark`]).
+    pending: Mutex<Vec<u32>>,
+}
+
+/// Most regions one AL update takes from other writers' queue.
+const GROUP_MAX: usize = 256;
+
+fn lock_pending(m: &Mutex<Vec<u32>>) -> MutexGuard<'_, Vec<u32>> {
+    // A plain list of hints: any state it is left in is valid.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The durable side, behind one lock: every AL update and every write of bits.
@@ -150,6 +160,7 @@ impl DirtyBitmap {
             rshift,
             regions: (0..nregions).map(|_| AtomicU8::new(COLD)).collect(),
             persist: persist.map(Mutex::new),
+            pending: Mutex::new(Vec::new()),
         }
     }
 
@@ -326,6 +337,17 @@ impl DirtyBitmap {
         let Some(persist) = &self.persist else {
             return Ok(());
         };
+        // Group commit: regions queued here while another writer holds the lock
+        // (in its fdatasync) go into the next AL update together, so under a deep
+        // queue one fdatasync covers many writers' regions.
+        let queued: Vec<u32> = self
+            .region_range(offset, len)
+            .filter(|r| !self.touch(*r))
+            .map(|r| r as u32)
+            .collect();
+        if queued.len() <= GROUP_MAX {
+            lock_pending(&self.pending).extend_from_slice(&queued);
+        }
         let mut guard = lock(persist);
         let p = &mut *guard;
         let cold: Vec<u32> = self
@@ -346,16 +368,29 @@ impl DirtyBitmap {
                 .write_words(&self.bits, words)
                 .and_then(|()| p.file.sync());
         }
-        self.make_room(p, cold.len())?;
-        p.al.extend_from_slice(&cold);
+        // Ours first, then what other writers queued and is still cold. A writer
+        // whose regions do not make it into this batch finds them still cold once it
+        // holds the lock, and adds them itself.
+        let mut batch = cold;
+        let limit = (p.capacity / 2).min(GROUP_MAX).max(batch.len());
+        for r in std::mem::take(&mut *lock_pending(&self.pending)) {
+            if batch.len() >= limit {
+                break;
+            }
+            if !batch.contains(&r) && !self.touch(r as usize) {
+                batch.push(r);
+            }
+        }
+        self.make_room(p, batch.len())?;
+        p.al.extend_from_slice(&batch);
         if let Err(e) = p.file.write_al(&p.al).and_then(|()| p.file.sync()) {
             // Not hot: the next write into them tries again (the durable AL may or
             // may not hold them, which only over-reports).
-            let n = p.al.len() - cold.len();
+            let n = p.al.len() - batch.len();
             p.al.truncate(n);
             return Err(e);
         }
-        for r in cold {
+        for r in batch {
             self.regions[r as usize].store(HOT_REFERENCED, Ordering::SeqCst);
         }
         Ok(())
@@ -391,25 +426,26 @@ impl DirtyBitmap {
             .min(p.al.len());
         let mut victims = Vec::with_capacity(want);
         let mut steps = 0;
-        while victims.len() < want && !p.al.is_empty() && steps < 3 * p.capacity + 3 {
+        while victims.len() < want && !p.al.is_empty() && steps < 4 * p.capacity + 4 {
             steps += 1;
             if p.hand >= p.al.len() {
                 p.hand = 0;
             }
             let r = p.al[p.hand];
             let state = &self.regions[r as usize];
+            // After two full sweeps (writers keep referencing everything) a region
+            // goes even if referenced: the AL must not outgrow its slot.
+            let force = steps > 2 * p.capacity + 2;
             // Writers only ever move HOT -> HOT_REFERENCED; COLD is set under this lock.
-            if state
-                .compare_exchange(HOT_REFERENCED, HOT, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+            if !force
+                && state
+                    .compare_exchange(HOT_REFERENCED, HOT, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
             {
                 p.hand += 1;
                 continue;
             }
-            if state
-                .compare_exchange(HOT, COLD, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
+            if state.swap(COLD, Ordering::SeqCst) != COLD {
                 victims.push(p.al.swap_remove(p.hand));
             } else {
                 p.hand += 1;
