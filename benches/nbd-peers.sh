@@ -21,6 +21,12 @@
 #
 #   ROUNDS=3 RUNTIME=5 bash benches/nbd-peers.sh   (seconds per fio workload)
 #   BENCH_SET=plain|tls|all (default all) picks the rows.
+#   BENCH_BITMAP=1 adds "stagehand-bitmap": stagehand-nbd on the same image with one
+#   dirty bitmap on the export (its activity log's fdatasyncs are what it measures),
+#   compared with plain stagehand. BITMAP_DATA_DIR (default: in the bench's tmpfs
+#   directory, where fdatasync is almost free) puts its --data-dir on a real disk;
+#   BITMAP_AL_REGIONS sets --bitmap-al-regions (4 MiB each; the image is 1 GiB =
+#   256 regions, the node's default AL size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +35,8 @@ NBD="$BIN/stagehand-nbd"
 RUNTIME="${RUNTIME:-5}"
 ROUNDS="${ROUNDS:-3}"
 BENCH_SET="${BENCH_SET:-all}"
-for t in fio nbdkit qemu-nbd nbdcopy python3; do
+BENCH_BITMAP="${BENCH_BITMAP:-0}"
+for t in fio nbdkit qemu-nbd nbdcopy python3 curl; do
   command -v "$t" >/dev/null || { echo "bench: $t missing; run 'make deps'" >&2; exit 1; }
 done
 [ -x "$NBD" ] || { echo "bench: $NBD not built; run 'make bench'" >&2; exit 1; }
@@ -45,6 +52,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   [ -n "$LIBNBD_PKI" ] && rm -f "$LIBNBD_PKI"
+  [ -n "${BM_CLEAN:-}" ] && rm -rf "$BM_CLEAN"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -77,6 +85,20 @@ if [ "$BENCH_SET" != tls ]; then
   URI[nbdkit]="nbd://127.0.0.1:$P_KIT/img"
   URI[qemu-nbd]="nbd://127.0.0.1:$P_QEMU/img"
   SERVERS+=(stagehand nbdkit qemu-nbd)
+  if [ "$BENCH_BITMAP" = 1 ]; then
+    BM_DATA="${BITMAP_DATA_DIR:-$WORK/bitmap-data}"
+    [ -n "${BITMAP_DATA_DIR:-}" ] && BM_DATA="$(mktemp -d -p "$BITMAP_DATA_DIR" stagehand-bench-data.XXXXXX)" && BM_CLEAN="$BM_DATA"
+    P_SHB="$(port)"; P_SHB_API="$(port)"
+    "$NBD" --listen "127.0.0.1:$P_SHB" --export "img=$IMG,unleased" --api-token-file "$WORK/api-token" \
+      --api "127.0.0.1:$P_SHB_API" --data-dir "$BM_DATA" ${BITMAP_AL_REGIONS:+--bitmap-al-regions "$BITMAP_AL_REGIONS"} \
+      >/dev/null 2>"$WORK/stagehand-bitmap.log" & PIDS+=($!); PID[stagehand-bitmap]=$!
+    wait_port "$P_SHB"; wait_port "$P_SHB_API"
+    curl -sf -X PUT -H "Authorization: Bearer $(cat "$WORK/api-token")" \
+      "http://127.0.0.1:$P_SHB_API/v1/exports/img/bitmaps/bench" -d '{}' >/dev/null
+    URI[stagehand-bitmap]="nbd://127.0.0.1:$P_SHB/img"
+    SERVERS+=(stagehand-bitmap)
+    echo "bench: stagehand-bitmap: one dirty bitmap, data dir $BM_DATA, AL ${BITMAP_AL_REGIONS:-default} regions"
+  fi
 fi
 if [ "$BENCH_SET" != plain ]; then
   # One CA and one node certificate (valid for 127.0.0.1, server and client auth),
@@ -198,6 +220,8 @@ def table(title, ours, kit, peers):
 
 if "stagehand" in present:
     table("plain NBD", "stagehand", "nbdkit", ["nbdkit", "qemu-nbd"])
+if "stagehand-bitmap" in present:
+    table("stagehand with one dirty bitmap vs without", "stagehand-bitmap", "stagehand", ["stagehand"])
 if "stagehand-tls" in present:
     table("NBD over TLS (nbds://, client certificates verified)", "stagehand-tls", "nbdkit-tls", ["nbdkit-tls"])
 PY

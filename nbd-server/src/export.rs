@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use crate::bitmap::{BitmapError, BitmapSet, DirtyBitmap};
 use crate::io::NoWait;
 use crate::lease::LeaseGate;
 use nbd_proto::{MAX_STRING, consts::*};
@@ -53,6 +54,12 @@ pub enum ExportError {
     NotFileOrDevice(PathBuf),
     #[error("export {0:?} already exists")]
     Exists(String),
+    #[error("export {export:?}: {source}")]
+    Bitmap {
+        export: String,
+        #[source]
+        source: BitmapError,
+    },
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -161,6 +168,9 @@ pub struct Export {
     pub removed: CancellationToken,
     /// Mirror jobs following this export's changes (see [`crate::mirror::tap`]).
     pub mirrors: crate::mirror::MirrorTap,
+    /// Dirty bitmaps: every write-like request marks all of them before it is
+    /// acknowledged (see [`crate::bitmap`]).
+    pub bitmaps: BitmapSet,
 }
 
 // Block device ioctls from linux/fs.h.
@@ -208,7 +218,40 @@ impl Export {
             nowait,
             removed: CancellationToken::new(),
             mirrors: crate::mirror::MirrorTap::default(),
+            bitmaps: BitmapSet::in_memory(size),
         })
+    }
+
+    /// Loads the export's bitmaps from (and keeps them in) `data_dir`.
+    pub fn with_stored_bitmaps(
+        self,
+        data_dir: &Path,
+        al_regions: usize,
+    ) -> Result<Self, ExportError> {
+        let dir = crate::bitmap::export_dir(data_dir, &self.name);
+        let bitmaps =
+            BitmapSet::open(&dir, self.size, al_regions).map_err(|source| ExportError::Bitmap {
+                export: self.name.clone(),
+                source,
+            })?;
+        Ok(Self { bitmaps, ..self })
+    }
+
+    /// Creates the dirty bitmap `name`: it records every write admitted from now on.
+    pub fn create_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+    ) -> Result<Arc<DirtyBitmap>, BitmapError> {
+        self.bitmaps.create(name, granularity)
+    }
+
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        self.bitmaps.get(name)
+    }
+
+    pub fn remove_bitmap(&self, name: &str) -> Result<(), BitmapError> {
+        self.bitmaps.remove(name)
     }
 
     /// The transmission flags advertised for this export; `structured` tells
@@ -249,11 +292,52 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
 #[derive(Debug, Default)]
 pub struct ExportRegistry {
     map: RwLock<BTreeMap<String, Arc<Export>>>,
+    /// Where exports opened through the registry keep their bitmaps.
+    bitmap_store: std::sync::OnceLock<BitmapStore>,
+}
+
+/// Where and how exports keep their dirty bitmaps.
+#[derive(Debug, Clone)]
+pub struct BitmapStore {
+    /// `--data-dir`; None keeps bitmaps in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// Activity-log size, in regions.
+    pub al_regions: usize,
+}
+
+impl Default for BitmapStore {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            al_regions: crate::bitmap::DEFAULT_AL_REGIONS,
+        }
+    }
+}
+
+impl BitmapStore {
+    /// Gives `export` its stored bitmaps (none without a data directory).
+    pub fn attach(&self, export: Export) -> Result<Export, ExportError> {
+        match &self.data_dir {
+            Some(d) => export.with_stored_bitmaps(d, self.al_regions),
+            None => Ok(export),
+        }
+    }
 }
 
 impl ExportRegistry {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A registry whose exports keep their bitmaps as `store` says.
+    pub fn with_bitmap_store(store: BitmapStore) -> Arc<Self> {
+        let r = Self::default();
+        let _ = r.bitmap_store.set(store);
+        Arc::new(r)
+    }
+
+    pub fn bitmap_store(&self) -> BitmapStore {
+        self.bitmap_store.get().cloned().unwrap_or_default()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {

@@ -23,8 +23,14 @@ use nbd_proto::{
 
 /// Largest option payload we read; longer ones are skipped and answered ERR_TOO_BIG.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
-/// Context id of `base:allocation` (the only meta context served).
+/// Context id of `base:allocation`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Context ids of `qemu:dirty-bitmap:NAME`: this plus the bitmap's place in the
+/// selection.
+pub const DIRTY_BITMAP_FIRST_ID: u32 = 2;
+/// Prefix of the dirty bitmap meta contexts (qemu's namespace, read by qemu-img and
+/// nbdinfo; flag 1 means dirty).
+pub const META_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 /// Advertised block sizes: any alignment works, 4 KiB is preferred.
 pub const MIN_BLOCK: u32 = 1;
 pub const PREFERRED_BLOCK: u32 = 4096;
@@ -40,6 +46,8 @@ pub struct Negotiated {
     pub extended: bool,
     /// Context id for base:allocation when the client selected it.
     pub base_allocation: Option<u32>,
+    /// Context ids of the dirty bitmaps the client selected.
+    pub bitmaps: Vec<(u32, Arc<crate::bitmap::DirtyBitmap>)>,
     pub flags: u16,
 }
 
@@ -93,8 +101,52 @@ struct State {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
-    /// Export name the meta context selection applies to, and whether it chose base:allocation.
-    meta: Option<(String, bool)>,
+    /// Export name the meta context selection applies to, and what it chose.
+    meta: Option<(String, MetaSelection)>,
+}
+
+/// The meta contexts a SET_META_CONTEXT chose.
+#[derive(Debug, Default, Clone)]
+struct MetaSelection {
+    base_allocation: bool,
+    /// Bitmap names, in context id order.
+    bitmaps: Vec<String>,
+}
+
+/// What LIST or SET of `queries` matches on `export`, in reply order.
+fn match_contexts(export: &Export, queries: &[String], set: bool) -> MetaSelection {
+    let names = export.bitmaps.names();
+    let mut sel = MetaSelection::default();
+    let add_bitmap = |sel: &mut MetaSelection, n: &str| {
+        if !sel.bitmaps.iter().any(|b| b == n) {
+            sel.bitmaps.push(n.to_owned());
+        }
+    };
+    if !set && queries.is_empty() {
+        sel.base_allocation = true;
+        for n in &names {
+            add_bitmap(&mut sel, n);
+        }
+        return sel;
+    }
+    for q in queries {
+        if q == META_BASE_ALLOCATION || (!set && q == "base:") {
+            sel.base_allocation = true;
+        } else if let Some(n) = q.strip_prefix(META_DIRTY_BITMAP) {
+            if n.is_empty() && !set {
+                for n in &names {
+                    add_bitmap(&mut sel, n);
+                }
+            } else if names.iter().any(|b| b == n) {
+                add_bitmap(&mut sel, n);
+            }
+        } else if !set && q == "qemu:" {
+            for n in &names {
+                add_bitmap(&mut sel, n);
+            }
+        }
+    }
+    sel
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<()> {
@@ -341,19 +393,9 @@ where
                         REP_ERR_INVALID,
                         "meta contexts need structured replies",
                     );
-                } else if lookup(registry, split_lease(&req.export).0).is_none() {
-                    err(&mut out, option, REP_ERR_UNKNOWN, "unknown export");
-                } else {
-                    let matched = if set {
-                        req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
-                    } else {
-                        req.queries.is_empty()
-                            || req
-                                .queries
-                                .iter()
-                                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
-                    };
-                    if matched {
+                } else if let Some(export) = lookup(registry, split_lease(&req.export).0) {
+                    let sel = match_contexts(&export, &req.queries, set);
+                    if sel.base_allocation {
                         reply(
                             &mut out,
                             option,
@@ -363,10 +405,22 @@ where
                             },
                         );
                     }
+                    for (i, n) in sel.bitmaps.iter().enumerate() {
+                        reply(
+                            &mut out,
+                            option,
+                            OptionReply::MetaContext {
+                                id: DIRTY_BITMAP_FIRST_ID + i as u32,
+                                name: format!("{META_DIRTY_BITMAP}{n}"),
+                            },
+                        );
+                    }
                     if set {
-                        st.meta = Some((req.export.clone(), matched));
+                        st.meta = Some((req.export.clone(), sel));
                     }
                     reply(&mut out, option, OptionReply::Ack);
+                } else {
+                    err(&mut out, option, REP_ERR_UNKNOWN, "unknown export");
                 }
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
@@ -437,16 +491,25 @@ where
 }
 
 fn finish(st: State, export: Arc<Export>, binding: Binding, flags: u16) -> Negotiated {
-    let base_allocation = match st.meta {
-        Some((_, true)) if st.structured => Some(BASE_ALLOCATION_ID),
-        _ => None,
+    let sel = match st.meta {
+        Some((_, sel)) if st.structured => sel,
+        _ => MetaSelection::default(),
     };
+    let base_allocation = sel.base_allocation.then_some(BASE_ALLOCATION_ID);
+    // A bitmap deleted since SET_META_CONTEXT is simply not reported.
+    let bitmaps = sel
+        .bitmaps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((DIRTY_BITMAP_FIRST_ID + i as u32, export.bitmap(n)?)))
+        .collect();
     Negotiated {
         export,
         binding,
         structured: st.structured,
         extended: st.extended,
         base_allocation,
+        bitmaps,
         flags,
     }
 }
@@ -455,6 +518,56 @@ fn finish(st: State, export: Arc<Export>, binding: Binding, flags: u16) -> Negot
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, DuplexStream};
+
+    #[test]
+    fn meta_contexts_list_and_select_dirty_bitmaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.img");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let spec = crate::export::ExportSpec {
+            name: "m".into(),
+            path: p,
+            read_only: false,
+            unleased: true,
+            lease_reads: false,
+            description: None,
+        };
+        let e = Export::open(&spec).unwrap();
+        e.create_bitmap("b", 65536).unwrap();
+        e.create_bitmap("a", 4096).unwrap();
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = match_contexts(&e, &[], false);
+        assert!(all.base_allocation);
+        assert_eq!(all.bitmaps, ["a", "b"]);
+        let l = match_contexts(&e, &q(&["qemu:"]), false);
+        assert!(!l.base_allocation);
+        assert_eq!(l.bitmaps, ["a", "b"]);
+        assert_eq!(
+            match_contexts(&e, &q(&["qemu:dirty-bitmap:"]), false)
+                .bitmaps
+                .len(),
+            2
+        );
+        // SET takes exact names only, in query order, once each; unknown ones are ignored.
+        let s = match_contexts(
+            &e,
+            &q(&[
+                "qemu:dirty-bitmap:b",
+                "base:allocation",
+                "qemu:dirty-bitmap:zz",
+                "qemu:dirty-bitmap:b",
+                "qemu:",
+            ]),
+            true,
+        );
+        assert!(s.base_allocation);
+        assert_eq!(s.bitmaps, ["b"]);
+        assert!(
+            match_contexts(&e, &q(&["qemu:dirty-bitmap:"]), true)
+                .bitmaps
+                .is_empty()
+        );
+    }
 
     const FIXED: ClientFlags = ClientFlags {
         fixed: true,

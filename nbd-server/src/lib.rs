@@ -13,6 +13,7 @@
 //! - [`mirror`]: mirror jobs, pushing an export to another NBD server.
 //! - [`config`]: flags and TOML.
 
+pub mod bitmap;
 pub mod bufpool;
 pub mod config;
 mod conn;

@@ -165,6 +165,8 @@ impl Server {
             if let Err(err) = e.file.sync_data() {
                 tracing::warn!(export = %e.name, error = %err, "final flush failed");
             }
+            // A clean stop leaves no activity log to replay (nothing over-reported).
+            e.bitmaps.checkpoint();
         }
         if let Some(p) = unix_path {
             let _ = std::fs::remove_file(p);

@@ -1,5 +1,5 @@
-//! Holes and extents: BLOCK_STATUS for base:allocation, and the hole checks of
-//! large reads.
+//! Holes and extents: BLOCK_STATUS for base:allocation and the dirty bitmaps
+//! (`qemu:dirty-bitmap:NAME`), and the hole checks of large reads.
 
 use super::*;
 
@@ -41,21 +41,18 @@ pub(super) async fn block_status(
     req: Request,
     permit: OwnedSemaphorePermit,
 ) -> Frame {
-    let checked = check_flags(&req, CMD_FLAG_REQ_ONE | CMD_FLAG_FUA)
-        .and_then(|_| {
-            ctx.base_allocation
-                .ok_or(Fail(EINVAL, "no meta context was negotiated"))
-        })
-        .and_then(|id| {
-            if req.length == 0 {
-                return Err(Fail(EINVAL, "empty block status request"));
-            }
-            check_range(&ctx.export, &req, EINVAL).map(|_| id)
-        });
-    let id = match checked {
-        Ok(id) => id,
-        Err(Fail(errno, msg)) => return error_frame(ctx, &req, errno, msg, Some(permit)),
-    };
+    let checked = check_flags(&req, CMD_FLAG_REQ_ONE | CMD_FLAG_FUA).and_then(|_| {
+        if ctx.base_allocation.is_none() && ctx.bitmaps.is_empty() {
+            return Err(Fail(EINVAL, "no meta context was negotiated"));
+        }
+        if req.length == 0 {
+            return Err(Fail(EINVAL, "empty block status request"));
+        }
+        check_range(&ctx.export, &req, EINVAL)
+    });
+    if let Err(Fail(errno, msg)) = checked {
+        return error_frame(ctx, &req, errno, msg, Some(permit));
+    }
     let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
@@ -67,6 +64,64 @@ pub(super) async fn block_status(
     } else {
         u32::MAX as u64 & !0xfff
     };
+    let mut chunks = Vec::with_capacity(1 + ctx.bitmaps.len());
+    if let Some(id) = ctx.base_allocation {
+        match allocation(ctx, &req, max, max_len).await {
+            Ok(extents) => chunks.push(ChunkPayload::BlockStatus {
+                context_id: id,
+                wide: ctx.extended,
+                extents,
+            }),
+            Err(Fail(errno, msg)) => return error_frame(ctx, &req, errno, msg, Some(permit)),
+        }
+    }
+    for (id, bitmap) in &ctx.bitmaps {
+        let extents = bitmap
+            .status(req.offset, req.length, max, max_len)
+            .into_iter()
+            .map(|(length, dirty)| Extent {
+                length,
+                flags: u32::from(dirty),
+            })
+            .collect();
+        chunks.push(ChunkPayload::BlockStatus {
+            context_id: *id,
+            wide: ctx.extended,
+            extents,
+        });
+    }
+    // One chunk per context; the last one ends the reply.
+    let mut head = Vec::with_capacity(32);
+    let mut data = ctx.pool.get(0);
+    let n = chunks.len();
+    for (i, p) in chunks.iter().enumerate() {
+        let out = if i == 0 { &mut head } else { data.as_vec_mut() };
+        ReplyHeader::Chunk {
+            extended: ctx.extended,
+            flags: if i + 1 == n { REPLY_FLAG_DONE } else { 0 },
+            chunk_type: p.chunk_type(),
+            cookie: req.cookie,
+            offset: req.offset,
+            length: p.wire_len(),
+        }
+        .encode(out);
+        p.encode(data.as_vec_mut());
+    }
+    Frame {
+        head,
+        data: Some(data),
+        file: None,
+        _permit: Some(permit),
+    }
+}
+
+/// base:allocation extents of the request's range.
+async fn allocation(
+    ctx: &ConnCtx,
+    req: &Request,
+    max: usize,
+    max_len: u64,
+) -> Result<Vec<Extent>, Fail> {
     let export = Arc::clone(&ctx.export);
     let (offset, length) = (req.offset, req.length);
     let extents = match extents_without_lseek(&export, offset, length, max, max_len) {
@@ -77,36 +132,10 @@ pub(super) async fn block_status(
                 .await
         }
     };
-    let extents = match extents {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            let Fail(errno, msg) = io_fail(&e);
-            return error_frame(ctx, &req, errno, msg, Some(permit));
-        }
-        Err(_) => return error_frame(ctx, &req, EIO, "block status task failed", Some(permit)),
-    };
-    let p = ChunkPayload::BlockStatus {
-        context_id: id,
-        wide: ctx.extended,
-        extents,
-    };
-    let mut head = Vec::with_capacity(32);
-    ReplyHeader::Chunk {
-        extended: ctx.extended,
-        flags: REPLY_FLAG_DONE,
-        chunk_type: p.chunk_type(),
-        cookie: req.cookie,
-        offset: req.offset,
-        length: p.wire_len(),
-    }
-    .encode(&mut head);
-    let mut data = ctx.pool.get(0);
-    p.encode(data.as_vec_mut());
-    Frame {
-        head,
-        data: Some(data),
-        file: None,
-        _permit: Some(permit),
+    match extents {
+        Ok(Ok(e)) => Ok(e),
+        Ok(Err(e)) => Err(io_fail(&e)),
+        Err(_) => Err(Fail(EIO, "block status task failed")),
     }
 }
 

@@ -63,6 +63,8 @@ pub(crate) struct ConnCtx {
     pub structured: bool,
     pub extended: bool,
     pub base_allocation: Option<u32>,
+    /// Selected `qemu:dirty-bitmap:NAME` contexts: (context id, bitmap).
+    pub bitmaps: Vec<(u32, Arc<crate::bitmap::DirtyBitmap>)>,
     pub engine: Arc<IoEngine>,
     pub pool: Arc<BufPool>,
     /// Large reads are sent straight from the file (see [`SENDFILE_MIN`]); set for
@@ -94,6 +96,7 @@ where
         structured: neg.structured,
         extended: neg.extended,
         base_allocation: neg.base_allocation,
+        bitmaps: neg.bitmaps,
         engine,
         pool,
         zero_copy: neg_zero_copy,
@@ -293,7 +296,7 @@ async fn read_loop<R: PayloadSource>(
                     match splice::receive(rd, p, payload_len as usize, &ctx.pool).await? {
                         Received::InPipe => {
                             spliced.writes += 1;
-                            batch.frames.push(write_piped(ctx, &req, p, permit)?);
+                            batch.frames.push(write_piped(ctx, &req, p, permit).await?);
                             if batch.frames.len() >= MAX_BATCH {
                                 batch.flush();
                             }

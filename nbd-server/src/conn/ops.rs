@@ -353,6 +353,10 @@ pub(super) fn write_inline(
     if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
         return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
     }
+    // A region not yet in a bitmap's activity log needs an fdatasync first: not here.
+    if !ctx.export.bitmaps.mark_fast(req.offset, req.length) {
+        return Err((payload, permit));
+    }
     // Admitted and issued in one go, on this task, right below.
     let Ok(_guard) = ctx.export.lease.begin_change(&ctx.binding) else {
         return Ok(error_frame(ctx, req, EPERM, FENCED_MSG, Some(permit)));
@@ -379,16 +383,21 @@ pub(super) fn write_inline(
 
 /// Writes a payload that sits in the connection's pipe (see `splice.rs`) into the
 /// file, on this task: only on memory filesystems, where that never waits for a
-/// device. The pipe is empty afterwards; an error here means it could not be
-/// emptied and the connection must end.
-pub(super) fn write_piped(
+/// device (a dirty bitmap's activity-log fdatasync, when one is due, runs on a
+/// blocking thread first). The pipe is empty afterwards; an error here means it
+/// could not be emptied and the connection must end.
+pub(super) async fn write_piped(
     ctx: &ConnCtx,
     req: &Request,
     pipe: &super::splice::Pipe,
     permit: OwnedSemaphorePermit,
 ) -> io::Result<Frame> {
     let len = req.length as usize;
-    if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
+    let checked = match write_checks(ctx, req) {
+        Ok(()) => mark_dirty(ctx, req.offset, len as u64).await,
+        Err(f) => Err(f),
+    };
+    if let Err(Fail(errno, msg)) = checked {
         pipe.discard(len)?;
         return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
     }
@@ -425,9 +434,29 @@ pub(super) fn change(ctx: &ConnCtx) -> Result<ChangeGuard, Fail> {
 
 pub(super) const FENCED_MSG: &str = "write lease fenced";
 
+/// Marks `[offset, offset+len)` in every dirty bitmap of the export, crash-safe
+/// before the change is issued (so before it can be acknowledged, or reach the disk
+/// at all): the activity log's fdatasync, when one is needed, runs on a blocking
+/// thread. Marking a change that then fails only over-reports.
+pub(super) async fn mark_dirty(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(), Fail> {
+    if len == 0 || ctx.export.bitmaps.mark_fast(offset, len) {
+        return Ok(());
+    }
+    let export = Arc::clone(&ctx.export);
+    match tokio::task::spawn_blocking(move || export.bitmaps.mark_durable(offset, len)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(export = %ctx.export.name, error = %e, "dirty bitmap not durable; change refused");
+            Err(Fail(EIO, "dirty bitmap could not be made durable"))
+        }
+        Err(_) => Err(Fail(EIO, "dirty bitmap task failed")),
+    }
+}
+
 pub(super) async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
     write_checks(ctx, req)?;
     let buf = payload.unwrap_or_default();
+    mark_dirty(ctx, req.offset, buf.len() as u64).await?;
     let guard = change(ctx)?;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let n = buf.len() as u64;
@@ -498,6 +527,7 @@ async fn trim_source(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     if req.length == 0 {
         return Ok(());
     }
+    mark_dirty(ctx, req.offset, req.length).await?;
     let guard = change(ctx)?;
     let r = match ctx.export.backing {
         Backing::File => {
@@ -571,6 +601,7 @@ async fn write_zeroes_source(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
     if req.length == 0 {
         return Ok(());
     }
+    mark_dirty(ctx, req.offset, req.length).await?;
     // Every step below is a change of its own, admitted (and re-checked before
     // issue) separately: a fence between two steps fails the rest with EPERM.
     let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;

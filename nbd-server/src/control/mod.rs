@@ -6,6 +6,7 @@
 //! [`ExportHost`], which the NBD server's export registry implements. The lease side
 //! (gates, durable records, the fence sequence) lives here and in `lease` / `store`.
 
+mod bitmaps;
 pub mod confine;
 pub mod metrics;
 mod mirrors;
@@ -52,6 +53,8 @@ pub struct ExportInfo {
     pub read_only: bool,
     pub gate: LeaseGate,
     pub stats: ExportStats,
+    /// Names of the export's dirty bitmaps.
+    pub bitmaps: Vec<String>,
 }
 
 /// An export the API asks the server to start serving.
@@ -76,6 +79,11 @@ pub trait ExportHost: Send + Sync + 'static {
     /// removed export's count of connections still open, or None if there was no
     /// such export.
     fn remove(&self, name: &str) -> Option<ConnectionCount>;
+    /// The served export itself, for its dirty bitmaps; None where the host has no
+    /// bitmaps (the API then answers 404 for every bitmap).
+    fn export(&self, _name: &str) -> Option<Arc<crate::export::Export>> {
+        None
+    }
 }
 
 /// Reads the number of NBD connections still open on a removed export.
@@ -175,6 +183,20 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/v1/mirrors/{id}/mode", post(mirrors::set_mode))
         .route("/v1/mirrors/{id}/complete", post(mirrors::complete))
+        .route(
+            "/v1/exports/{name}/bitmaps/{bitmap}",
+            get(bitmaps::get_bitmap)
+                .put(bitmaps::put_bitmap)
+                .delete(bitmaps::delete_bitmap),
+        )
+        .route(
+            "/v1/exports/{name}/bitmaps/{bitmap}/clear",
+            post(bitmaps::clear_bitmap),
+        )
+        .route(
+            "/v1/exports/{name}/bitmaps/{bitmap}/merge",
+            post(bitmaps::merge_bitmap),
+        )
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),
@@ -277,7 +299,7 @@ fn detail(e: &ExportInfo) -> ExportDetail {
         require_lease_for_reads: e.gate.policy().is_some_and(|p| p.lease_required_for_reads),
         lease: lease_view(&e.gate),
         connections: e.stats.connections,
-        bitmaps: Vec::new(),
+        bitmaps: e.bitmaps.clone(),
     }
 }
 

@@ -12,7 +12,7 @@ use super::{
     gate_for, stored_exports,
 };
 use crate::config::Config;
-use crate::export::{Export, ExportRegistry, ExportSpec};
+use crate::export::{BitmapStore, Export, ExportRegistry, ExportSpec};
 use crate::lease::{LeaseGate, LeasePolicy};
 use crate::store::{Store, StoreError};
 
@@ -43,13 +43,18 @@ fn info(e: &Export) -> ExportInfo {
             written_bytes: e.stats.bytes_written.load(Ordering::Relaxed),
             requests: e.stats.requests.load(Ordering::Relaxed),
         },
+        bitmaps: e.bitmaps.names(),
     }
 }
 
-/// Opens an export with the given gate.
-fn open_export(spec: &ExportSpec, gate: LeaseGate) -> Result<Export, crate::export::ExportError> {
+/// Opens an export with the given gate and its stored bitmaps.
+fn open_export(
+    spec: &ExportSpec,
+    gate: LeaseGate,
+    bitmaps: &BitmapStore,
+) -> Result<Export, crate::export::ExportError> {
     let export = Export::open(spec)?;
-    Ok(Export {
+    bitmaps.attach(Export {
         leased: gate.is_leased(),
         lease: gate,
         ..export
@@ -77,14 +82,22 @@ impl ExportHost for ExportRegistry {
                 .is_some_and(|p| p.lease_required_for_reads),
             description: None,
         };
-        let opened = Arc::new(open_export(&spec, export.gate).map_err(|e| e.to_string())?);
+        let opened = Arc::new(
+            open_export(&spec, export.gate, &self.bitmap_store()).map_err(|e| e.to_string())?,
+        );
         let view = info(&opened);
         self.insert(opened).map_err(|e| e.to_string())?;
         Ok(view)
     }
 
+    fn export(&self, name: &str) -> Option<Arc<Export>> {
+        ExportRegistry::get(self, name)
+    }
+
     fn remove(&self, name: &str) -> Option<ConnectionCount> {
         let removed = ExportRegistry::remove(self, name)?;
+        // A later export of this name is another disk: its writes start clean.
+        removed.bitmaps.destroy();
         Some(Box::new(move || {
             removed.stats.connections.load(Ordering::Relaxed)
         }))
@@ -121,13 +134,17 @@ pub fn open_registry(
     config: &Config,
     store: &Store,
 ) -> Result<Arc<ExportRegistry>, crate::export::ExportError> {
-    let registry = ExportRegistry::new();
+    let bitmaps = BitmapStore {
+        data_dir: config.data_dir.clone(),
+        al_regions: config.bitmap_al_regions,
+    };
+    let registry = ExportRegistry::with_bitmap_store(bitmaps.clone());
     for spec in &config.exports {
         let policy = LeasePolicy {
             lease_required_for_reads: spec.lease_reads,
         };
         let gate = gate_for(store, &spec.name, !spec.unleased, policy);
-        registry.insert(Arc::new(open_export(spec, gate)?))?;
+        registry.insert(Arc::new(open_export(spec, gate, &bitmaps)?))?;
     }
     let confinement = confinement(config);
     for (name, record) in stored_exports(store) {
@@ -149,7 +166,7 @@ pub fn open_registry(
             description: None,
         };
         let gate = gate_for(store, &name, record.leased, record.policy);
-        match open_export(&spec, gate) {
+        match open_export(&spec, gate, &bitmaps) {
             Ok(e) => registry.insert(Arc::new(e))?,
             Err(e) => tracing::error!(export = %name, error = %e, "stored export not served"),
         }

@@ -44,6 +44,7 @@ impl ExportHost for FakeHost {
             read_only: export.read_only,
             gate: export.gate,
             stats: ExportStats::default(),
+            bitmaps: Vec::new(),
         };
         self.exports
             .lock()
