@@ -97,7 +97,13 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
     // Unfinished migrations get their executors (and cancel controls) before the API
     // answers its first call when this process leads from the start (RocksDB); with
     // etcd, whenever the election makes it the leader.
-    coord.apply_role(&coord.role());
+    if coord.is_leader() {
+        match coord.recover() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),
+            Err(e) => tracing::error!(error = %e, "cannot read the migration journal"),
+        }
+    }
     tokio::spawn(Arc::clone(&coord).follow_role());
     let scheme = if server_tls.is_some() {
         "https"

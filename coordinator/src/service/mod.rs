@@ -138,8 +138,11 @@ impl Coordinator {
         let http = http.build()?;
         let shutdown = CancellationToken::new();
         let term = shutdown.child_token();
-        // No term until the store says this process leads.
-        term.cancel();
+        // A store whose owner leads from the start (RocksDB) gives this process its
+        // term at once; otherwise there is none until the election says so.
+        if !matches!(*store.role().borrow(), crate::store::Role::Leader(_)) {
+            term.cancel();
+        }
         Ok(Arc::new(Self {
             role: store.role(),
             store,
