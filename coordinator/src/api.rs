@@ -93,9 +93,7 @@ async fn forward_writes(
     next: middleware::Next,
 ) -> Response {
     let method = req.method().clone();
-    if method == axum::http::Method::GET
-        || method == axum::http::Method::HEAD
-        || coord.is_leader()
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD || coord.is_leader()
     {
         return next.run(req).await;
     }
@@ -111,7 +109,9 @@ async fn forward_writes(
         .map(str::to_owned);
     let body = match axum::body::to_bytes(req.into_body(), FORWARD_LIMIT).await {
         Ok(b) => b.to_vec(),
-        Err(e) => return ApiError::bad_request(format!("Cannot read the request: {e}")).into_response(),
+        Err(e) => {
+            return ApiError::bad_request(format!("Cannot read the request: {e}")).into_response();
+        }
     };
     let Ok(m) = reqwest::Method::from_bytes(method.as_str().as_bytes()) else {
         return ApiError::bad_request("Unsupported method.").into_response();
@@ -119,14 +119,8 @@ async fn forward_writes(
     tracing::debug!(%method, %path, "forwarding a write to the leader");
     match coord.forward(m, &path, auth.as_deref(), body).await {
         Ok((status, bytes)) => {
-            let status =
-                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                bytes,
-            )
-                .into_response()
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
         Err(e) => e.into_response(),
     }

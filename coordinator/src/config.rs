@@ -155,9 +155,11 @@ pub fn store_config(
     let tls = match (ca, cert, key) {
         (None, None, None) => None,
         (Some(ca), cert, key) => Some(EtcdTls { ca, cert, key }),
-        _ => return Err(ConfigError::Store(StoreError::BadUri(
-            "--store-cert/--store-key need --store-ca (etcd's CA)".into(),
-        ))),
+        _ => {
+            return Err(ConfigError::Store(StoreError::BadUri(
+                "--store-cert/--store-key need --store-ca (etcd's CA)".into(),
+            )));
+        }
     };
     match uri {
         None | Some("" | "rocksdb") => {
@@ -261,7 +263,10 @@ impl ServeFlags {
             return Err(ConfigError::BadAdvertise(advertise));
         }
         let election_ttl = std::time::Duration::from_secs(
-            self.election_ttl.or(file.election_ttl).unwrap_or(2).clamp(1, 60),
+            self.election_ttl
+                .or(file.election_ttl)
+                .unwrap_or(2)
+                .clamp(1, 60),
         );
         Ok(ServeConfig {
             store,

@@ -93,12 +93,19 @@ fn a_deposed_leader_writes_nothing() {
     let a = Store::from_backend(a_backend.clone());
     let b = Store::from_backend(b_backend.clone());
     // A store that does not campaign never writes.
-    assert!(matches!(a.put("sites", "x", &1u32), Err(StoreError::NotLeader)));
+    assert!(matches!(
+        a.put("sites", "x", &1u32),
+        Err(StoreError::NotLeader)
+    ));
 
     a_backend.start_election("a".into(), "http://a".into(), Duration::from_secs(1));
     wait_role(&a, |r| matches!(r, Role::Leader(_)), "a to lead");
     b_backend.start_election("b".into(), "http://b".into(), Duration::from_secs(1));
-    let r = wait_role(&b, |r| matches!(r, Role::Follower(Some(_))), "b to follow a");
+    let r = wait_role(
+        &b,
+        |r| matches!(r, Role::Follower(Some(_))),
+        "b to follow a",
+    );
     assert!(matches!(r, Role::Follower(Some(ref l)) if l.id == "a" && l.url == "http://a"));
 
     // The leader writes; everyone reads; expectations and notifications work.
@@ -119,9 +126,15 @@ fn a_deposed_leader_writes_nothing() {
     batch.expect("vms", "vm1", Expect::Absent);
     batch.put("vms", "vm1", &2u32).expect("encode");
     assert!(matches!(a.commit(batch), Err(StoreError::Conflict { .. })));
-    assert_eq!(a.list::<u32>("vms").expect("list"), vec![("vm1".to_owned(), 1)]);
+    assert_eq!(
+        a.list::<u32>("vms").expect("list"),
+        vec![("vm1".to_owned(), 1)]
+    );
     // A follower's writes are refused.
-    assert!(matches!(b.put("vms", "vm1", &3u32), Err(StoreError::NotLeader)));
+    assert!(matches!(
+        b.put("vms", "vm1", &3u32),
+        Err(StoreError::NotLeader)
+    ));
 
     // Depose A behind its back: its election key goes (as when its lease expires while
     // it is paused), and B takes over.
@@ -134,11 +147,18 @@ fn a_deposed_leader_writes_nothing() {
     assert!(matches!(r, Err(StoreError::NotLeader)), "{r:?}");
     assert_eq!(a.refused_writes(), before + 1);
     assert_eq!(b.get::<u32>("vms", "vm1").expect("read"), Some(1));
-    wait_role(&a, |r| matches!(r, Role::Follower(Some(l)) if l.id == "b"), "a to follow b");
+    wait_role(
+        &a,
+        |r| matches!(r, Role::Follower(Some(l)) if l.id == "b"),
+        "a to follow b",
+    );
     b.put("vms", "vm1", &5u32).expect("the new leader writes");
     assert_eq!(a.get::<u32>("vms", "vm1").expect("read"), Some(5));
     let h = a.health();
-    assert!(h.healthy && h.kind == "etcd" && h.members.len() == 1, "{h:?}");
+    assert!(
+        h.healthy && h.kind == "etcd" && h.members.len() == 1,
+        "{h:?}"
+    );
     assert!(h.members[0].healthy, "{h:?}");
 }
 

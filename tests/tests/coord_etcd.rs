@@ -133,7 +133,10 @@ impl Etcd {
             {
                 return;
             }
-            assert!(Instant::now() < end, "etcd member {i} did not become healthy");
+            assert!(
+                Instant::now() < end,
+                "etcd member {i} did not become healthy"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -147,12 +150,17 @@ impl Etcd {
 
 /// One `coord serve` on the etcd store.
 struct Coord {
-    name: &'static str,
     api: String,
     proc: Proc,
 }
 
-fn start_coord(c: &Cluster, store: &str, name: &'static str, api: &str, env: &[(&str, &str)]) -> Coord {
+fn start_coord(
+    c: &Cluster,
+    store: &str,
+    name: &'static str,
+    api: &str,
+    env: &[(&str, &str)],
+) -> Coord {
     let d = c.dir.path();
     let n = std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
     let args: Vec<String> = [
@@ -180,7 +188,6 @@ fn start_coord(c: &Cluster, store: &str, name: &'static str, api: &str, env: &[(
     );
     coord_support::wait_health(&format!("http://{api}/v1/health"), None, &mut p);
     Coord {
-        name,
         api: api.to_owned(),
         proc: p,
     }
@@ -215,7 +222,11 @@ fn assert_one_copy(c: &Cluster, vm: &str, what: &str) {
     let export = format!("{vm}-disk0");
     let shown = c.ok(&["vm", "show", vm]);
     let host = shown["host"].as_str().unwrap_or("").to_owned();
-    assert_eq!(c.running_on(vm), vec![host.as_str()], "{what}: one copy on {host}");
+    assert_eq!(
+        c.running_on(vm),
+        vec![host.as_str()],
+        "{what}: one copy on {host}"
+    );
     let (holder, epoch) = c.lease(&export);
     assert_eq!(holder, host, "{what}: the running host holds the lease");
     assert_eq!(shown["disks"][0]["epoch"], epoch, "{what}: recorded epoch");
@@ -232,7 +243,13 @@ fn migration_of(c: &Cluster, vm: &str) -> Option<String> {
     list.as_array()?
         .iter()
         .rev()
-        .find(|m| m["vm"] == vm && !matches!(m["state"].as_str(), Some("committed" | "rolled_back" | "cancelled")))
+        .find(|m| {
+            m["vm"] == vm
+                && !matches!(
+                    m["state"].as_str(),
+                    Some("committed" | "rolled_back" | "cancelled")
+                )
+        })
         .and_then(|m| m["id"].as_str())
         .map(str::to_owned)
 }
@@ -241,7 +258,9 @@ fn migration_of(c: &Cluster, vm: &str) -> Option<String> {
 fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let test = "coordinators_on_etcd_fail_over_and_fence_a_deposed_leader";
     if !stagehand_tests::have_tool("etcd") {
-        stagehand_tests::skip!("SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)");
+        stagehand_tests::skip!(
+            "SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)"
+        );
         return;
     }
     if !stagehand_tests::kvm_or_skip(test) {
@@ -261,14 +280,30 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
 
     // A leads first (it starts alone) and dies at its fail point once the migration is
     // in pre-copy; B holds at `fenced` (it will be paused there).
-    let mut a = start_coord(&c, &store, "coord-a", &api_a, &[("STAGEHAND_COORD_FAILPOINT", "precopy")]);
+    let mut a = start_coord(
+        &c,
+        &store,
+        "coord-a",
+        &api_a,
+        &[("STAGEHAND_COORD_FAILPOINT", "precopy")],
+    );
     wait_leader(&c, &api_a, "coord-a", Duration::from_secs(20));
-    let mut b = start_coord(&c, &store, "coord-b", &api_b, &[("STAGEHAND_COORD_HOLD", &hold_s)]);
+    let b = start_coord(
+        &c,
+        &store,
+        "coord-b",
+        &api_b,
+        &[("STAGEHAND_COORD_HOLD", &hold_s)],
+    );
     let s = wait_leader(&c, &api_b, "coord-a", Duration::from_secs(20));
     assert_eq!(s["coordinator"]["role"], "follower", "{s}");
     assert_eq!(s["store"]["kind"], "etcd", "{s}");
     assert_eq!(s["store"]["healthy"], true, "{s}");
-    assert_eq!(s["store"]["members"].as_array().map(Vec::len), Some(3), "{s}");
+    assert_eq!(
+        s["store"]["members"].as_array().map(Vec::len),
+        Some(3),
+        "{s}"
+    );
 
     // Everything through B, a follower: writes are forwarded to the leader.
     c.coord_api = api_b.clone();
@@ -276,15 +311,24 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let st = c.ok(&["status"]);
     assert_eq!(st["leader"]["id"], "coord-a");
     let guest = c.guest_image("disk-writer").display().to_string();
-    c.ok(&["vm", "create", "vm1", "--site", "siteA", "--memory", "128M", "--image", &guest, "--disk", "8M"]);
+    c.ok(&[
+        "vm", "create", "vm1", "--site", "siteA", "--memory", "128M", "--image", &guest, "--disk",
+        "8M",
+    ]);
     c.wait_guest_progress(0, "vm1");
 
     // 1. kill -9 of the leader (its fail point) in pre-copy.
     let _ = c.cli(&["migrate", "vm1", "--to", "siteB"]);
-    assert!(a.proc.wait_exit(Duration::from_secs(60)), "coord-a did not stop at its fail point");
+    assert!(
+        a.proc.wait_exit(Duration::from_secs(60)),
+        "coord-a did not stop at its fail point"
+    );
     let killed = Instant::now();
     wait_leader(&c, &api_b, "coord-b", Duration::from_secs(20));
-    eprintln!("coord-b leads {} ms after coord-a died", killed.elapsed().as_millis());
+    eprintln!(
+        "coord-b leads {} ms after coord-a died",
+        killed.elapsed().as_millis()
+    );
     let id = migration_of(&c, "vm1").expect("the migration is journaled");
     // A comes back (without its fail point) and follows.
     a = start_coord(&c, &store, "coord-a", &api_a, &[]);
@@ -299,7 +343,10 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let paused = Instant::now();
     c.coord_api = api_a.clone();
     wait_leader(&c, &api_a, "coord-a", Duration::from_secs(20));
-    eprintln!("coord-a leads {} ms after coord-b was paused", paused.elapsed().as_millis());
+    eprintln!(
+        "coord-a leads {} ms after coord-b was paused",
+        paused.elapsed().as_millis()
+    );
     let m = c.wait_migration(&id, Duration::from_secs(90));
     assert_eq!(m["state"], "committed", "{m}");
     let journal_before = c.journal_phases(&id);
@@ -314,10 +361,16 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     eprintln!("coord-b after waking: {sb}");
     // Give B's executor every chance to act on its stale view: its figures are stored
     // every 100 ms while it runs.
-    c.wait_for("coord-b to stop its executor", Duration::from_secs(20), |c| {
-        (status(c, &b.api)["driving"] == 0).then_some(())
-    });
-    assert_eq!(c.journal_phases(&id), journal_before, "a deposed leader's journal entry landed");
+    c.wait_for(
+        "coord-b to stop its executor",
+        Duration::from_secs(20),
+        |c| (status(c, &b.api)["driving"] == 0).then_some(()),
+    );
+    assert_eq!(
+        c.journal_phases(&id),
+        journal_before,
+        "a deposed leader's journal entry landed"
+    );
     let m2 = c.ok(&["migration", "show", &id]);
     assert_eq!(m2["state"], "committed", "{m2}");
     let vm_after = c.ok(&["vm", "show", "vm1"]);
@@ -347,7 +400,11 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         "unclear error without quorum: {err}"
     );
     let sites = c.ok(&["site", "list"]);
-    assert_eq!(sites.as_array().map(Vec::len), Some(2), "reads are served: {sites}");
+    assert_eq!(
+        sites.as_array().map(Vec::len),
+        Some(2),
+        "reads are served: {sites}"
+    );
     let vms = c.ok(&["vm", "list"]);
     assert_eq!(vms.as_array().map(Vec::len), Some(1), "{vms}");
     let st = c.ok(&["status"]);
@@ -355,9 +412,11 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     // Quorum back: writes work again (a leader is elected, the write is accepted).
     etcd.start_member(1);
     etcd.wait_member(1);
-    c.wait_for("writes to work with quorum back", Duration::from_secs(30), |c| {
-        c.cli(&["site", "add", "siteC"]).0.then_some(())
-    });
+    c.wait_for(
+        "writes to work with quorum back",
+        Duration::from_secs(30),
+        |c| c.cli(&["site", "add", "siteC"]).0.then_some(()),
+    );
     assert_one_copy(&c, "vm1", "after quorum returned");
     c.ok(&["vm", "delete", "vm1"]);
     drop(a);

@@ -183,17 +183,17 @@ pub fn print_status(v: &Value) {
     };
     println!("store       {} ({health})", s(&st["kind"]));
     for m in st["members"].as_array().into_iter().flatten() {
-        let urls: Vec<String> = m["urls"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+        let urls: Vec<String> = m["urls"].as_array().into_iter().flatten().map(s).collect();
         let up = if m["healthy"].as_bool() == Some(true) {
             "up"
         } else {
             "DOWN"
         };
-        println!("  member    {:<12} {:<5} {}", s(&m["name"]), up, urls.join(","));
+        println!(
+            "  member    {:<12} {:<5} {}",
+            s(&m["name"]),
+            up,
+            urls.join(",")
+        );
     }
 }

@@ -33,8 +33,9 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
             store_key,
         } => {
             let local = |e: &dyn std::fmt::Display| CliError::Local(e.to_string());
-            let cfg = crate::config::store_config(store.as_deref(), store_ca, store_cert, store_key)
-                .map_err(|e| local(&e))?;
+            let cfg =
+                crate::config::store_config(store.as_deref(), store_ca, store_cert, store_key)
+                    .map_err(|e| local(&e))?;
             let (st, from) = match cfg {
                 crate::config::StoreConfig::Etcd(ec) => {
                     let es = crate::store::etcd::EtcdStore::connect(ec).map_err(|e| local(&e))?;

@@ -51,7 +51,10 @@ impl Coordinator {
             (true, true) => {
                 *term = self.shutdown.child_token();
                 drop(term);
-                tracing::info!(store = self.store.kind(), "leading: driving unfinished migrations");
+                tracing::info!(
+                    store = self.store.kind(),
+                    "leading: driving unfinished migrations"
+                );
                 match self.recover() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),

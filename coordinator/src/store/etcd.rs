@@ -30,9 +30,7 @@ use etcd_client::{
 };
 use tokio::sync::watch;
 
-use super::{
-    Backend, Batch, Expect, LeaderInfo, Member, Role, StoreError, StoreHealth, TABLES,
-};
+use super::{Backend, Batch, Expect, LeaderInfo, Member, Role, StoreError, StoreHealth, TABLES};
 
 /// A write (or a linearizable read) gives up after this.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -108,9 +106,8 @@ impl EtcdConfig {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         if let Some(t) = &self.tls {
             let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| {
-                    StoreError::BadUri(format!("cannot read {}: {e}", p.display()))
-                })
+                std::fs::read(p)
+                    .map_err(|e| StoreError::BadUri(format!("cannot read {}: {e}", p.display())))
             };
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&t.ca)?));
             match (&t.cert, &t.key) {
@@ -147,13 +144,52 @@ async fn timed<T>(
     }
 }
 
+/// One client per member: tonic's balanced channel keeps sending to a dead member, so
+/// calls go to one member and move on to the next when it cannot be reached.
+pub(crate) struct Pool {
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    /// Runs `f` on the current member's client; on an error, on the next members'.
+    /// A member that does not answer within `d` ends the attempt: it is up but cannot
+    /// serve (no quorum), and the others will not do better.
+    async fn call<T, Fut>(
+        &self,
+        d: Duration,
+        what: &str,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = unavailable(format!("{what}: no etcd member configured"));
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match timed(d, what, f(self.clients[idx].clone())).await {
+                Ok(v) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if e.to_string().contains("no answer within") => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
 /// The leader key's create revision while this process leads.
 type Guard = Arc<Mutex<Option<i64>>>;
 
 pub struct EtcdStore {
     rt: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
-    client: Client,
+    pool: Arc<Pool>,
     cfg: EtcdConfig,
     guard: Guard,
     role: watch::Sender<Role>,
@@ -200,21 +236,32 @@ impl EtcdStore {
         let handle = rt.handle().clone();
         let urls = cfg.urls();
         let opts = cfg.options()?;
-        // The channel spawns its workers on the current runtime: connect on ours.
-        let client = block_on(&handle, async move {
-            timed(
-                Duration::from_secs(5),
-                "connecting to etcd",
-                Client::connect(urls, Some(opts)),
-            )
-            .await
+        // Channels spawn their workers on the current runtime: connect on ours. They
+        // connect lazily, so a member that is down now does not stop the start.
+        let clients = block_on(&handle, async move {
+            let mut clients = Vec::new();
+            for url in urls {
+                clients.push(
+                    timed(
+                        Duration::from_secs(5),
+                        "connecting to etcd",
+                        Client::connect([url], Some(opts.clone())),
+                    )
+                    .await?,
+                );
+            }
+            Ok(clients)
         })?;
+        let pool = Arc::new(Pool {
+            clients,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        });
         let (role, _) = watch::channel(Role::Starting);
         let (changes, _) = watch::channel(0);
         let me = Self {
             rt: Some(rt),
             handle,
-            client,
+            pool,
             cfg,
             guard: Arc::new(Mutex::new(None)),
             role,
@@ -238,15 +285,21 @@ impl EtcdStore {
     /// Bumps the change counter on every change under the prefix (re-watching after
     /// errors).
     fn spawn_watch(&self) {
-        let mut client = self.client.clone();
+        let pool = Arc::clone(&self.pool);
         let prefix = self.cfg.prefix.clone();
         let changes = self.changes.clone();
         self.handle.spawn(async move {
             loop {
-                match client
-                    .watch(prefix.clone(), Some(WatchOptions::new().with_prefix()))
-                    .await
-                {
+                let watch = pool
+                    .call(OP_TIMEOUT, "watching", |mut c| {
+                        let prefix = prefix.clone();
+                        async move {
+                            c.watch(prefix, Some(WatchOptions::new().with_prefix()))
+                                .await
+                        }
+                    })
+                    .await;
+                match watch {
                     Ok(mut stream) => {
                         while let Ok(Some(resp)) = stream.message().await {
                             if !resp.events().is_empty() {
@@ -265,7 +318,7 @@ impl EtcdStore {
     /// long as the store lives; the role is published on [`Backend::role`].
     pub fn start_election(&self, id: String, url: String, ttl: Duration) {
         let e = Election {
-            client: self.client.clone(),
+            pool: Arc::clone(&self.pool),
             key: self.leader_key(),
             id,
             url,
@@ -277,21 +330,29 @@ impl EtcdStore {
     }
 
     async fn read(
-        client: Client,
+        pool: Arc<Pool>,
         key: String,
         opts: GetOptions,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let mut c = client.clone();
-        let lin = timed(READ_TIMEOUT, "reading from etcd", c.get(key.clone(), Some(opts.clone()))).await;
-        let resp = match lin {
+        let get = |opts: GetOptions| {
+            let key = key.clone();
+            move |mut c: Client| {
+                let key = key.clone();
+                let opts = opts.clone();
+                async move { c.get(key, Some(opts)).await }
+            }
+        };
+        let resp = match pool
+            .call(READ_TIMEOUT, "reading from etcd", get(opts.clone()))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(error = %e, "linearizable read failed; reading the member's copy");
-                let mut c = client;
-                timed(
+                tracing::debug!(error = %e, "linearizable read failed; reading a member's copy");
+                pool.call(
                     OP_TIMEOUT,
                     "reading from etcd",
-                    c.get(key, Some(opts.with_serializable())),
+                    get(opts.with_serializable()),
                 )
                 .await?
             }
@@ -317,7 +378,7 @@ impl Backend for EtcdStore {
         let k = self.data_key(table, key)?;
         let kvs = block_on(
             &self.handle,
-            Self::read(self.client.clone(), k, GetOptions::new()),
+            Self::read(Arc::clone(&self.pool), k, GetOptions::new()),
         )?;
         Ok(kvs.into_iter().next().map(|(_, v)| v))
     }
@@ -326,7 +387,11 @@ impl Backend for EtcdStore {
         let prefix = format!("{}/", self.data_key(table, "")?.trim_end_matches('/'));
         let kvs = block_on(
             &self.handle,
-            Self::read(self.client.clone(), prefix.clone(), GetOptions::new().with_prefix()),
+            Self::read(
+                Arc::clone(&self.pool),
+                prefix.clone(),
+                GetOptions::new().with_prefix(),
+            ),
         )?;
         // etcd returns keys in byte order, as RocksDB iterates them.
         Ok(kvs
@@ -363,13 +428,17 @@ impl Backend for EtcdStore {
                 None => TxnOp::delete(k, None),
             });
         }
-        let mut client = self.client.clone();
+        let pool = Arc::clone(&self.pool);
         let txn = Txn::new()
             .when(when)
             .and_then(then)
             .or_else(vec![TxnOp::get(leader_key, None)]);
         let resp = block_on(&self.handle, async move {
-            timed(OP_TIMEOUT, "writing to etcd", client.txn(txn)).await
+            pool.call(OP_TIMEOUT, "writing to etcd", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
         })?;
         if resp.succeeded() {
             return Ok(());
@@ -403,18 +472,25 @@ impl Backend for EtcdStore {
     }
 
     fn health(&self) -> StoreHealth {
-        let client = self.client.clone();
+        let pool = Arc::clone(&self.pool);
         let key = self.leader_key();
         let cfg = self.cfg.clone();
         let r = block_on(&self.handle, async move {
-            let mut c = client.clone();
             // A linearizable read needs a quorum: writes would be accepted.
-            let quorum = timed(READ_TIMEOUT, "a linearizable read", c.get(key, None))
+            let quorum = pool
+                .call(READ_TIMEOUT, "a linearizable read", |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                })
                 .await
                 .map(|_| ());
             let mut members = Vec::new();
-            let mut c = client.clone();
-            if let Ok(list) = timed(READ_TIMEOUT, "listing members", c.member_list()).await {
+            let list = pool
+                .call(READ_TIMEOUT, "listing members", |mut c| async move {
+                    c.member_list().await
+                })
+                .await;
+            if let Ok(list) = list {
                 for m in list.members() {
                     members.push(Member {
                         name: m.name().to_owned(),
@@ -472,25 +548,20 @@ impl Backend for EtcdStore {
     }
 }
 
-/// One keep-alive round trip; the lease's remaining TTL (0: it is gone).
-async fn keep_alive(
-    keeper: &mut etcd_client::LeaseKeeper,
-    stream: &mut etcd_client::LeaseKeepAliveStream,
-    limit: Duration,
-) -> Result<i64, StoreError> {
-    timed(limit, "keeping the lease alive", async {
+/// One keep-alive round trip (on whichever member answers); the lease's remaining
+/// TTL (0: it is gone).
+async fn keep_alive(pool: &Pool, lease: i64, limit: Duration) -> Result<i64, StoreError> {
+    pool.call(limit, "keeping the lease alive", |mut c| async move {
+        let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
         keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(r) => Ok(r.ttl()),
-            None => Ok(0),
-        }
+        Ok(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
     })
     .await
 }
 
 /// One coordinator's campaign, for the life of the process.
 struct Election {
-    client: Client,
+    pool: Arc<Pool>,
     key: String,
     id: String,
     url: String,
@@ -532,12 +603,14 @@ impl Election {
 
     /// One lease: campaign on it, lead while it lives, step down; Err when etcd fails.
     async fn term(&self) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        let lease = timed(OP_TIMEOUT, "granting a lease", c.lease_grant(self.ttl_secs, None))
+        let ttl_secs = self.ttl_secs;
+        let lease = self
+            .pool
+            .call(OP_TIMEOUT, "granting a lease", |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
             .await?
             .id();
-        let (mut keeper, mut stream) =
-            timed(OP_TIMEOUT, "keeping the lease alive", c.lease_keep_alive(lease)).await?;
         let interval = Duration::from_millis((self.ttl_secs as u64 * 1000 / 3).max(300));
         let ttl = Duration::from_secs(self.ttl_secs as u64);
         let mut last_kept = Instant::now();
@@ -562,7 +635,13 @@ impl Election {
                     Some(PutOptions::new().with_lease(lease)),
                 )])
                 .or_else(vec![TxnOp::get(self.key.clone(), None)]);
-            let resp = timed(OP_TIMEOUT, "campaigning", c.txn(txn)).await?;
+            let resp = self
+                .pool
+                .call(OP_TIMEOUT, "campaigning", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if resp.succeeded() {
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                 tracing::info!(id = %self.id, "elected leader");
@@ -581,7 +660,7 @@ impl Election {
             tokio::time::sleep(CAMPAIGN_POLL).await;
             if last_kept.elapsed() >= interval {
                 let sent = Instant::now();
-                if keep_alive(&mut keeper, &mut stream, interval).await? <= 0 {
+                if keep_alive(&self.pool, lease, interval).await? <= 0 {
                     return Err(unavailable("the campaign's lease expired"));
                 }
                 last_kept = sent;
@@ -595,7 +674,7 @@ impl Election {
                 break;
             }
             let sent = Instant::now();
-            match keep_alive(&mut keeper, &mut stream, interval).await {
+            match keep_alive(&self.pool, lease, interval).await {
                 Ok(t) if t > 0 => last_kept = sent,
                 Ok(_) => {
                     tracing::warn!("the leader's lease expired: stepping down");
@@ -612,7 +691,14 @@ impl Election {
         self.set_guard(None);
         self.publish(Role::Follower(None));
         // Best effort: free the key at once for the next leader.
-        let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(lease)).await;
+        let _ = self
+            .pool
+            .call(
+                Duration::from_secs(1),
+                "revoking the lease",
+                |mut c| async move { c.lease_revoke(lease).await },
+            )
+            .await;
         Ok(())
     }
 }

@@ -448,8 +448,7 @@ impl Cluster {
             Some(store) => cmd.args(["--store", store]),
             None => cmd.arg("--data-dir").arg(&dir),
         };
-        let out = run_timeout(&mut cmd, Duration::from_secs(30))
-        .expect("coord lease-tokens runs");
+        let out = run_timeout(&mut cmd, Duration::from_secs(30)).expect("coord lease-tokens runs");
         assert!(out.status.success(), "coord lease-tokens: {out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         v.as_array()
