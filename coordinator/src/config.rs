@@ -325,6 +325,59 @@ mod tests {
     }
 
     #[test]
+    fn store_defaults_to_rocksdb_and_parses_etcd() {
+        let c = ServeFlags {
+            insecure_no_auth: true,
+            api: Some("127.0.0.1:7071".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(matches!(c.store, StoreConfig::Rocks));
+        assert_eq!(c.advertise, "http://127.0.0.1:7071");
+        assert!(c.name.ends_with(":7071"));
+        assert_eq!(c.election_ttl, std::time::Duration::from_secs(2));
+        let c = ServeFlags {
+            insecure_no_auth: true,
+            store: Some("etcd://h1:2379,h2:2379,h3:2379".into()),
+            store_ca: Some("/ca.pem".into()),
+            name: Some("coord-1".into()),
+            election_ttl: Some(5),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let StoreConfig::Etcd(e) = c.store else {
+            panic!("etcd expected")
+        };
+        assert_eq!(e.endpoints.len(), 3);
+        assert!(e.tls.is_some());
+        assert_eq!(c.name, "coord-1");
+        for (store, ca, cert) in [
+            (Some("etcd:/h:1"), None, None),
+            (None, Some("/ca.pem"), None),
+            (Some("etcd://h:1"), None, Some("/c.pem")),
+        ] {
+            let r = ServeFlags {
+                insecure_no_auth: true,
+                store: store.map(Into::into),
+                store_ca: ca.map(Into::into),
+                store_cert: cert.map(Into::into),
+                ..Default::default()
+            }
+            .resolve();
+            assert!(matches!(r, Err(ConfigError::Store(_))), "{store:?}: {r:?}");
+        }
+        let r = ServeFlags {
+            insecure_no_auth: true,
+            advertise: Some("127.0.0.1:7070".into()),
+            ..Default::default()
+        }
+        .resolve();
+        assert!(matches!(r, Err(ConfigError::BadAdvertise(_))));
+    }
+
+    #[test]
     fn no_token_refuses_to_start_unless_insecure() {
         let e = ServeFlags::default().resolve().unwrap_err();
         assert!(matches!(e, ConfigError::Auth(AuthError::NoToken)), "{e}");

@@ -56,7 +56,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the coordinator daemon.
-    Serve(ServeFlags),
+    Serve(Box<ServeFlags>),
     /// Sites (failure domains; hosts and storage nodes belong to one).
     #[command(subcommand)]
     Site(SiteCmd),
