@@ -378,6 +378,19 @@ mod tests {
     }
 
     #[test]
+    fn the_three_site_examples_parse() {
+        for site in ["A", "B", "C"] {
+            let path = format!(
+                "{}/../deploy/three-site/coord-site{site}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let f: FileConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(f.store.is_some_and(|s| s.starts_with("etcd://")));
+        }
+    }
+
+    #[test]
     fn no_token_refuses_to_start_unless_insecure() {
         let e = ServeFlags::default().resolve().unwrap_err();
         assert!(matches!(e, ConfigError::Auth(AuthError::NoToken)), "{e}");
