@@ -7,7 +7,7 @@ BIN := $(CARGO_TARGET_DIR)/release
 # cargo with the system RocksDB when installed (see scripts/cargo.sh).
 CARGO := bash scripts/cargo.sh
 
-.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence fmt clippy lint fuzz-build fuzz clean
+.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence bench-failover fmt clippy lint fuzz-build fuzz clean
 
 deps:
 	@bash scripts/deps.sh
@@ -36,6 +36,9 @@ bench-migrate: build
 
 bench-fence: build
 	STAGEHAND_BIN_DIR=$(BIN) bash benches/fence.sh
+
+bench-failover: build
+	STAGEHAND_BIN_DIR=$(BIN) bash benches/failover.sh
 
 fmt:
 	$(CARGO) fmt --all
