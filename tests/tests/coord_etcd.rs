@@ -8,7 +8,7 @@
 //!    (restarted) takes over and finishes the migration with one running copy whose
 //!    host holds the lease. When the paused one wakes up, nothing lands in the store
 //!    and it steps down.
-//! 3. An etcd member is killed mid-migration: the migration finishes.
+//! 3. etcd's leader member is killed mid-migration: the migration finishes.
 //! 4. Quorum is lost: writes are refused with a clear error, reads are served; when
 //!    quorum returns, writes work again.
 //!
@@ -137,6 +137,37 @@ impl Etcd {
                 Instant::now() < end,
                 "etcd member {i} did not become healthy"
             );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The member that is etcd's raft leader now (the harder one to lose).
+    fn raft_leader(&self) -> usize {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            for (i, port) in self.client.iter().enumerate() {
+                let out = run_timeout(
+                    Command::new("curl").args([
+                        "-s",
+                        "-m",
+                        "2",
+                        "-X",
+                        "POST",
+                        "-d",
+                        "{}",
+                        &format!("http://127.0.0.1:{port}/v3/maintenance/status"),
+                    ]),
+                    Duration::from_secs(5),
+                );
+                let v: Value = out
+                    .ok()
+                    .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                    .unwrap_or(Value::Null);
+                if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < end, "no etcd member says it leads");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -384,16 +415,18 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let out = c.ok(&["migrate", "vm1", "--to", "siteA"]);
     let id2 = out["id"].as_str().expect("migration id").to_owned();
     c.wait_precopy(&id2);
-    etcd.kill(0);
+    let lost = etcd.raft_leader();
+    etcd.kill(lost);
     let m = c.wait_migration(&id2, Duration::from_secs(90));
     assert_eq!(m["state"], "committed", "{m}");
-    assert_one_copy(&c, "vm1", "after an etcd member died");
-    etcd.start_member(0);
-    etcd.wait_member(0);
+    assert_one_copy(&c, "vm1", "after etcd's leader member died");
+    etcd.start_member(lost);
+    etcd.wait_member(lost);
 
     // 4. Quorum lost: two of three members down.
-    etcd.kill(1);
-    etcd.kill(2);
+    let (x, y) = ((lost + 1) % 3, (lost + 2) % 3);
+    etcd.kill(x);
+    etcd.kill(y);
     let err = c.fails(&["site", "add", "siteC"]);
     assert!(
         err.contains("refuse") && (err.contains("quorum") || err.contains("leads")),
@@ -410,8 +443,8 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let st = c.ok(&["status"]);
     assert_eq!(st["store"]["healthy"], false, "{st}");
     // Quorum back: writes work again (a leader is elected, the write is accepted).
-    etcd.start_member(1);
-    etcd.wait_member(1);
+    etcd.start_member(x);
+    etcd.wait_member(x);
     c.wait_for(
         "writes to work with quorum back",
         Duration::from_secs(30),

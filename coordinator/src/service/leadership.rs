@@ -103,6 +103,14 @@ impl Coordinator {
     pub fn status(&self, me: &str) -> Value {
         let role = self.role();
         let (role_name, leader) = match &role {
+            // The embedded store's owner: name it as configured.
+            Role::Leader(i) if i.url.is_empty() => (
+                "leader",
+                Some(LeaderInfo {
+                    id: me.to_owned(),
+                    ..i.clone()
+                }),
+            ),
             Role::Leader(i) => ("leader", Some(i.clone())),
             Role::Follower(l) => ("follower", l.clone()),
             Role::Starting => ("starting", None),
