@@ -201,7 +201,7 @@ impl Cluster {
             });
         }
         let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
-        let c = Cluster {
+        Cluster {
             dir,
             nbd: Node {
                 proc: nbd,
@@ -213,8 +213,7 @@ impl Cluster {
             coord_api: format!("127.0.0.1:{}", free_port()),
             guest,
             store: None,
-        };
-        c
+        }
     }
 
     pub fn start_coord(&mut self, env: &[(&str, &str)]) {
