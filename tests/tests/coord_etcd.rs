@@ -8,7 +8,9 @@
 //!    (restarted) takes over and finishes the migration with one running copy whose
 //!    host holds the lease. When the paused one wakes up, nothing lands in the store
 //!    and it steps down.
-//! 3. etcd's leader member is killed mid-migration: the migration finishes.
+//! 3. etcd's leader member is killed mid-migration: the migration finishes. Then the
+//!    leading coordinator is killed at the other phases (planned, quiesced, fencing,
+//!    target_running): the other finishes each migration.
 //! 4. Quorum is lost: writes are refused with a clear error, reads are served; when
 //!    quorum returns, writes work again.
 //!
@@ -285,6 +287,20 @@ fn migration_of(c: &Cluster, vm: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The newest migration of `vm` (any state).
+fn latest_migration(c: &Cluster, vm: &str) -> Option<String> {
+    let (ok, list, _) = c.cli(&["migration", "list"]);
+    if !ok {
+        return None;
+    }
+    list.as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["vm"] == vm)
+        .and_then(|m| m["id"].as_str())
+        .map(str::to_owned)
+}
+
 #[test]
 fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let test = "coordinators_on_etcd_fail_over_and_fence_a_deposed_leader";
@@ -319,7 +335,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         &[("STAGEHAND_COORD_FAILPOINT", "precopy")],
     );
     wait_leader(&c, &api_a, "coord-a", Duration::from_secs(20));
-    let b = start_coord(
+    let mut b = start_coord(
         &c,
         &store,
         "coord-b",
@@ -414,7 +430,8 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     c.coord_api = b.api.clone();
     let out = c.ok(&["migrate", "vm1", "--to", "siteA"]);
     let id2 = out["id"].as_str().expect("migration id").to_owned();
-    c.wait_precopy(&id2);
+    // At once: the journal writes of the next phases follow within milliseconds (a
+    // guest that converges fast is done in well under a second).
     let lost = etcd.raft_leader();
     etcd.kill(lost);
     let m = c.wait_migration(&id2, Duration::from_secs(90));
@@ -422,6 +439,64 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     assert_one_copy(&c, "vm1", "after etcd's leader member died");
     etcd.start_member(lost);
     etcd.wait_member(lost);
+
+    // 3b. The leader killed at the other phases: each time the follower takes over and
+    // the migration ends with one copy on the host holding the lease.
+    signal(&b.proc, "-KILL");
+    let _ = b.proc.wait_exit(Duration::from_secs(5));
+    b = start_coord(&c, &store, "coord-b", &api_b, &[]);
+    let mut coords = [(a, "coord-a", api_a.clone()), (b, "coord-b", api_b.clone())];
+    for phase in ["planned", "quiesced", "fencing", "target_running"] {
+        // The leader now (coord-a at first) hands over to the other, which comes back
+        // with the fail point armed, and is made to lead by killing the first.
+        let (l, f) = if status(&c, &coords[0].2)["leader"]["id"] == coords[0].1 {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        coords[f].0.proc.kill();
+        coords[f].0 = start_coord(
+            &c,
+            &store,
+            coords[f].1,
+            &coords[f].2,
+            &[("STAGEHAND_COORD_FAILPOINT", phase)],
+        );
+        coords[l].0.proc.kill();
+        c.coord_api = coords[f].2.clone();
+        wait_leader(&c, &coords[f].2, coords[f].1, Duration::from_secs(20));
+        coords[l].0 = start_coord(&c, &store, coords[l].1, &coords[l].2, &[]);
+        wait_leader(&c, &coords[l].2, coords[f].1, Duration::from_secs(20));
+        // Talk to the survivor-to-be; the doomed leader journals `phase` and dies.
+        c.coord_api = coords[l].2.clone();
+        let to = if c.ok(&["vm", "show", "vm1"])["site"] == "siteA" {
+            "siteB"
+        } else {
+            "siteA"
+        };
+        let before = latest_migration(&c, "vm1");
+        // At `planned` the leader dies before it answers: the forwarded call fails.
+        let _ = c.cli(&["migrate", "vm1", "--to", to]);
+        assert!(
+            coords[f].0.proc.wait_exit(Duration::from_secs(60)),
+            "{} did not stop at fail point {phase}",
+            coords[f].1
+        );
+        let id = c.wait_for(
+            "the new leader to show the migration",
+            Duration::from_secs(20),
+            |c| latest_migration(c, "vm1").filter(|id| Some(id) != before.as_ref()),
+        );
+        let m = c.wait_migration(&id, Duration::from_secs(90));
+        assert_eq!(m["state"], "committed", "fail point {phase}: {m}");
+        assert_one_copy(&c, "vm1", &format!("leader killed at {phase}"));
+        eprintln!(
+            "leader killed at {phase}: {} finished the migration",
+            coords[l].1
+        );
+        coords[f].0 = start_coord(&c, &store, coords[f].1, &coords[f].2, &[]);
+    }
+    let [(a, _, _), (b, _, _)] = coords;
 
     // 4. Quorum lost: two of three members down.
     let (x, y) = ((lost + 1) % 3, (lost + 2) % 3);
