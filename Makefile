@@ -7,7 +7,7 @@ BIN := $(CARGO_TARGET_DIR)/release
 # cargo with the system RocksDB when installed (see scripts/cargo.sh).
 CARGO := bash scripts/cargo.sh
 
-.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence bench-geo fmt clippy lint fuzz-build fuzz clean
+.PHONY: deps build test demo demo-nbd bench bench-migrate bench-fence bench-geo bench-failover fmt clippy lint fuzz-build fuzz clean
 
 deps:
 	@bash scripts/deps.sh
@@ -42,6 +42,9 @@ bench-fence: build
 bench-geo: build
 	$(CARGO) build $(CARGO_PROFILE) -p stagehand-tests --example bench_geo
 	STAGEHAND_BIN_DIR=$(BIN) $(BIN)/examples/bench_geo
+
+bench-failover: build
+	STAGEHAND_BIN_DIR=$(BIN) bash benches/failover.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -21,6 +21,9 @@ have jq        || need+=(jq)        # scripts/demo.sh reads coord --json output
 have systemd-analyze || need+=(systemd)  # make test verifies the units in deploy/systemd
 have openssl   || need+=(openssl)   # check-units.sh makes certificates the way deploy/README.md does
 have tc        || need+=(iproute2)  # bench-migrate shapes a 110 MiB/s link with tc in a netns
+have etcd      || need+=(etcd-server)       # coord --store etcd:// and its tests
+have protoc    || need+=(protobuf-compiler) # etcd-client compiles the etcd protos,
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev) # which import the well-known types
 # The Linux kernel's NBD client (tests/tests/nbd_kernel.rs; skipped without the nbd module).
 PATH="$PATH:/usr/sbin:/sbin" have nbd-client || need+=(nbd-client)
 

@@ -33,14 +33,21 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 struct AppState {
     coord: Arc<Coordinator>,
+    /// This coordinator's name (`--name`).
+    name: Arc<str>,
 }
 
 /// The router, with bearer auth on everything except /v1/health (which answers only
-/// `{"status":"ok"}`).
-pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>) -> Router {
-    let state = AppState { coord };
+/// `{"status":"ok"}`). On a follower, every write (any method but GET and HEAD) is
+/// forwarded to the leader after the caller authenticated here.
+pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>, name: String) -> Router {
+    let state = AppState {
+        coord: Arc::clone(&coord),
+        name: name.into(),
+    };
     let authed = Router::new()
         .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
         .route("/v1/sites", get(list_sites))
         .route("/v1/sites/{name}", put(add_site))
         .route("/v1/storage", get(list_storage))
@@ -56,6 +63,7 @@ pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>) -> Router {
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/migrations/{id}/release", post(release_migration))
+        .layer(middleware::from_fn_with_state(coord, forward_writes))
         .layer(middleware::from_fn_with_state(auth, require_bearer));
     Router::new()
         .route(
@@ -74,6 +82,59 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 fn body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(raw)
         .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))
+}
+
+/// Largest request body a follower forwards.
+const FORWARD_LIMIT: usize = 1 << 20;
+
+/// On a follower, sends writes to the leader and returns its answer.
+async fn forward_writes(
+    State(coord): State<Arc<Coordinator>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD || coord.is_leader()
+    {
+        return next.run(req).await;
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned());
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match axum::body::to_bytes(req.into_body(), FORWARD_LIMIT).await {
+        Ok(b) => b.to_vec(),
+        Err(e) => {
+            return ApiError::bad_request(format!("Cannot read the request: {e}")).into_response();
+        }
+    };
+    let Ok(m) = reqwest::Method::from_bytes(method.as_str().as_bytes()) else {
+        return ApiError::bad_request("Unsupported method.").into_response();
+    };
+    tracing::debug!(%method, %path, "forwarding a write to the leader");
+    match coord.forward(m, &path, auth.as_deref(), body).await {
+        Ok((status, bytes)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn status(State(st): State<AppState>) -> Json<Value> {
+    let coord = Arc::clone(&st.coord);
+    let name = Arc::clone(&st.name);
+    // The store's health calls block (etcd round trips): off the async workers.
+    let v = tokio::task::spawn_blocking(move || coord.status(&name))
+        .await
+        .unwrap_or_else(|e| json!({"error": e.to_string()}));
+    Json(v)
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {

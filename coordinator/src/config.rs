@@ -7,6 +7,9 @@ use serde::Deserialize;
 use stagehand_common::auth::{ApiAuth, AuthError};
 use stagehand_common::tls::{TlsError, TlsFiles};
 
+use crate::store::StoreError;
+use crate::store::etcd::{EtcdConfig, EtcdTls};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -25,6 +28,10 @@ pub enum ConfigError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("--advertise {0:?} is not an http:// or https:// URL")]
+    BadAdvertise(String),
 }
 
 /// Flags of `coord serve`; each can also be set in the TOML file.
@@ -70,6 +77,31 @@ pub struct ServeFlags {
     /// Concurrent migrations each site may take part in, in or out (default 4).
     #[arg(long, value_name = "N")]
     pub max_migrations_per_site: Option<usize>,
+    /// The state store: etcd://HOST:PORT[,HOST:PORT...] to share state with other
+    /// `coord serve` processes (one leads by etcd election, the others forward writes
+    /// to it). Default: RocksDB in --data-dir.
+    #[arg(long, value_name = "URI")]
+    pub store: Option<String>,
+    /// etcd's CA (PEM): talk to etcd over TLS, verifying its members against it.
+    #[arg(long, value_name = "FILE")]
+    pub store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate auth; with --store-key.
+    #[arg(long, value_name = "FILE")]
+    pub store_cert: Option<PathBuf>,
+    /// The private key of --store-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub store_key: Option<PathBuf>,
+    /// This coordinator's name in the election and `coord status` (default
+    /// HOSTNAME:PORT).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The URL other coordinators forward writes to (default http(s)://--api).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// Seconds of the leader's etcd lease: a dead leader is replaced after about this
+    /// long (default 2).
+    #[arg(long, value_name = "SECS")]
+    pub election_ttl: Option<u64>,
     /// TOML file with the same keys, spelled like the flags (api, data-dir,
     /// api-token-file, tls-cert, ...).
     #[arg(long, value_name = "FILE")]
@@ -96,6 +128,52 @@ struct FileConfig {
     max_migrations_per_host: Option<usize>,
     #[serde(alias = "max_migrations_per_site")]
     max_migrations_per_site: Option<usize>,
+    store: Option<String>,
+    store_ca: Option<PathBuf>,
+    store_cert: Option<PathBuf>,
+    store_key: Option<PathBuf>,
+    name: Option<String>,
+    advertise: Option<String>,
+    election_ttl: Option<u64>,
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// RocksDB in `data_dir` (the default).
+    Rocks,
+    Etcd(EtcdConfig),
+}
+
+/// `--store` and its TLS files, also used by `coord lease-tokens`.
+pub fn store_config(
+    uri: Option<&str>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<StoreConfig, ConfigError> {
+    let tls = match (ca, cert, key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => Some(EtcdTls { ca, cert, key }),
+        _ => {
+            return Err(ConfigError::Store(StoreError::BadUri(
+                "--store-cert/--store-key need --store-ca (etcd's CA)".into(),
+            )));
+        }
+    };
+    match uri {
+        None | Some("" | "rocksdb") => {
+            if tls.is_some() {
+                return Err(ConfigError::Store(StoreError::BadUri(
+                    "--store-ca/--store-cert/--store-key apply to --store etcd://... only".into(),
+                )));
+            }
+            Ok(StoreConfig::Rocks)
+        }
+        Some(u) => Ok(StoreConfig::Etcd(
+            EtcdConfig::parse(u, tls).map_err(ConfigError::Store)?,
+        )),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +187,20 @@ pub struct ServeConfig {
     pub images_dir: PathBuf,
     pub max_migrations_per_host: usize,
     pub max_migrations_per_site: usize,
+    pub store: StoreConfig,
+    /// This coordinator's name (election, status).
+    pub name: String,
+    /// Where followers forward writes to reach this coordinator.
+    pub advertise: String,
+    pub election_ttl: std::time::Duration,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "coord".into())
 }
 
 impl ServeFlags {
@@ -130,7 +222,7 @@ impl ServeFlags {
             .api
             .or(file.api)
             .unwrap_or_else(|| "127.0.0.1:7070".to_owned());
-        let api = api.parse().map_err(|_| ConfigError::BadAddr(api.clone()))?;
+        let api: SocketAddr = api.parse().map_err(|_| ConfigError::BadAddr(api.clone()))?;
         let token = self.api_token.or(file.api_token);
         let token_file = self.api_token_file.or(file.api_token_file);
         let auth = ApiAuth::from_flags(
@@ -152,7 +244,35 @@ impl ServeFlags {
             .images_dir
             .or(file.images_dir)
             .unwrap_or_else(|| data_dir.join("images"));
+        let store = store_config(
+            self.store.or(file.store).as_deref(),
+            self.store_ca.or(file.store_ca),
+            self.store_cert.or(file.store_cert),
+            self.store_key.or(file.store_key),
+        )?;
+        let name = self
+            .name
+            .or(file.name)
+            .unwrap_or_else(|| format!("{}:{}", hostname(), api.port()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let advertise = self
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| format!("{scheme}://{api}"));
+        if !(advertise.starts_with("http://") || advertise.starts_with("https://")) {
+            return Err(ConfigError::BadAdvertise(advertise));
+        }
+        let election_ttl = std::time::Duration::from_secs(
+            self.election_ttl
+                .or(file.election_ttl)
+                .unwrap_or(2)
+                .clamp(1, 60),
+        );
         Ok(ServeConfig {
+            store,
+            name,
+            advertise,
+            election_ttl,
             api,
             data_dir,
             auth,
@@ -202,6 +322,72 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(flags.resolve(), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn store_defaults_to_rocksdb_and_parses_etcd() {
+        let c = ServeFlags {
+            insecure_no_auth: true,
+            api: Some("127.0.0.1:7071".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(matches!(c.store, StoreConfig::Rocks));
+        assert_eq!(c.advertise, "http://127.0.0.1:7071");
+        assert!(c.name.ends_with(":7071"));
+        assert_eq!(c.election_ttl, std::time::Duration::from_secs(2));
+        let c = ServeFlags {
+            insecure_no_auth: true,
+            store: Some("etcd://h1:2379,h2:2379,h3:2379".into()),
+            store_ca: Some("/ca.pem".into()),
+            name: Some("coord-1".into()),
+            election_ttl: Some(5),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let StoreConfig::Etcd(e) = c.store else {
+            panic!("etcd expected")
+        };
+        assert_eq!(e.endpoints.len(), 3);
+        assert!(e.tls.is_some());
+        assert_eq!(c.name, "coord-1");
+        for (store, ca, cert) in [
+            (Some("etcd:/h:1"), None, None),
+            (None, Some("/ca.pem"), None),
+            (Some("etcd://h:1"), None, Some("/c.pem")),
+        ] {
+            let r = ServeFlags {
+                insecure_no_auth: true,
+                store: store.map(Into::into),
+                store_ca: ca.map(Into::into),
+                store_cert: cert.map(Into::into),
+                ..Default::default()
+            }
+            .resolve();
+            assert!(matches!(r, Err(ConfigError::Store(_))), "{store:?}: {r:?}");
+        }
+        let r = ServeFlags {
+            insecure_no_auth: true,
+            advertise: Some("127.0.0.1:7070".into()),
+            ..Default::default()
+        }
+        .resolve();
+        assert!(matches!(r, Err(ConfigError::BadAdvertise(_))));
+    }
+
+    #[test]
+    fn the_three_site_examples_parse() {
+        for site in ["A", "B", "C"] {
+            let path = format!(
+                "{}/../deploy/three-site/coord-site{site}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let f: FileConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(f.store.is_some_and(|s| s.starts_with("etcd://")));
+        }
     }
 
     #[test]

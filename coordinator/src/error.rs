@@ -51,6 +51,21 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::new(500, "store_failed", e.to_string())
+        match e {
+            StoreError::NotLeader => Self::new(
+                503,
+                "not_leader",
+                "This coordinator no longer leads; nothing was written. Retry: the request goes to the new leader.",
+            ),
+            StoreError::Unavailable(why) => Self::new(
+                503,
+                "store_unavailable",
+                format!(
+                    "The state store refuses writes now ({why}); nothing was written. Reads are still served; retry when etcd has a quorum again."
+                ),
+            ),
+            e @ StoreError::Conflict { .. } => Self::conflict("store_conflict", e.to_string()),
+            e => Self::new(500, "store_failed", e.to_string()),
+        }
     }
 }

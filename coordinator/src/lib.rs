@@ -1,6 +1,7 @@
 //! coord: the Stagehand coordinator (see README.md and docs/coordinator.md).
 //!
-//! - `store`: RocksDB state, atomic synced batches.
+//! - `store`: the state-store interface and its two implementations, RocksDB
+//!   (embedded, the default) and etcd (shared by several coordinators, one leading).
 //! - `migration`: the journaled record and its pure state machine.
 //! - `driver`: `next_action`, the pure decision of the next migration step (live and
 //!   after a restart alike).
@@ -32,6 +33,8 @@ pub enum ServeError {
         dir: std::path::PathBuf,
         source: store::StoreError,
     },
+    #[error("cannot open the etcd state store: {0}")]
+    Etcd(store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -49,14 +52,24 @@ pub enum ServeError {
 /// previous run left unfinished to their executors, and serves the API (HTTPS with
 /// `--tls-*`). Prints `coord: api listening on ADDR` once it accepts connections.
 pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Store {
-        dir: cfg.data_dir.clone(),
-        source: store::StoreError::Io(source),
-    })?;
-    let st = store::Store::open(&cfg.data_dir).map_err(|source| ServeError::Store {
-        dir: cfg.data_dir.clone(),
-        source,
-    })?;
+    let st = match &cfg.store {
+        config::StoreConfig::Rocks => {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::Store {
+                dir: cfg.data_dir.clone(),
+                source: store::StoreError::Io(source),
+            })?;
+            store::Store::open(&cfg.data_dir).map_err(|source| ServeError::Store {
+                dir: cfg.data_dir.clone(),
+                source,
+            })?
+        }
+        config::StoreConfig::Etcd(ec) => {
+            let es = store::etcd::EtcdStore::connect(ec.clone()).map_err(ServeError::Etcd)?;
+            es.start_election(cfg.name.clone(), cfg.advertise.clone(), cfg.election_ttl);
+            tracing::info!(name = %cfg.name, advertise = %cfg.advertise, "campaigning for leadership on etcd");
+            store::Store::from_backend(Arc::new(es))
+        }
+    };
     let (client_tls, server_tls) = match &cfg.tls {
         Some(files) => (
             Some(files.client_config()?),
@@ -82,12 +95,16 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
         })?;
     let bound = listener.local_addr().map_err(ServeError::Serve)?;
     // Unfinished migrations get their executors (and cancel controls) before the API
-    // answers its first call.
-    match coord.recover() {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),
-        Err(e) => tracing::error!(error = %e, "cannot read the migration journal"),
+    // answers its first call when this process leads from the start (RocksDB); with
+    // etcd, whenever the election makes it the leader.
+    if coord.is_leader() {
+        match coord.recover() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(migrations = n, "driving unfinished migrations again"),
+            Err(e) => tracing::error!(error = %e, "cannot read the migration journal"),
+        }
     }
+    tokio::spawn(Arc::clone(&coord).follow_role());
     let scheme = if server_tls.is_some() {
         "https"
     } else {
@@ -95,7 +112,7 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
     };
     println!("coord: api listening on {bound}");
     tracing::info!(%bound, scheme, "coordinator serving");
-    let app = api::router(Arc::clone(&coord), Arc::new(cfg.auth));
+    let app = api::router(Arc::clone(&coord), Arc::new(cfg.auth), cfg.name.clone());
     stagehand_common::http::serve(listener, app, server_tls, shutdown)
         .await
         .map_err(ServeError::Serve)?;

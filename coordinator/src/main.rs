@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime can start");
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(flags) => serve(flags).await,
+            Command::Serve(flags) => serve(*flags).await,
             _ => coordinator::cli::run_client(cli)
                 .await
                 .map_err(anyhow::Error::from),

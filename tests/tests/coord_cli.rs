@@ -22,6 +22,12 @@ fn inventory_verbs_and_their_errors() {
     let hosts = c.ok(&["host", "list"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(2));
     assert_eq!(hosts[0]["memory_mib"], 1024);
+    // One coordinator on RocksDB leads from the start.
+    let st = c.ok(&["status"]);
+    assert_eq!(st["coordinator"]["role"], "leader", "{st}");
+    assert_eq!(st["leader"]["id"], st["coordinator"]["id"], "{st}");
+    assert_eq!(st["store"]["kind"], "rocksdb", "{st}");
+    assert_eq!(st["store"]["healthy"], true, "{st}");
 
     // Bad token: refused, one line, non-zero, and nothing changes.
     let (ok, _, err) = c.cli_with_token(&["site", "add", "siteX"], "wrong-token");

@@ -56,7 +56,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the coordinator daemon.
-    Serve(ServeFlags),
+    Serve(Box<ServeFlags>),
     /// Sites (failure domains; hosts and storage nodes belong to one).
     #[command(subcommand)]
     Site(SiteCmd),
@@ -74,6 +74,9 @@ pub enum Command {
     /// Migrations and their journal.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Which coordinator leads and since when, this one's part, and the state store's
+    /// kind, health and members.
+    Status,
     /// TLS certificates for a cluster (a new CA and one directory per node).
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -83,8 +86,17 @@ pub enum Command {
     #[command(hide = true)]
     LeaseTokens {
         vm: String,
-        #[arg(long, value_name = "DIR")]
-        data_dir: std::path::PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "store")]
+        data_dir: Option<std::path::PathBuf>,
+        /// Read them from etcd instead (etcd://HOST:PORT,...).
+        #[arg(long, value_name = "URI")]
+        store: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        store_ca: Option<std::path::PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        store_cert: Option<std::path::PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        store_key: Option<std::path::PathBuf>,
     },
 }
 

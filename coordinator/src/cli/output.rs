@@ -155,3 +155,45 @@ pub(super) fn emit(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
         human(v);
     }
 }
+
+/// `coord status` for people.
+pub fn print_status(v: &Value) {
+    println!(
+        "coordinator {} ({})",
+        s(&v["coordinator"]["id"]),
+        s(&v["coordinator"]["role"])
+    );
+    match v["leader"].as_object() {
+        Some(l) => {
+            let since = l.get("since_ms").and_then(Value::as_u64).unwrap_or(0);
+            let ago = crate::model::now_ms().saturating_sub(since) / 1000;
+            println!(
+                "leader      {} at {} (for {ago} s)",
+                l.get("id").map(s).unwrap_or_default(),
+                l.get("url").map(s).unwrap_or_default()
+            );
+        }
+        None => println!("leader      none (writes are refused until one is elected)"),
+    }
+    let st = &v["store"];
+    let health = if st["healthy"].as_bool() == Some(true) {
+        "healthy".to_owned()
+    } else {
+        format!("UNHEALTHY: {}", s(&st["error"]))
+    };
+    println!("store       {} ({health})", s(&st["kind"]));
+    for m in st["members"].as_array().into_iter().flatten() {
+        let urls: Vec<String> = m["urls"].as_array().into_iter().flatten().map(s).collect();
+        let up = if m["healthy"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "DOWN"
+        };
+        println!(
+            "  member    {:<12} {:<5} {}",
+            s(&m["name"]),
+            up,
+            urls.join(",")
+        );
+    }
+}

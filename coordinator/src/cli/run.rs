@@ -24,21 +24,48 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(_) => unreachable!("main runs serve itself"),
         Command::Certs(_) => unreachable!("handled above"),
-        Command::LeaseTokens { vm, data_dir } => {
-            let st = crate::store::Store::open_read_only(&data_dir)
-                .map_err(|e| CliError::Local(e.to_string()))?;
+        Command::LeaseTokens {
+            vm,
+            data_dir,
+            store,
+            store_ca,
+            store_cert,
+            store_key,
+        } => {
+            let local = |e: &dyn std::fmt::Display| CliError::Local(e.to_string());
+            let cfg =
+                crate::config::store_config(store.as_deref(), store_ca, store_cert, store_key)
+                    .map_err(|e| local(&e))?;
+            let (st, from) = match cfg {
+                crate::config::StoreConfig::Etcd(ec) => {
+                    let es = crate::store::etcd::EtcdStore::connect(ec).map_err(|e| local(&e))?;
+                    (
+                        crate::store::Store::from_backend(std::sync::Arc::new(es)),
+                        store.unwrap_or_default(),
+                    )
+                }
+                crate::config::StoreConfig::Rocks => {
+                    let dir = data_dir.unwrap_or_default();
+                    (
+                        crate::store::Store::open_read_only(&dir).map_err(|e| local(&e))?,
+                        dir.display().to_string(),
+                    )
+                }
+            };
             let rec: crate::model::Vm = st
                 .get("vms", &vm)
-                .map_err(|e| CliError::Local(e.to_string()))?
-                .ok_or_else(|| {
-                    CliError::Local(format!("no VM named {vm} in {}", data_dir.display()))
-                })?;
+                .map_err(|e| local(&e))?
+                .ok_or_else(|| CliError::Local(format!("no VM named {vm} in {from}")))?;
             let v: Vec<Value> = rec
                 .disks
                 .iter()
                 .map(|d| json!({"export": d.export, "epoch": d.epoch, "holder": d.holder, "token": d.token.as_ref().map(|t| t.expose()).unwrap_or("")}))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Command::Status => {
+            let v = c.call(M::GET, "/v1/status", None).await?;
+            emit(j, &v, super::output::print_status);
         }
         Command::Site(SiteCmd::Add { name }) => {
             let v = c.call(M::PUT, &format!("/v1/sites/{name}"), None).await?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use serde_json::json;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{Coordinator, MigrateRequest};
 use crate::daemons::{AgentClient, AgentMigration, DaemonError};
@@ -46,11 +47,15 @@ pub(crate) struct DriveControl {
     release: AtomicBool,
     /// Wakes the executor from a wait (a cancel arrived).
     wake: Notify,
+    /// Cancelled when this coordinator stops leading (or shuts down): the executor
+    /// stops at its next step and the next leader drives the migration on.
+    term: CancellationToken,
 }
 
 impl DriveControl {
-    fn new() -> Self {
+    fn new(term: CancellationToken) -> Self {
         Self {
+            term,
             cancel: AtomicBool::new(false),
             cancel_sent: AtomicBool::new(false),
             go_ahead: AtomicBool::new(false),
@@ -241,17 +246,22 @@ impl Coordinator {
     }
 
     /// Registers a migration's controls (so a cancel finds it at once) and starts its
-    /// executor. A migration already driven by this process is left alone.
+    /// executor for the current leadership term. A migration already driven in this
+    /// term is left alone; one still winding down from an ended term is taken over.
     pub(crate) fn spawn_executor(self: &Arc<Self>, id: &str) {
+        let term = self.current_term();
+        if term.is_cancelled() {
+            return;
+        }
         let ctl = {
             let mut running = self
                 .running
                 .lock()
                 .expect("running map lock is never poisoned");
-            if running.contains_key(id) {
+            if running.get(id).is_some_and(|c| !c.term.is_cancelled()) {
                 return;
             }
-            let ctl = Arc::new(DriveControl::new());
+            let ctl = Arc::new(DriveControl::new(term));
             running.insert(id.to_owned(), Arc::clone(&ctl));
             ctl
         };
@@ -259,10 +269,14 @@ impl Coordinator {
         let id = id.to_owned();
         tokio::spawn(async move {
             me.execute(&id, &ctl).await;
-            me.running
+            let mut running = me
+                .running
                 .lock()
-                .expect("running map lock is never poisoned")
-                .remove(&id);
+                .expect("running map lock is never poisoned");
+            // Only our own entry: a later term's executor may have replaced it.
+            if running.get(&id).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                running.remove(&id);
+            }
         });
     }
 
@@ -426,7 +440,7 @@ impl Coordinator {
         };
         let mut last: Option<Action> = None;
         loop {
-            if self.shutdown.is_cancelled() {
+            if ctl.term.is_cancelled() {
                 return;
             }
             self.pass_release(&mut run, ctl).await;
@@ -463,10 +477,11 @@ impl Coordinator {
         }
     }
 
-    /// Sleeps `d` unless a cancel arrives first; true when the process shuts down.
+    /// Sleeps `d` unless a cancel arrives first; true when the process shuts down or
+    /// stops leading.
     async fn pause(&self, d: Duration, ctl: &DriveControl) -> bool {
         tokio::select! {
-            _ = self.shutdown.cancelled() => true,
+            _ = ctl.term.cancelled() => true,
             _ = ctl.wake.notified() => false,
             _ = tokio::time::sleep(d) => false,
         }

@@ -6,6 +6,7 @@
 //! - `executor`: starts and cancels migrations and runs each one as a loop of
 //!   observe, [`crate::driver::next_action`], act, journal.
 //! - `recovery`: at start, hands every unfinished migration to an executor.
+//! - `leadership`: terms of leadership (etcd election), status, forwarding writes.
 //!
 //! Switchover: the agents run the migration in their coordinated mode. The source
 //! pauses, drains its disk I/O and reports `quiesced`; the executor then fences the
@@ -15,6 +16,7 @@
 
 mod executor;
 mod inventory;
+mod leadership;
 mod recovery;
 mod vms;
 
@@ -69,6 +71,11 @@ pub struct Coordinator {
     failpoint: Option<String>,
     hold: Option<(String, PathBuf)>,
     pub shutdown: CancellationToken,
+    /// The current leadership term (a child of `shutdown`): executors run under it
+    /// and stop when it is cancelled. Cancelled while this coordinator does not lead.
+    term: Mutex<CancellationToken>,
+    /// This coordinator's role as the store's election publishes it.
+    role: tokio::sync::watch::Receiver<crate::store::Role>,
 }
 
 /// A VM creation request (the API's body).
@@ -129,7 +136,15 @@ impl Coordinator {
             http = http.use_preconfigured_tls(rustls::ClientConfig::clone(tls));
         }
         let http = http.build()?;
+        let shutdown = CancellationToken::new();
+        let term = shutdown.child_token();
+        // A store whose owner leads from the start (RocksDB) gives this process its
+        // term at once; otherwise there is none until the election says so.
+        if !matches!(*store.role().borrow(), crate::store::Role::Leader(_)) {
+            term.cancel();
+        }
         Ok(Arc::new(Self {
+            role: store.role(),
             store,
             http,
             cfg,
@@ -140,7 +155,8 @@ impl Coordinator {
                 v.split_once(':')
                     .map(|(p, f)| (p.to_owned(), PathBuf::from(f)))
             }),
-            shutdown: CancellationToken::new(),
+            shutdown,
+            term: Mutex::new(term),
         }))
     }
 

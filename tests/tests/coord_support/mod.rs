@@ -92,6 +92,8 @@ pub struct Cluster {
     pub coord: Option<Proc>,
     pub coord_api: String,
     pub guest: PathBuf,
+    /// `--store` of the coordinators when not RocksDB in coord-data (etcd tests).
+    pub store: Option<String>,
 }
 
 pub fn spawn(
@@ -120,6 +122,13 @@ pub fn spawn(
 impl Cluster {
     /// Storage node + two agents + coordinator (started), nothing registered yet.
     pub fn start() -> Cluster {
+        let mut c = Cluster::start_without_coord();
+        c.start_coord(&[]);
+        c
+    }
+
+    /// Storage node + two agents; the test starts its coordinators.
+    pub fn start_without_coord() -> Cluster {
         let mut dir = tempfile::tempdir().expect("tempdir");
         if std::env::var_os("STAGEHAND_KEEP_TEST_DIRS").is_some() {
             // Logs of every daemon stay for a post-mortem.
@@ -192,7 +201,7 @@ impl Cluster {
             });
         }
         let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
-        let mut c = Cluster {
+        Cluster {
             dir,
             nbd: Node {
                 proc: nbd,
@@ -203,9 +212,8 @@ impl Cluster {
             coord: None,
             coord_api: format!("127.0.0.1:{}", free_port()),
             guest,
-        };
-        c.start_coord(&[]);
-        c
+            store: None,
+        }
     }
 
     pub fn start_coord(&mut self, env: &[(&str, &str)]) {
@@ -433,13 +441,13 @@ impl Cluster {
     /// state directory (the API never shows them).
     pub fn lease_tokens(&self, vm: &str) -> Vec<(u64, String, String)> {
         let dir = self.dir.path().join("coord-data");
-        let out = run_timeout(
-            Command::new(bin("coord", "coordinator"))
-                .args(["lease-tokens", vm, "--data-dir"])
-                .arg(&dir),
-            Duration::from_secs(30),
-        )
-        .expect("coord lease-tokens runs");
+        let mut cmd = Command::new(bin("coord", "coordinator"));
+        cmd.args(["lease-tokens", vm]);
+        match &self.store {
+            Some(store) => cmd.args(["--store", store]),
+            None => cmd.arg("--data-dir").arg(&dir),
+        };
+        let out = run_timeout(&mut cmd, Duration::from_secs(30)).expect("coord lease-tokens runs");
         assert!(out.status.success(), "coord lease-tokens: {out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         v.as_array()
