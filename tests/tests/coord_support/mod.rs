@@ -61,6 +61,7 @@ pub fn wait_health(url: &str, token: Option<&str>, p: &mut Proc) {
         if run_timeout(&mut cmd, Duration::from_secs(5))
             .map(|o| o.status.success())
             .unwrap_or(false)
+            && listens(p.child.id(), url)
         {
             return;
         }
@@ -70,6 +71,30 @@ pub fn wait_health(url: &str, token: Option<&str>, p: &mut Proc) {
             p.name
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether process `pid` itself listens on `url`'s port. Ports come from
+/// `free_port` (bind to 0, release): a test running beside us can take the same one,
+/// and then our daemon fails to bind while its own daemon answers our health check
+/// with the same test token (seen: a VM created on another test's agent).
+fn listens(pid: u32, url: &str) -> bool {
+    let Some(port) = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return true;
+    };
+    let out = Command::new("ss")
+        .args(["-Htlnp", &format!("sport = :{port}")])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            String::from_utf8_lossy(&o.stdout).contains(&format!("pid={pid},"))
+        }
+        // Without ss the check cannot be made; the health answer has to do.
+        _ => true,
     }
 }
 
