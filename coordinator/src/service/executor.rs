@@ -280,10 +280,8 @@ impl Coordinator {
         });
     }
 
-    /// Cancels a migration: before the fence the source simply resumes; after it (but
-    /// before the target got the go-ahead) the disks are fenced back to the source
-    /// under a new epoch first. Once the go-ahead went out: 409 `too_late`.
-    pub fn cancel_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
+    /// The migration, unless it already ended (409 `migration_finished`).
+    fn unfinished_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
         let doc = self.migration(id)?;
         if doc.record.phase.is_terminal() {
             return Err(ApiError::conflict(
@@ -294,6 +292,14 @@ impl Coordinator {
                 ),
             ));
         }
+        Ok(doc)
+    }
+
+    /// Cancels a migration: before the fence the source simply resumes; after it (but
+    /// before the target got the go-ahead) the disks are fenced back to the source
+    /// under a new epoch first. Once the go-ahead went out: 409 `too_late`.
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
+        let doc = self.unfinished_migration(id)?;
         let phase = doc.record.phase.name();
         let too_late = || {
             ApiError::conflict(
@@ -323,26 +329,14 @@ impl Coordinator {
                 Ok(doc)
             }
             // Only between the end of an executor and its terminal phase being read.
-            None => Err(ApiError::conflict(
-                "not_driven",
-                format!("Migration {id} is not driven by this coordinator; try again shortly."),
-            )),
+            None => Err(not_driven(id)),
         }
     }
 
     /// Lifts the switchover hold of a migration started with `hold`: the executor
     /// passes it on to the source agent (or starts the agent's migration without it).
     pub fn release_migration(&self, id: &str) -> Result<MigrationDoc, ApiError> {
-        let doc = self.migration(id)?;
-        if doc.record.phase.is_terminal() {
-            return Err(ApiError::conflict(
-                "migration_finished",
-                format!(
-                    "Migration {id} already ended ({}).",
-                    doc.record.phase.name()
-                ),
-            ));
-        }
+        let doc = self.unfinished_migration(id)?;
         if !doc.options.hold {
             return Err(ApiError::conflict(
                 "not_held",
@@ -359,10 +353,7 @@ impl Coordinator {
                 c.wake.notify_one();
                 Ok(doc)
             }
-            None => Err(ApiError::conflict(
-                "not_driven",
-                format!("Migration {id} is not driven by this coordinator; try again shortly."),
-            )),
+            None => Err(not_driven(id)),
         }
     }
 
@@ -959,4 +950,13 @@ fn copy_figures(doc: &mut MigrationDoc, m: &AgentMigration) {
     {
         doc.figures.switchover_wait_ms = w.round() as u64;
     }
+}
+
+/// A migration with no executor in this process: only between the end of an
+/// executor and its terminal phase being read (or on a follower).
+fn not_driven(id: &str) -> ApiError {
+    ApiError::conflict(
+        "not_driven",
+        format!("Migration {id} is not driven by this coordinator; try again shortly."),
+    )
 }

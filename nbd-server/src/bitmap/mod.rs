@@ -143,6 +143,23 @@ struct Persist {
 }
 
 impl DirtyBitmap {
+    /// `bm` kept in `file`, with an empty activity log of `capacity` regions, every
+    /// region cold.
+    fn persisted(self, file: BitmapFile, capacity: usize) -> Self {
+        Self {
+            persist: Some(Mutex::new(Persist {
+                file,
+                al: Vec::new(),
+                hand: 0,
+                capacity,
+            })),
+            regions: (0..self.size.div_ceil(1u64 << self.rshift))
+                .map(|_| AtomicU8::new(COLD))
+                .collect(),
+            ..self
+        }
+    }
+
     fn build(name: &str, granularity: u64, size: u64, persist: Option<Persist>) -> Self {
         let gshift = granularity.trailing_zeros();
         let rshift = REGION.max(granularity).trailing_zeros();
@@ -184,18 +201,7 @@ impl DirtyBitmap {
         let capacity = capacity.clamp(1, MAX_AL_REGIONS);
         let bm = Self::build(name, granularity, size, None);
         let file = BitmapFile::create(path, granularity, size, capacity, bm.bits.words())?;
-        Ok(Self {
-            persist: Some(Mutex::new(Persist {
-                file,
-                al: Vec::new(),
-                hand: 0,
-                capacity,
-            })),
-            regions: (0..size.div_ceil(1u64 << bm.rshift))
-                .map(|_| AtomicU8::new(COLD))
-                .collect(),
-            ..bm
-        })
+        Ok(bm.persisted(file, capacity))
     }
 
     /// Opens the bitmap file at `path`: its bits, plus every region of its activity
@@ -243,18 +249,7 @@ impl DirtyBitmap {
             drop(file);
             BitmapFile::create(path, loaded.granularity, size, capacity, bm.bits.words())?
         };
-        let out = Self {
-            persist: Some(Mutex::new(Persist {
-                file,
-                al: Vec::new(),
-                hand: 0,
-                capacity,
-            })),
-            regions: (0..size.div_ceil(1u64 << bm.rshift))
-                .map(|_| AtomicU8::new(COLD))
-                .collect(),
-            ..bm
-        };
+        let out = bm.persisted(file, capacity);
         out.checkpoint()?;
         Ok(out)
     }

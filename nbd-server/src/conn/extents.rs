@@ -141,7 +141,7 @@ async fn allocation(
 
 /// The extents of a range that is all data (a block device, or a file with every
 /// block allocated), without any lseek; None when the file may have holes.
-pub(super) fn extents_without_lseek(
+pub(crate) fn extents_without_lseek(
     export: &Export,
     offset: u64,
     length: u64,
@@ -169,7 +169,7 @@ pub(super) fn extents_without_lseek(
 /// holes are HOLE|ZERO, data is 0, adjacent extents of one kind merged. It may wait
 /// on the inode lock, so the data path runs it on a blocking thread, and only when
 /// [`extents_without_lseek`] cannot answer.
-pub(super) fn seek_extents(
+pub(crate) fn seek_extents(
     export: &Export,
     offset: u64,
     length: u64,

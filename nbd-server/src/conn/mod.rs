@@ -34,6 +34,7 @@ mod splice;
 mod writer;
 
 use extents::*;
+pub(crate) use extents::{extents_without_lseek, seek_extents};
 use ops::*;
 pub(crate) use splice::{PayloadSource, SpliceSocket};
 use splice::{Pipe, Received, SPLICE_WRITE_MIN};

@@ -1,10 +1,13 @@
-//! Where the source export holds data: SEEK_DATA/SEEK_HOLE on a file, everything
-//! on a block device (or a file with every block allocated).
+//! Where the source export holds data: the same SEEK_DATA/SEEK_HOLE walk (and the
+//! same no-lseek answer for block devices and fully allocated files) that
+//! BLOCK_STATUS's base:allocation uses, as data ranges.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
-use crate::export::{Backing, Export};
+use nbd_proto::consts::STATE_HOLE;
+
+use crate::conn::{extents_without_lseek, seek_extents};
+use crate::export::Export;
 
 /// The allocated extents of `[lo, hi)` of the export, sorted and merged. May wait
 /// on the inode lock: call it on a blocking thread.
@@ -13,52 +16,23 @@ pub fn allocated(export: &Export, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)
     if lo >= hi {
         return Ok(Vec::new());
     }
-    if export.backing != Backing::File || fully_allocated(export) {
-        return Ok(vec![(lo, hi - lo)]);
-    }
-    let fd = export.file.as_raw_fd();
+    let len = hi - lo;
+    let extents = match extents_without_lseek(export, lo, len, usize::MAX, u64::MAX) {
+        Some(e) => e,
+        None => seek_extents(export, lo, len, usize::MAX, u64::MAX)?,
+    };
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut pos = lo;
-    while pos < hi {
-        // SAFETY: plain syscall on a descriptor kept open by `export.file`.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            return match io::Error::last_os_error().raw_os_error() {
-                // No data at or after pos.
-                Some(libc::ENXIO) => Ok(out),
-                // No SEEK_DATA here: all of it may be data.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                    out.push((pos, hi - pos));
-                    Ok(out)
-                }
-                _ => Err(io::Error::last_os_error()),
-            };
+    for e in extents {
+        if e.flags & STATE_HOLE == 0 {
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == pos => last.1 += e.length,
+                _ => out.push((pos, e.length)),
+            }
         }
-        let data = data as u64;
-        if data >= hi {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            hi
-        } else {
-            (hole as u64).clamp(data + 1, hi)
-        };
-        out.push((data, end - data));
-        pos = end;
+        pos += e.length;
     }
     Ok(out)
-}
-
-fn fully_allocated(export: &Export) -> bool {
-    match export.file.metadata() {
-        Ok(m) => {
-            use std::os::unix::fs::MetadataExt;
-            m.blocks().saturating_mul(512) >= m.len()
-        }
-        Err(_) => false,
-    }
 }
 
 #[cfg(test)]
