@@ -789,12 +789,52 @@ impl Job {
         self.tracker
             .clear_range(offset, len)
             .map_err(|e| Stop::Fatal(format!("clearing the dirty tracker: {e}")))?;
-        let r = self.copy(client, step).await;
+        let r = match step {
+            // The pass planned a hole from an allocation scan made before this
+            // clear: a write that landed since (its mark came before the clear, so
+            // the clear just took it away) would be zeroed on the target for good.
+            // Scanned again after the clear, a write landing later is marked again.
+            Step::Zero { .. } if self.holds_data(offset, len).await? => {
+                self.copy_range(client, offset, len).await
+            }
+            _ => self.copy(client, step).await,
+        };
         match &r {
             Ok(()) => self.add_unflushed(offset, len),
             Err(_) => self.tracker.mark(offset, len),
         }
         r
+    }
+
+    /// Whether the source holds data in `[offset, offset+len)` now.
+    async fn holds_data(&self, offset: u64, len: u64) -> Result<bool, Stop> {
+        let export = Arc::clone(&self.export);
+        let allocated =
+            tokio::task::spawn_blocking(move || source::allocated(&export, offset, offset + len))
+                .await
+                .map_err(|e| Stop::Fatal(format!("allocation scan: {e}")))?
+                .map_err(|e| Stop::Fatal(format!("allocation scan of the source: {e}")))?;
+        Ok(!allocated.is_empty())
+    }
+
+    /// Copies `[offset, offset+len)` in requests of at most `max_request` bytes
+    /// (each read, then written, or zeroed when it reads as zeros).
+    async fn copy_range(&self, client: &Client, offset: u64, len: u64) -> Result<(), Stop> {
+        let mut at = offset;
+        while at < offset + len {
+            let n = self.tuning.max_request.min(offset + len - at);
+            self.copy(client, Step::Copy { offset: at, len: n }).await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Runs one step of a pass as `pass` does (for tests that set up a race).
+    #[cfg(test)]
+    pub(super) async fn run_step(&self, step: Step) -> Result<(), String> {
+        let client = self.client.lock().ok().and_then(|c| c.clone());
+        let client = client.ok_or("not connected")?;
+        self.step(&client, step).await.map_err(|e| format!("{e:?}"))
     }
 
     async fn copy(&self, client: &Client, step: Step) -> Result<(), Stop> {
