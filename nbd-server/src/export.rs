@@ -171,6 +171,9 @@ pub struct Export {
     /// Dirty bitmaps: every write-like request marks all of them before it is
     /// acknowledged (see [`crate::bitmap`]).
     pub bitmaps: BitmapSet,
+    /// Changes between their dirty-bitmap mark and their landing (see
+    /// [`crate::bitmap::inflight`]).
+    pub inflight: crate::bitmap::InFlight,
 }
 
 // Block device ioctls from linux/fs.h.
@@ -219,6 +222,7 @@ impl Export {
             removed: CancellationToken::new(),
             mirrors: crate::mirror::MirrorTap::default(),
             bitmaps: BitmapSet::in_memory(size),
+            inflight: crate::bitmap::InFlight::new(size),
         })
     }
 

@@ -30,6 +30,9 @@
 
 mod bits;
 mod file;
+pub mod inflight;
+
+pub use inflight::{InFlight, Landing};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -559,6 +562,43 @@ impl DirtyBitmap {
         self.persist_bits(first, last)
     }
 
+    /// Clears the granules `[offset, offset+len)` covers whole, in memory only: the
+    /// file learns it at the next [`DirtyBitmap::write_all_bits`], activity-log
+    /// expiry or checkpoint (a crash before that only over-reports).
+    pub fn unmark_in_memory(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return;
+        }
+        let first = offset.div_ceil(self.granularity);
+        let last = if end == self.size {
+            self.bits.len()
+        } else {
+            end >> self.gshift
+        };
+        if first < last {
+            self.bits.clear(first, last);
+        }
+    }
+
+    /// Sets the bits of `[offset, offset+len)` in memory (undoing an
+    /// [`DirtyBitmap::unmark_in_memory`] before anything could persist it).
+    pub fn remark_in_memory(&self, offset: u64, len: u64) {
+        self.mark_bits(offset, len);
+    }
+
+    /// Sets every bit, durably, without the activity log (a mirror job's bitmap
+    /// starts this way: everything to copy until copies settle).
+    pub fn mark_all_durable(&self) -> Result<(), BitmapError> {
+        self.bits.set(0, self.bits.len());
+        self.persist_bits(0, self.bits.len())
+    }
+
+    /// Writes every bit to the file and syncs (the activity log is left as it is).
+    pub fn write_all_bits(&self) -> Result<(), BitmapError> {
+        self.persist_bits(0, self.bits.len())
+    }
+
     /// Clears every bit.
     pub fn clear_all(&self) -> Result<(), BitmapError> {
         self.clear_range(0, self.size)
@@ -667,6 +707,11 @@ impl BitmapSet {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<DirtyBitmap>>> {
         self.list.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether new bitmaps are kept on disk (the node has a `--data-dir`).
+    pub fn is_persistent(&self) -> bool {
+        self.dir.is_some()
     }
 
     pub fn is_empty(&self) -> bool {

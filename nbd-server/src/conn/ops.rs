@@ -353,6 +353,7 @@ pub(super) fn write_inline(
     if let Err(Fail(errno, msg)) = write_checks(ctx, req) {
         return Ok(error_frame(ctx, req, errno, msg, Some(permit)));
     }
+    let _landing = ctx.export.inflight.begin(req.offset, req.length);
     // A region not yet in a bitmap's activity log needs an fdatasync first: not here.
     if !ctx.export.bitmaps.mark_fast(req.offset, req.length) {
         return Err((payload, permit));
@@ -393,6 +394,7 @@ pub(super) async fn write_piped(
     permit: OwnedSemaphorePermit,
 ) -> io::Result<Frame> {
     let len = req.length as usize;
+    let _landing = ctx.export.inflight.begin(req.offset, req.length);
     let checked = match write_checks(ctx, req) {
         Ok(()) => mark_dirty(ctx, req.offset, len as u64).await,
         Err(f) => Err(f),
@@ -456,6 +458,7 @@ pub(super) async fn mark_dirty(ctx: &ConnCtx, offset: u64, len: u64) -> Result<(
 pub(super) async fn write(ctx: &ConnCtx, req: &Request, payload: Option<Buf>) -> Result<(), Fail> {
     write_checks(ctx, req)?;
     let buf = payload.unwrap_or_default();
+    let _landing = ctx.export.inflight.begin(req.offset, buf.len() as u64);
     mark_dirty(ctx, req.offset, buf.len() as u64).await?;
     let guard = change(ctx)?;
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -510,6 +513,7 @@ pub(super) fn cache(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
 }
 
 pub(super) async fn trim(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    let _landing = ctx.export.inflight.begin(req.offset, req.length);
     let r = trim_source(ctx, req).await;
     let change = mirror::Change::Trim {
         offset: req.offset,
@@ -585,6 +589,7 @@ pub(super) async fn blk_range_ioctl(
 }
 
 pub(super) async fn write_zeroes(ctx: &ConnCtx, req: &Request) -> Result<(), Fail> {
+    let _landing = ctx.export.inflight.begin(req.offset, req.length);
     let r = write_zeroes_source(ctx, req).await;
     let change = mirror::Change::Zero {
         offset: req.offset,

@@ -246,7 +246,19 @@ pub async fn start_api(
     tracing::info!(%local, scheme, "control API listening");
     println!("stagehand-nbd: control api on {scheme}://{local}");
     // Mirror jobs run on this (the data path's) runtime, not the API's thread.
-    let mirrors = crate::mirror::MirrorManager::new(Arc::clone(&registry), config.tls.clone());
+    // With a data dir, jobs on exports with persistent bitmaps outlive a restart.
+    let mirrors = match &config.data_dir {
+        Some(dir) => {
+            let m = crate::mirror::MirrorManager::persistent(
+                Arc::clone(&registry),
+                config.tls.clone(),
+                dir,
+            );
+            m.resume_stored();
+            m
+        }
+        None => crate::mirror::MirrorManager::new(Arc::clone(&registry), config.tls.clone()),
+    };
     let state = Arc::new(
         ControlState::new(registry, store, config.auth.clone())
             .confined(confinement(config))

@@ -296,6 +296,12 @@ pub struct Job {
     /// A forwarded write found the target gone.
     lost: Notify,
     cancel: CancellationToken,
+    /// Resumed after a restart: the tracker already holds what to copy (no seed).
+    resumed: std::sync::atomic::AtomicBool,
+    /// Where the job is kept across restarts (removed with its bitmap when the job
+    /// ends), and when the tracker last wrote what settled.
+    stored: Mutex<Option<super::persist::JobStore>>,
+    last_persist: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Job {
@@ -377,7 +383,72 @@ impl Job {
             wake: Notify::new(),
             lost: Notify::new(),
             cancel: CancellationToken::new(),
+            resumed: std::sync::atomic::AtomicBool::new(false),
+            stored: Mutex::new(None),
+            last_persist: Mutex::new(Instant::now()),
         })
+    }
+
+    /// Marks the job as resumed from its stored record and bitmap (it skips the
+    /// first pass's seeding). Before `run`.
+    pub fn set_resumed(&self) {
+        self.resumed.store(true, Ordering::SeqCst);
+    }
+
+    /// Keeps the job in `store` until it ends. Before `run`.
+    pub fn set_store(&self, store: super::persist::JobStore) {
+        if let Ok(mut s) = self.stored.lock() {
+            *s = Some(store);
+        }
+    }
+
+    /// Whether something newer than a settled copy is on its way for
+    /// `[offset, offset+len)`: a copy or forwarded write on the wire, one the
+    /// target acknowledged but no FLUSH covered yet, or a change in flight on the
+    /// source. Checked after the persistent bitmap's clear (see `persist`).
+    fn pending(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        let overlaps = |s: u64, e: u64| s < end && offset < e;
+        self.locks
+            .held
+            .lock()
+            .map(|h| h.iter().any(|&(s, e, _)| overlaps(s, e)))
+            .unwrap_or(true)
+            || self
+                .unflushed
+                .lock()
+                .map(|u| u.ranges.iter().any(|&(o, l)| overlaps(o, o + l)))
+                .unwrap_or(true)
+            || self.export.inflight.busy(offset, len)
+    }
+
+    /// The copies of `ranges` are durable on the target: the tracker's persistent
+    /// record forgets them (written to disk at most every `PERSIST_EVERY`).
+    async fn settle(&self, ranges: &[(u64, u64)]) {
+        self.tracker.settle(ranges, &|o, l| self.pending(o, l));
+        let due = self
+            .last_persist
+            .lock()
+            .map(|mut t| {
+                let due = t.elapsed() >= super::persist::PERSIST_EVERY;
+                if due {
+                    *t = Instant::now();
+                }
+                due
+            })
+            .unwrap_or(false);
+        if due {
+            let t = Arc::clone(&self.tracker);
+            match tokio::task::spawn_blocking(move || t.persist()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(job = %self.id, error = %e, "mirror bitmap not written; a restart copies more")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %self.id, error = %e, "mirror bitmap write task failed")
+                }
+            }
+        }
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -555,6 +626,16 @@ impl Job {
             }
         }
         self.export.mirrors.detach(&self.id);
+        // Ended for good (not a node shutdown, which drops this task): nothing to
+        // resume, so the stored record and the job's bitmap go.
+        let stored = self.stored.lock().ok().and_then(|mut s| s.take());
+        if let Some(store) = stored {
+            store.remove(&self.id);
+            let name = super::persist::job_bitmap(&self.id);
+            if let Err(e) = self.export.remove_bitmap(&name) {
+                tracing::warn!(job = %self.id, error = %e, "cannot remove the mirror job's bitmap");
+            }
+        }
         let client = self.client.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = client.and_then(|c| Arc::try_unwrap(c).ok()) {
             let _ = tokio::time::timeout(Duration::from_secs(5), c.disconnect()).await;
@@ -563,7 +644,7 @@ impl Job {
     }
 
     async fn main(self: &Arc<Self>) -> Result<(), Stop> {
-        let mut seeded = false;
+        let mut seeded = self.resumed.load(Ordering::SeqCst);
         let mut backoff = BACKOFF_MIN;
         loop {
             if self.cancel.is_cancelled() {
@@ -659,9 +740,20 @@ impl Job {
         let seed = plan::seed(&allocated, &zero, size, self.tuning.align);
         let bytes: u64 = seed.iter().map(|e| e.1).sum();
         tracing::info!(job = %self.id, allocated = allocated.iter().map(|e| e.1).sum::<u64>(), to_copy = bytes, "mirror seeded");
-        for (o, l) in seed {
+        let mut in_sync = Vec::new();
+        let mut pos = 0;
+        for &(o, l) in &seed {
             self.tracker.mark(o, l);
+            if o > pos {
+                in_sync.push((pos, o - pos));
+            }
+            pos = o + l;
         }
+        if pos < size {
+            in_sync.push((pos, size - pos));
+        }
+        // Holes of the source where the target reads zeros are in sync already.
+        self.settle(&in_sync).await;
         Ok(())
     }
 
@@ -889,7 +981,10 @@ impl Job {
             return Ok(());
         }
         match timed(self.tuning.request_timeout, client.flush()).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.settle(&u.ranges).await;
+                Ok(())
+            }
             Err(e) => {
                 for (o, l) in u.ranges {
                     self.tracker.mark(o, l);

@@ -17,6 +17,7 @@
 //! tracker forgets its dirty blocks; the persistent dirty bitmap fixes the latter).
 
 pub mod job;
+pub mod persist;
 pub mod plan;
 pub mod source;
 pub mod state;
@@ -43,6 +44,14 @@ pub trait DirtyTracker: Send + Sync {
     /// Clears before the range is read for copying; a failed copy re-marks it.
     fn clear_range(&self, offset: u64, len: u64) -> std::io::Result<()>;
     fn mark(&self, offset: u64, len: u64);
+    /// The copies of `ranges` are durable on the target (a FLUSH covered them);
+    /// `pending(offset, len)` tells whether something newer is on its way for a
+    /// granule. Only a tracker that outlives the node keeps a record to clear.
+    fn settle(&self, _ranges: &[(u64, u64)], _pending: &dyn Fn(u64, u64) -> bool) {}
+    /// Writes what settled to disk.
+    fn persist(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Makes the tracker of a new job: `(export, job id) -> (tracker, its granularity)`.
@@ -96,6 +105,9 @@ pub struct MirrorManager {
     registry: Arc<ExportRegistry>,
     tls: Option<TlsFiles>,
     trackers: TrackerFactory,
+    /// With a `--data-dir`: jobs on exports with persistent bitmaps are kept here
+    /// and resumed after a restart (see [`persist`]).
+    store: Option<persist::JobStore>,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     runtime: tokio::runtime::Handle,
 }
@@ -124,9 +136,75 @@ impl MirrorManager {
             registry,
             tls,
             trackers,
+            store: None,
             jobs: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         })
+    }
+
+    /// Jobs kept in `data_dir` survive a restart of the node: call
+    /// [`MirrorManager::resume_stored`] once the exports are open. Must be called on
+    /// the runtime jobs will run on.
+    pub fn persistent(
+        registry: Arc<ExportRegistry>,
+        tls: Option<TlsFiles>,
+        data_dir: &std::path::Path,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            tls,
+            trackers: mem_trackers(),
+            store: Some(persist::JobStore::new(data_dir)),
+            jobs: Mutex::new(BTreeMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Restarts the jobs a previous run of the node left unfinished, each from its
+    /// persistent bitmap. A job whose export or bitmap is gone is dropped (logged).
+    pub fn resume_stored(&self) {
+        let Some(store) = &self.store else { return };
+        for s in store.load() {
+            let Some(export) = self.registry.get(&s.export) else {
+                tracing::error!(job = %s.id, export = %s.export, "stored mirror job dropped: its export is not served");
+                store.remove(&s.id);
+                continue;
+            };
+            let Some(bitmap) = export.bitmap(&persist::job_bitmap(&s.id)) else {
+                tracing::error!(job = %s.id, "stored mirror job dropped: its dirty bitmap is gone");
+                store.remove(&s.id);
+                continue;
+            };
+            let lease = match s.lease.clone().map(Secret::new).transpose() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(job = %s.id, error = %e, "stored mirror job dropped: bad lease token");
+                    store.remove(&s.id);
+                    continue;
+                }
+            };
+            let req = NewMirror {
+                export: s.export.clone(),
+                address: s.address.clone(),
+                target_export: s.target_export.clone(),
+                lease,
+                tls: s.tls,
+                mode: s.mode,
+                bandwidth_mib_s: s.bandwidth_mib_s,
+                max_in_flight: s.max_in_flight,
+            };
+            let tracker = persist::PersistentTracker::resume(bitmap);
+            let dirty = tracker.dirty_bytes();
+            match self.launch(req, s.id.clone(), Some(tracker), true) {
+                Ok(v) => {
+                    tracing::info!(job = %v.id, export = %v.export, dirty, "mirror job resumed after a restart")
+                }
+                Err(e) => {
+                    tracing::error!(job = %s.id, error = %e, "stored mirror job cannot resume; dropped");
+                    store.remove(&s.id);
+                }
+            }
+        }
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Job>>> {
@@ -135,6 +213,18 @@ impl MirrorManager {
 
     /// Starts a job; it connects to the target in the background.
     pub fn start(&self, req: NewMirror) -> Result<JobView, MirrorError> {
+        let id = format!("m-{:016x}", rand::random::<u64>());
+        self.launch(req, id, None, false)
+    }
+
+    /// Starts job `id` (`resumed`: with `tracker`, restored from its bitmap).
+    fn launch(
+        &self,
+        req: NewMirror,
+        id: String,
+        resumed_tracker: Option<persist::PersistentTracker>,
+        resumed: bool,
+    ) -> Result<JobView, MirrorError> {
         let export = self
             .registry
             .get(&req.export)
@@ -192,8 +282,53 @@ impl MirrorManager {
                 id: j.id.clone(),
             });
         }
-        let id = format!("m-{:016x}", rand::random::<u64>());
-        let (tracker, granularity) = (self.trackers)(&export, &id).map_err(MirrorError::Invalid)?;
+        let stored = persist::StoredJob {
+            id: id.clone(),
+            export: req.export.clone(),
+            address: req.address.clone(),
+            target_export: req.target_export.clone(),
+            lease: req.lease.as_ref().map(|l| l.expose().to_string()),
+            tls: req.tls,
+            mode: req.mode,
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            max_in_flight: req.max_in_flight,
+        };
+        let persistent = self
+            .store
+            .as_ref()
+            .filter(|_| export.bitmaps.is_persistent());
+        let (tracker, granularity): (Arc<dyn DirtyTracker>, u64) =
+            match (resumed_tracker, persistent) {
+                (Some(t), _) => {
+                    let g = t.granularity();
+                    (Arc::new(t), g)
+                }
+                (None, Some(store)) => {
+                    // The job's bitmap first (from here on the write path marks it),
+                    // then its record: a crash in between leaves an unused bitmap, not
+                    // a job without one.
+                    let name = persist::job_bitmap(&id);
+                    let bitmap = export
+                        .create_bitmap(&name, DEFAULT_GRANULARITY)
+                        .map_err(|e| {
+                            MirrorError::Invalid(format!(
+                                "cannot create the job's dirty bitmap: {e}"
+                            ))
+                        })?;
+                    let t = persist::PersistentTracker::create(bitmap)
+                        .and_then(|t| store.save(&stored).map(|()| t));
+                    match t {
+                        Ok(t) => (Arc::new(t), DEFAULT_GRANULARITY),
+                        Err(e) => {
+                            let _ = export.remove_bitmap(&name);
+                            return Err(MirrorError::Invalid(format!(
+                                "cannot keep the job on disk: {e}"
+                            )));
+                        }
+                    }
+                }
+                (None, None) => (self.trackers)(&export, &id).map_err(MirrorError::Invalid)?,
+            };
         // Requests never share a granule of the tracker (see `plan`).
         tuning.align = granularity.max(tuning.align).next_power_of_two();
         tuning.max_request = tuning.max_request.max(tuning.align);
@@ -211,6 +346,12 @@ impl MirrorManager {
             req.mode,
             tuning,
         );
+        if resumed {
+            job.set_resumed();
+        }
+        if let Some(store) = persistent {
+            job.set_store(store.clone());
+        }
         // Changes are tracked from here on; the job's first pass covers the rest.
         export.mirrors.attach(Arc::clone(&job));
         jobs.insert(id.clone(), Arc::clone(&job));

@@ -30,6 +30,17 @@ impl MemTracker {
         self.granularity
     }
 
+    /// Whether a granule `[offset, offset+len)` touches is dirty.
+    pub fn is_dirty(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return false;
+        }
+        let bits = self.lock();
+        (offset / self.granularity..end.div_ceil(self.granularity))
+            .any(|g| bits[(g / 64) as usize] & (1 << (g % 64)) != 0)
+    }
+
     fn granules(&self) -> u64 {
         self.size.div_ceil(self.granularity)
     }
