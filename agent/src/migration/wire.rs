@@ -2,7 +2,7 @@
 //! header, checks it, reads exactly the declared payload, then decodes. Used by the
 //! sender and receiver threads.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -42,6 +42,13 @@ fn response_only(h: &FrameHeader) -> Result<(), String> {
 /// at a time, which would cost a syscall per 4 KiB of a 64 MiB Memory frame.
 pub struct BufSock(std::io::BufReader<TcpStream>);
 
+/// Most slices one writev takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Plaintext rustls takes (and encrypts) per write before it must reach the socket:
+/// a Memory frame's ranges go out as records of 16 KiB written many per writev.
+const TLS_SEND_BUFFER: usize = 1 << 20;
+
 /// Read buffer of [`BufSock`].
 const TLS_READ_BUFFER: usize = 256 << 10;
 
@@ -60,6 +67,12 @@ impl Read for BufSock {
 impl Write for BufSock {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.get_mut().write(buf)
+    }
+
+    /// rustls hands its queued records over as one slice each: one writev for all
+    /// of them instead of a write per 16 KiB record.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.get_mut().write_vectored(bufs)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -83,7 +96,8 @@ impl Stream {
         cfg: std::sync::Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
     ) -> std::io::Result<Self> {
-        let c = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+        let mut c = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+        c.set_buffer_limit(Some(TLS_SEND_BUFFER));
         Ok(Stream::Client(Box::new(rustls::StreamOwned::new(
             c,
             BufSock::new(tcp),
@@ -96,7 +110,8 @@ impl Stream {
         tcp: TcpStream,
         cfg: std::sync::Arc<rustls::ServerConfig>,
     ) -> std::io::Result<Self> {
-        let c = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+        let mut c = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+        c.set_buffer_limit(Some(TLS_SEND_BUFFER));
         Ok(Stream::Server(Box::new(rustls::StreamOwned::new(
             c,
             BufSock::new(tcp),
@@ -143,6 +158,14 @@ impl Write for Stream {
             Stream::Plain(s) => s.write(buf),
             Stream::Client(s) => s.write(buf),
             Stream::Server(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write_vectored(bufs),
+            Stream::Client(s) => s.write_vectored(bufs),
+            Stream::Server(s) => s.write_vectored(bufs),
         }
     }
 
@@ -214,10 +237,24 @@ impl Conn {
         &mut self,
         parts: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<usize, WireError> {
-        let mut n = 0;
-        for p in parts {
-            self.stream.write_all(p)?;
-            n += p.len();
+        // One writev (plain) or one batch of records (TLS) for a frame of many
+        // page ranges, instead of a write - and a TLS record - per range.
+        let mut slices: Vec<IoSlice<'a>> = parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(IoSlice::new)
+            .collect();
+        let n: usize = slices.iter().map(|s| s.len()).sum();
+        let mut bufs: &mut [IoSlice<'a>] = &mut slices;
+        while !bufs.is_empty() {
+            // At most IOV_MAX slices per call (the kernel refuses more).
+            let k = bufs.len().min(IOV_MAX);
+            match self.stream.write_vectored(&bufs[..k]) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(w) => IoSlice::advance_slices(&mut bufs, w),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         self.stream.flush()?;
         self.written += n as u64;
