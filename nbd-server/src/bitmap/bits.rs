@@ -71,6 +71,19 @@ impl Bits {
         });
     }
 
+    /// Clears bits `[start, end)` and returns the bits of that range that were set
+    /// just before, as `(word index, bits)`.
+    pub fn clear_fetch(&self, start: u64, end: u64) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
+        self.for_words(start, end, |w, m| {
+            let prev = self.words[w].fetch_and(!m, Ordering::SeqCst) & m;
+            if prev != 0 {
+                out.push((w, prev));
+            }
+        });
+        out
+    }
+
     pub fn get(&self, bit: u64) -> bool {
         bit < self.len
             && self.words[(bit / 64) as usize].load(Ordering::SeqCst) >> (bit % 64) & 1 == 1

@@ -546,6 +546,42 @@ impl DirtyBitmap {
     /// Clears the granules fully inside `[offset, offset+len)` (a granule that ends
     /// past the export's end counts as inside when the range reaches the end), and
     /// writes them to the file (fdatasync) before returning.
+    /// [`DirtyBitmap::clear_range`] that keeps the bits of changes still in flight:
+    /// a change marked before the clear but landing after it is a change since the
+    /// clear. `busy(offset, len)` tells whether a change to the range is in flight
+    /// (the export's [`InFlight`]); it is asked after the clear, and a change counts
+    /// as in flight from before its mark, so none is lost.
+    pub fn clear_range_keeping(
+        &self,
+        offset: u64,
+        len: u64,
+        busy: &dyn Fn(u64, u64) -> bool,
+    ) -> Result<(), BitmapError> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let first = offset.div_ceil(self.granularity);
+        let last = if end == self.size {
+            self.bits.len()
+        } else {
+            end >> self.gshift
+        };
+        if first >= last {
+            return Ok(());
+        }
+        for (w, was) in self.bits.clear_fetch(first, last) {
+            let mut rest = was;
+            while rest != 0 {
+                let bit = w as u64 * 64 + u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                let off = bit << self.gshift;
+                if busy(off, self.granularity) {
+                    self.bits.set(bit, bit + 1);
+                }
+            }
+        }
+        self.persist_bits(first, last)
+    }
+
     pub fn clear_range(&self, offset: u64, len: u64) -> Result<(), BitmapError> {
         self.check_range(offset, len)?;
         let end = offset + len;

@@ -193,3 +193,29 @@ fn concurrent_marks_and_expiries_lose_no_bit() {
         assert!(r.status(off, 4096, 4, u64::MAX)[0].1, "{off} lost");
     }
 }
+
+/// A change marked before a clear that lands after it stays marked; one that
+/// landed before it does not; bits clear before the clear are not invented.
+#[test]
+fn a_clear_keeps_the_bits_of_changes_in_flight() {
+    let size = 16 * MIB;
+    let b = DirtyBitmap::in_memory("b", 64 << 10, size).unwrap();
+    let inflight = InFlight::new(size);
+    // A landed change at 0; a change in flight at 5 MiB (counted, then marked).
+    b.mark(0, 4096);
+    let landing = inflight.begin(5 * MIB, 4096);
+    b.mark(5 * MIB, 4096);
+    b.clear_range_keeping(0, size, &|o, l| inflight.busy(o, l))
+        .unwrap();
+    assert_eq!(b.dirty_extents(), vec![(5 * MIB, 64 << 10)]);
+    // Landed: the next clear takes it.
+    drop(landing);
+    b.clear_range_keeping(0, size, &|o, l| inflight.busy(o, l))
+        .unwrap();
+    assert!(b.dirty_extents().is_empty());
+    // A busy region keeps only what was set.
+    let _l = inflight.begin(MIB, 1);
+    b.clear_range_keeping(0, size, &|o, l| inflight.busy(o, l))
+        .unwrap();
+    assert!(b.dirty_extents().is_empty());
+}

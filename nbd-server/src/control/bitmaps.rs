@@ -162,7 +162,7 @@ pub(super) async fn clear_bitmap(
     body: Bytes,
 ) -> Result<Json<BitmapView>, ApiError> {
     let req: ClearRequest = parse_optional(&body)?;
-    let (_, b) = bitmap_of(&state, &name, &bitmap)?;
+    let (e, b) = bitmap_of(&state, &name, &bitmap)?;
     let range = match (req.offset, req.length) {
         (None, None) => None,
         (Some(o), Some(l)) => Some((o, l)),
@@ -173,9 +173,10 @@ pub(super) async fn clear_bitmap(
         }
     };
     let b2 = Arc::clone(&b);
-    blocking(&name, move || match range {
-        Some((o, l)) => b2.clear_range(o, l),
-        None => b2.clear_all(),
+    // Writes in flight (marked before this clear, landing after it) stay marked.
+    blocking(&name, move || {
+        let (o, l) = range.unwrap_or((0, b2.size()));
+        b2.clear_range_keeping(o, l, &|o, l| e.inflight.busy(o, l))
     })
     .await?;
     Ok(Json(view(&b, false)))
