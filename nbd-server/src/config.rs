@@ -85,6 +85,12 @@ pub struct Args {
     /// fdatasyncs under scattered writes. Default 256 (1 GiB).
     #[arg(long, value_name = "N")]
     pub bitmap_al_regions: Option<usize>,
+    /// Plain (non-TLS) targets mirror jobs may push exports to, repeatable or
+    /// comma-separated: an IP network (10.0.2.0/24), an address, a host[:port],
+    /// `unix` (Unix sockets) or `any`. Targets reached over TLS are checked against
+    /// --tls-ca instead and always allowed. Default: none.
+    #[arg(long = "mirror-allow", value_name = "RULE")]
+    pub mirror_allow: Vec<String>,
     /// Serve the control API WITHOUT authentication (on purpose; without a token and
     /// without this flag the server refuses to start).
     #[arg(long)]
@@ -118,6 +124,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub bitmap_al_regions: Option<usize>,
+    #[serde(default)]
+    pub mirror_allow: Vec<String>,
 }
 
 /// The resolved configuration the server runs with. `Debug` never shows the API
@@ -143,6 +151,8 @@ pub struct Config {
     pub auth: ApiAuth,
     /// Activity-log regions of every dirty bitmap (see [`crate::bitmap`]).
     pub bitmap_al_regions: usize,
+    /// Plain targets mirror jobs may push to (see [`crate::mirror::allow`]).
+    pub mirror_allow: crate::mirror::MirrorAllow,
 }
 
 /// Connections served at once unless `--max-connections` says otherwise.
@@ -162,6 +172,8 @@ pub enum ConfigError {
     },
     #[error("bad listen address {0:?}")]
     Listen(String),
+    #[error("{0}")]
+    MirrorAllow(String),
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("export {0:?} is configured twice")]
@@ -248,6 +260,12 @@ impl Config {
         } else {
             args.allow_devices
         };
+        let mirror_allow = crate::mirror::MirrorAllow::parse(if args.mirror_allow.is_empty() {
+            &file.mirror_allow
+        } else {
+            &args.mirror_allow
+        })
+        .map_err(ConfigError::MirrorAllow)?;
         let tls = TlsFiles::from_flags(
             args.tls_cert.or(file.tls_cert).as_deref(),
             args.tls_key.or(file.tls_key).as_deref(),
@@ -270,6 +288,7 @@ impl Config {
                 .or(file.bitmap_al_regions)
                 .unwrap_or(crate::bitmap::DEFAULT_AL_REGIONS)
                 .clamp(1, crate::bitmap::MAX_AL_REGIONS),
+            mirror_allow,
             api,
             auth,
             max_connections: args

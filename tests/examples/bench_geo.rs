@@ -150,6 +150,8 @@ fn main() -> Result<()> {
     let api_port = free_port();
     let api_addr = format!("127.0.0.1:{api_port}");
     let _source = start_nbd(&[
+        "--mirror-allow",
+        "127.0.0.0/8",
         "--api",
         &api_addr,
         "--export",

@@ -112,11 +112,15 @@ impl Api {
     }
 }
 
-/// A stagehand-nbd with its control API; `extra` adds flags.
+/// A stagehand-nbd with its control API; `extra` adds flags. Mirror jobs may push
+/// to plain targets on loopback (where the tests' targets and relays listen).
 fn node(extra: &[&str]) -> (Daemon, Api) {
     let api_port = free_port();
     let api = format!("127.0.0.1:{api_port}");
     let mut args = vec!["--api", api.as_str()];
+    if !extra.contains(&"--mirror-allow") {
+        args.extend(["--mirror-allow", "127.0.0.0/8"]);
+    }
     args.extend_from_slice(extra);
     let d = start_nbd(&args);
     (d, Api::new(api_port))
@@ -458,6 +462,28 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
     // Secure by default: no bearer token, no mirrors.
     let (s, _) = api.call_as(None, "GET", "/v1/mirrors", None);
     assert_eq!(s, 401);
+    // And a token holder cannot push a disk to a plain target nobody allowed (a
+    // TLS target proves itself with the cluster CA instead).
+    {
+        let (_strict, sapi) = node(&[
+            "--mirror-allow",
+            "10.99.0.0/16",
+            "--export",
+            &format!("src={},unleased", src.display()),
+        ]);
+        let (s, v) = sapi.call(
+            "POST",
+            "/v1/mirrors",
+            Some(json!({"export": "src", "target": {"address": taddr, "export": "dst"}})),
+        );
+        assert_eq!(
+            (s, &v["error"]["code"]),
+            (403, &json!("mirror_target_not_allowed")),
+            "{v}"
+        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("--mirror-allow"), "{v}");
+    }
     // Without the lease the replica is read-only: the job fails, saying why.
     let id = start_mirror(
         &api,
@@ -702,16 +728,17 @@ fn mirror_between_tls_nodes_uses_tls() {
     let _source = start_nbd(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let api = Api::new_tls(api_port, &pki.files("a").ca);
     let addr = target.tcp.clone().unwrap();
-    // A plain connection is refused by a TLS node: the job keeps retrying, saying so.
-    let plain = start_mirror(
-        &api,
-        json!({"export": "src", "target": {"address": addr, "export": "dst", "tls": false}}),
+    // Without TLS the target proves nothing, and no --mirror-allow rule names it:
+    // refused before any byte is read.
+    let (s, v) = api.call(
+        "POST",
+        "/v1/mirrors",
+        Some(json!({"export": "src", "target": {"address": addr, "export": "dst", "tls": false}})),
     );
-    let v = api.wait_job(&plain, T, "the refusal", |v| v["error"].is_string());
-    assert_eq!(v["state"], "copying", "{v}");
     assert_eq!(
-        api.call("DELETE", &format!("/v1/mirrors/{plain}"), None).0,
-        200
+        (s, &v["error"]["code"]),
+        (403, &json!("mirror_target_not_allowed")),
+        "{v}"
     );
     let id = start_mirror(
         &api,

@@ -98,6 +98,9 @@ fn api_error(e: MirrorError) -> ApiError {
             format!("No mirror job {id:?}; GET /v1/mirrors lists them."),
         ),
         MirrorError::Invalid(msg) => ApiError::bad_request(msg),
+        MirrorError::NotAllowed(msg) => {
+            ApiError::new(StatusCode::FORBIDDEN, "mirror_target_not_allowed", msg)
+        }
     }
 }
 

@@ -247,18 +247,13 @@ pub async fn start_api(
     println!("stagehand-nbd: control api on {scheme}://{local}");
     // Mirror jobs run on this (the data path's) runtime, not the API's thread.
     // With a data dir, jobs on exports with persistent bitmaps outlive a restart.
-    let mirrors = match &config.data_dir {
-        Some(dir) => {
-            let m = crate::mirror::MirrorManager::persistent(
-                Arc::clone(&registry),
-                config.tls.clone(),
-                dir,
-            );
-            m.resume_stored();
-            m
-        }
-        None => crate::mirror::MirrorManager::new(Arc::clone(&registry), config.tls.clone()),
-    };
+    let mirrors = crate::mirror::MirrorManager::persistent(
+        Arc::clone(&registry),
+        config.tls.clone(),
+        config.data_dir.as_deref(),
+        config.mirror_allow.clone(),
+    );
+    mirrors.resume_stored();
     let state = Arc::new(
         ControlState::new(registry, store, config.auth.clone())
             .confined(confinement(config))

@@ -16,6 +16,7 @@
 //! Jobs live in memory: a restart of this node forgets them (and an in-memory
 //! tracker forgets its dirty blocks; the persistent dirty bitmap fixes the latter).
 
+pub mod allow;
 pub mod job;
 pub mod persist;
 pub mod plan;
@@ -32,6 +33,7 @@ use stagehand_common::tls::TlsFiles;
 use thiserror::Error;
 
 use crate::export::{Export, ExportRegistry};
+pub use allow::MirrorAllow;
 pub use job::{Job, JobView, Mode, Target, Tuning};
 pub use state::State;
 pub use tap::{Change, MirrorTap};
@@ -94,6 +96,8 @@ pub enum MirrorError {
     NoJob(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 /// Most requests a job may keep in flight.
@@ -108,6 +112,8 @@ pub struct MirrorManager {
     /// With a `--data-dir`: jobs on exports with persistent bitmaps are kept here
     /// and resumed after a restart (see [`persist`]).
     store: Option<persist::JobStore>,
+    /// Targets jobs may push to (see [`allow`]).
+    allow: MirrorAllow,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     runtime: tokio::runtime::Handle,
 }
@@ -137,6 +143,7 @@ impl MirrorManager {
             tls,
             trackers,
             store: None,
+            allow: MirrorAllow::any(),
             jobs: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         })
@@ -148,13 +155,15 @@ impl MirrorManager {
     pub fn persistent(
         registry: Arc<ExportRegistry>,
         tls: Option<TlsFiles>,
-        data_dir: &std::path::Path,
+        data_dir: Option<&std::path::Path>,
+        allow: MirrorAllow,
     ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             tls,
             trackers: mem_trackers(),
-            store: Some(persist::JobStore::new(data_dir)),
+            store: data_dir.map(persist::JobStore::new),
+            allow,
             jobs: Mutex::new(BTreeMap::new()),
             runtime: tokio::runtime::Handle::current(),
         })
@@ -255,6 +264,9 @@ impl MirrorManager {
                 Some((cfg, name))
             }
         };
+        self.allow
+            .check(&req.address, tls.is_some())
+            .map_err(MirrorError::NotAllowed)?;
         let mut tuning = Tuning::default();
         if let Some(b) = req.bandwidth_mib_s {
             if !(b.is_finite() && b > 0.0) {
