@@ -60,7 +60,10 @@ async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-async fn agent_vm(State(st): State<AgentState>, UrlPath(name): UrlPath<String>) -> impl IntoResponse {
+async fn agent_vm(
+    State(st): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+) -> impl IntoResponse {
     let runs = st.lock().map(|s| s.contains(&name)).unwrap_or(false);
     if runs {
         (
@@ -440,7 +443,11 @@ async fn run_one(
         let http = http.clone();
         let api = api.clone();
         let (host, _) = &fakes.hosts[i % fakes.hosts.len()];
-        let to = if host.site == "siteA" { "siteB" } else { "siteA" };
+        let to = if host.site == "siteA" {
+            "siteB"
+        } else {
+            "siteA"
+        };
         let body = json!({"vm": format!("vm-{i:05}"), "to_site": to});
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();

@@ -33,12 +33,7 @@ struct Coord {
     proc: Proc,
 }
 
-fn start_coord(
-    c: &Cluster,
-    name: &'static str,
-    api: &str,
-    env: &[(&str, &str)],
-) -> Coord {
+fn start_coord(c: &Cluster, name: &'static str, api: &str, env: &[(&str, &str)]) -> Coord {
     Coord {
         api: api.to_owned(),
         proc: c.start_named_coord(name, api, env),
@@ -126,15 +121,14 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
 
     // A leads first (it starts alone) and dies at its fail point once the migration is
     // in pre-copy; B holds at `fenced` (it will be paused there).
-    let mut a = start_coord(&c, "coord-a",
+    let mut a = start_coord(
+        &c,
+        "coord-a",
         &api_a,
         &[("STAGEHAND_COORD_FAILPOINT", "precopy")],
     );
     wait_leader(&c, &api_a, "coord-a", Duration::from_secs(20));
-    let mut b = start_coord(&c, "coord-b",
-        &api_b,
-        &[("STAGEHAND_COORD_HOLD", &hold_s)],
-    );
+    let mut b = start_coord(&c, "coord-b", &api_b, &[("STAGEHAND_COORD_HOLD", &hold_s)]);
     let s = wait_leader(&c, &api_b, "coord-a", Duration::from_secs(20));
     assert_eq!(s["coordinator"]["role"], "follower", "{s}");
     assert_eq!(s["store"]["kind"], "etcd", "{s}");
@@ -248,7 +242,9 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
             (1, 0)
         };
         coords[f].0.proc.kill();
-        coords[f].0 = start_coord(&c, coords[f].1,
+        coords[f].0 = start_coord(
+            &c,
+            coords[f].1,
             &coords[f].2,
             &[("STAGEHAND_COORD_FAILPOINT", phase)],
         );

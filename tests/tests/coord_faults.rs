@@ -150,7 +150,7 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
     let guest = c.guest_image("disk-writer").display().to_string();
     for (vm, site) in VMS.iter().zip(["siteA", "siteB"]) {
         c.ok(&[
-            "vm", "create", vm, "--site", site, "--memory", "64M", "--image", &guest, "--disk",
+            "vm", "create", vm, "--site", site, "--memory", "128M", "--image", &guest, "--disk",
             "4M",
         ]);
     }
@@ -161,8 +161,8 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
     epochs.sample(&c);
 
     // The faults. Counters for the summary line.
-    let (mut started_migrations, mut coord_kills, mut etcd_kills, mut quorum_losses) =
-        (0, 0, 0, 0);
+    let (mut started_migrations, mut coord_kills, mut etcd_kills, mut quorum_losses) = (0, 0, 0, 0);
+    let mut ids: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         let live = coords.live();
@@ -171,8 +171,9 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
         }
         match rng.below(100) {
             // Start a migration of a VM to the other site (refusals are fine: the VM
-            // may be migrating, or no coordinator leads right now).
-            0..=44 => {
+            // may be migrating, or no coordinator leads right now). Half of them
+            // capped, so that they are still moving when the next fault strikes.
+            0..=39 => {
                 let vm = VMS[rng.below(2) as usize];
                 let (ok, shown, _) = c.cli(&["vm", "show", vm]);
                 if ok {
@@ -181,17 +182,40 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
                     } else {
                         "siteA"
                     };
-                    let (ok, _, err) = c.cli(&["migrate", vm, "--to", to]);
+                    let cap = (16 + rng.below(48)).to_string();
+                    let mut args = vec!["migrate", vm, "--to", to];
+                    if rng.chance(50) {
+                        args.extend(["--bandwidth", cap.as_str()]);
+                    }
+                    let (ok, out, err) = c.cli(&args);
                     if ok {
+                        eprintln!("{}: {}", args.join(" "), out["id"]);
+                        if let Some(id) = out["id"].as_str() {
+                            ids.push(id.to_owned());
+                        }
                         started_migrations += 1;
                     } else {
-                        eprintln!("migrate {vm} refused: {}", err.trim());
+                        eprintln!("{} refused: {}", args.join(" "), err.trim());
                     }
                 }
             }
-            // kill -9 a coordinator (the leader or not, whichever comes up).
+            // Cancel the newest migration (it may have ended: then it is refused).
+            40..=44 => {
+                if let Some(id) = ids.last() {
+                    let (ok, _, err) = c.cli(&["migration", "cancel", id]);
+                    eprintln!("migration cancel {id}: {}", if ok { "ok" } else { err.trim() });
+                }
+            }
+            // kill -9 a coordinator: the leader half of the time.
             45..=64 => {
-                if let Some(&i) = live.get(rng.below(live.len() as u64) as usize) {
+                let leader = c.cli(&["status"]).1["leader"]["id"].clone();
+                let target = if rng.chance(50) {
+                    live.iter().copied().find(|i| leader == coords.names[*i])
+                } else {
+                    None
+                };
+                let pick = live.get(rng.below(live.len() as u64) as usize).copied();
+                if let Some(i) = target.or(pick) {
                     eprintln!("kill -9 {}", coords.names[i]);
                     coords.kill(i);
                     coord_kills += 1;
@@ -260,19 +284,15 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
     }
     c.coord_api = coords.apis[0].clone();
     wait_writable(&c, Duration::from_secs(30));
-    let list = c.wait_for(
-        "every migration to end",
-        Duration::from_secs(120),
-        |c| {
-            epochs.sample(c);
-            let (ok, list, _) = c.cli(&["migration", "list"]);
-            let all = list.as_array()?.clone();
-            (ok && all
-                .iter()
-                .all(|m| TERMINAL.contains(&m["state"].as_str().unwrap_or(""))))
-            .then_some(all)
-        },
-    );
+    let list = c.wait_for("every migration to end", Duration::from_secs(120), |c| {
+        epochs.sample(c);
+        let (ok, list, _) = c.cli(&["migration", "list"]);
+        let all = list.as_array()?.clone();
+        (ok && all
+            .iter()
+            .all(|m| TERMINAL.contains(&m["state"].as_str().unwrap_or(""))))
+        .then_some(all)
+    });
     let mut ends: BTreeMap<String, usize> = BTreeMap::new();
     for m in &list {
         let id = m["id"].as_str().expect("migration id");

@@ -93,7 +93,10 @@ impl Coordinator {
             }
             match self.recover() {
                 Ok(n) => {
-                    tracing::info!(migrations = n, "read the journal: driving unfinished migrations");
+                    tracing::info!(
+                        migrations = n,
+                        "read the journal: driving unfinished migrations"
+                    );
                     return;
                 }
                 Err(e) => {

@@ -277,7 +277,11 @@ impl Cluster {
 
     /// "etcd" or "rocksdb": the store kind `coord status` should report.
     pub fn store_kind(&self) -> &'static str {
-        if self.store.is_some() { "etcd" } else { "rocksdb" }
+        if self.store.is_some() {
+            "etcd"
+        } else {
+            "rocksdb"
+        }
     }
 
     pub fn start_coord(&mut self, env: &[(&str, &str)]) {
@@ -298,7 +302,12 @@ impl Cluster {
             TOKEN.into(),
         ];
         if let Some(store) = &self.store {
-            args.extend(["--store".into(), store.clone(), "--name".into(), "coord".into()]);
+            args.extend([
+                "--store".into(),
+                store.clone(),
+                "--name".into(),
+                "coord".into(),
+            ]);
         }
         args.extend(flags.iter().map(|f| f.to_string()));
         let mut p = spawn(
