@@ -3,6 +3,7 @@
 //! only performs the chosen step and journals what the record says. A restarted
 //! coordinator runs the same loop on the journaled record (see `recovery.rs`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -174,10 +175,24 @@ impl Coordinator {
                 ));
             }
         }
+        // The unfinished migrations and the hosts' sites, read once for both limits
+        // (on etcd every read is a round trip).
+        let unfinished: Vec<MigrationDoc> = self
+            .migrations()?
+            .into_iter()
+            .filter(|m| !m.record.phase.is_terminal())
+            .collect();
+        let site_of: HashMap<String, String> = self
+            .hosts()?
+            .into_iter()
+            .map(|h| (h.name, h.site))
+            .collect();
         let limit = self.cfg.max_migrations_per_host;
         for h in [&vm.host, &target.name] {
-            let n =
-                self.migrations_touching(|m| m.record.from_host == *h || m.record.to_host == *h)?;
+            let n = unfinished
+                .iter()
+                .filter(|m| m.record.from_host == *h || m.record.to_host == *h)
+                .count();
             if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",
@@ -195,10 +210,12 @@ impl Coordinator {
             sites.push(target.site.clone());
         }
         for site in &sites {
-            let n = self.migrations_touching(|m| {
-                m.to_site == *site
-                    || self.site_of(&m.record.from_host).as_deref() == Some(site.as_str())
-            })?;
+            let n = unfinished
+                .iter()
+                .filter(|m| {
+                    m.to_site == *site || site_of.get(&m.record.from_host) == Some(site)
+                })
+                .count();
             if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",

@@ -40,6 +40,23 @@ const READ_TIMEOUT: Duration = Duration::from_millis(1500);
 /// leader key (otherwise it watches the key and campaigns as soon as it is deleted).
 const CAMPAIGN_POLL: Duration = Duration::from_millis(100);
 
+/// Keys per page when listing a table.
+const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range of every key starting with `prefix` (etcd's
+/// `range_end`): the prefix with its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the key space.
+    vec![0]
+}
+
 /// TLS to etcd: its CA and, for client-certificate auth, our certificate and key.
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
@@ -365,6 +382,68 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Every record under `prefix`, in key order, read in pages of `LIST_PAGE` keys
+    /// at the first page's revision (one consistent snapshot): a whole table in one
+    /// response would exceed the client's 4 MiB message limit at about 10,000 VMs,
+    /// and a huge range is costly for etcd too. Linearizable, falling back to the
+    /// member's own copy as [`EtcdStore::read`] does.
+    async fn read_prefix(
+        pool: Arc<Pool>,
+        prefix: String,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        match Self::pages(&pool, &prefix, false, READ_TIMEOUT).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "linearizable listing failed; reading a member's copy");
+                Self::pages(&pool, &prefix, true, OP_TIMEOUT).await
+            }
+        }
+    }
+
+    async fn pages(
+        pool: &Pool,
+        prefix: &str,
+        serializable: bool,
+        d: Duration,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            if serializable {
+                opts = opts.with_serializable();
+            }
+            let key = from.clone();
+            let resp = pool
+                .call(d, "reading from etcd", move |mut c| {
+                    let key = key.clone();
+                    let opts = opts.clone();
+                    async move { c.get(key, Some(opts)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let kvs = resp.kvs();
+            out.extend(kvs.iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    // The next page starts right after the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
     fn current_guard(&self) -> Option<i64> {
         *self.guard.lock().expect("the guard lock is never poisoned")
     }
@@ -388,11 +467,7 @@ impl Backend for EtcdStore {
         let prefix = format!("{}/", self.data_key(table, "")?.trim_end_matches('/'));
         let kvs = block_on(
             &self.handle,
-            Self::read(
-                Arc::clone(&self.pool),
-                prefix.clone(),
-                GetOptions::new().with_prefix(),
-            ),
+            Self::read_prefix(Arc::clone(&self.pool), prefix.clone()),
         )?;
         // etcd returns keys in byte order, as RocksDB iterates them.
         Ok(kvs
@@ -742,5 +817,17 @@ impl Election {
             )
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/stagehand/data/vms/"), b"/stagehand/data/vms0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }
