@@ -203,8 +203,12 @@ fn a_large_table_lists_completely() {
     let pad = "x".repeat(2300);
     let mut b = Batch::default();
     for i in 0..2400 {
-        b.put("vms", &format!("vm-{i:05}"), &serde_json::json!({"i": i, "pad": pad}))
-            .expect("encode");
+        b.put(
+            "vms",
+            &format!("vm-{i:05}"),
+            &serde_json::json!({"i": i, "pad": pad}),
+        )
+        .expect("encode");
         if (i + 1) % 100 == 0 {
             store.commit(std::mem::take(&mut b)).expect("commit");
         }

@@ -99,13 +99,7 @@ fn latest_migration(c: &Cluster, vm: &str) -> Option<String> {
 #[test]
 fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let test = "coordinators_on_etcd_fail_over_and_fence_a_deposed_leader";
-    if !stagehand_tests::have_tool("etcd") {
-        stagehand_tests::skip!(
-            "SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)"
-        );
-        return;
-    }
-    if !stagehand_tests::kvm_or_skip(test) {
+    if !coord_support::etcd::etcd_and_kvm_or_skip(test) {
         return;
     }
     let started = Instant::now();

@@ -103,13 +103,7 @@ impl Epochs {
 #[test]
 fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
     let test = "random_kills_of_coordinators_and_etcd_members_during_migrations";
-    if !stagehand_tests::have_tool("etcd") {
-        stagehand_tests::skip!(
-            "SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)"
-        );
-        return;
-    }
-    if !stagehand_tests::kvm_or_skip(test) {
+    if !coord_support::etcd::etcd_and_kvm_or_skip(test) {
         return;
     }
     let seed = std::env::var("STAGEHAND_FAULT_SEED")
@@ -203,7 +197,10 @@ fn random_kills_of_coordinators_and_etcd_members_during_migrations() {
             40..=44 => {
                 if let Some(id) = ids.last() {
                     let (ok, _, err) = c.cli(&["migration", "cancel", id]);
-                    eprintln!("migration cancel {id}: {}", if ok { "ok" } else { err.trim() });
+                    eprintln!(
+                        "migration cancel {id}: {}",
+                        if ok { "ok" } else { err.trim() }
+                    );
                 }
             }
             // kill -9 a coordinator: the leader half of the time.

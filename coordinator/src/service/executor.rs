@@ -212,9 +212,7 @@ impl Coordinator {
         for site in &sites {
             let n = unfinished
                 .iter()
-                .filter(|m| {
-                    m.to_site == *site || site_of.get(&m.record.from_host) == Some(site)
-                })
+                .filter(|m| m.to_site == *site || site_of.get(&m.record.from_host) == Some(site))
                 .count();
             if n >= limit {
                 return Err(ApiError::conflict(

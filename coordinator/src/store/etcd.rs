@@ -432,7 +432,10 @@ impl EtcdStore {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
             let kvs = resp.kvs();
-            out.extend(kvs.iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+            out.extend(
+                kvs.iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+            );
             match kvs.last() {
                 Some(last) if resp.more() => {
                     // The next page starts right after the last key.

@@ -10,6 +10,18 @@ use stagehand_tests::{free_port, run_timeout};
 
 use super::Proc;
 
+/// Whether the `etcd` binary and KVM are there; prints the loud skip line for `test`
+/// when one is missing.
+pub fn etcd_and_kvm_or_skip(test: &str) -> bool {
+    if !stagehand_tests::have_tool("etcd") {
+        stagehand_tests::skip!(
+            "SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)"
+        );
+        return false;
+    }
+    stagehand_tests::kvm_or_skip(test)
+}
+
 /// A three-member (or `n`) etcd on 127.0.0.1.
 pub struct Etcd {
     dir: PathBuf,
