@@ -22,11 +22,12 @@ fn inventory_verbs_and_their_errors() {
     let hosts = c.ok(&["host", "list"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(2));
     assert_eq!(hosts[0]["memory_mib"], 1024);
-    // One coordinator on RocksDB leads from the start.
+    // One coordinator leads from the start (on etcd: once elected, which the fixture
+    // waits for).
     let st = c.ok(&["status"]);
     assert_eq!(st["coordinator"]["role"], "leader", "{st}");
     assert_eq!(st["leader"]["id"], st["coordinator"]["id"], "{st}");
-    assert_eq!(st["store"]["kind"], "rocksdb", "{st}");
+    assert_eq!(st["store"]["kind"], c.store_kind(), "{st}");
     assert_eq!(st["store"]["healthy"], true, "{st}");
 
     // Bad token: refused, one line, non-zero, and nothing changes.

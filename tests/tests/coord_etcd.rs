@@ -19,167 +19,13 @@
 
 mod coord_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use coord_support::{Cluster, Proc, TOKEN, spawn};
+use coord_support::{Cluster, Proc};
 use serde_json::Value;
-use stagehand_tests::{bin, free_port, run_timeout};
-
-struct Etcd {
-    dir: PathBuf,
-    names: Vec<String>,
-    client: Vec<u16>,
-    peer: Vec<u16>,
-    procs: Vec<Option<Proc>>,
-}
-
-impl Etcd {
-    fn start(dir: &Path, n: usize) -> Etcd {
-        let names: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
-        let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let mut e = Etcd {
-            dir: dir.to_path_buf(),
-            names,
-            client,
-            peer,
-            procs: (0..n).map(|_| None).collect(),
-        };
-        for i in 0..n {
-            e.start_member(i);
-        }
-        for i in 0..n {
-            e.wait_member(i);
-        }
-        e
-    }
-
-    fn store_uri(&self) -> String {
-        let eps: Vec<String> = self
-            .client
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
-        format!("etcd://{}", eps.join(","))
-    }
-
-    fn start_member(&mut self, i: usize) {
-        let cluster: Vec<String> = self
-            .names
-            .iter()
-            .zip(&self.peer)
-            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
-            .collect();
-        let c = format!("http://127.0.0.1:{}", self.client[i]);
-        let p = format!("http://127.0.0.1:{}", self.peer[i]);
-        let args: Vec<String> = [
-            "--name",
-            &self.names[i],
-            "--data-dir",
-            &self.dir.join(&self.names[i]).display().to_string(),
-            "--listen-client-urls",
-            &c,
-            "--advertise-client-urls",
-            &c,
-            "--listen-peer-urls",
-            &p,
-            "--initial-advertise-peer-urls",
-            &p,
-            "--initial-cluster",
-            &cluster.join(","),
-            "--initial-cluster-state",
-            "new",
-            "--initial-cluster-token",
-            "stagehand-test",
-            // Loopback: fast heartbeats, so a lost etcd leader is replaced quickly.
-            "--heartbeat-interval",
-            "50",
-            "--election-timeout",
-            "500",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let log = self.dir.join(format!("{}.log", self.names[i]));
-        // Append: a restarted member keeps its earlier log.
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("etcd log");
-        let child = Command::new("etcd")
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn etcd");
-        self.procs[i] = Some(Proc {
-            child,
-            name: "etcd",
-        });
-    }
-
-    fn wait_member(&self, i: usize) {
-        let url = format!("http://127.0.0.1:{}/health", self.client[i]);
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = run_timeout(
-                Command::new("curl").args(["-s", "-m", "2", &url]),
-                Duration::from_secs(5),
-            );
-            if let Ok(o) = out
-                && String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\"")
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "etcd member {i} did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The member that is etcd's raft leader now (the harder one to lose).
-    fn raft_leader(&self) -> usize {
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            for (i, port) in self.client.iter().enumerate() {
-                let out = run_timeout(
-                    Command::new("curl").args([
-                        "-s",
-                        "-m",
-                        "2",
-                        "-X",
-                        "POST",
-                        "-d",
-                        "{}",
-                        &format!("http://127.0.0.1:{port}/v3/maintenance/status"),
-                    ]),
-                    Duration::from_secs(5),
-                );
-                let v: Value = out
-                    .ok()
-                    .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-                    .unwrap_or(Value::Null);
-                if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
-                    return i;
-                }
-            }
-            assert!(Instant::now() < end, "no etcd member says it leads");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut p) = self.procs[i].take() {
-            p.kill();
-        }
-    }
-}
+use stagehand_tests::free_port;
 
 /// One `coord serve` on the etcd store.
 struct Coord {
@@ -187,42 +33,10 @@ struct Coord {
     proc: Proc,
 }
 
-fn start_coord(
-    c: &Cluster,
-    store: &str,
-    name: &'static str,
-    api: &str,
-    env: &[(&str, &str)],
-) -> Coord {
-    let d = c.dir.path();
-    let n = std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
-    let args: Vec<String> = [
-        "serve",
-        "--api",
-        api,
-        "--store",
-        store,
-        "--name",
-        name,
-        "--data-dir",
-        &d.join("coord-data").display().to_string(),
-        "--api-token",
-        TOKEN,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut p = spawn(
-        &bin("coord", "coordinator"),
-        &args,
-        "coord serve",
-        &d.join(format!("{name}-{n}.log")),
-        env,
-    );
-    coord_support::wait_health(&format!("http://{api}/v1/health"), None, &mut p);
+fn start_coord(c: &Cluster, name: &'static str, api: &str, env: &[(&str, &str)]) -> Coord {
     Coord {
         api: api.to_owned(),
-        proc: p,
+        proc: c.start_named_coord(name, api, env),
     }
 }
 
@@ -247,25 +61,6 @@ fn signal(p: &Proc, sig: &str) {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "kill {sig} failed");
-}
-
-/// Exactly one running copy, on the VM's recorded host, which holds the lease at the
-/// recorded epoch; the disk-writer guest's disk and RAM check out.
-fn assert_one_copy(c: &Cluster, vm: &str, what: &str) {
-    let export = format!("{vm}-disk0");
-    let shown = c.ok(&["vm", "show", vm]);
-    let host = shown["host"].as_str().unwrap_or("").to_owned();
-    assert_eq!(
-        c.running_on(vm),
-        vec![host.as_str()],
-        "{what}: one copy on {host}"
-    );
-    let (holder, epoch) = c.lease(&export);
-    assert_eq!(holder, host, "{what}: the running host holds the lease");
-    assert_eq!(shown["disks"][0]["epoch"], epoch, "{what}: recorded epoch");
-    assert_eq!(shown["state"], "running", "{what}");
-    let idx = if host == "kvm-a1" { 0 } else { 1 };
-    c.check_disk_writer(idx, vm, &export);
 }
 
 fn migration_of(c: &Cluster, vm: &str) -> Option<String> {
@@ -304,22 +99,15 @@ fn latest_migration(c: &Cluster, vm: &str) -> Option<String> {
 #[test]
 fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let test = "coordinators_on_etcd_fail_over_and_fence_a_deposed_leader";
-    if !stagehand_tests::have_tool("etcd") {
-        stagehand_tests::skip!(
-            "SKIPPED: {test}: etcd missing (run `make deps`: Debian's etcd-server)"
-        );
-        return;
-    }
-    if !stagehand_tests::kvm_or_skip(test) {
+    if !coord_support::etcd::etcd_and_kvm_or_skip(test) {
         return;
     }
     let started = Instant::now();
     let mut c = Cluster::start_without_coord();
-    let edir = c.dir.path().join("etcd");
-    std::fs::create_dir_all(&edir).expect("mkdir");
-    let mut etcd = Etcd::start(&edir, 3);
-    let store = etcd.store_uri();
-    c.store = Some(store.clone());
+    if c.etcd.is_none() {
+        c.start_etcd();
+    }
+    let mut etcd = c.etcd.take().expect("the fixture's etcd");
     let hold = c.dir.path().join("hold-fenced");
     let hold_s = format!("fenced:{}", hold.display());
     let api_a = format!("127.0.0.1:{}", free_port());
@@ -329,19 +117,12 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     // in pre-copy; B holds at `fenced` (it will be paused there).
     let mut a = start_coord(
         &c,
-        &store,
         "coord-a",
         &api_a,
         &[("STAGEHAND_COORD_FAILPOINT", "precopy")],
     );
     wait_leader(&c, &api_a, "coord-a", Duration::from_secs(20));
-    let mut b = start_coord(
-        &c,
-        &store,
-        "coord-b",
-        &api_b,
-        &[("STAGEHAND_COORD_HOLD", &hold_s)],
-    );
+    let mut b = start_coord(&c, "coord-b", &api_b, &[("STAGEHAND_COORD_HOLD", &hold_s)]);
     let s = wait_leader(&c, &api_b, "coord-a", Duration::from_secs(20));
     assert_eq!(s["coordinator"]["role"], "follower", "{s}");
     assert_eq!(s["store"]["kind"], "etcd", "{s}");
@@ -378,7 +159,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     );
     let id = migration_of(&c, "vm1").expect("the migration is journaled");
     // A comes back (without its fail point) and follows.
-    a = start_coord(&c, &store, "coord-a", &api_a, &[]);
+    a = start_coord(&c, "coord-a", &api_a, &[]);
 
     // 2. B drives the migration to `fenced` and holds there: pause it.
     let mut held = hold.clone().into_os_string();
@@ -423,7 +204,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     let vm_after = c.ok(&["vm", "show", "vm1"]);
     assert_eq!(vm_after["host"], vm_before["host"]);
     assert_eq!(vm_after["disks"], vm_before["disks"]);
-    assert_one_copy(&c, "vm1", "after the leader failovers");
+    c.assert_one_copy("vm1", "after the leader failovers");
     assert_eq!(c.ok(&["vm", "show", "vm1"])["host"], "kvm-b1");
 
     // 3. An etcd member dies mid-migration (coord-a leads; the CLI talks to coord-b).
@@ -436,7 +217,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     etcd.kill(lost);
     let m = c.wait_migration(&id2, Duration::from_secs(90));
     assert_eq!(m["state"], "committed", "{m}");
-    assert_one_copy(&c, "vm1", "after etcd's leader member died");
+    c.assert_one_copy("vm1", "after etcd's leader member died");
     etcd.start_member(lost);
     etcd.wait_member(lost);
 
@@ -444,7 +225,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
     // the migration ends with one copy on the host holding the lease.
     signal(&b.proc, "-KILL");
     let _ = b.proc.wait_exit(Duration::from_secs(5));
-    b = start_coord(&c, &store, "coord-b", &api_b, &[]);
+    b = start_coord(&c, "coord-b", &api_b, &[]);
     let mut coords = [(a, "coord-a", api_a.clone()), (b, "coord-b", api_b.clone())];
     for phase in ["planned", "quiesced", "fencing", "target_running"] {
         // The leader now (coord-a at first) hands over to the other, which comes back
@@ -457,7 +238,6 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         coords[f].0.proc.kill();
         coords[f].0 = start_coord(
             &c,
-            &store,
             coords[f].1,
             &coords[f].2,
             &[("STAGEHAND_COORD_FAILPOINT", phase)],
@@ -465,7 +245,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         coords[l].0.proc.kill();
         c.coord_api = coords[f].2.clone();
         wait_leader(&c, &coords[f].2, coords[f].1, Duration::from_secs(20));
-        coords[l].0 = start_coord(&c, &store, coords[l].1, &coords[l].2, &[]);
+        coords[l].0 = start_coord(&c, coords[l].1, &coords[l].2, &[]);
         wait_leader(&c, &coords[l].2, coords[f].1, Duration::from_secs(20));
         // Talk to the survivor-to-be; the doomed leader journals `phase` and dies.
         c.coord_api = coords[l].2.clone();
@@ -489,12 +269,12 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         );
         let m = c.wait_migration(&id, Duration::from_secs(90));
         assert_eq!(m["state"], "committed", "fail point {phase}: {m}");
-        assert_one_copy(&c, "vm1", &format!("leader killed at {phase}"));
+        c.assert_one_copy("vm1", &format!("leader killed at {phase}"));
         eprintln!(
             "leader killed at {phase}: {} finished the migration",
             coords[l].1
         );
-        coords[f].0 = start_coord(&c, &store, coords[f].1, &coords[f].2, &[]);
+        coords[f].0 = start_coord(&c, coords[f].1, &coords[f].2, &[]);
     }
     let [(a, _, _), (b, _, _)] = coords;
 
@@ -525,7 +305,7 @@ fn coordinators_on_etcd_fail_over_and_fence_a_deposed_leader() {
         Duration::from_secs(30),
         |c| c.cli(&["site", "add", "siteC"]).0.then_some(()),
     );
-    assert_one_copy(&c, "vm1", "after quorum returned");
+    c.assert_one_copy("vm1", "after quorum returned");
     c.ok(&["vm", "delete", "vm1"]);
     drop(a);
     drop(b);

@@ -3,6 +3,7 @@
 //! only performs the chosen step and journals what the record says. A restarted
 //! coordinator runs the same loop on the journaled record (see `recovery.rs`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,8 +28,18 @@ const FAST_POLL: Duration = Duration::from_millis(20);
 /// How often it looks again while something settles (an agent migration ending, a
 /// silent daemon).
 const SLOW_POLL: Duration = Duration::from_millis(250);
-/// After a failed step (a daemon refused or did not answer): retry after this.
+/// After a failed step (a daemon refused or did not answer): retry after this,
+/// doubled for each further failure in a row up to `RETRY_MAX` (a store without
+/// quorum or a dead agent is not hammered; a success resets it).
 const RETRY: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// The wait before the next attempt after `failures` failed steps in a row (>= 1).
+fn retry_delay(failures: u32) -> Duration {
+    RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
 /// Live figures are stored (not journaled) at most this often.
 const STORE_FIGURES: Duration = Duration::from_millis(100);
 /// The longest the go-ahead step follows the agents before it decides.
@@ -174,10 +185,24 @@ impl Coordinator {
                 ));
             }
         }
+        // The unfinished migrations and the hosts' sites, read once for both limits
+        // (on etcd every read is a round trip).
+        let unfinished: Vec<MigrationDoc> = self
+            .migrations()?
+            .into_iter()
+            .filter(|m| !m.record.phase.is_terminal())
+            .collect();
+        let site_of: HashMap<String, String> = self
+            .hosts()?
+            .into_iter()
+            .map(|h| (h.name, h.site))
+            .collect();
         let limit = self.cfg.max_migrations_per_host;
         for h in [&vm.host, &target.name] {
-            let n =
-                self.migrations_touching(|m| m.record.from_host == *h || m.record.to_host == *h)?;
+            let n = unfinished
+                .iter()
+                .filter(|m| m.record.from_host == *h || m.record.to_host == *h)
+                .count();
             if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",
@@ -195,10 +220,10 @@ impl Coordinator {
             sites.push(target.site.clone());
         }
         for site in &sites {
-            let n = self.migrations_touching(|m| {
-                m.to_site == *site
-                    || self.site_of(&m.record.from_host).as_deref() == Some(site.as_str())
-            })?;
+            let n = unfinished
+                .iter()
+                .filter(|m| m.to_site == *site || site_of.get(&m.record.from_host) == Some(site))
+                .count();
             if n >= limit {
                 return Err(ApiError::conflict(
                     "too_many_migrations",
@@ -418,12 +443,14 @@ impl Coordinator {
     /// The loop: observe, decide, act, until the driver says `Done` or the process
     /// shuts down (a later start picks the migration up where the journal says).
     async fn execute(&self, id: &str, ctl: &DriveControl) {
+        let mut failures = 0;
         let mut run = loop {
             match self.load_run(id) {
                 Ok(r) => break r,
                 Err(e) => {
+                    failures += 1;
                     tracing::error!(migration = %id, error = %e, "cannot load the migration; retrying");
-                    if self.pause(RETRY * 4, ctl).await {
+                    if self.pause(retry_delay(failures), ctl).await {
                         return;
                     }
                 }
@@ -442,10 +469,15 @@ impl Coordinator {
                 last = Some(action.clone());
             }
             let flow = match self.act(&mut run, ctl, &obs, action).await {
-                Ok(f) => f,
+                Ok(f) => {
+                    failures = 0;
+                    f
+                }
                 Err(e) => {
-                    tracing::warn!(migration = %id, error = %e, "migration step failed; retrying");
-                    Flow::Wait(RETRY)
+                    failures += 1;
+                    let d = retry_delay(failures);
+                    tracing::warn!(migration = %id, error = %e, retry_in_ms = d.as_millis() as u64, "migration step failed; retrying");
+                    Flow::Wait(d)
                 }
             };
             match flow {
@@ -959,4 +991,17 @@ fn not_driven(id: &str) -> ApiError {
         "not_driven",
         format!("Migration {id} is not driven by this coordinator; try again shortly."),
     )
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let ms: Vec<u128> = (1..=6).map(|n| retry_delay(n).as_millis()).collect();
+        assert_eq!(ms, vec![500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+        assert_eq!(retry_delay(0), RETRY);
+    }
 }

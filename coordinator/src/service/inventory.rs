@@ -142,16 +142,16 @@ impl Coordinator {
     /// Memory (MiB) already promised on each host: its VMs, plus incoming migrations.
     pub(crate) fn host_usage(&self) -> Result<HashMap<String, u64>, ApiError> {
         let mut used: HashMap<String, u64> = HashMap::new();
+        // The memory of each VM from the one listing: a store read per migration in
+        // flight would cost a round trip each on etcd.
+        let mut memory: HashMap<String, u64> = HashMap::new();
         for vm in self.vms()? {
             *used.entry(vm.host.clone()).or_default() += vm.memory_mib;
+            memory.insert(vm.name, vm.memory_mib);
         }
         for (_, m) in self.store.list::<MigrationDoc>("migrations")? {
             if !m.record.phase.is_terminal() {
-                let mem = self
-                    .store
-                    .get::<Vm>("vms", &m.record.vm)?
-                    .map(|v| v.memory_mib)
-                    .unwrap_or(0);
+                let mem = memory.get(&m.record.vm).copied().unwrap_or(0);
                 *used.entry(m.record.to_host.clone()).or_default() += mem;
             }
         }

@@ -17,6 +17,11 @@ use super::Coordinator;
 use crate::error::ApiError;
 use crate::store::{LeaderInfo, Role};
 
+/// The first and the longest wait between attempts to read the journal at the start
+/// of a term.
+const RECOVER_RETRY_FIRST: Duration = Duration::from_millis(500);
+const RECOVER_RETRY_MAX: Duration = Duration::from_secs(8);
+
 impl Coordinator {
     pub(crate) fn current_term(&self) -> CancellationToken {
         self.term
@@ -75,12 +80,29 @@ impl Coordinator {
         }
     }
 
+    /// Retries reading the journal with exponential backoff (0.5 s doubling up to
+    /// 8 s): the store is down or has no quorum, and a tight loop of reads would only
+    /// add to its load while it recovers.
     async fn retry_recover(self: Arc<Self>) {
         let term = self.current_term();
+        let mut delay = RECOVER_RETRY_FIRST;
         while !term.is_cancelled() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.recover().is_ok() {
-                return;
+            tokio::select! {
+                _ = term.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match self.recover() {
+                Ok(n) => {
+                    tracing::info!(
+                        migrations = n,
+                        "read the journal: driving unfinished migrations"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    delay = (delay * 2).min(RECOVER_RETRY_MAX);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the migration journal yet");
+                }
             }
         }
     }

@@ -255,27 +255,6 @@ impl Coordinator {
         Ok(())
     }
 
-    pub(crate) fn migrations_touching(
-        &self,
-        pred: impl Fn(&MigrationDoc) -> bool,
-    ) -> Result<usize, ApiError> {
-        Ok(self
-            .migrations()?
-            .iter()
-            .filter(|m| !m.record.phase.is_terminal())
-            .filter(|m| pred(m))
-            .count())
-    }
-
-    /// The site a host is in (None for a host removed since).
-    pub(crate) fn site_of(&self, host: &str) -> Option<String> {
-        self.store
-            .get::<Host>("hosts", host)
-            .ok()
-            .flatten()
-            .map(|h| h.site)
-    }
-
     /// Pre-checks, journals the migration as Planned and starts driving it.
     /// Test hook: `STAGEHAND_COORD_HOLD=<phase>:<file>` makes the driver stop right after
     /// journaling `<phase>`, create `<file>.held`, and go on once `<file>` exists (or

@@ -36,8 +36,26 @@ use super::{Backend, Batch, Expect, LeaderInfo, Member, Role, StoreError, StoreH
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 /// A linearizable read that takes longer falls back to the member's own copy.
 const READ_TIMEOUT: Duration = Duration::from_millis(1500);
-/// How often a follower looks for a vacant leader key.
+/// How long a follower waits before campaigning again when it cannot watch the
+/// leader key (otherwise it watches the key and campaigns as soon as it is deleted).
 const CAMPAIGN_POLL: Duration = Duration::from_millis(100);
+
+/// Keys per page when listing a table.
+const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range of every key starting with `prefix` (etcd's
+/// `range_end`): the prefix with its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the key space.
+    vec![0]
+}
 
 /// TLS to etcd: its CA and, for client-certificate auth, our certificate and key.
 #[derive(Debug, Clone)]
@@ -364,6 +382,71 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Every record under `prefix`, in key order, read in pages of `LIST_PAGE` keys
+    /// at the first page's revision (one consistent snapshot): a whole table in one
+    /// response would exceed the client's 4 MiB message limit at about 10,000 VMs,
+    /// and a huge range is costly for etcd too. Linearizable, falling back to the
+    /// member's own copy as [`EtcdStore::read`] does.
+    async fn read_prefix(
+        pool: Arc<Pool>,
+        prefix: String,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        match Self::pages(&pool, &prefix, false, READ_TIMEOUT).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "linearizable listing failed; reading a member's copy");
+                Self::pages(&pool, &prefix, true, OP_TIMEOUT).await
+            }
+        }
+    }
+
+    async fn pages(
+        pool: &Pool,
+        prefix: &str,
+        serializable: bool,
+        d: Duration,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            if serializable {
+                opts = opts.with_serializable();
+            }
+            let key = from.clone();
+            let resp = pool
+                .call(d, "reading from etcd", move |mut c| {
+                    let key = key.clone();
+                    let opts = opts.clone();
+                    async move { c.get(key, Some(opts)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let kvs = resp.kvs();
+            out.extend(
+                kvs.iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+            );
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    // The next page starts right after the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
     fn current_guard(&self) -> Option<i64> {
         *self.guard.lock().expect("the guard lock is never poisoned")
     }
@@ -387,11 +470,7 @@ impl Backend for EtcdStore {
         let prefix = format!("{}/", self.data_key(table, "")?.trim_end_matches('/'));
         let kvs = block_on(
             &self.handle,
-            Self::read(
-                Arc::clone(&self.pool),
-                prefix.clone(),
-                GetOptions::new().with_prefix(),
-            ),
+            Self::read_prefix(Arc::clone(&self.pool), prefix.clone()),
         )?;
         // etcd returns keys in byte order, as RocksDB iterates them.
         Ok(kvs
@@ -601,6 +680,43 @@ impl Election {
         });
     }
 
+    /// Returns when the leader key is deleted after revision `seen`, or after `limit`.
+    /// A watch that cannot be set up (no member answers, the revision was compacted)
+    /// costs one `CAMPAIGN_POLL` instead: the caller campaigns again either way.
+    async fn wait_vacancy(&self, seen: i64, limit: Duration) {
+        let key = self.key.clone();
+        let watch = async {
+            let mut stream = self
+                .pool
+                .call(OP_TIMEOUT, "watching the leader key", |mut c| {
+                    let key = key.clone();
+                    async move {
+                        c.watch(key, Some(WatchOptions::new().with_start_revision(seen + 1)))
+                            .await
+                    }
+                })
+                .await?;
+            while let Some(resp) = stream.message().await.map_err(unavailable)? {
+                if resp.canceled()
+                    || resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == etcd_client::EventType::Delete)
+                {
+                    return Ok(());
+                }
+            }
+            Ok::<(), StoreError>(())
+        };
+        match tokio::time::timeout(limit.max(CAMPAIGN_POLL), watch).await {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "election: cannot watch the leader key");
+                tokio::time::sleep(CAMPAIGN_POLL).await;
+            }
+        }
+    }
+
     /// One lease: campaign on it, lead while it lives, step down; Err when etcd fails.
     async fn term(&self) -> Result<(), StoreError> {
         let ttl_secs = self.ttl_secs;
@@ -657,7 +773,11 @@ impl Election {
                 _ => None,
             });
             self.publish(Role::Follower(current));
-            tokio::time::sleep(CAMPAIGN_POLL).await;
+            // Wait for the key to go (its lease expired or was revoked), at most until
+            // our own lease needs its keep-alive: no polling while a leader lives.
+            let seen = resp.header().map(|h| h.revision()).unwrap_or(0);
+            self.wait_vacancy(seen, interval.saturating_sub(last_kept.elapsed()))
+                .await;
             if last_kept.elapsed() >= interval {
                 let sent = Instant::now();
                 if keep_alive(&self.pool, lease, interval).await? <= 0 {
@@ -700,5 +820,17 @@ impl Election {
             )
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/stagehand/data/vms/"), b"/stagehand/data/vms0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

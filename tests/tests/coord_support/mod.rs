@@ -1,7 +1,14 @@
 //! A loopback cluster for the coordinator tests: one stagehand-nbd, two
 //! stagehand-agents (siteA, siteB), `coord serve`, and the `coord` CLI. Every process
 //! is killed on drop; every wait is bounded.
+//!
+//! The coordinator keeps its state in RocksDB under the cluster directory, or - with
+//! `STAGEHAND_TEST_STORE=etcd` - in a three-member etcd on loopback that the fixture
+//! starts (`make test-coord-etcd` runs the coordinator suites that way): the same
+//! tests then check the same behaviour on the replicated store.
 #![allow(dead_code)]
+
+pub mod etcd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,6 +126,14 @@ pub struct Cluster {
     pub guest: PathBuf,
     /// `--store` of the coordinators when not RocksDB in coord-data (etcd tests).
     pub store: Option<String>,
+    /// The etcd cluster behind `store` when the fixture started one.
+    pub etcd: Option<etcd::Etcd>,
+}
+
+/// The store the coordinator suites run on: `STAGEHAND_TEST_STORE=etcd` selects a
+/// fixture-started etcd, anything else (or nothing) RocksDB.
+pub fn etcd_requested() -> bool {
+    std::env::var("STAGEHAND_TEST_STORE").is_ok_and(|v| v == "etcd")
 }
 
 pub fn spawn(
@@ -226,7 +241,7 @@ impl Cluster {
             });
         }
         let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
-        Cluster {
+        let mut c = Cluster {
             dir,
             nbd: Node {
                 proc: nbd,
@@ -238,6 +253,34 @@ impl Cluster {
             coord_api: format!("127.0.0.1:{}", free_port()),
             guest,
             store: None,
+            etcd: None,
+        };
+        if etcd_requested() {
+            c.start_etcd();
+        }
+        c
+    }
+
+    /// Starts a three-member etcd on loopback in the cluster directory; coordinators
+    /// started from now on keep their state there.
+    pub fn start_etcd(&mut self) {
+        assert!(
+            stagehand_tests::have_tool("etcd"),
+            "STAGEHAND_TEST_STORE=etcd but etcd is not installed (run `make deps`)"
+        );
+        let dir = self.dir.path().join("etcd");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let e = etcd::Etcd::start(&dir, 3);
+        self.store = Some(e.store_uri());
+        self.etcd = Some(e);
+    }
+
+    /// "etcd" or "rocksdb": the store kind `coord status` should report.
+    pub fn store_kind(&self) -> &'static str {
+        if self.store.is_some() {
+            "etcd"
+        } else {
+            "rocksdb"
         }
     }
 
@@ -258,6 +301,14 @@ impl Cluster {
             "--api-token".into(),
             TOKEN.into(),
         ];
+        if let Some(store) = &self.store {
+            args.extend([
+                "--store".into(),
+                store.clone(),
+                "--name".into(),
+                "coord".into(),
+            ]);
+        }
         args.extend(flags.iter().map(|f| f.to_string()));
         let mut p = spawn(
             &bin("coord", "coordinator"),
@@ -271,7 +322,69 @@ impl Cluster {
             None,
             &mut p,
         );
+        if self.store.is_some() {
+            // On etcd it leads only once the lease of a killed predecessor has run
+            // out (up to the election TTL): wait, so that writes are accepted.
+            self.wait_leading(&mut p);
+        }
         self.coord = Some(p);
+    }
+
+    /// Starts one of several `coord serve` processes sharing the cluster's etcd store
+    /// (`start_etcd` first), named `name`, its API at `api`; waits for its health only
+    /// (it may follow).
+    pub fn start_named_coord(&self, name: &str, api: &str, env: &[(&str, &str)]) -> Proc {
+        let store = self
+            .store
+            .as_deref()
+            .expect("start_named_coord needs the etcd store (Cluster::start_etcd)");
+        let d = self.dir.path();
+        let n = std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+        let args: Vec<String> = [
+            "serve",
+            "--api",
+            api,
+            "--store",
+            store,
+            "--name",
+            name,
+            "--data-dir",
+            &d.join("coord-data").display().to_string(),
+            "--api-token",
+            TOKEN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut p = spawn(
+            &bin("coord", "coordinator"),
+            &args,
+            "coord serve",
+            &d.join(format!("{name}-{n}.log")),
+            env,
+        );
+        wait_health(&format!("http://{api}/v1/health"), None, &mut p);
+        p
+    }
+
+    /// Waits (bounded) until the coordinator at `coord_api` says it leads.
+    fn wait_leading(&self, p: &mut Proc) {
+        let url = format!("http://{}/v1/status", self.coord_api);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("{} exited before leading: {status}", p.name);
+            }
+            let (code, v) = self.get(&url);
+            if code == 200 && v["coordinator"]["role"] == "leader" {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the coordinator on etcd did not lead within 30 s: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs `coord ARGS --json` with the cluster token; returns (success, stdout JSON or
@@ -580,6 +693,25 @@ impl Cluster {
         assert_eq!(code, 200, "resume {vm}: {v}");
         assert!(acked > 0, "the guest acknowledged no write: {check:?}");
         acked
+    }
+
+    /// Exactly one running copy of `vm`, on its recorded host, which holds the lease at
+    /// the recorded epoch; the disk-writer guest's disk and RAM check out.
+    pub fn assert_one_copy(&self, vm: &str, what: &str) {
+        let export = format!("{vm}-disk0");
+        let shown = self.ok(&["vm", "show", vm]);
+        let host = shown["host"].as_str().unwrap_or("").to_owned();
+        assert_eq!(
+            self.running_on(vm),
+            vec![host.as_str()],
+            "{what}: one copy on {host}"
+        );
+        let (holder, epoch) = self.lease(&export);
+        assert_eq!(holder, host, "{what}: the running host holds the lease");
+        assert_eq!(shown["disks"][0]["epoch"], epoch, "{what}: recorded epoch");
+        assert_eq!(shown["state"], "running", "{what}");
+        let idx = if host == HOSTS[0] { 0 } else { 1 };
+        self.check_disk_writer(idx, vm, &export);
     }
 
     /// Polls `probe` until it yields a value (bounded; panics naming `what`).
