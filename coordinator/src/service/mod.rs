@@ -15,6 +15,7 @@
 //! it resumes. See docs/coordinator.md.
 
 mod executor;
+mod geo;
 mod inventory;
 mod leadership;
 mod recovery;
@@ -333,12 +334,25 @@ impl Coordinator {
     /// up in logs); `nbds://` when the coordinator runs with TLS (the agent connects
     /// with its own client certificate).
     pub(crate) fn disk_specs(&self, vm: &Vm) -> Result<Vec<Value>, ApiError> {
+        self.specs_of(&vm.disks)
+    }
+
+    /// The disk specs for the target host: the target site's copies of moved disks.
+    pub(crate) fn target_disk_specs(
+        &self,
+        vm: &Vm,
+        plan: Option<&DiskMovePlan>,
+    ) -> Result<Vec<Value>, ApiError> {
+        self.specs_of(&Self::target_disks(vm, plan))
+    }
+
+    fn specs_of(&self, disks: &[Disk]) -> Result<Vec<Value>, ApiError> {
         let scheme = if self.cfg.tls.is_some() {
             "nbds"
         } else {
             "nbd"
         };
-        vm.disks
+        disks
             .iter()
             .map(|d| {
                 let s = self.storage(&d.storage)?;
