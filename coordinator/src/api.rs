@@ -342,6 +342,19 @@ pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> V
         "agent_migration": m.agent_migration, "created_ms": m.created_ms,
         "finished_ms": m.finished_ms, "error": m.error,
     });
+    if let Some(p) = &m.disk_move {
+        // Where the disks go (never their tokens).
+        v["disk_dirty_bytes"] = json!(f.disk_dirty_bytes);
+        v["disk_total_bytes"] = json!(f.disk_total_bytes);
+        v["mirror_state"] = json!(f.mirror_state);
+        v["disk_move"] = json!({
+            "disks": p.disks.iter().map(|d| json!({
+                "index": d.index, "storage": d.replica.storage, "export": d.replica.export,
+                "mirror": d.mirror,
+            })).collect::<Vec<_>>(),
+            "write_blocking": p.write_blocking, "completed": p.completed, "cleaned": p.cleaned,
+        });
+    }
     if let Some(j) = journal {
         v["journal"] = json!(j);
     }

@@ -189,6 +189,9 @@ pub struct DiskMovePlan {
     /// are deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub old_disks: Vec<Disk>,
+    /// The migration ended and the copy it left unused is gone.
+    #[serde(default)]
+    pub cleaned: bool,
 }
 
 /// A migration as stored: the pure state machine's record plus what the shell needs.

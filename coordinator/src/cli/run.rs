@@ -233,6 +233,8 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                         ("STATE", "/state"),
                         ("TOTAL MS", "/total_ms"),
                         ("DOWNTIME MS", "/downtime_ms"),
+                        ("DISK COPIED", "/disk_bytes"),
+                        ("DISK DIRTY", "/disk_dirty_bytes"),
                     ],
                 )
             });
@@ -309,10 +311,19 @@ async fn follow(c: &Client, id: &str, bar: bool, limit: Duration) -> Result<Valu
             .call(reqwest::Method::GET, &format!("/v1/migrations/{id}"), None)
             .await?;
         if let Some(pb) = &pb {
-            let total = m["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
-            pb.set_length(total);
-            pb.set_position(m["memory_bytes"].as_u64().unwrap_or(0).min(total));
-            pb.set_message(format!("{} pass {}", s(&m["state"]), s(&m["passes"])));
+            if m["state"] == "mirroring" {
+                // The disk first: its bytes until the mirror is synced.
+                let total = m["disk_total_bytes"].as_u64().unwrap_or(0).max(1);
+                let dirty = m["disk_dirty_bytes"].as_u64().unwrap_or(0).min(total);
+                pb.set_length(total);
+                pb.set_position(total - dirty);
+                pb.set_message(format!("disk {}", s(&m["mirror_state"])));
+            } else {
+                let total = m["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
+                pb.set_length(total);
+                pb.set_position(m["memory_bytes"].as_u64().unwrap_or(0).min(total));
+                pb.set_message(format!("{} pass {}", s(&m["state"]), s(&m["passes"])));
+            }
             pb.tick();
         }
         let done = matches!(

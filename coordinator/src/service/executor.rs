@@ -143,6 +143,22 @@ impl Coordinator {
                 format!("VM {} is already migrating ({m}).", vm.name),
             ));
         }
+        // The last geographic migration deletes the disk copy it left unused right
+        // after it ended; a new one must not create its copy before that.
+        if let Some(m) = self
+            .migrations()?
+            .iter()
+            .find(|m| m.record.vm == vm.name && m.disk_move.as_ref().is_some_and(|p| !p.cleaned))
+            && m.record.phase.is_terminal()
+        {
+            return Err(ApiError::conflict(
+                "cleanup_pending",
+                format!(
+                    "Migration {} of {} still deletes the disk copy it left unused; try again in a few seconds.",
+                    m.record.id, vm.name
+                ),
+            ));
+        }
         if vm.state != VmState::Running {
             return Err(ApiError::conflict(
                 "vm_not_running",
@@ -449,6 +465,14 @@ impl Coordinator {
             match flow {
                 Flow::Continue => {}
                 Flow::Done => {
+                    if let Some(p) = run.doc.disk_move.as_mut()
+                        && !p.cleaned
+                    {
+                        p.cleaned = true;
+                        if let Err(e) = self.store.put("migrations", id, &run.doc) {
+                            tracing::warn!(migration = %id, error = %e, "recording the cleanup");
+                        }
+                    }
                     tracing::info!(migration = %id, phase = run.doc.record.phase.name(), "migration ended");
                     return;
                 }

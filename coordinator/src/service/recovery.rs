@@ -14,7 +14,11 @@ impl Coordinator {
         let pending: Vec<String> = self
             .migrations()?
             .into_iter()
-            .filter(|m| !m.record.phase.is_terminal())
+            // A geographic migration also until its unused disk copy is deleted (the
+            // coordinator may have died between the end and the cleanup).
+            .filter(|m| {
+                !m.record.phase.is_terminal() || m.disk_move.as_ref().is_some_and(|p| !p.cleaned)
+            })
             .map(|m| m.record.id)
             .collect();
         for id in &pending {
