@@ -846,7 +846,11 @@ impl Coordinator {
                         run.doc.figures.downtime_ms = p.elapsed().as_millis() as u64;
                     }
                 } else {
-                    run.doc.figures.total_ms = total(&run.doc);
+                    run.doc.figures.total_ms = if run.doc.disk_move.is_some() {
+                        now_ms().saturating_sub(run.doc.created_ms)
+                    } else {
+                        total(&run.doc)
+                    };
                 }
                 self.record_step(run, event, true).await
             }
@@ -1052,7 +1056,13 @@ impl Coordinator {
 }
 
 fn copy_figures(doc: &mut MigrationDoc, m: &AgentMigration) {
-    doc.figures.total_ms = m.total_ms.round() as u64;
+    if doc.disk_move.is_none() {
+        doc.figures.total_ms = m.total_ms.round() as u64;
+    } else if !doc.record.phase.is_terminal() {
+        // A geographic migration's total includes the disk copy before the agents'
+        // migration started: the coordinator's wall time.
+        doc.figures.total_ms = now_ms().saturating_sub(doc.created_ms);
+    }
     doc.figures.downtime_ms = m.downtime_ms.round() as u64;
     doc.figures.memory_bytes = m.ram_transferred_bytes as u64;
     doc.figures.memory_total_bytes = m.total_bytes as u64;
