@@ -247,6 +247,8 @@ pub struct MirrorInfo {
     #[serde(default)]
     pub dirty_bytes: u64,
     #[serde(default)]
+    pub rate_mib_s: f64,
+    #[serde(default)]
     pub error: Option<String>,
 }
 

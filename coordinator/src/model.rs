@@ -215,6 +215,31 @@ pub struct MigrationDoc {
     pub disk_move: Option<DiskMovePlan>,
 }
 
+/// A VM's continuous replication to another site (`coord replicate`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replication {
+    pub vm: String,
+    pub to_site: String,
+    pub disks: Vec<ReplicaDisk>,
+    /// `starting` (stored before the calls) or `running`.
+    pub state: String,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One replicated disk: the VM's export on `storage`, its replica (same export name)
+/// on `target`, leased to the mirror job at `epoch`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaDisk {
+    pub storage: String,
+    pub export: String,
+    pub target: String,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+}
+
 /// One journal entry: a phase as it was made durable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JournalEntry {

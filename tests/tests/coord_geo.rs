@@ -340,6 +340,34 @@ fn geo_migration_there_and_back_then_killed_at_each_phase() {
         None,
         "site B's old copy is gone"
     );
+
+    // Continuous replication to site B: a background mirror job the coordinator
+    // tracks; its lag is the job's dirty bytes.
+    let r = g.c.ok(&["replicate", "vm7", "--to", "siteB"]);
+    assert_eq!(r["vm"], "vm7", "{r}");
+    let listed =
+        g.c.wait_for("the replica to be in sync", Duration::from_secs(60), |c| {
+            let v = c.ok(&["replicate", "list"]);
+            (v[0]["state"] == "synced").then_some(v)
+        });
+    eprintln!(
+        "replication: {} B copied, lag {} B",
+        listed[0]["bytes_copied"], listed[0]["lag_bytes"]
+    );
+    assert!(
+        listed[0]["bytes_copied"].as_u64().unwrap_or(0) > 0,
+        "{listed}"
+    );
+    assert_eq!(
+        g.lease_on(1, "vm7-disk0").map(|l| l.0),
+        Some("coord-replica".to_owned()),
+        "the replica is leased to its mirror job"
+    );
+    let err = g.c.fails(&["migrate", "vm7", "--to", "siteB"]);
+    assert!(err.contains("vm_replicating"), "{err}");
+    g.c.ok(&["replicate", "stop", "vm7"]);
+    assert_eq!(g.c.ok(&["replicate", "list"]), serde_json::json!([]));
+    assert_eq!(g.lease_on(1, "vm7-disk0"), None, "the replica is deleted");
     g.c.ok(&["vm", "delete", "vm7"]);
 
     // The coordinator killed right after journaling each phase of a geographic

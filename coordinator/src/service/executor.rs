@@ -143,6 +143,16 @@ impl Coordinator {
                 format!("VM {} is already migrating ({m}).", vm.name),
             ));
         }
+        if let Some(r) = self.replication(&vm.name)? {
+            // Its mirror jobs would be cancelled by this migration's.
+            return Err(ApiError::conflict(
+                "vm_replicating",
+                format!(
+                    "VM {} replicates to site {}; `coord replicate stop {}` first.",
+                    vm.name, r.to_site, vm.name
+                ),
+            ));
+        }
         // The last geographic migration deletes the disk copy it left unused right
         // after it ended; a new one must not create its copy before that.
         if let Some(m) = self

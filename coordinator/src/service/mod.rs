@@ -19,6 +19,7 @@ mod geo;
 mod inventory;
 mod leadership;
 mod recovery;
+mod replication;
 mod vms;
 
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use stagehand_common::secret::Secret;
+
+pub use replication::ReplicateRequest;
 
 use crate::daemons::{AgentClient, DaemonClient, StorageClient};
 use crate::error::ApiError;
