@@ -225,6 +225,11 @@ impl Coordinator {
             }
             let lease = match dsc.fence(&m.replica.export, epoch, MIRROR_HOLDER).await {
                 Ok(l) => l,
+                // The name had a higher epoch before (a replica since deleted keeps its
+                // floor): retried, each time under a newer epoch, until above it.
+                Err(e) if e.code() == Some("stale_epoch") => {
+                    return Err(ApiError::daemon("leasing the target site's copy", &e));
+                }
                 Err(e) => return refused("leasing the target site's copy to the mirror", &e),
             };
             // A job an earlier attempt started (its id never recorded) pushes under an
