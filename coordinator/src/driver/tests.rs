@@ -1068,13 +1068,12 @@ fn geo_operator_hold_is_not_lifted_for_the_disk() {
     );
 }
 
-/// A toy two-site cluster for the disk-move liveness property: each site's storage
-/// holds one copy with its own lease.
+/// A toy two-site cluster for the disk-move liveness property: the agents behave as in
+/// [`World`] (which it wraps), and each site's storage holds one copy of the disk with
+/// its own lease.
 #[derive(Debug)]
 struct GeoWorld {
-    source: VmPresence,
-    target: VmPresence,
-    migration: SourceMigration,
+    base: World,
     /// The source copy's lease (None once deleted) and the tokens the VM record holds.
     src_copy: Option<(u64, String)>,
     src_tokens: Option<(u64, String)>,
@@ -1084,16 +1083,12 @@ struct GeoWorld {
     mirror: MirrorJob,
     write_blocking: bool,
     held: bool,
-    cancel: CancelRequest,
-    target_dead: bool,
 }
 
 impl GeoWorld {
     fn new() -> Self {
         GeoWorld {
-            source: V::Running,
-            target: V::Absent,
-            migration: S::NotStarted,
+            base: World::new(),
             src_copy: Some((4, SRC.into())),
             src_tokens: Some((4, SRC.into())),
             replica: None,
@@ -1101,8 +1096,6 @@ impl GeoWorld {
             mirror: MirrorJob::NotStarted,
             write_blocking: false,
             held: true,
-            cancel: CancelRequest::None,
-            target_dead: false,
         }
     }
 
@@ -1120,52 +1113,36 @@ impl GeoWorld {
             _ => false,
         };
         Observation {
-            source: self.source,
-            target: self.target,
-            source_migration: self.migration.clone(),
             storage_epoch,
             storage_holder,
             tokens: self.src_tokens.clone().or(self.replica_tokens.clone()),
-            cancel: self.cancel,
             disk_move: Some(DiskMove {
                 mirror: self.mirror.clone(),
                 write_blocking: self.write_blocking,
                 held_for_disks: self.held,
                 leftover,
             }),
+            ..self.base.observe()
         }
     }
 
     fn disturb(&mut self, kind: u8) {
         match kind {
-            3 if self.migration == S::Active => self.migration = S::Quiesced,
-            4 if self.migration == S::Active => {
-                self.migration = S::Failed("stream".into());
-                self.source = V::Running;
-                self.target = V::Absent;
-            }
-            5 if self.target == V::InMigration => self.target_dead = true,
-            6 if self.migration == S::Quiesced && self.target_dead => {
-                self.migration = S::Failed("switchover_timeout".into());
-                self.source = V::Paused;
-                self.target = V::Absent;
-            }
-            7 if self.cancel == CancelRequest::Sent => self.cancel = CancelRequest::None,
             // The mirror's target refused writes (or its node restarted).
             8 if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Synced) => {
                 self.mirror = MirrorJob::Failed("EPERM".into())
             }
-            9 if self.mirror == MirrorJob::Synced || self.mirror == MirrorJob::Copying => {
+            9 if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Synced) => {
                 self.mirror = MirrorJob::Unknown
             }
+            3..=7 => self.base.disturb(kind),
             _ => {
-                match self.mirror {
-                    MirrorJob::Copying | MirrorJob::Unknown => self.mirror = MirrorJob::Synced,
-                    _ => {}
+                if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Unknown) {
+                    self.mirror = MirrorJob::Synced;
                 }
-                // A held switchover waits; the hold is lifted by the driver.
-                if self.migration == S::Active && !self.held {
-                    self.migration = S::Quiesced;
+                // A held switchover waits; the driver lifts the hold.
+                if !self.held {
+                    self.base.disturb(kind);
                 }
             }
         }
@@ -1173,7 +1150,6 @@ impl GeoWorld {
 
     fn act(&mut self, r: &mut MigrationRecord, a: &Action, outcome: u8) {
         match a {
-            Action::Wait { .. } | Action::Done => {}
             Action::StartMirror { epoch } => {
                 r.apply(Event::MirrorIntent { epoch: *epoch }).unwrap();
                 match outcome {
@@ -1192,35 +1168,10 @@ impl GeoWorld {
             Action::MirrorWriteBlocking => self.write_blocking = true,
             Action::ReleaseHold => self.held = false,
             Action::CompleteMirror => {
-                if outcome < 2 {
-                    self.mirror = MirrorJob::Completed;
-                } else {
-                    self.mirror = MirrorJob::Failed("drain".into());
+                self.mirror = match outcome {
+                    0 | 1 => MirrorJob::Completed,
+                    _ => MirrorJob::Failed("drain".into()),
                 }
-            }
-            Action::StartSourceMigration => {
-                self.migration = S::Active;
-                self.source = V::InMigration;
-                self.target = V::InMigration;
-                self.target_dead = false;
-                r.apply(Event::Started).unwrap();
-            }
-            Action::CancelSourceMigration => {
-                self.cancel = CancelRequest::Sent;
-                if matches!(self.migration, S::Active | S::Quiesced) {
-                    self.migration = S::Cancelled;
-                    self.source = V::Running;
-                    self.target = V::Absent;
-                }
-            }
-            Action::AbortSourceMigration => {
-                if self.migration == S::Quiesced {
-                    self.migration = S::Failed("aborted".into());
-                    self.source = V::Paused;
-                }
-            }
-            Action::Journal(ev) => {
-                r.apply(ev.clone()).unwrap();
             }
             Action::Fence { to, epoch } => {
                 match to {
@@ -1252,28 +1203,6 @@ impl GeoWorld {
                     .unwrap();
                 }
             }
-            Action::GoAhead => {
-                let ok = !self.target_dead && self.cancel == CancelRequest::None;
-                if ok {
-                    self.target = V::Running;
-                    self.source = V::Absent;
-                    self.migration = S::Completed;
-                    r.apply(Event::TargetRunning).unwrap();
-                } else {
-                    if self.cancel == CancelRequest::None {
-                        self.migration = S::Failed("target gone".into());
-                        self.source = V::Paused;
-                        self.target = V::Absent;
-                    }
-                    r.apply(Event::RollbackDecided {
-                        reason: "go-ahead".into(),
-                    })
-                    .unwrap();
-                }
-            }
-            Action::DiscardTarget => self.target = V::Absent,
-            Action::DiscardSource => self.source = V::Absent,
-            Action::ResumeSource { .. } => self.source = V::Running,
             Action::DropLeftoverCopy => match r.phase {
                 Phase::Committed { .. } => self.src_copy = None,
                 _ => {
@@ -1282,6 +1211,8 @@ impl GeoWorld {
                     self.mirror = MirrorJob::NotStarted;
                 }
             },
+            // The agents' side is the shared-storage world's.
+            _ => self.base.act(r, a, outcome),
         }
     }
 }
@@ -1301,8 +1232,8 @@ proptest! {
         let mut chaos = chaos.into_iter();
         let mut fenced: Vec<u64> = Vec::new();
         for step in 0..400 {
-            if Some(step) == cancel_at && w.cancel == CancelRequest::None {
-                w.cancel = CancelRequest::Requested;
+            if Some(step) == cancel_at && w.base.cancel == CancelRequest::None {
+                w.base.cancel = CancelRequest::Requested;
             }
             let (kind, outcome) = chaos.next().unwrap_or((0, 0));
             w.disturb(kind);
@@ -1314,7 +1245,7 @@ proptest! {
             }
             if a == Action::Done {
                 prop_assert!(r.phase.is_terminal());
-                let running: Vec<&str> = [(SRC, w.source), (DST, w.target)]
+                let running: Vec<&str> = [(SRC, w.base.source), (DST, w.base.target)]
                     .iter()
                     .filter(|(_, p)| *p == V::Running)
                     .map(|(h, _)| *h)
