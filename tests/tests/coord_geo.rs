@@ -172,24 +172,7 @@ impl Geo {
                 &n.nbd,
             ]);
         }
-        for (i, (host, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
-            .iter()
-            .enumerate()
-        {
-            c.ok(&[
-                "host",
-                "add",
-                host,
-                "--site",
-                site,
-                "--api",
-                &format!("http://{}", c.agents[i].api),
-                "--migration",
-                &c.agents[i].migration,
-                "--memory",
-                "1G",
-            ]);
-        }
+        c.register_hosts();
         Some(Geo {
             c,
             other: node_b,
