@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -63,6 +63,11 @@ pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>, name: String) -> Rout
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/migrations/{id}/release", post(release_migration))
+        .route(
+            "/v1/replications",
+            get(list_replications).post(start_replication),
+        )
+        .route("/v1/replications/{vm}", delete(stop_replication))
         .layer(middleware::from_fn_with_state(coord, forward_writes))
         .layer(middleware::from_fn_with_state(auth, require_bearer));
     Router::new()
@@ -342,6 +347,19 @@ pub fn migration_view(m: &MigrationDoc, journal: Option<Vec<JournalEntry>>) -> V
         "agent_migration": m.agent_migration, "created_ms": m.created_ms,
         "finished_ms": m.finished_ms, "error": m.error,
     });
+    if let Some(p) = &m.disk_move {
+        // Where the disks go (never their tokens).
+        v["disk_dirty_bytes"] = json!(f.disk_dirty_bytes);
+        v["disk_total_bytes"] = json!(f.disk_total_bytes);
+        v["mirror_state"] = json!(f.mirror_state);
+        v["disk_move"] = json!({
+            "disks": p.disks.iter().map(|d| json!({
+                "index": d.index, "storage": d.replica.storage, "export": d.replica.export,
+                "mirror": d.mirror,
+            })).collect::<Vec<_>>(),
+            "write_blocking": p.write_blocking, "completed": p.completed, "cleaned": p.cleaned,
+        });
+    }
     if let Some(j) = journal {
         v["journal"] = json!(j);
     }
@@ -371,6 +389,23 @@ async fn migrate(
     let req: MigrateRequest = body(&raw)?;
     let m = st.coord.start_migration(req).await?;
     Ok((StatusCode::ACCEPTED, Json(migration_view(&m, None))))
+}
+
+async fn start_replication(
+    State(st): State<AppState>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: crate::service::ReplicateRequest = body(&raw)?;
+    let r = st.coord.start_replication(req).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn list_replications(State(st): State<AppState>) -> ApiResult<Vec<Value>> {
+    Ok(Json(st.coord.list_replications().await?))
+}
+
+async fn stop_replication(State(st): State<AppState>, Path(vm): Path<String>) -> ApiResult<Value> {
+    Ok(Json(st.coord.stop_replication(&vm).await?))
 }
 
 async fn cancel_migration(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Value> {

@@ -234,6 +234,108 @@ impl StorageClient {
     }
 }
 
+/// A mirror job as the source's storage node reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MirrorInfo {
+    pub id: String,
+    pub export: String,
+    pub state: String,
+    #[serde(default)]
+    pub bytes_copied: u64,
+    #[serde(default)]
+    pub bytes_zeroed: u64,
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    #[serde(default)]
+    pub rate_mib_s: f64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl MirrorInfo {
+    /// Still copying or following writes (not completed, failed or cancelled).
+    pub fn active(&self) -> bool {
+        matches!(self.state.as_str(), "copying" | "synced")
+    }
+}
+
+/// Where a mirror job pushes to. No `Debug`: it holds the lease token.
+pub struct MirrorTarget<'a> {
+    pub address: &'a str,
+    pub export: &'a str,
+    pub lease_token: &'a Secret,
+}
+
+impl StorageClient {
+    /// Starts a background mirror job pushing `export` to `target` (TLS as the node is
+    /// configured: its default).
+    pub async fn create_mirror(
+        &self,
+        export: &str,
+        target: &MirrorTarget<'_>,
+    ) -> Result<MirrorInfo, DaemonError> {
+        let body = json!({
+            "export": export,
+            "target": {
+                "address": target.address,
+                "export": target.export,
+                "lease_token": target.lease_token.expose(),
+            },
+            "mode": "background",
+        });
+        self.0
+            .json(reqwest::Method::POST, "/v1/mirrors", Some(&body))
+            .await
+    }
+
+    pub async fn mirrors(&self) -> Result<Vec<MirrorInfo>, DaemonError> {
+        self.0.json(reqwest::Method::GET, "/v1/mirrors", None).await
+    }
+
+    pub async fn mirror(&self, id: &str) -> Result<MirrorInfo, DaemonError> {
+        self.0
+            .json(reqwest::Method::GET, &format!("/v1/mirrors/{id}"), None)
+            .await
+    }
+
+    pub async fn mirror_mode(&self, id: &str, mode: &str) -> Result<(), DaemonError> {
+        self.0
+            .call::<Value>(
+                reqwest::Method::POST,
+                &format!("/v1/mirrors/{id}/mode"),
+                Some(&json!({ "mode": mode })),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Drains and completes the job; Ok(true) once completed, Ok(false) while it is
+    /// still draining after `timeout_s`.
+    pub async fn complete_mirror(&self, id: &str, timeout_s: u64) -> Result<bool, DaemonError> {
+        let m: Option<MirrorInfo> = self
+            .0
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/mirrors/{id}/complete?timeout_s={timeout_s}"),
+                None,
+            )
+            .await?;
+        Ok(m.is_some_and(|m| m.state == "completed"))
+    }
+
+    /// Cancels an active job (forgets an ended one); an unknown id counts as done.
+    pub async fn cancel_mirror(&self, id: &str) -> Result<(), DaemonError> {
+        match self
+            .0
+            .call::<Value>(reqwest::Method::DELETE, &format!("/v1/mirrors/{id}"), None)
+            .await
+        {
+            Err(e) if e.status() == Some(404) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct AgentVm {
     pub name: String,

@@ -19,6 +19,14 @@
 //!                                                                  Committed{e}     RolledBack{e'}  at e' > e
 //! ```
 //!
+//! A geographic migration (no storage node in the target's reach holds the disk) adds
+//! one phase before `Precopy`: `Mirroring{e}`, the intent to create the target site's
+//! copy and lease it to a mirror job at epoch `e`, journaled before the calls. Pre-copy
+//! starts once the mirror is synced; at the quiesce the mirror is completed and the
+//! fence retires the source copy (fenced to no writer) while it fences the target
+//! site's copy to the target host, both at the fence epoch. Epochs of both copies come
+//! from the one counter below, so neither storage node ever sees one reused.
+//!
 //! In the agents' coordinated switchover mode the source pauses and quiesces its disks
 //! (`Quiesced`) and waits for the coordinator's go-ahead; only then does the
 //! coordinator fence the disks to the target and hand the target the new lease
@@ -40,6 +48,13 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Phase {
     Planned,
+    /// Geographic migration (no storage in the target's reach holds the disk):
+    /// intent to create the disk on a storage node of the target site, lease it to the
+    /// mirror at `epoch` and start the mirror job; journaled before those calls. Stays
+    /// the phase while the mirror copies; the memory pre-copy starts once it is synced.
+    Mirroring {
+        epoch: u64,
+    },
     Precopy,
     Quiesced,
     /// Intent: fence the VM's disks to the target at `epoch`. Journaled before the call.
@@ -82,6 +97,7 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Planned => "planned",
+            Phase::Mirroring { .. } => "mirroring",
             Phase::Precopy => "precopy",
             Phase::Quiesced => "quiesced",
             Phase::Fencing { .. } => "fencing",
@@ -113,6 +129,12 @@ impl Phase {
 /// the phase to journal (see [`MigrationRecord::apply`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Geographic migration: the coordinator creates the target site's copy and leases
+    /// it to the mirror job at `epoch` (journaled before the calls; burnt whatever their
+    /// outcome, like a fence intent).
+    MirrorIntent {
+        epoch: u64,
+    },
     /// The source agent accepted the migration (its id is stored with the record).
     Started,
     /// The source paused and drained its disk I/O; it waits for the go-ahead.
@@ -214,13 +236,18 @@ impl MigrationRecord {
             }
         };
         let next = match (&self.phase, &event) {
-            (P::Planned, Event::Started) => P::Precopy,
+            // Again from `Mirroring`: the last intent's outcome is unknown (a restart).
+            (P::Planned | P::Mirroring { .. }, Event::MirrorIntent { epoch }) => P::Mirroring {
+                epoch: fresh(*epoch)?,
+            },
+            (P::Planned | P::Mirroring { .. }, Event::Started) => P::Precopy,
             (P::Precopy, Event::SourceQuiesced) => P::Quiesced,
             // A new intent from a quiesced source, again after an intent whose outcome is
             // unknown, or to adopt a target that runs without the coordinator.
             // (From a rollback only to adopt a target that runs as the lone copy.)
             (
                 P::Planned
+                | P::Mirroring { .. }
                 | P::Precopy
                 | P::Quiesced
                 | P::Fencing { .. }
@@ -238,7 +265,10 @@ impl MigrationRecord {
                 P::Fencing { .. } | P::Fenced { .. } | P::TargetRunning { .. },
                 Event::Commit { epoch },
             ) => P::Committed { epoch: *epoch },
-            (P::Planned | P::Precopy | P::Quiesced, Event::Abort { reason }) => P::Cancelled {
+            (
+                P::Planned | P::Mirroring { .. } | P::Precopy | P::Quiesced,
+                Event::Abort { reason },
+            ) => P::Cancelled {
                 reason: reason.clone(),
             },
             (P::Fencing { .. } | P::Fenced { .. }, Event::RollbackDecided { reason }) => {
@@ -267,7 +297,7 @@ impl MigrationRecord {
             },
             (phase, event) => return Err(invalid(phase, event)),
         };
-        if let P::Fencing { epoch } | P::RollingBack { epoch, .. } = next {
+        if let P::Fencing { epoch } | P::RollingBack { epoch, .. } | P::Mirroring { epoch } = next {
             self.highest_epoch = self.highest_epoch.max(epoch);
         }
         if matches!(event, Event::FenceIntent { .. }) {
@@ -349,6 +379,29 @@ mod tests {
                 reason: "target died".into()
             }
         );
+    }
+
+    #[test]
+    fn mirroring_burns_its_epoch_and_leads_to_precopy_or_cancel() {
+        let mut r = rec();
+        assert_eq!(
+            r.apply(Event::MirrorIntent { epoch: 5 }).unwrap(),
+            &Phase::Mirroring { epoch: 5 }
+        );
+        assert!(r.apply(Event::MirrorIntent { epoch: 5 }).is_err());
+        r.apply(Event::MirrorIntent { epoch: 6 }).unwrap();
+        assert!(!r.phase.past_fence_intent());
+        let mut cancelled = r.clone();
+        cancelled
+            .apply(Event::Abort { reason: "x".into() })
+            .unwrap();
+        assert!(cancelled.phase.is_terminal());
+        r.apply(Event::Started).unwrap();
+        r.apply(Event::SourceQuiesced).unwrap();
+        // The fence epoch goes above the mirror's.
+        assert!(r.apply(Event::FenceIntent { epoch: 6 }).is_err());
+        r.apply(Event::FenceIntent { epoch: 7 }).unwrap();
+        assert!(r.apply(Event::MirrorIntent { epoch: 8 }).is_err());
     }
 
     #[test]

@@ -146,6 +146,52 @@ pub struct MigrationFigures {
     /// Disk bytes copied: 0 on shared storage (no mirror).
     pub disk_bytes: u64,
     pub passes: u64,
+    /// Geographic migration: bytes the mirror still has to copy (dirty), the disks'
+    /// size, and the mirror's state as its storage node last reported it.
+    #[serde(default)]
+    pub disk_dirty_bytes: u64,
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_state: Option<String>,
+}
+
+/// One disk a geographic migration moves: the copy made on a storage node of the
+/// target site and the mirror job filling it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MovedDisk {
+    /// Index in the VM's `disks`.
+    pub index: usize,
+    /// The target site's copy. Its lease fields (and token) are the target host's once
+    /// the fence gave it the disk; before that they stay at the mirror's epoch with no
+    /// token (the mirror job holds it).
+    pub replica: Disk,
+    /// The mirror job's id on the source disk's storage node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+}
+
+/// What a geographic migration adds to its record (stored with it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DiskMovePlan {
+    pub disks: Vec<MovedDisk>,
+    /// The mirror was switched to write-blocking.
+    #[serde(default)]
+    pub write_blocking: bool,
+    /// The agent's migration was started with a hold for the disk's sake that has not
+    /// been lifted yet.
+    #[serde(default)]
+    pub disk_hold: bool,
+    /// Every mirror job drained and completed (the source was quiesced).
+    #[serde(default)]
+    pub completed: bool,
+    /// The VM's disks before the commit (the source site's copies), kept until they
+    /// are deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_disks: Vec<Disk>,
+    /// The migration ended and the copy it left unused is gone.
+    #[serde(default)]
+    pub cleaned: bool,
 }
 
 /// A migration as stored: the pure state machine's record plus what the shell needs.
@@ -164,6 +210,34 @@ pub struct MigrationDoc {
     pub finished_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Geographic migration: the disks it moves (None on shared storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_move: Option<DiskMovePlan>,
+}
+
+/// A VM's continuous replication to another site (`coord replicate`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replication {
+    pub vm: String,
+    pub to_site: String,
+    pub disks: Vec<ReplicaDisk>,
+    /// `starting` (stored before the calls) or `running`.
+    pub state: String,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One replicated disk: the VM's export on `storage`, its replica (same export name)
+/// on `target`, leased to the mirror job at `epoch`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaDisk {
+    pub storage: String,
+    pub export: String,
+    pub target: String,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
 }
 
 /// One journal entry: a phase as it was made durable.

@@ -74,6 +74,9 @@ pub enum Command {
     /// Migrations and their journal.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Continuous replication of a VM's disks to another site (background mirror
+    /// jobs: `replicate VM --to SITE`, `replicate list`, `replicate stop VM`).
+    Replicate(ReplicateArgs),
     /// Which coordinator leads and since when, this one's part, and the state store's
     /// kind, health and members.
     Status,
@@ -252,6 +255,26 @@ pub struct MigrateArgs {
     /// With --wait: give up waiting after this many seconds (the migration goes on).
     #[arg(long, default_value_t = 3600)]
     pub wait_timeout_s: u64,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ReplicateArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ReplicateCmd>,
+    /// The VM to replicate.
+    pub vm: Option<String>,
+    /// The site to replicate to (a storage node of that site gets the replica).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ReplicateCmd {
+    /// List replications: state, lag (bytes still to copy), consistency.
+    List,
+    /// Stop a VM's replication and delete its replica.
+    Stop { vm: String },
 }
 
 #[derive(Subcommand)]

@@ -139,10 +139,24 @@ pub(super) fn print_figures(m: &Value) {
         human_bytes(m["memory_bytes"].as_u64().unwrap_or(0)),
         s(&m["passes"])
     );
-    println!(
-        "  disk:      {} (shared storage: nothing copied)",
-        human_bytes(m["disk_bytes"].as_u64().unwrap_or(0))
-    );
+    match m["disk_move"]["disks"].as_array() {
+        Some(disks) => println!(
+            "  disk:      {} copied, {} dirty, {} in all, to {} (mirror {})",
+            human_bytes(m["disk_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(m["disk_dirty_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(m["disk_total_bytes"].as_u64().unwrap_or(0)),
+            disks
+                .iter()
+                .map(|d| format!("{}/{}", s(&d["storage"]), s(&d["export"])))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s(&m["mirror_state"])
+        ),
+        None => println!(
+            "  disk:      {} (shared storage: nothing copied)",
+            human_bytes(m["disk_bytes"].as_u64().unwrap_or(0))
+        ),
+    }
     if let Some(e) = m["error"].as_str() {
         println!("  error:     {e}");
     }

@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::output::{emit, list_table, print_figures, print_vm, s};
 use super::{
-    CertsCmd, Cli, CliError, Client, Command, HostCmd, MigrationCmd, SiteCmd, StorageCmd, VmCmd,
+    CertsCmd, Cli, CliError, Client, Command, HostCmd, MigrationCmd, ReplicateCmd, SiteCmd,
+    StorageCmd, VmCmd,
 };
 
 /// Runs one client verb. `serve` is handled by main.
@@ -220,6 +221,48 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                 });
             }
         }
+        Command::Replicate(a) => match (a.cmd, a.vm, a.to) {
+            (Some(ReplicateCmd::List), _, _) => {
+                let v = c.call(M::GET, "/v1/replications", None).await?;
+                emit(j, &v, |v| {
+                    list_table(
+                        v,
+                        &[
+                            ("VM", "/vm"),
+                            ("TO SITE", "/to_site"),
+                            ("STATE", "/state"),
+                            ("LAG BYTES", "/lag_bytes"),
+                            ("COPIED", "/bytes_copied"),
+                            ("CONSISTENT", "/consistent"),
+                            ("ERROR", "/error"),
+                        ],
+                    )
+                });
+            }
+            (Some(ReplicateCmd::Stop { vm }), _, _) => {
+                let v = c
+                    .call(M::DELETE, &format!("/v1/replications/{vm}"), None)
+                    .await?;
+                emit(j, &v, |_| {
+                    println!("replication of {vm} stopped; its replica was deleted")
+                });
+            }
+            (None, Some(vm), Some(to)) => {
+                let body = json!({"vm": vm, "to_site": to});
+                let v = c.call(M::POST, "/v1/replications", Some(body)).await?;
+                emit(j, &v, |v| {
+                    println!(
+                        "{vm} replicates to {to} ({}); follow with `coord replicate list`",
+                        s(&v["state"])
+                    )
+                });
+            }
+            _ => {
+                return Err(CliError::Local(
+                    "give `replicate VM --to SITE`, `replicate list` or `replicate stop VM`".into(),
+                ));
+            }
+        },
         Command::Migration(MigrationCmd::List) => {
             let v = c.call(M::GET, "/v1/migrations", None).await?;
             emit(j, &v, |v| {
@@ -233,6 +276,8 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                         ("STATE", "/state"),
                         ("TOTAL MS", "/total_ms"),
                         ("DOWNTIME MS", "/downtime_ms"),
+                        ("DISK COPIED", "/disk_bytes"),
+                        ("DISK DIRTY", "/disk_dirty_bytes"),
                     ],
                 )
             });
@@ -309,10 +354,19 @@ async fn follow(c: &Client, id: &str, bar: bool, limit: Duration) -> Result<Valu
             .call(reqwest::Method::GET, &format!("/v1/migrations/{id}"), None)
             .await?;
         if let Some(pb) = &pb {
-            let total = m["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
-            pb.set_length(total);
-            pb.set_position(m["memory_bytes"].as_u64().unwrap_or(0).min(total));
-            pb.set_message(format!("{} pass {}", s(&m["state"]), s(&m["passes"])));
+            if m["state"] == "mirroring" {
+                // The disk first: its bytes until the mirror is synced.
+                let total = m["disk_total_bytes"].as_u64().unwrap_or(0).max(1);
+                let dirty = m["disk_dirty_bytes"].as_u64().unwrap_or(0).min(total);
+                pb.set_length(total);
+                pb.set_position(total - dirty);
+                pb.set_message(format!("disk {}", s(&m["mirror_state"])));
+            } else {
+                let total = m["memory_total_bytes"].as_u64().unwrap_or(0).max(1);
+                pb.set_length(total);
+                pb.set_position(m["memory_bytes"].as_u64().unwrap_or(0).min(total));
+                pb.set_message(format!("{} pass {}", s(&m["state"]), s(&m["passes"])));
+            }
             pb.tick();
         }
         let done = matches!(

@@ -8,12 +8,20 @@
 //!
 //! | phase | observation | action |
 //! |---|---|---|
-//! | terminal | leftover copy | discard it, else `Done` |
+//! | terminal | leftover VM copy, else leftover disk copy | discard it, else `Done` |
 //! | any live | source agent silent | `Wait` |
 //! | any live | target runs, storage shows it holding a newer epoch | journal `TargetRunning` / `Commit` (roll forward) |
 //! | any live | target runs, source copy gone | fence to the target (adopt the lone copy) |
 //! | planned | cancel | abort before the fence |
+//! | planned, mirroring | disk move, no mirror job recorded | journal `MirrorIntent` at a new epoch, start the mirror |
+//! | mirroring | mirror copying, or its node silent | `Wait` |
+//! | mirroring | mirror failed | abort before the fence |
+//! | mirroring | mirror synced | start the agent migration (held) |
 //! | planned | no agent migration, source there | start the agent migration |
+//! | precopy (disk move) | moving memory, mirror failed | cancel the agent migration |
+//! | precopy (disk move) | moving memory, mirror not blocking | switch it to write-blocking |
+//! | precopy (disk move) | moving memory, held for the disk only | release the hold |
+//! | quiesced (disk move) | mirror not completed | complete it (failed: cancel the agent migration) |
 //! | precopy | moving memory | `Wait` (fast), or send a requested cancel |
 //! | precopy | quiesced | journal `Quiesced` |
 //! | quiesced | quiesced | fence to the target at a new epoch |
@@ -79,6 +87,37 @@ pub enum CancelRequest {
     Sent,
 }
 
+/// A geographic migration's mirror job(s), as the source's storage node reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorJob {
+    /// No job id is recorded (none was started, or the coordinator died before it
+    /// recorded one).
+    NotStarted,
+    Copying,
+    /// Caught up with the source once; follows its writes.
+    Synced,
+    /// Drained and flushed (recorded by the coordinator: the node may forget it).
+    Completed,
+    /// Failed, cancelled, or forgotten by a restarted storage node.
+    Failed(String),
+    /// The storage node does not answer.
+    Unknown,
+}
+
+/// What a geographic migration adds to an observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskMove {
+    pub mirror: MirrorJob,
+    /// The mirror acknowledges guest writes only once they are on both sides.
+    pub write_blocking: bool,
+    /// The agent's pre-copy still holds its switchover for the disk's sake only (the
+    /// operator did not ask for a hold, or released it).
+    pub held_for_disks: bool,
+    /// A terminal migration left a copy nobody uses: the target site's copy after a
+    /// cancel or rollback, the source's after a commit.
+    pub leftover: bool,
+}
+
 /// What the executor saw just before deciding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -92,6 +131,9 @@ pub struct Observation {
     /// (None when it holds none it can hand out).
     pub tokens: Option<(u64, String)>,
     pub cancel: CancelRequest,
+    /// None on shared storage. With a disk move, the storage fields above cover both
+    /// copies (the highest epoch; at a tie, the target site's copy).
+    pub disk_move: Option<DiskMove>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +179,22 @@ pub enum Action {
     ResumeSource {
         new_tokens: bool,
     },
+    /// Geographic: journal `MirrorIntent` at `epoch`, create the target site's copy,
+    /// lease it to the mirror job at `epoch`, start the job (background) and record its
+    /// id. A job an earlier attempt left is cancelled first.
+    StartMirror {
+        epoch: u64,
+    },
+    /// Switch the mirror to write-blocking (it then always converges).
+    MirrorWriteBlocking,
+    /// Lift the agent's switchover hold (taken while the mirror was not blocking).
+    ReleaseHold,
+    /// The source is quiesced: drain the mirror's last dirty blocks and record it
+    /// completed.
+    CompleteMirror,
+    /// Remove the copy a terminal migration left unused (see [`DiskMove::leftover`]),
+    /// cancelling its mirror job first.
+    DropLeftoverCopy,
     /// The migration is over and nothing is left to clean up.
     Done,
 }
@@ -194,7 +252,7 @@ pub fn next_action(rec: &MigrationRecord, obs: &Observation) -> Action {
         }
     }
     match phase {
-        Phase::Planned => planned(rec, obs),
+        Phase::Planned | Phase::Mirroring { .. } => planned(rec, obs),
         Phase::Precopy | Phase::Quiesced => before_fence(rec, obs),
         Phase::Fencing { epoch } | Phase::Fenced { epoch } => after_fence_intent(rec, obs, *epoch),
         Phase::TargetRunning { epoch } => Journal(Event::Commit { epoch: *epoch }),
@@ -205,14 +263,24 @@ pub fn next_action(rec: &MigrationRecord, obs: &Observation) -> Action {
 
 /// After a terminal phase: remove a copy the last steps may have left behind.
 fn cleanup(phase: &Phase, obs: &Observation) -> Action {
+    let leftover = obs.disk_move.as_ref().is_some_and(|d| d.leftover);
     match phase {
         Phase::Committed { .. } if obs.source.present() => Action::DiscardSource,
+        Phase::Committed { .. } if leftover && obs.source == VmPresence::Absent => {
+            Action::DropLeftoverCopy
+        }
         // Never the only running copy.
         Phase::Cancelled { .. } | Phase::RolledBack { .. }
             if obs.target.present()
                 && !(obs.target == VmPresence::Running && obs.source != VmPresence::Running) =>
         {
             Action::DiscardTarget
+        }
+        // The target site's copy goes once no copy of the VM there can use it.
+        Phase::Cancelled { .. } | Phase::RolledBack { .. }
+            if leftover && obs.target == VmPresence::Absent =>
+        {
+            Action::DropLeftoverCopy
         }
         _ => Action::Done,
     }
@@ -224,7 +292,10 @@ fn planned(rec: &MigrationRecord, obs: &Observation) -> Action {
     }
     match obs.source_migration {
         SourceMigration::NotStarted => match obs.source {
-            VmPresence::Running | VmPresence::Paused => Action::StartSourceMigration,
+            VmPresence::Running | VmPresence::Paused => match &obs.disk_move {
+                None => Action::StartSourceMigration,
+                Some(d) => mirror_first(rec, obs, d),
+            },
             // A migration whose id was never journaled (the coordinator died between
             // the call and the journal): it ends by itself (cancel or its switchover
             // timeout), then this one starts afresh.
@@ -236,12 +307,51 @@ fn planned(rec: &MigrationRecord, obs: &Observation) -> Action {
     }
 }
 
+/// Planned or Mirroring with a disk move, the source running: the disk is mirrored
+/// (and synced) before any memory moves.
+fn mirror_first(rec: &MigrationRecord, obs: &Observation, d: &DiskMove) -> Action {
+    match &d.mirror {
+        MirrorJob::NotStarted => Action::StartMirror {
+            epoch: rec.next_epoch(obs.storage_epoch),
+        },
+        // No mirror job is recorded before `Mirroring` is journaled.
+        _ if rec.phase == Phase::Planned => Action::StartMirror {
+            epoch: rec.next_epoch(obs.storage_epoch),
+        },
+        MirrorJob::Copying | MirrorJob::Unknown => Action::Wait { fast: false },
+        MirrorJob::Synced => Action::StartSourceMigration,
+        MirrorJob::Failed(reason) => {
+            abort_before_fence(obs, format!("the disk mirror failed: {reason}"))
+        }
+        // Only recorded at the quiesce; not before the memory moves.
+        MirrorJob::Completed => Action::StartSourceMigration,
+    }
+}
+
+/// Why the source's migration was cancelled: the operator, or a failed mirror.
+fn cancel_reason(obs: &Observation) -> String {
+    match &obs.disk_move {
+        Some(DiskMove {
+            mirror: MirrorJob::Failed(r),
+            ..
+        }) => format!("the disk mirror failed: {r}"),
+        _ => OPERATOR.into(),
+    }
+}
+
 /// Precopy and Quiesced: the source owns its disks; every failure ends with it running.
 fn before_fence(rec: &MigrationRecord, obs: &Observation) -> Action {
     use SourceMigration as S;
+    let mirror_failed = obs
+        .disk_move
+        .as_ref()
+        .is_some_and(|d| matches!(d.mirror, MirrorJob::Failed(_)));
     match &obs.source_migration {
-        S::Active => match obs.cancel {
-            CancelRequest::Requested => Action::CancelSourceMigration,
+        S::Active => match (obs.cancel, &obs.disk_move) {
+            (CancelRequest::Requested, _) => Action::CancelSourceMigration,
+            (CancelRequest::None, Some(_)) if mirror_failed => Action::CancelSourceMigration,
+            (CancelRequest::None, Some(d)) if !d.write_blocking => Action::MirrorWriteBlocking,
+            (CancelRequest::None, Some(d)) if d.held_for_disks => Action::ReleaseHold,
             _ => Action::Wait { fast: true },
         },
         S::Quiesced => match obs.cancel {
@@ -250,12 +360,17 @@ fn before_fence(rec: &MigrationRecord, obs: &Observation) -> Action {
             CancelRequest::None if rec.phase == Phase::Precopy => {
                 Action::Journal(Event::SourceQuiesced)
             }
-            CancelRequest::None => Action::Fence {
-                to: Side::Target,
-                epoch: rec.next_epoch(obs.storage_epoch),
+            CancelRequest::None => match &obs.disk_move {
+                Some(_) if mirror_failed => Action::CancelSourceMigration,
+                Some(d) if d.mirror == MirrorJob::Unknown => Action::Wait { fast: false },
+                Some(d) if d.mirror != MirrorJob::Completed => Action::CompleteMirror,
+                _ => Action::Fence {
+                    to: Side::Target,
+                    epoch: rec.next_epoch(obs.storage_epoch),
+                },
             },
         },
-        S::Cancelled => abort_before_fence(obs, OPERATOR.into()),
+        S::Cancelled => abort_before_fence(obs, cancel_reason(obs)),
         S::Failed(reason) => abort_before_fence(obs, format!("migration failed: {reason}")),
         S::Forgotten => abort_before_fence(
             obs,

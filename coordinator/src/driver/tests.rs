@@ -27,6 +27,7 @@ fn obs() -> Observation {
         storage_holder: Some(SRC.into()),
         tokens: Some((4, SRC.into())),
         cancel: CancelRequest::None,
+        disk_move: None,
     }
 }
 
@@ -405,6 +406,7 @@ fn a_running_target_with_the_lease_is_committed_from_any_fence_phase() {
         storage_holder: Some(DST.into()),
         tokens: Some((4, SRC.into())),
         cancel: CancelRequest::None,
+        disk_move: None,
     };
     for r in [at(&fencing(5)), at(&fenced(5))] {
         assert_eq!(
@@ -583,6 +585,7 @@ proptest! {
                 storage_holder: Some(if n.holder_is_target { DST.into() } else { storage.1.clone() }),
                 tokens: tokens.clone(),
                 cancel: n.cancel,
+                disk_move: None,
             };
             let past_intent = r.phase.past_fence_intent();
             let action = next_action(&r, &o);
@@ -653,6 +656,10 @@ proptest! {
                 Action::Done => prop_assert!(r.phase.is_terminal()),
                 Action::Wait { .. } | Action::AbortSourceMigration
                 | Action::DiscardTarget | Action::DiscardSource => {}
+                Action::StartMirror { .. } | Action::MirrorWriteBlocking | Action::ReleaseHold
+                | Action::CompleteMirror | Action::DropLeftoverCopy => {
+                    prop_assert!(false, "disk-move step {:?} on shared storage", action);
+                }
             }
         }
     }
@@ -733,6 +740,7 @@ impl World {
             storage_holder: Some(self.storage.1.clone()),
             tokens: self.tokens.clone(),
             cancel: self.cancel,
+            disk_move: None,
         }
     }
 
@@ -836,6 +844,429 @@ impl World {
             Action::DiscardTarget => self.target = V::Absent,
             Action::DiscardSource => self.source = V::Absent,
             Action::ResumeSource { .. } => self.source = V::Running,
+            Action::StartMirror { .. }
+            | Action::MirrorWriteBlocking
+            | Action::ReleaseHold
+            | Action::CompleteMirror
+            | Action::DropLeftoverCopy => panic!("disk-move step {a:?} on shared storage"),
         }
+    }
+}
+
+// ------------------------------------------------------------ geographic migration
+
+const RETIRED: &str = "coord-retired";
+const MIRROR: &str = "coord-mirror";
+
+fn geo(mirror: MirrorJob) -> Option<DiskMove> {
+    Some(DiskMove {
+        mirror,
+        write_blocking: false,
+        held_for_disks: true,
+        leftover: false,
+    })
+}
+
+fn geo_obs(mirror: MirrorJob) -> Observation {
+    Observation {
+        disk_move: geo(mirror),
+        ..obs()
+    }
+}
+
+#[test]
+fn geo_live_path_step_by_step() {
+    let mut r = rec();
+    // The disk first: a mirror under a new epoch, then memory once it is synced.
+    assert_eq!(
+        next_action(&r, &geo_obs(MirrorJob::NotStarted)),
+        Action::StartMirror { epoch: 5 }
+    );
+    r.apply(Event::MirrorIntent { epoch: 5 }).unwrap();
+    let copying = Observation {
+        storage_epoch: 5,
+        storage_holder: Some(MIRROR.into()),
+        ..geo_obs(MirrorJob::Copying)
+    };
+    assert_eq!(next_action(&r, &copying), Action::Wait { fast: false });
+    let synced = Observation {
+        disk_move: geo(MirrorJob::Synced),
+        ..copying.clone()
+    };
+    assert_eq!(next_action(&r, &synced), Action::StartSourceMigration);
+    r.apply(Event::Started).unwrap();
+    // Memory moves: the mirror blocks writes, then the hold is lifted.
+    let mut moving_geo = Observation {
+        disk_move: geo(MirrorJob::Synced),
+        ..moving()
+    };
+    assert_eq!(next_action(&r, &moving_geo), Action::MirrorWriteBlocking);
+    if let Some(d) = moving_geo.disk_move.as_mut() {
+        d.write_blocking = true;
+    }
+    assert_eq!(next_action(&r, &moving_geo), Action::ReleaseHold);
+    if let Some(d) = moving_geo.disk_move.as_mut() {
+        d.held_for_disks = false;
+    }
+    assert_eq!(next_action(&r, &moving_geo), Action::Wait { fast: true });
+    let mut q = Observation {
+        source_migration: S::Quiesced,
+        storage_epoch: 5,
+        storage_holder: Some(MIRROR.into()),
+        ..moving_geo
+    };
+    assert_eq!(next_action(&r, &q), Action::Journal(Event::SourceQuiesced));
+    r.apply(Event::SourceQuiesced).unwrap();
+    // The last dirty blocks before the fence.
+    assert_eq!(next_action(&r, &q), Action::CompleteMirror);
+    if let Some(d) = q.disk_move.as_mut() {
+        d.mirror = MirrorJob::Completed;
+    }
+    // Above the mirror's epoch.
+    assert_eq!(
+        next_action(&r, &q),
+        Action::Fence {
+            to: Side::Target,
+            epoch: 6
+        }
+    );
+    r.apply(Event::FenceIntent { epoch: 6 }).unwrap();
+    r.apply(Event::FenceConfirmed).unwrap();
+    let fenced_obs = Observation {
+        storage_epoch: 6,
+        storage_holder: Some(DST.into()),
+        tokens: Some((6, DST.into())),
+        ..q
+    };
+    assert_eq!(next_action(&r, &fenced_obs), Action::GoAhead);
+    let running = Observation {
+        source: V::Paused,
+        target: V::Running,
+        source_migration: S::Completed,
+        ..fenced_obs
+    };
+    assert_eq!(
+        next_action(&r, &running),
+        Action::Journal(Event::TargetRunning)
+    );
+    r.apply(Event::TargetRunning).unwrap();
+    r.apply(Event::Commit { epoch: 6 }).unwrap();
+    assert_eq!(next_action(&r, &running), Action::DiscardSource);
+    let mut gone = Observation {
+        source: V::Absent,
+        ..running
+    };
+    if let Some(d) = gone.disk_move.as_mut() {
+        d.leftover = true;
+    }
+    // The retired source copy goes once the commit is journaled.
+    assert_eq!(next_action(&r, &gone), Action::DropLeftoverCopy);
+    if let Some(d) = gone.disk_move.as_mut() {
+        d.leftover = false;
+    }
+    assert_eq!(next_action(&r, &gone), Action::Done);
+}
+
+#[test]
+fn geo_mirror_restarted_burns_its_epoch() {
+    // The coordinator died after the intent, before it recorded a job: a new intent.
+    let r = at(&[Event::MirrorIntent { epoch: 5 }]);
+    let o = Observation {
+        storage_epoch: 5,
+        storage_holder: Some(MIRROR.into()),
+        ..geo_obs(MirrorJob::NotStarted)
+    };
+    assert_eq!(next_action(&r, &o), Action::StartMirror { epoch: 6 });
+    // Silent node: wait.
+    assert_eq!(
+        next_action(&r, &geo_obs(MirrorJob::Unknown)),
+        Action::Wait { fast: false }
+    );
+}
+
+#[test]
+fn geo_failures_before_the_fence_keep_the_source_and_drop_the_copy() {
+    let failed = MirrorJob::Failed("EPERM".into());
+    // While mirroring: the VM never stopped; cancel.
+    let r = at(&[Event::MirrorIntent { epoch: 5 }]);
+    assert!(matches!(
+        next_action(&r, &geo_obs(failed.clone())),
+        Action::Journal(Event::Abort { .. })
+    ));
+    let cancel = Observation {
+        cancel: CancelRequest::Requested,
+        ..geo_obs(MirrorJob::Copying)
+    };
+    assert!(matches!(
+        next_action(&r, &cancel),
+        Action::Journal(Event::Abort { .. })
+    ));
+    // While memory moves, and at the quiesce: the agent migration is cancelled (the
+    // source resumes with its own disks).
+    let o = Observation {
+        disk_move: geo(failed.clone()),
+        ..moving()
+    };
+    assert_eq!(
+        next_action(&at(&precopy()), &o),
+        Action::CancelSourceMigration
+    );
+    let q = Observation {
+        disk_move: geo(failed.clone()),
+        ..quiesced()
+    };
+    assert_eq!(
+        next_action(&at(&quiesced_phase()), &q),
+        Action::CancelSourceMigration
+    );
+    let ended = Observation {
+        source: V::Running,
+        target: V::Absent,
+        source_migration: S::Cancelled,
+        disk_move: geo(failed),
+        ..obs()
+    };
+    match next_action(&at(&precopy()), &ended) {
+        Action::Journal(Event::Abort { reason }) => {
+            assert!(reason.contains("mirror"), "{reason}")
+        }
+        a => panic!("{a:?}"),
+    }
+    // Terminal: the half-made copy is deleted once no target copy is left.
+    let mut r = at(&precopy());
+    r.apply(Event::Abort { reason: "x".into() }).unwrap();
+    let left = Observation {
+        target: V::Paused,
+        disk_move: Some(DiskMove {
+            leftover: true,
+            ..geo(MirrorJob::Unknown).unwrap()
+        }),
+        ..obs()
+    };
+    assert_eq!(next_action(&r, &left), Action::DiscardTarget);
+    let left = Observation {
+        target: V::Absent,
+        ..left
+    };
+    assert_eq!(next_action(&r, &left), Action::DropLeftoverCopy);
+}
+
+#[test]
+fn geo_operator_hold_is_not_lifted_for_the_disk() {
+    let o = Observation {
+        disk_move: Some(DiskMove {
+            mirror: MirrorJob::Synced,
+            write_blocking: true,
+            held_for_disks: false,
+            leftover: false,
+        }),
+        ..moving()
+    };
+    assert_eq!(
+        next_action(&at(&precopy()), &o),
+        Action::Wait { fast: true }
+    );
+}
+
+/// A toy two-site cluster for the disk-move liveness property: the agents behave as in
+/// [`World`] (which it wraps), and each site's storage holds one copy of the disk with
+/// its own lease.
+#[derive(Debug)]
+struct GeoWorld {
+    base: World,
+    /// The source copy's lease (None once deleted) and the tokens the VM record holds.
+    src_copy: Option<(u64, String)>,
+    src_tokens: Option<(u64, String)>,
+    /// The target site's copy (None until created / once deleted) and its tokens.
+    replica: Option<(u64, String)>,
+    replica_tokens: Option<(u64, String)>,
+    mirror: MirrorJob,
+    write_blocking: bool,
+    held: bool,
+}
+
+impl GeoWorld {
+    fn new() -> Self {
+        GeoWorld {
+            base: World::new(),
+            src_copy: Some((4, SRC.into())),
+            src_tokens: Some((4, SRC.into())),
+            replica: None,
+            replica_tokens: None,
+            mirror: MirrorJob::NotStarted,
+            write_blocking: false,
+            held: true,
+        }
+    }
+
+    fn observe(&self, r: &MigrationRecord) -> Observation {
+        // As the executor computes it: the highest epoch, the target's copy at a tie.
+        let (storage_epoch, storage_holder) = match (&self.src_copy, &self.replica) {
+            (Some(s), Some(t)) if t.0 >= s.0 => (t.0, Some(t.1.clone())),
+            (Some(s), _) => (s.0, Some(s.1.clone())),
+            (None, Some(t)) => (t.0, Some(t.1.clone())),
+            (None, None) => (0, None),
+        };
+        let leftover = match r.phase {
+            Phase::Committed { .. } => self.src_copy.is_some(),
+            Phase::Cancelled { .. } | Phase::RolledBack { .. } => self.replica.is_some(),
+            _ => false,
+        };
+        Observation {
+            storage_epoch,
+            storage_holder,
+            tokens: self.src_tokens.clone().or(self.replica_tokens.clone()),
+            disk_move: Some(DiskMove {
+                mirror: self.mirror.clone(),
+                write_blocking: self.write_blocking,
+                held_for_disks: self.held,
+                leftover,
+            }),
+            ..self.base.observe()
+        }
+    }
+
+    fn disturb(&mut self, kind: u8) {
+        match kind {
+            // The mirror's target refused writes (or its node restarted).
+            8 if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Synced) => {
+                self.mirror = MirrorJob::Failed("EPERM".into())
+            }
+            9 if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Synced) => {
+                self.mirror = MirrorJob::Unknown
+            }
+            3..=7 => self.base.disturb(kind),
+            _ => {
+                if matches!(self.mirror, MirrorJob::Copying | MirrorJob::Unknown) {
+                    self.mirror = MirrorJob::Synced;
+                }
+                // A held switchover waits; the driver lifts the hold.
+                if !self.held {
+                    self.base.disturb(kind);
+                }
+            }
+        }
+    }
+
+    fn act(&mut self, r: &mut MigrationRecord, a: &Action, outcome: u8) {
+        match a {
+            Action::StartMirror { epoch } => {
+                r.apply(Event::MirrorIntent { epoch: *epoch }).unwrap();
+                match outcome {
+                    0 => {
+                        self.replica = Some((*epoch, MIRROR.into()));
+                        self.mirror = MirrorJob::Copying;
+                    }
+                    // Leased, but the job id was not recorded.
+                    1 => {
+                        self.replica = Some((*epoch, MIRROR.into()));
+                        self.mirror = MirrorJob::NotStarted;
+                    }
+                    _ => self.mirror = MirrorJob::Failed("refused".into()),
+                }
+            }
+            Action::MirrorWriteBlocking => self.write_blocking = true,
+            Action::ReleaseHold => self.held = false,
+            Action::CompleteMirror => {
+                self.mirror = match outcome {
+                    0 | 1 => MirrorJob::Completed,
+                    _ => MirrorJob::Failed("drain".into()),
+                }
+            }
+            Action::Fence { to, epoch } => {
+                match to {
+                    Side::Target => r.apply(Event::FenceIntent { epoch: *epoch }).unwrap(),
+                    Side::Source => r.apply(Event::RollbackIntent { epoch: *epoch }).unwrap(),
+                };
+                if outcome < 2 {
+                    match to {
+                        Side::Target => {
+                            self.src_copy = Some((*epoch, RETIRED.into()));
+                            self.src_tokens = None;
+                            self.replica = Some((*epoch, DST.into()));
+                        }
+                        Side::Source => self.src_copy = Some((*epoch, SRC.into())),
+                    }
+                }
+                if outcome == 0 {
+                    match to {
+                        Side::Target => {
+                            self.replica_tokens = Some((*epoch, DST.into()));
+                            r.apply(Event::FenceConfirmed).unwrap();
+                        }
+                        Side::Source => self.src_tokens = Some((*epoch, SRC.into())),
+                    }
+                } else if *to == Side::Target && outcome == 2 {
+                    r.apply(Event::RollbackDecided {
+                        reason: "fence failed".into(),
+                    })
+                    .unwrap();
+                }
+            }
+            Action::DropLeftoverCopy => match r.phase {
+                Phase::Committed { .. } => self.src_copy = None,
+                _ => {
+                    self.replica = None;
+                    self.replica_tokens = None;
+                    self.mirror = MirrorJob::NotStarted;
+                }
+            },
+            // The agents' side is the shared-storage world's.
+            _ => self.base.act(r, a, outcome),
+        }
+    }
+}
+
+proptest! {
+    /// The disk-move world misbehaves for a while (mirror failures and silent nodes as
+    /// well as everything the shared-storage world does) and then answers: every
+    /// migration ends with exactly one running copy, whose host holds the lease on
+    /// the copy of the disk it uses, and only that copy is left.
+    #[test]
+    fn every_geo_migration_ends_with_one_copy_holding_the_lease_on_its_disk(
+        chaos in proptest::collection::vec((0u8..10, 0u8..3), 0..25),
+        cancel_at in proptest::option::of(0usize..40),
+    ) {
+        let mut w = GeoWorld::new();
+        let mut r = rec();
+        let mut chaos = chaos.into_iter();
+        let mut fenced: Vec<u64> = Vec::new();
+        for step in 0..400 {
+            if Some(step) == cancel_at && w.base.cancel == CancelRequest::None {
+                w.base.cancel = CancelRequest::Requested;
+            }
+            let (kind, outcome) = chaos.next().unwrap_or((0, 0));
+            w.disturb(kind);
+            let o = w.observe(&r);
+            let a = next_action(&r, &o);
+            if let Action::Fence { epoch, .. } | Action::StartMirror { epoch } = a {
+                prop_assert!(!fenced.contains(&epoch), "epoch {} handed out twice", epoch);
+                fenced.push(epoch);
+            }
+            if a == Action::Done {
+                prop_assert!(r.phase.is_terminal());
+                let running: Vec<&str> = [(SRC, w.base.source), (DST, w.base.target)]
+                    .iter()
+                    .filter(|(_, p)| *p == V::Running)
+                    .map(|(h, _)| *h)
+                    .collect();
+                prop_assert_eq!(running.len(), 1, "{:?} {:?}", r.phase, w);
+                match r.phase {
+                    Phase::Committed { .. } => {
+                        prop_assert_eq!(running[0], DST);
+                        prop_assert_eq!(w.replica.as_ref().map(|l| l.1.as_str()), Some(DST), "{:?}", w);
+                        prop_assert!(w.src_copy.is_none(), "old copy left: {:?}", w);
+                    }
+                    _ => {
+                        prop_assert_eq!(running[0], SRC);
+                        prop_assert_eq!(w.src_copy.as_ref().map(|l| l.1.as_str()), Some(SRC), "{:?}", w);
+                        prop_assert!(w.replica.is_none(), "half-made copy left: {:?}", w);
+                    }
+                }
+                return Ok(());
+            }
+            w.act(&mut r, &a, outcome);
+        }
+        prop_assert!(false, "no end after 400 steps: {:?} {:?}", r.phase, w);
     }
 }

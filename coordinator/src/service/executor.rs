@@ -105,6 +105,9 @@ struct Run {
     /// The source agent refused to start the migration (fed to the driver as a failed
     /// agent migration).
     start_refused: Option<String>,
+    /// A storage node refused to set up the disk mirror (fed to the driver as a failed
+    /// mirror).
+    mirror_refused: Option<String>,
     /// When the source was paused for an offline migration (this process).
     paused_at: Option<Instant>,
     /// When this process saw the source quiesce.
@@ -151,6 +154,32 @@ impl Coordinator {
                 format!("VM {} is already migrating ({m}).", vm.name),
             ));
         }
+        if let Some(r) = self.replication(&vm.name)? {
+            // Its mirror jobs would be cancelled by this migration's.
+            return Err(ApiError::conflict(
+                "vm_replicating",
+                format!(
+                    "VM {} replicates to site {}; `coord replicate stop {}` first.",
+                    vm.name, r.to_site, vm.name
+                ),
+            ));
+        }
+        // The last geographic migration deletes the disk copy it left unused right
+        // after it ended; a new one must not create its copy before that.
+        if let Some(m) = self
+            .migrations()?
+            .iter()
+            .find(|m| m.record.vm == vm.name && m.disk_move.as_ref().is_some_and(|p| !p.cleaned))
+            && m.record.phase.is_terminal()
+        {
+            return Err(ApiError::conflict(
+                "cleanup_pending",
+                format!(
+                    "Migration {} of {} still deletes the disk copy it left unused; try again in a few seconds.",
+                    m.record.id, vm.name
+                ),
+            ));
+        }
         if vm.state != VmState::Running {
             return Err(ApiError::conflict(
                 "vm_not_running",
@@ -173,18 +202,8 @@ impl Coordinator {
             vm.memory_mib,
             Some(&vm.host),
         )?;
-        for d in &vm.disks {
-            let s = self.storage(&d.storage)?;
-            if !s.reaches(&target.site) {
-                return Err(ApiError::conflict(
-                    "storage_unreachable_from_target",
-                    format!(
-                        "Site {} cannot reach storage node {} holding {}'s disk, and disk mirroring is not built yet.",
-                        target.site, s.name, vm.name
-                    ),
-                ));
-            }
-        }
+        // Disks no storage node in the target's reach holds move with the VM.
+        let disk_move = self.plan_disk_move(&vm, &target, &req.options)?;
         // The unfinished migrations and the hosts' sites, read once for both limits
         // (on etcd every read is a round trip).
         let unfinished: Vec<MigrationDoc> = self
@@ -262,6 +281,7 @@ impl Coordinator {
             created_ms: now_ms(),
             finished_ms: None,
             error: None,
+            disk_move,
         };
         vm.state = VmState::Migrating;
         vm.migration = Some(id.clone());
@@ -388,7 +408,10 @@ impl Coordinator {
         if !run.doc.options.hold || !ctl.release.load(Ordering::SeqCst) {
             return;
         }
+        let disk_hold = run.doc.disk_move.as_ref().is_some_and(|p| p.disk_hold);
         match &run.doc.agent_migration {
+            // Still held for the disk: the driver lifts it once the mirror blocks writes.
+            _ if disk_hold => run.doc.options.hold = false,
             None => run.doc.options.hold = false,
             Some(aid) => match run.sa.patch_migration(aid, &json!({"hold": false})).await {
                 Ok(()) => run.doc.options.hold = false,
@@ -434,6 +457,7 @@ impl Coordinator {
             src,
             dst,
             start_refused: None,
+            mirror_refused: None,
             paused_at: None,
             quiesced_at: None,
             figures_stored: Instant::now(),
@@ -483,6 +507,14 @@ impl Coordinator {
             match flow {
                 Flow::Continue => {}
                 Flow::Done => {
+                    if let Some(p) = run.doc.disk_move.as_mut()
+                        && !p.cleaned
+                    {
+                        p.cleaned = true;
+                        if let Err(e) = self.store.put("migrations", id, &run.doc) {
+                            tracing::warn!(migration = %id, error = %e, "recording the cleanup");
+                        }
+                    }
                     tracing::info!(migration = %id, phase = run.doc.record.phase.name(), "migration ended");
                     return;
                 }
@@ -540,17 +572,10 @@ impl Coordinator {
                 presence_of(run.da.get_vm(&run.vm.name).await),
             )
         };
-        let tokens = match run.vm.disks.split_first() {
-            Some((first, rest))
-                if first.token.is_some()
-                    && rest.iter().all(|d| {
-                        d.token.is_some() && d.epoch == first.epoch && d.holder == first.holder
-                    }) =>
-            {
-                Some((first.epoch, first.holder.clone()))
-            }
-            _ => None,
-        };
+        // The lease whose tokens the coordinator holds for one host's set of disks: the
+        // VM's own, else (a disk move past the fence) the target site's copies.
+        let target_disks = Self::target_disks(&run.vm, run.doc.disk_move.as_ref());
+        let tokens = held_tokens(&run.vm.disks).or_else(|| held_tokens(&target_disks));
         // The storage node's lease matters for the next epoch and for a running target;
         // where the driver provably reads neither (memory moving; the quiesce to
         // journal; the go-ahead with tokens in hand) the call is saved: it would add to
@@ -564,10 +589,22 @@ impl Coordinator {
             _ => true,
         };
         let (storage_epoch, storage_holder) = if needs_storage {
-            self.observed_lease(&run.vm).await
+            let mut lease = self.observed_lease(&run.vm.disks).await;
+            if run.doc.disk_move.is_some() {
+                // At a tie (the fence gives both copies one epoch) the target site's
+                // copy, the one a running target uses, tells who holds the disk.
+                let replica = self.observed_lease(&target_disks).await;
+                if replica.0 >= lease.0 && replica.0 > 0 {
+                    lease = replica;
+                }
+            }
+            lease
         } else {
             (0, None)
         };
+        let disk_move = self
+            .observe_disk_move(&mut run.doc, &run.vm, run.mirror_refused.as_deref())
+            .await;
         Observation {
             source,
             target,
@@ -576,14 +613,15 @@ impl Coordinator {
             storage_holder,
             tokens,
             cancel: ctl.cancel_request(),
+            disk_move,
         }
     }
 
     /// The highest lease epoch among the VM's disks and its holder, as the storage
     /// nodes report them (0 and None where they do not answer).
-    async fn observed_lease(&self, vm: &Vm) -> (u64, Option<String>) {
+    async fn observed_lease(&self, disks: &[Disk]) -> (u64, Option<String>) {
         let mut best: (u64, Option<String>) = (0, None);
-        for d in &vm.disks {
+        for d in disks {
             if let Ok(s) = self.storage(&d.storage)
                 && let Ok(info) = self.storage_client(&s).get_export(&d.export).await
                 && let Some(l) = info.lease
@@ -645,10 +683,14 @@ impl Coordinator {
             }
             Action::CancelSourceMigration => {
                 if let Some(id) = &run.doc.agent_migration {
-                    run.sa
-                        .cancel_migration(id)
-                        .await
-                        .map_err(|e| ApiError::daemon("cancelling at the source agent", &e))?;
+                    match run.sa.cancel_migration(id).await {
+                        // 409: it ended meanwhile (a cancel for a failed mirror is
+                        // asked again until the agent reports it cancelled).
+                        Err(e) if e.status() != Some(409) => {
+                            return Err(ApiError::daemon("cancelling at the source agent", &e));
+                        }
+                        _ => {}
+                    }
                 }
                 ctl.cancel_sent.store(true, Ordering::SeqCst);
                 Ok(Flow::Continue)
@@ -681,6 +723,44 @@ impl Coordinator {
             }
             Action::GoAhead => {
                 self.go_ahead(run, ctl).await?;
+                Ok(Flow::Continue)
+            }
+            Action::StartMirror { epoch } => {
+                self.record_step(run, Event::MirrorIntent { epoch }, false)
+                    .await?;
+                let vm = run.vm.clone();
+                if let Some(reason) = self.start_mirrors(&mut run.doc, &vm, epoch).await? {
+                    tracing::warn!(migration = %run.doc.record.id, %reason, "disk mirror refused");
+                    run.mirror_refused = Some(reason);
+                }
+                Ok(Flow::Continue)
+            }
+            Action::MirrorWriteBlocking => {
+                let vm = run.vm.clone();
+                self.mirrors_write_blocking(&mut run.doc, &vm).await?;
+                Ok(Flow::Continue)
+            }
+            Action::ReleaseHold => {
+                let sa = run.sa.clone();
+                self.release_disk_hold(&mut run.doc, &sa).await?;
+                Ok(Flow::Continue)
+            }
+            Action::CompleteMirror => {
+                let vm = run.vm.clone();
+                match self.complete_mirrors(&mut run.doc, &vm).await? {
+                    true => Ok(Flow::Continue),
+                    false => Ok(Flow::Wait(FAST_POLL)),
+                }
+            }
+            Action::DropLeftoverCopy => {
+                let vm = run.vm.clone();
+                self.drop_leftover_copy(&mut run.doc, &vm).await?;
+                if let Some(p) = run.doc.disk_move.as_mut()
+                    && matches!(run.doc.record.phase, Phase::Committed { .. })
+                {
+                    p.old_disks.clear();
+                    self.store.put("migrations", &run.doc.record.id, &run.doc)?;
+                }
                 Ok(Flow::Continue)
             }
             Action::DiscardTarget => {
@@ -737,7 +817,8 @@ impl Coordinator {
         if let Some(b) = run.doc.options.bandwidth_mibs {
             body["max_bandwidth_mibs"] = json!(b);
         }
-        if run.doc.options.hold {
+        // A disk move holds the switchover until the mirror blocks writes.
+        if run.doc.options.hold || run.doc.disk_move.as_ref().is_some_and(|p| p.disk_hold) {
             body["hold"] = json!(true);
         }
         match run.sa.migrate(&run.vm.name, &body).await {
@@ -776,6 +857,17 @@ impl Coordinator {
             Event::Commit { epoch } => {
                 let epoch = *epoch;
                 let dst = run.dst.name.clone();
+                if let Some(plan) = run.doc.disk_move.as_mut() {
+                    // The target site's copies become the VM's disks; the old ones are
+                    // deleted once the commit is journaled (see `DropLeftoverCopy`).
+                    let disks = Self::target_disks(&run.vm, Some(plan));
+                    plan.old_disks = plan
+                        .disks
+                        .iter()
+                        .filter_map(|m| run.vm.disks.get(m.index).cloned())
+                        .collect();
+                    run.vm.disks = disks;
+                }
                 for d in run.vm.disks.iter_mut() {
                     if d.holder != dst || d.epoch != epoch {
                         // Rolled forward to a lease whose token this process never got
@@ -796,7 +888,11 @@ impl Coordinator {
                         run.doc.figures.downtime_ms = p.elapsed().as_millis() as u64;
                     }
                 } else {
-                    run.doc.figures.total_ms = total(&run.doc);
+                    run.doc.figures.total_ms = if run.doc.disk_move.is_some() {
+                        now_ms().saturating_sub(run.doc.created_ms)
+                    } else {
+                        total(&run.doc)
+                    };
                 }
                 self.record_step(run, event, true).await
             }
@@ -838,7 +934,9 @@ impl Coordinator {
         };
         self.record_step(run, intent, false).await?;
         let t = Instant::now();
-        let r = self.fence_all(&mut run.vm, epoch, &holder).await;
+        let r = self
+            .fence_all(&mut run.vm, run.doc.disk_move.as_mut(), to, epoch, &holder)
+            .await;
         run.doc.figures.fence_ms += t.elapsed().as_millis() as u64;
         run.doc.figures.fence_us += t.elapsed().as_micros() as u64;
         match (r, to) {
@@ -871,7 +969,7 @@ impl Coordinator {
             }
             _ => {}
         }
-        let disks = self.disk_specs(&run.vm)?;
+        let disks = self.target_disk_specs(&run.vm, run.doc.disk_move.as_ref())?;
         run.da
             .resume_with_disks(&run.vm.name, &disks)
             .await
@@ -880,8 +978,42 @@ impl Coordinator {
     }
 
     /// Fences every disk of the VM to `holder` at `epoch` and records the new tokens.
-    async fn fence_all(&self, vm: &mut Vm, epoch: u64, holder: &str) -> Result<(), ApiError> {
-        for d in vm.disks.iter_mut() {
+    /// With a disk move, a fence to the target retires each moved disk's source copy
+    /// (fenced to no writer: nobody gets its token) and fences the target site's copy
+    /// to the target instead; a fence to the source fences the source copies only.
+    async fn fence_all(
+        &self,
+        vm: &mut Vm,
+        mut plan: Option<&mut DiskMovePlan>,
+        to: Side,
+        epoch: u64,
+        holder: &str,
+    ) -> Result<(), ApiError> {
+        for (i, d) in vm.disks.iter_mut().enumerate() {
+            let moved = plan
+                .as_deref_mut()
+                .and_then(|p| p.disks.iter_mut().find(|m| m.index == i));
+            if let (Some(m), Side::Target) = (moved, to) {
+                let s = self.storage(&d.storage)?;
+                let r = self
+                    .storage_client(&s)
+                    .fence(&d.export, epoch, super::geo::RETIRED_HOLDER)
+                    .await
+                    .map_err(|e| ApiError::daemon("retiring the source copy of the disk", &e))?;
+                d.epoch = r.epoch;
+                d.holder = r.holder;
+                d.token = None;
+                let s = self.storage(&m.replica.storage)?;
+                let r = self
+                    .storage_client(&s)
+                    .fence(&m.replica.export, epoch, holder)
+                    .await
+                    .map_err(|e| ApiError::daemon("fencing the target site's copy", &e))?;
+                m.replica.epoch = r.epoch;
+                m.replica.holder = r.holder;
+                m.replica.token = Some(r.token);
+                continue;
+            }
             let s = self.storage(&d.storage)?;
             let r = self
                 .storage_client(&s)
@@ -904,7 +1036,7 @@ impl Coordinator {
         if let Some(q) = run.quiesced_at {
             run.doc.figures.handover_ms = q.elapsed().as_millis() as u64;
         }
-        let disks = self.disk_specs(&run.vm)?;
+        let disks = self.target_disk_specs(&run.vm, run.doc.disk_move.as_ref())?;
         let outcome = self.live_switchover(run, &disks).await;
         let target_runs =
             matches!(run.da.get_vm(&run.vm.name).await, Ok(Some(t)) if t.state == "running");
@@ -966,7 +1098,13 @@ impl Coordinator {
 }
 
 fn copy_figures(doc: &mut MigrationDoc, m: &AgentMigration) {
-    doc.figures.total_ms = m.total_ms.round() as u64;
+    if doc.disk_move.is_none() {
+        doc.figures.total_ms = m.total_ms.round() as u64;
+    } else if !doc.record.phase.is_terminal() {
+        // A geographic migration's total includes the disk copy before the agents'
+        // migration started: the coordinator's wall time.
+        doc.figures.total_ms = now_ms().saturating_sub(doc.created_ms);
+    }
     doc.figures.downtime_ms = m.downtime_ms.round() as u64;
     doc.figures.memory_bytes = m.ram_transferred_bytes as u64;
     doc.figures.memory_total_bytes = m.total_bytes as u64;
@@ -981,6 +1119,21 @@ fn copy_figures(doc: &mut MigrationDoc, m: &AgentMigration) {
         .and_then(|d| d["switchover_wait_ms"].as_f64())
     {
         doc.figures.switchover_wait_ms = w.round() as u64;
+    }
+}
+
+/// `(epoch, holder)` when every disk has a token of one lease.
+fn held_tokens(disks: &[Disk]) -> Option<(u64, String)> {
+    match disks.split_first() {
+        Some((first, rest))
+            if first.token.is_some()
+                && rest.iter().all(|d| {
+                    d.token.is_some() && d.epoch == first.epoch && d.holder == first.holder
+                }) =>
+        {
+            Some((first.epoch, first.holder.clone()))
+        }
+        _ => None,
     }
 }
 

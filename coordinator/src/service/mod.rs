@@ -15,9 +15,11 @@
 //! it resumes. See docs/coordinator.md.
 
 mod executor;
+mod geo;
 mod inventory;
 mod leadership;
 mod recovery;
+mod replication;
 mod vms;
 
 use std::collections::HashMap;
@@ -29,6 +31,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use stagehand_common::secret::Secret;
+
+pub use replication::ReplicateRequest;
 
 use crate::daemons::{AgentClient, DaemonClient, StorageClient};
 use crate::error::ApiError;
@@ -312,12 +316,25 @@ impl Coordinator {
     /// up in logs); `nbds://` when the coordinator runs with TLS (the agent connects
     /// with its own client certificate).
     pub(crate) fn disk_specs(&self, vm: &Vm) -> Result<Vec<Value>, ApiError> {
+        self.specs_of(&vm.disks)
+    }
+
+    /// The disk specs for the target host: the target site's copies of moved disks.
+    pub(crate) fn target_disk_specs(
+        &self,
+        vm: &Vm,
+        plan: Option<&DiskMovePlan>,
+    ) -> Result<Vec<Value>, ApiError> {
+        self.specs_of(&Self::target_disks(vm, plan))
+    }
+
+    fn specs_of(&self, disks: &[Disk]) -> Result<Vec<Value>, ApiError> {
         let scheme = if self.cfg.tls.is_some() {
             "nbds"
         } else {
             "nbd"
         };
-        vm.disks
+        disks
             .iter()
             .map(|d| {
                 let s = self.storage(&d.storage)?;

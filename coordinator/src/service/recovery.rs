@@ -14,7 +14,14 @@ impl Coordinator {
         let pending: Vec<String> = self
             .migrations()?
             .into_iter()
-            .filter(|m| !m.record.phase.is_terminal())
+            // A geographic migration also until its unused disk copy is deleted (the
+            // coordinator may have died between the end and the cleanup).
+            // (Not once the VM was deleted: its disks went with it.)
+            .filter(|m| {
+                !m.record.phase.is_terminal()
+                    || (m.disk_move.as_ref().is_some_and(|p| !p.cleaned)
+                        && self.vm(&m.record.vm).is_ok())
+            })
             .map(|m| m.record.id)
             .collect();
         for id in &pending {

@@ -229,6 +229,12 @@ impl Coordinator {
                 format!("VM {name} is migrating ({m}); cancel the migration first."),
             ));
         }
+        if self.replication(name)?.is_some() {
+            return Err(ApiError::conflict(
+                "vm_replicating",
+                format!("VM {name} replicates; `coord replicate stop {name}` first."),
+            ));
+        }
         let host = self.host(&vm.host)?;
         self.agent_client(&host)
             .delete_vm(name)

@@ -463,6 +463,11 @@ impl Cluster {
             "--reachable-from",
             "siteB",
         ]);
+        self.register_hosts();
+    }
+
+    /// Registers the agents as kvm-a1 (siteA) and kvm-b1 (siteB), 1 GiB each.
+    pub fn register_hosts(&self) {
         for (i, (host, site)) in [("kvm-a1", "siteA"), ("kvm-b1", "siteB")]
             .iter()
             .enumerate()
