@@ -23,7 +23,15 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 
 /// Tables, one per record kind.
-pub const TABLES: &[&str] = &["sites", "storage", "hosts", "vms", "migrations", "journal"];
+pub const TABLES: &[&str] = &[
+    "sites",
+    "storage",
+    "hosts",
+    "vms",
+    "migrations",
+    "journal",
+    "fleet",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
