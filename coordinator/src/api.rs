@@ -17,7 +17,9 @@ use stagehand_common::secret::Secret;
 
 use crate::error::ApiError;
 use crate::model::*;
-use crate::service::{Coordinator, CreateVmRequest, FleetKind, FleetOp, FleetRequest, MigrateRequest};
+use crate::service::{
+    Coordinator, CreateVmRequest, FleetKind, FleetOp, FleetRequest, MigrateRequest,
+};
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -324,11 +326,17 @@ async fn evacuate_host(
 }
 
 async fn pin_vm(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Value> {
-    Ok(Json(vm_view(&st.coord.set_pinned(&name, true).await?, None)))
+    Ok(Json(vm_view(
+        &st.coord.set_pinned(&name, true).await?,
+        None,
+    )))
 }
 
 async fn unpin_vm(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Value> {
-    Ok(Json(vm_view(&st.coord.set_pinned(&name, false).await?, None)))
+    Ok(Json(vm_view(
+        &st.coord.set_pinned(&name, false).await?,
+        None,
+    )))
 }
 
 async fn fleet_request(

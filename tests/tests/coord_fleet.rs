@@ -174,17 +174,21 @@ fn evacuate_balance_consolidate_and_cpu_fingerprints() {
     }
     c.wait_guest_progress(0, "dw");
     // The agent samples CPU use and dirty rate of its guests.
-    let r = c.wait_for("guest usage in kvm-a1's report", Duration::from_secs(30), |c| {
-        let (_, v) = c.get(&format!("http://{}/v1/host", c.agents[0].api));
-        let g = v["guests"].as_array().cloned().unwrap_or_default();
-        // The sweepers spin: their CPU use shows once two samples were taken.
-        (g.len() == 3
-            && g.iter().all(|g| g["sampled_ms_ago"].is_u64())
-            && g.iter()
-                .filter(|g| g["name"] != "dw")
-                .all(|g| g["cpu_percent"].as_f64().unwrap_or(0.0) > 0.0))
-        .then_some(v)
-    });
+    let r = c.wait_for(
+        "guest usage in kvm-a1's report",
+        Duration::from_secs(30),
+        |c| {
+            let (_, v) = c.get(&format!("http://{}/v1/host", c.agents[0].api));
+            let g = v["guests"].as_array().cloned().unwrap_or_default();
+            // The sweepers spin: their CPU use shows once two samples were taken.
+            (g.len() == 3
+                && g.iter().all(|g| g["sampled_ms_ago"].is_u64())
+                && g.iter()
+                    .filter(|g| g["name"] != "dw")
+                    .all(|g| g["cpu_percent"].as_f64().unwrap_or(0.0) > 0.0))
+            .then_some(v)
+        },
+    );
     eprintln!("kvm-a1 report: {}", r["guests"]);
 
     // --- Evacuate kvm-a1 while the disk writer runs on it.
@@ -223,16 +227,30 @@ fn evacuate_balance_consolidate_and_cpu_fingerprints() {
     let dry = c.ok(&["balance", "--site", "siteA", "--dry-run"]);
     let planned = dry["plan"]["moves"].as_array().map(Vec::len).unwrap_or(0);
     assert!(planned >= 2, "{dry:#}");
-    assert!(placement(&c).iter().all(|(_, h)| h == "kvm-a1"), "dry run moved something");
+    assert!(
+        placement(&c).iter().all(|(_, h)| h == "kvm-a1"),
+        "dry run moved something"
+    );
     let op = c.ok(&["balance", "--site", "siteA"]);
     all_committed(&op);
-    assert!(op["plan"]["imbalance_after"].as_f64().unwrap_or(1.0) <= 0.15, "{op:#}");
+    assert!(
+        op["plan"]["imbalance_after"].as_f64().unwrap_or(1.0) <= 0.15,
+        "{op:#}"
+    );
     let spread = memory_spread(&c, &HOSTS);
-    assert!(spread <= 0.15, "memory spread {spread} after balance: {:?}", placement(&c));
+    assert!(
+        spread <= 0.15,
+        "memory spread {spread} after balance: {:?}",
+        placement(&c)
+    );
     check_all(&c);
     // Balanced: a second balance moves nothing.
     let again = c.ok(&["balance", "--site", "siteA", "--dry-run"]);
-    assert_eq!(again["plan"]["moves"].as_array().map(Vec::len), Some(0), "{again:#}");
+    assert_eq!(
+        again["plan"]["moves"].as_array().map(Vec::len),
+        Some(0),
+        "{again:#}"
+    );
 
     // --- Consolidate: 480 MiB fit one 1 GiB host; the other two are freed.
     let op = c.ok(&["consolidate", "--site", "siteA"]);
@@ -257,7 +275,12 @@ fn evacuate_balance_consolidate_and_cpu_fingerprints() {
     // --- A host whose CPU differs (faked report) with the most room of all.
     let x = c.add_agent(
         "kvm-x1",
-        &["--test-cpu-fingerprint", &"f".repeat(64), "--sample-interval-s", "2"],
+        &[
+            "--test-cpu-fingerprint",
+            &"f".repeat(64),
+            "--sample-interval-s",
+            "2",
+        ],
     );
     c.ok(&[
         "host",

@@ -37,12 +37,7 @@ pub enum FleetCmd {
 /// Longest the CLI follows an operation.
 const WAIT_LIMIT: Duration = Duration::from_secs(3600);
 
-pub async fn plan_verb(
-    c: &Client,
-    j: bool,
-    path: &str,
-    a: FleetArgs,
-) -> Result<(), CliError> {
+pub async fn plan_verb(c: &Client, j: bool, path: &str, a: FleetArgs) -> Result<(), CliError> {
     let body = json!({"site": a.site, "dry_run": a.dry_run, "threshold": a.threshold});
     let v = c.call(reqwest::Method::POST, path, Some(body)).await?;
     if a.dry_run {
@@ -175,7 +170,10 @@ fn print_plan(p: &Value) {
         p["imbalance_after"].as_f64().unwrap_or(0.0)
     );
     for (k, label) in [
-        ("freed_hosts", "hosts to empty (stand-by, can be powered down)"),
+        (
+            "freed_hosts",
+            "hosts to empty (stand-by, can be powered down)",
+        ),
         ("reactivated_hosts", "stand-by hosts taken back"),
     ] {
         if p[k].as_array().is_some_and(|a| !a.is_empty()) {

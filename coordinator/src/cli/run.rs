@@ -156,7 +156,9 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
             super::fleet::follow(&c, j, v, !no_wait).await?;
         }
         Command::Vm(VmCmd::Pin { name }) => {
-            let v = c.call(M::POST, &format!("/v1/vms/{name}/pin"), None).await?;
+            let v = c
+                .call(M::POST, &format!("/v1/vms/{name}/pin"), None)
+                .await?;
             emit(j, &v, |_| println!("VM {name} pinned"));
         }
         Command::Vm(VmCmd::Unpin { name }) => {

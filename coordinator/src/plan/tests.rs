@@ -60,11 +60,15 @@ fn evacuate_moves_everything_largest_first_and_names_the_stuck() {
         .map(|s| (s.vm.as_str(), s.reason.as_str()))
         .collect();
     assert!(
-        stuck.iter().any(|(v, r)| *v == "small" && r.contains("pinned")),
+        stuck
+            .iter()
+            .any(|(v, r)| *v == "small" && r.contains("pinned")),
         "{stuck:?}"
     );
     assert!(
-        stuck.iter().any(|(v, r)| *v == "huge" && r.contains("900 MiB")),
+        stuck
+            .iter()
+            .any(|(v, r)| *v == "huge" && r.contains("900 MiB")),
         "{stuck:?}"
     );
 }
@@ -82,7 +86,10 @@ fn evacuate_never_picks_an_incompatible_cpu() {
     inv.hosts[1].drained = Some(Drain::Maintenance);
     let plan = evacuate(&inv, "a", p());
     assert!(plan.moves.is_empty());
-    assert!(plan.stuck.iter().all(|s| s.reason.contains("CPU")), "{plan:?}");
+    assert!(
+        plan.stuck.iter().all(|s| s.reason.contains("CPU")),
+        "{plan:?}"
+    );
 }
 
 #[test]
@@ -165,12 +172,17 @@ fn consolidate_packs_and_frees_hosts() {
 
 fn arb_inventory() -> impl Strategy<Value = Inventory> {
     (2usize..6, 0usize..10).prop_flat_map(|(nh, ng)| {
-        let hosts = proptest::collection::vec(
-            (1u64..16, 1u32..4, 0u8..4, 0u8..6),
-            nh,
-        );
+        let hosts = proptest::collection::vec((1u64..16, 1u32..4, 0u8..4, 0u8..6), nh);
         let guests = proptest::collection::vec(
-            (1u64..6, 0u32..150, 0u32..400, 0usize..nh, 0u8..4, 0u8..10, 0u8..12),
+            (
+                1u64..6,
+                0u32..150,
+                0u32..400,
+                0usize..nh,
+                0u8..4,
+                0u8..10,
+                0u8..12,
+            ),
             ng,
         );
         (hosts, guests).prop_map(|(hs, gs)| {
@@ -181,7 +193,11 @@ fn arb_inventory() -> impl Strategy<Value = Inventory> {
                     name: format!("h{i}"),
                     memory_mib: mem * 128,
                     cpu_percent: f64::from(cpus) * 100.0,
-                    cpu_fingerprint: if fp == 0 { "fp-b".into() } else { "fp-a".into() },
+                    cpu_fingerprint: if fp == 0 {
+                        "fp-b".into()
+                    } else {
+                        "fp-a".into()
+                    },
                     drained: match dr {
                         0 => Some(Drain::Maintenance),
                         1 => Some(Drain::Standby),
@@ -198,7 +214,11 @@ fn arb_inventory() -> impl Strategy<Value = Inventory> {
                     memory_mib: mem * 128,
                     cpu_percent: f64::from(cpu),
                     dirty_mib_per_s: f64::from(dirty),
-                    cpu_fingerprint: if fp == 0 { "fp-b".into() } else { "fp-a".into() },
+                    cpu_fingerprint: if fp == 0 {
+                        "fp-b".into()
+                    } else {
+                        "fp-a".into()
+                    },
                     pinned: pin == 0,
                     movable: mov != 0,
                 })
@@ -297,12 +317,13 @@ fn each_assignment(inv: &Inventory, f: &mut dyn FnMut(&[usize], usize)) {
         }
         let g = &inv.guests[i];
         for h in 0..nh {
-            if h != start[i] {
-                if g.pinned || !g.movable || inv.hosts[h].drained.is_some()
-                    || inv.hosts[h].cpu_fingerprint != g.cpu_fingerprint
-                {
-                    continue;
-                }
+            if h != start[i]
+                && (g.pinned
+                    || !g.movable
+                    || inv.hosts[h].drained.is_some()
+                    || inv.hosts[h].cpu_fingerprint != g.cpu_fingerprint)
+            {
+                continue;
             }
             cur[i] = h;
             rec(inv, i + 1, nh, start, cur, f);
@@ -320,8 +341,12 @@ fn imbalance_of_assignment(inv: &Inventory, a: &[usize], active: &[usize]) -> f6
         mem[h] += inv.guests[gi].memory_mib as f64;
         cpu[h] += inv.guests[gi].cpu_percent;
     }
-    let mf = active.iter().map(|&h| frac(mem[h], inv.hosts[h].memory_mib as f64));
-    let cf = active.iter().map(|&h| frac(cpu[h], inv.hosts[h].cpu_percent));
+    let mf = active
+        .iter()
+        .map(|&h| frac(mem[h], inv.hosts[h].memory_mib as f64));
+    let cf = active
+        .iter()
+        .map(|&h| frac(cpu[h], inv.hosts[h].cpu_percent));
     spread(mf).max(spread(cf))
 }
 
@@ -333,7 +358,7 @@ fn small_inventory(rng: &mut impl FnMut() -> u64) -> Inventory {
             name: format!("h{i}"),
             memory_mib: (4 + rng() % 5) * 128,
             cpu_percent: 400.0,
-            cpu_fingerprint: if rng() % 6 == 0 { "fp-b" } else { "fp-a" }.into(),
+            cpu_fingerprint: if rng().is_multiple_of(6) { "fp-b" } else { "fp-a" }.into(),
             drained: None,
         })
         .collect();
@@ -345,7 +370,7 @@ fn small_inventory(rng: &mut impl FnMut() -> u64) -> Inventory {
             cpu_percent: (rng() % 60) as f64,
             dirty_mib_per_s: 0.0,
             cpu_fingerprint: "fp-a".into(),
-            pinned: rng() % 8 == 0,
+            pinned: rng().is_multiple_of(8),
             movable: true,
         })
         .collect();
@@ -398,7 +423,10 @@ fn quality_against_brute_force() {
             cons_equal += 1;
         }
         assert!(hosts_after >= opt_hosts, "better than brute force? {inv:?}");
-        assert!(hosts_after <= opt_hosts + 1, "{inv:?} -> {plan:?} (opt {opt_hosts})");
+        assert!(
+            hosts_after <= opt_hosts + 1,
+            "{inv:?} -> {plan:?} (opt {opt_hosts})"
+        );
 
         // Balance: fewest moves reaching the threshold, when any assignment does.
         let mut fewest: Option<usize> = None;
@@ -430,6 +458,12 @@ fn quality_against_brute_force() {
         "balance: {bal_n} inventories, threshold reachable in {bal_feasible}; heuristic reached it in \
          {bal_reached}; moves: heuristic {bal_moves}, fewest possible {bal_opt_moves}; worst extra moves {bal_extra_max}"
     );
-    assert!(cons_equal * 10 >= cons_n * 8, "consolidate optimal in under 80%");
-    assert!(bal_reached * 10 >= bal_feasible * 7, "balance reached the threshold in under 70% of feasible cases");
+    assert!(
+        cons_equal * 10 >= cons_n * 8,
+        "consolidate optimal in under 80%"
+    );
+    assert!(
+        bal_reached * 10 >= bal_feasible * 7,
+        "balance reached the threshold in under 70% of feasible cases"
+    );
 }

@@ -239,7 +239,12 @@ impl Coordinator {
         let inv = self.fleet_inventory(Some(&h.site))?;
         let plan = plan::evacuate(&inv, host, PlanParams::default());
         self.check(&inv, &plan, true)?;
-        let op = self.new_op(FleetKind::Evacuate, Some(h.site), Some(host.to_owned()), plan)?;
+        let op = self.new_op(
+            FleetKind::Evacuate,
+            Some(h.site),
+            Some(host.to_owned()),
+            plan,
+        )?;
         Ok(self.spawn_op(op))
     }
 
@@ -467,10 +472,7 @@ impl Coordinator {
             tokio::time::sleep(OP_POLL).await;
         }
         op.total_ms = started.elapsed().as_millis() as u64;
-        let failed = op
-            .items
-            .iter()
-            .any(|i| i.state != "committed");
+        let failed = op.items.iter().any(|i| i.state != "committed");
         // Hosts consolidate emptied: on stand-by only if really empty now.
         if op.kind == FleetKind::Consolidate {
             let vms = self.vms()?;

@@ -144,7 +144,9 @@ impl Coordinator {
                 r.received_ms = now_ms();
                 host.report = Some(r);
             }
-            Err(e) => tracing::warn!(host = %host.name, error = %e, "the agent does not report its host"),
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "the agent does not report its host")
+            }
         }
         self.store.put("hosts", &host.name, &host)?;
         Ok(host)

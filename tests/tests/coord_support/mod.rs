@@ -249,8 +249,7 @@ impl Cluster {
         let mig = format!("127.0.0.1:{}", free_port());
         let data = d.join(format!("{host}-data"));
         std::fs::create_dir_all(&data).expect("mkdir");
-        std::os::unix::fs::symlink(d.join("images"), data.join("images"))
-            .expect("symlink images");
+        std::os::unix::fs::symlink(d.join("images"), data.join("images")).expect("symlink images");
         let mut args: Vec<String> = vec![
             "--api".into(),
             api.clone(),
