@@ -283,21 +283,23 @@ impl HostMonitor {
             "# TYPE stagehand_agent_host_vcpus gauge\nstagehand_agent_host_vcpus {}",
             r.vcpus
         );
-        out.push_str("# HELP stagehand_agent_vm_cpu_percent Guest CPU use, percent of one CPU.\n# TYPE stagehand_agent_vm_cpu_percent gauge\n");
-        for g in &r.guests {
-            let _ = writeln!(
-                out,
-                "stagehand_agent_vm_cpu_percent{{vm=\"{}\"}} {}",
-                g.name, g.cpu_percent
-            );
-        }
-        out.push_str("# HELP stagehand_agent_vm_dirty_mib_per_second Guest memory written per second (sampled).\n# TYPE stagehand_agent_vm_dirty_mib_per_second gauge\n");
-        for g in &r.guests {
-            let _ = writeln!(
-                out,
-                "stagehand_agent_vm_dirty_mib_per_second{{vm=\"{}\"}} {}",
-                g.name, g.dirty_mib_per_s
-            );
+        let per_guest: [(&str, &str, fn(&GuestUsage) -> f64); 2] = [
+            (
+                "stagehand_agent_vm_cpu_percent",
+                "Guest CPU use, percent of one CPU.",
+                |g| g.cpu_percent,
+            ),
+            (
+                "stagehand_agent_vm_dirty_mib_per_second",
+                "Guest memory written per second (sampled).",
+                |g| g.dirty_mib_per_s,
+            ),
+        ];
+        for (metric, help, value) in per_guest {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+            for g in &r.guests {
+                let _ = writeln!(out, "{metric}{{vm=\"{}\"}} {}", g.name, value(g));
+            }
         }
         let _ = writeln!(
             out,

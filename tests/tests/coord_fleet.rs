@@ -100,6 +100,23 @@ fn memory_spread(c: &Cluster, hosts: &[&str]) -> f64 {
     fr.iter().cloned().fold(f64::MIN, f64::max) - fr.iter().cloned().fold(f64::MAX, f64::min)
 }
 
+/// `coord host add` of agent `i` in siteA.
+fn add_host(c: &Cluster, host: &str, i: usize, memory: &str) {
+    c.ok(&[
+        "host",
+        "add",
+        host,
+        "--site",
+        "siteA",
+        "--api",
+        &format!("http://{}", c.agents[i].api),
+        "--migration",
+        &c.agents[i].migration,
+        "--memory",
+        memory,
+    ]);
+}
+
 fn all_committed(op: &Value) {
     assert_eq!(op["state"], "completed", "{op:#}");
     for it in op["items"].as_array().expect("items") {
@@ -128,19 +145,7 @@ fn evacuate_balance_consolidate_and_cpu_fingerprints() {
         &c.nbd.nbd,
     ]);
     for (i, host) in HOSTS.iter().enumerate() {
-        c.ok(&[
-            "host",
-            "add",
-            host,
-            "--site",
-            "siteA",
-            "--api",
-            &format!("http://{}", c.agents[i].api),
-            "--migration",
-            &c.agents[i].migration,
-            "--memory",
-            "1G",
-        ]);
+        add_host(&c, host, i, "1G");
     }
     // The agent reports its capacity and CPU; the coordinator keeps it.
     let a1 = wait_report(&c, "kvm-a1");
@@ -282,19 +287,7 @@ fn evacuate_balance_consolidate_and_cpu_fingerprints() {
             "2",
         ],
     );
-    c.ok(&[
-        "host",
-        "add",
-        "kvm-x1",
-        "--site",
-        "siteA",
-        "--api",
-        &format!("http://{}", c.agents[x].api),
-        "--migration",
-        &c.agents[x].migration,
-        "--memory",
-        "4G",
-    ]);
+    add_host(&c, "kvm-x1", x, "4G");
     let err = c.fails(&["migrate", "g1", "--host", "kvm-x1"]);
     assert!(err.contains("cpu_incompatible"), "{err}");
     // Automatic placement: the stand-by hosts are drained, kvm-x1 is the only other

@@ -358,7 +358,12 @@ fn small_inventory(rng: &mut impl FnMut() -> u64) -> Inventory {
             name: format!("h{i}"),
             memory_mib: (4 + rng() % 5) * 128,
             cpu_percent: 400.0,
-            cpu_fingerprint: if rng().is_multiple_of(6) { "fp-b" } else { "fp-a" }.into(),
+            cpu_fingerprint: if rng().is_multiple_of(6) {
+                "fp-b"
+            } else {
+                "fp-a"
+            }
+            .into(),
             drained: None,
         })
         .collect();
