@@ -283,7 +283,7 @@ impl HostMonitor {
             "# TYPE stagehand_agent_host_vcpus gauge\nstagehand_agent_host_vcpus {}",
             r.vcpus
         );
-        let per_guest: [(&str, &str, fn(&GuestUsage) -> f64); 2] = [
+        let per_guest: [(&str, &str, GuestFigure); 2] = [
             (
                 "stagehand_agent_vm_cpu_percent",
                 "Guest CPU use, percent of one CPU.",
@@ -314,6 +314,9 @@ impl HostMonitor {
         out
     }
 }
+
+/// One per-guest figure of the metrics.
+type GuestFigure = fn(&GuestUsage) -> f64;
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
