@@ -76,6 +76,20 @@ pub struct AgentFlags {
     /// The cluster CA (PEM) peers' certificates must be signed by.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// Guest memory this host offers, MiB (reported by `GET /v1/host`; default: the
+    /// host's MemTotal minus 1 GiB for itself, at least a quarter of it).
+    #[arg(long)]
+    pub memory_for_guests_mib: Option<u64>,
+    /// How often the agent samples each guest's CPU use and dirty-page rate, seconds
+    /// (0: never; default 5). Each sample logs dirty pages for one second.
+    #[arg(long)]
+    pub sample_interval_s: Option<u64>,
+    /// TEST ONLY: report this CPU fingerprint in `GET /v1/host` instead of the real
+    /// one, so tests can fake a host with another CPU model. Never set it in
+    /// production: the coordinator would place guests on a host that cannot run them
+    /// (the target agent still refuses them at migration start).
+    #[arg(long, hide = true)]
+    pub test_cpu_fingerprint: Option<String>,
     /// TOML file with any of the above (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -106,6 +120,12 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     #[serde(alias = "tls_ca")]
     tls_ca: Option<PathBuf>,
+    #[serde(alias = "memory_for_guests_mib")]
+    memory_for_guests_mib: Option<u64>,
+    #[serde(alias = "sample_interval_s")]
+    sample_interval_s: Option<u64>,
+    #[serde(alias = "test_cpu_fingerprint")]
+    test_cpu_fingerprint: Option<String>,
 }
 
 /// The resolved configuration `run` works from.
@@ -122,6 +142,12 @@ pub struct AgentConfig {
     pub auth: ApiAuth,
     /// `--tls-*`: HTTPS API, TLS migration streams, `nbds://` disks.
     pub tls: Option<TlsFiles>,
+    /// `--memory-for-guests-mib` (None: from MemTotal).
+    pub memory_for_guests_mib: Option<u64>,
+    /// `--sample-interval-s` (0: no sampling).
+    pub sample_interval_s: u64,
+    /// `--test-cpu-fingerprint` (tests only).
+    pub test_cpu_fingerprint: Option<String>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -208,6 +234,12 @@ impl AgentConfig {
             images_dir,
             auth,
             tls,
+            memory_for_guests_mib: flags.memory_for_guests_mib.or(file.memory_for_guests_mib),
+            sample_interval_s: flags
+                .sample_interval_s
+                .or(file.sample_interval_s)
+                .unwrap_or(5),
+            test_cpu_fingerprint: flags.test_cpu_fingerprint.or(file.test_cpu_fingerprint),
         })
     }
 }

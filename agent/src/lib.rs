@@ -10,6 +10,7 @@ pub mod config;
 pub mod contract;
 pub mod devices;
 pub mod guests;
+pub mod host;
 pub mod machine;
 pub mod manager;
 pub mod migration;
@@ -81,6 +82,7 @@ pub async fn serve(
     })?;
     let manager = Arc::new(manager::VmManager::new());
     let state = api::ApiState::new(manager.clone(), Arc::new(config.clone()));
+    tokio::spawn(Arc::clone(&state.host).run(shutdown.clone()));
     // Loaded before anything listens: a bad certificate stops the start.
     let (api_tls, migration_tls) = match &config.tls {
         Some(files) => (

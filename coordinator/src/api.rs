@@ -17,7 +17,9 @@ use stagehand_common::secret::Secret;
 
 use crate::error::ApiError;
 use crate::model::*;
-use crate::service::{Coordinator, CreateVmRequest, MigrateRequest};
+use crate::service::{
+    Coordinator, CreateVmRequest, FleetKind, FleetOp, FleetRequest, MigrateRequest,
+};
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -53,7 +55,16 @@ pub fn router(coord: Arc<Coordinator>, auth: Arc<ApiAuth>, name: String) -> Rout
         .route("/v1/storage", get(list_storage))
         .route("/v1/storage/{name}", put(add_storage))
         .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/{name}", put(add_host))
+        .route("/v1/hosts/{name}", put(add_host).get(show_host))
+        .route("/v1/hosts/{name}/drain", post(drain_host))
+        .route("/v1/hosts/{name}/undrain", post(undrain_host))
+        .route("/v1/hosts/{name}/evacuate", post(evacuate_host))
+        .route("/v1/vms/{name}/pin", post(pin_vm))
+        .route("/v1/vms/{name}/unpin", post(unpin_vm))
+        .route("/v1/balance", post(balance))
+        .route("/v1/consolidate", post(consolidate))
+        .route("/v1/fleet", get(list_fleet))
+        .route("/v1/fleet/{id}", get(show_fleet))
         .route("/v1/vms", get(list_vms))
         .route(
             "/v1/vms/{name}",
@@ -233,11 +244,22 @@ pub struct HostView {
     migration: String,
     memory_mib: u64,
     own_token: bool,
+    /// `maintenance` or `standby` when unschedulable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drained: Option<crate::plan::Drain>,
+    /// The smaller of `memory_mib` and what the agent offers guests.
+    capacity_mib: u64,
+    /// The agent's last report (`GET /v1/host`), when one arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report: Option<HostReport>,
 }
 
 impl From<Host> for HostView {
     fn from(h: Host) -> Self {
         Self {
+            capacity_mib: Coordinator::capacity_mib(&h),
+            drained: h.drained,
+            report: h.report.clone(),
             own_token: h.token.is_some(),
             name: h.name,
             site: h.site,
@@ -278,8 +300,90 @@ async fn add_host(
         migration: b.migration,
         memory_mib: b.memory_mib,
         token: b.token,
+        drained: None,
+        report: None,
     };
     Ok(Json(st.coord.add_host(host).await?.into()))
+}
+
+async fn show_host(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<HostView> {
+    Ok(Json(st.coord.host(&name)?.into()))
+}
+
+async fn drain_host(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<HostView> {
+    Ok(Json(
+        st.coord
+            .set_drained(&name, Some(crate::plan::Drain::Maintenance))
+            .await?
+            .into(),
+    ))
+}
+
+async fn undrain_host(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<HostView> {
+    Ok(Json(st.coord.set_drained(&name, None).await?.into()))
+}
+
+async fn evacuate_host(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<FleetOp>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(st.coord.evacuate(&name).await?)))
+}
+
+async fn pin_vm(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Value> {
+    Ok(Json(vm_view(
+        &st.coord.set_pinned(&name, true).await?,
+        None,
+    )))
+}
+
+async fn unpin_vm(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Value> {
+    Ok(Json(vm_view(
+        &st.coord.set_pinned(&name, false).await?,
+        None,
+    )))
+}
+
+async fn fleet_request(
+    st: AppState,
+    kind: FleetKind,
+    raw: &[u8],
+) -> Result<(StatusCode, Json<FleetOp>), ApiError> {
+    let req: FleetRequest = if raw.is_empty() {
+        FleetRequest::default()
+    } else {
+        body(raw)?
+    };
+    let dry = req.dry_run;
+    let op = st.coord.plan_or_run(kind, req).await?;
+    let status = if dry {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(op)))
+}
+
+async fn balance(
+    State(st): State<AppState>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<FleetOp>), ApiError> {
+    fleet_request(st, FleetKind::Balance, &raw).await
+}
+
+async fn consolidate(
+    State(st): State<AppState>,
+    raw: axum::body::Bytes,
+) -> Result<(StatusCode, Json<FleetOp>), ApiError> {
+    fleet_request(st, FleetKind::Consolidate, &raw).await
+}
+
+async fn list_fleet(State(st): State<AppState>) -> ApiResult<Vec<FleetOp>> {
+    Ok(Json(st.coord.fleet_ops()?))
+}
+
+async fn show_fleet(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<FleetOp> {
+    Ok(Json(st.coord.fleet_op(&id)?))
 }
 
 /// A VM as shown: the stored record without lease tokens, plus the live agent state.
@@ -294,7 +398,7 @@ pub fn vm_view(vm: &Vm, agent_state: Option<String>) -> Value {
         "name": vm.name, "site": vm.site, "host": vm.host, "state": state,
         "memory_mib": vm.memory_mib, "vcpus": vm.vcpus, "image": vm.image,
         "load_addr": vm.load_addr, "disks": disks, "migration": vm.migration,
-        "agent_state": agent_state,
+        "agent_state": agent_state, "pinned": vm.pinned, "cpu_fingerprint": vm.cpu_fingerprint,
     })
 }
 

@@ -412,6 +412,11 @@ impl AgentClient {
             .map(|_| ())
     }
 
+    /// The host's capacity, CPU and guests' usage (`GET /v1/host`).
+    pub async fn host_report(&self) -> Result<crate::model::HostReport, DaemonError> {
+        self.0.json(reqwest::Method::GET, "/v1/host", None).await
+    }
+
     pub async fn put_vm(&self, name: &str, spec: &Value) -> Result<AgentVm, DaemonError> {
         self.0
             .json(reqwest::Method::PUT, &format!("/v1/vms/{name}"), Some(spec))

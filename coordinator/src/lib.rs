@@ -19,6 +19,7 @@ pub mod driver;
 pub mod error;
 pub mod migration;
 pub mod model;
+pub mod plan;
 pub mod service;
 pub mod store;
 
@@ -105,6 +106,7 @@ pub async fn run(cfg: config::ServeConfig, shutdown: CancellationToken) -> Resul
         }
     }
     tokio::spawn(Arc::clone(&coord).follow_role());
+    tokio::spawn(Arc::clone(&coord).poll_hosts());
     let scheme = if server_tls.is_some() {
         "https"
     } else {

@@ -46,10 +46,59 @@ pub struct Host {
     pub api: String,
     /// The agent's migration listener `HOST:PORT`.
     pub migration: String,
-    /// Guest memory this host may hold, MiB (the agent does not report it yet).
+    /// Guest memory this host may hold, MiB (`--memory`; placement uses the smaller of
+    /// this and what the agent reports it offers).
     pub memory_mib: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<Secret>,
+    /// Unschedulable: `coord host drain` (maintenance) or emptied by `coord consolidate`
+    /// (stand-by, may be powered down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<crate::plan::Drain>,
+    /// The agent's last `GET /v1/host`, as the coordinator polled it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<HostReport>,
+}
+
+/// What an agent reports about its host (`GET /v1/host`), kept in the host record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct HostReport {
+    #[serde(default)]
+    pub memory_mib_total: u64,
+    #[serde(default)]
+    pub memory_mib_for_guests: u64,
+    #[serde(default)]
+    pub memory_mib_used: u64,
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub cpu: HostCpu,
+    #[serde(default)]
+    pub guests: Vec<GuestUsage>,
+    /// Unix ms when the coordinator received it.
+    #[serde(default)]
+    pub received_ms: u64,
+}
+
+impl Eq for HostReport {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct HostCpu {
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct GuestUsage {
+    pub name: String,
+    #[serde(default)]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub cpu_percent: f64,
+    #[serde(default)]
+    pub dirty_mib_per_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,6 +150,14 @@ pub struct Vm {
     /// The migration in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
+    /// `coord vm pin`: balance and consolidate never move it, evacuate names it.
+    #[serde(default)]
+    pub pinned: bool,
+    /// The CPU fingerprint of the host it was started on (the features it sees);
+    /// it moves only to hosts reporting the same. None: not known (created before
+    /// hosts reported one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_fingerprint: Option<String>,
 }
 
 /// Options of one migration, as requested.

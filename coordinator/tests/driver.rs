@@ -395,6 +395,8 @@ async fn fixture() -> Fixture {
                 migration: "127.0.0.1:2".into(),
                 memory_mib: 1024,
                 token: None,
+                drained: None,
+                report: None,
             })
             .await
             .expect("host");

@@ -22,6 +22,7 @@ use serde::Serialize;
 use stagehand_common::auth::require_bearer;
 
 use crate::config::AgentConfig;
+use crate::host::{HostMonitor, HostReport};
 use crate::manager::{ManagerError, VmManager};
 
 /// Shared by every handler.
@@ -30,14 +31,24 @@ pub struct ApiState {
     pub manager: Arc<VmManager>,
     pub config: Arc<AgentConfig>,
     pub metrics: Arc<ApiMetrics>,
+    /// Capacity and usage (`GET /v1/host`); its sampler is started by `serve`.
+    pub host: Arc<HostMonitor>,
 }
 
 impl ApiState {
     pub fn new(manager: Arc<VmManager>, config: Arc<AgentConfig>) -> Self {
+        let host = Arc::new(HostMonitor::new(
+            Arc::clone(&manager),
+            &config.host_id,
+            config.memory_for_guests_mib,
+            config.sample_interval_s,
+            config.test_cpu_fingerprint.as_deref(),
+        ));
         ApiState {
             manager,
             config,
             metrics: Arc::new(ApiMetrics::default()),
+            host,
         }
     }
 }
@@ -173,7 +184,13 @@ async fn count(State(metrics): State<Arc<ApiMetrics>>, request: Request, next: N
 
 /// Metrics plus the VM routes; no auth, no state applied.
 pub fn vm_routes() -> Router<ApiState> {
-    vms::routes().route("/metrics", get(metrics))
+    vms::routes()
+        .route("/metrics", get(metrics))
+        .route("/v1/host", get(host_report))
+}
+
+async fn host_report(State(state): State<ApiState>) -> axum::Json<HostReport> {
+    axum::Json(state.host.report())
 }
 
 /// The whole API: [`vm_routes`] with `state`, merged with `extra` (routes with their
@@ -271,5 +288,6 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
             v.load(Ordering::Relaxed)
         );
     }
+    out.push_str(&state.host.metrics());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -79,3 +79,53 @@ pub(super) fn cpuid_from_spec(spec: &[[u32; 6]], host: &CpuId) -> Result<CpuId, 
         .collect();
     CpuId::from_entries(&entries).map_err(|e| MachineError::Invalid(format!("CPUID table: {e:?}")))
 }
+
+/// The fingerprint of the CPU features a guest started on this host sees: BLAKE3 of
+/// the feature registers of [`FEATURE_LEAVES`] (the bits `check_cpuid_compatible`
+/// compares), hex. Two hosts with the same fingerprint can take each other's guests;
+/// the coordinator places and moves guests only between equal fingerprints (a
+/// conservative rule: a superset host would do as well).
+pub fn cpu_fingerprint(leaves: &[[u32; 6]]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"stagehand-cpu-features-v1");
+    for &(function, index, regs) in FEATURE_LEAVES {
+        let l = leaves
+            .iter()
+            .find(|l| l[0] == function && l[1] == index)
+            .copied()
+            .unwrap_or([function, index, 0, 0, 0, 0]);
+        for (r, check) in regs.iter().enumerate() {
+            let mut v = if *check { l[2 + r] } else { 0 };
+            if function == 1 && r == 2 {
+                v &= !(1 << 27);
+            }
+            h.update(&v.to_le_bytes());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// The host's CPU as guests see it: (model name from CPUID leaves 0x80000002-4,
+/// fingerprint of the KVM-supported features).
+pub fn host_cpu() -> Result<(String, String), MachineError> {
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| MachineError::Invalid(format!("cannot open /dev/kvm: {e}")))?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| MachineError::Invalid(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    let leaves = cpuid_to_spec(&cpuid);
+    Ok((model_name(), cpu_fingerprint(&leaves)))
+}
+
+/// "model name" of the first CPU in /proc/cpuinfo ("unknown" when absent).
+fn model_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}

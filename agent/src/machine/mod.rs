@@ -291,6 +291,21 @@ impl Machine {
         self.throttle_percent.load(Ordering::Relaxed)
     }
 
+    /// CPU time all vCPU threads have used so far.
+    pub fn vcpu_time(&self) -> Duration {
+        self.vcpus.iter().filter_map(VcpuHandle::cpu_time).sum()
+    }
+
+    /// Starts a dirty-rate sample (false: a migration owns the dirty log now).
+    pub fn start_dirty_sample(&self) -> Result<bool, MachineError> {
+        Ok(self.vm.start_dirty_sample()?)
+    }
+
+    /// Pages written since `start_dirty_sample` (None: a migration took over).
+    pub fn end_dirty_sample(&self) -> Result<Option<u64>, MachineError> {
+        Ok(self.vm.end_dirty_sample()?)
+    }
+
     /// Whether KVM_CLEAR_DIRTY_LOG (manual protect) is in use.
     pub fn manual_dirty_protect(&self) -> bool {
         self.vm.manual_dirty_protect()
@@ -599,7 +614,7 @@ fn disk_runtime(preferred: Option<Handle>) -> Result<Handle, MachineError> {
 mod cpuid;
 mod disks;
 
-pub use cpuid::check_cpuid_compatible;
+pub use cpuid::{check_cpuid_compatible, cpu_fingerprint, host_cpu};
 use cpuid::{cpuid_from_spec, cpuid_to_spec};
 
 #[cfg(test)]

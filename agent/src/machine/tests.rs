@@ -115,3 +115,18 @@ fn cpuid_subset_is_compatible() {
     // Non-feature leaves are not compared.
     assert!(check_cpuid_compatible(&[[0, 0, 0xd, 1, 2, 3]], &host).is_ok());
 }
+
+#[test]
+fn cpu_fingerprint_follows_feature_bits_only() {
+    use super::cpu_fingerprint;
+    let a = vec![[1, 0, 0, 0, 0b1111, 0b1111], [7, 0, 0, 0b11, 0, 0]];
+    // Non-feature registers (eax/ebx of leaf 1: family, APIC id) and OSXSAVE do not count.
+    let b = vec![
+        [1, 0, 0x806ea, 0x42, 0b1111 | 1 << 27, 0b1111],
+        [7, 0, 9, 0b11, 0, 0],
+    ];
+    assert_eq!(cpu_fingerprint(&a), cpu_fingerprint(&b));
+    let c = vec![[1, 0, 0, 0, 0b1111, 0b1111], [7, 0, 0, 0b111, 0, 0]];
+    assert_ne!(cpu_fingerprint(&a), cpu_fingerprint(&c));
+    assert_eq!(cpu_fingerprint(&a).len(), 64);
+}

@@ -399,6 +399,35 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const REKICK_EVERY: Duration = Duration::from_millis(20);
 
 impl VcpuHandle {
+    /// CPU time this vCPU's thread has used (guest and host side of KVM_RUN), or None
+    /// once the thread is gone. One `clock_gettime` on the thread's CPU clock.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = self.thread.as_ref()?;
+        if thread.is_finished() {
+            return None;
+        }
+        let pthread = thread.as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `pthread` names a thread that has not been joined (we hold its
+        // JoinHandle), so the id is valid; `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(pthread, &mut clock) } != 0 {
+            return None;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock` came from pthread_getcpuclockid; `ts` is a valid out-pointer.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        Some(Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        ))
+    }
+
     /// Starts the vCPU thread, paused: it runs only after [`VcpuHandle::resume`].
     pub fn spawn(vcpu: Vcpu, shared: Arc<VcpuShared>) -> Result<Self, VcpuError> {
         install_kick_handler()?;

@@ -66,6 +66,10 @@ pub const VM_STATE_VERSION: u32 = 1;
 
 struct DirtyLog {
     enabled: bool,
+    /// Logging is on for a rate sample (`start_dirty_sample`), not for a migration.
+    /// A migration's `start_dirty_log` takes the log over and clears this, so a
+    /// sample never steals the dirty bits a migration needs.
+    sampling: bool,
 }
 
 /// One KVM VM with its guest RAM.
@@ -112,7 +116,10 @@ impl Vm {
             fd,
             memory,
             manual_protect,
-            dirty: Mutex::new(DirtyLog { enabled: false }),
+            dirty: Mutex::new(DirtyLog {
+                enabled: false,
+                sampling: false,
+            }),
         };
         vm.set_ram_slot(0)?;
         Ok(vm)
@@ -164,6 +171,8 @@ impl Vm {
             self.set_ram_slot(KVM_MEM_LOG_DIRTY_PAGES)?;
             dirty.enabled = true;
         }
+        // A rate sample in progress is abandoned: the log is the migration's now.
+        dirty.sampling = false;
         // Drop whatever was logged before: the caller sends everything next.
         if self.manual_protect {
             let bits = self.get_kvm_log()?;
@@ -181,7 +190,46 @@ impl Vm {
             self.set_ram_slot(0)?;
             dirty.enabled = false;
         }
+        dirty.sampling = false;
         Ok(())
+    }
+
+    /// Starts a dirty-rate sample: logging on, the log cleared. Returns false (and
+    /// does nothing) while a migration owns the log.
+    pub fn start_dirty_sample(&self) -> Result<bool, VmError> {
+        let mut dirty = self.dirty.lock().expect("dirty-log lock is never poisoned");
+        if dirty.enabled {
+            return Ok(false);
+        }
+        self.set_ram_slot(KVM_MEM_LOG_DIRTY_PAGES)?;
+        dirty.enabled = true;
+        dirty.sampling = true;
+        if self.manual_protect {
+            let bits = self.get_kvm_log()?;
+            self.clear_kvm_log(&bits)?;
+        }
+        memory::vmm_bitmap(&self.memory).reset();
+        Ok(true)
+    }
+
+    /// Ends a sample: the number of pages written since `start_dirty_sample`, and
+    /// logging off again. None when a migration took the log over meanwhile (its
+    /// bits are left alone).
+    pub fn end_dirty_sample(&self) -> Result<Option<u64>, VmError> {
+        let mut dirty = self.dirty.lock().expect("dirty-log lock is never poisoned");
+        if !dirty.sampling {
+            return Ok(None);
+        }
+        let kvm_bits = self.get_kvm_log()?;
+        let vmm_bits = memory::vmm_bitmap(&self.memory).get_and_reset();
+        let pages = memory::merge_dirty_bitmaps(&kvm_bits, &vmm_bits)
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        self.set_ram_slot(0)?;
+        dirty.enabled = false;
+        dirty.sampling = false;
+        Ok(Some(pages))
     }
 
     fn get_kvm_log(&self) -> Result<Vec<u64>, VmError> {

@@ -9,6 +9,7 @@
 //! - `run`: what each verb does (`coord certs create` runs locally).
 
 mod client;
+mod fleet;
 mod output;
 mod parse;
 mod run;
@@ -77,6 +78,15 @@ pub enum Command {
     /// Continuous replication of a VM's disks to another site (background mirror
     /// jobs: `replicate VM --to SITE`, `replicate list`, `replicate stop VM`).
     Replicate(ReplicateArgs),
+    /// Even out memory and CPU use across a site's hosts (every site without --site)
+    /// with as few migrations as possible; shows the plan and carries it out.
+    Balance(fleet::FleetArgs),
+    /// Pack a site's guests onto as few hosts as capacity allows; the emptied hosts are
+    /// left drained (stand-by) and listed as hosts that can be powered down.
+    Consolidate(fleet::FleetArgs),
+    /// Fleet operations (evacuate, balance, consolidate) and their per-guest results.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCmd),
     /// Which coordinator leads and since when, this one's part, and the state store's
     /// kind, health and members.
     Status,
@@ -182,6 +192,21 @@ pub enum HostCmd {
     },
     /// List hosts.
     List,
+    /// Show a host with its agent's report (capacity, CPU fingerprint, guests' usage).
+    Show { name: String },
+    /// Mark a host unschedulable (maintenance): no VM is placed or migrated onto it.
+    Drain { name: String },
+    /// Make a drained (or stand-by) host schedulable again.
+    Undrain { name: String },
+    /// Drain the host and live-migrate every guest off it (longest migrations first,
+    /// within the concurrency limits); reports per guest and names any guest that
+    /// cannot move.
+    Evacuate {
+        name: String,
+        /// Answer at once with the operation id (follow with `coord fleet show ID`).
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +219,11 @@ pub enum VmCmd {
     Show { name: String },
     /// Stop a VM and remove its disk export (the disk file stays on the node).
     Delete { name: String },
+    /// Pin a VM to its host: balance and consolidate never move it (evacuate names it
+    /// as unable to move).
+    Pin { name: String },
+    /// Lift a pin.
+    Unpin { name: String },
 }
 
 #[derive(Args)]

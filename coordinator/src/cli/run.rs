@@ -134,6 +134,48 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                 )
             });
         }
+        Command::Host(HostCmd::Show { name }) => {
+            let v = c.call(M::GET, &format!("/v1/hosts/{name}"), None).await?;
+            emit(j, &v, super::fleet::print_host);
+        }
+        Command::Host(HostCmd::Drain { name }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/hosts/{name}/drain"), None)
+                .await?;
+            emit(j, &v, |_| println!("host {name} drained"));
+        }
+        Command::Host(HostCmd::Undrain { name }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/hosts/{name}/undrain"), None)
+                .await?;
+            emit(j, &v, |_| println!("host {name} is schedulable again"));
+        }
+        Command::Host(HostCmd::Evacuate { name, no_wait }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/hosts/{name}/evacuate"), None)
+                .await?;
+            super::fleet::follow(&c, j, v, !no_wait).await?;
+        }
+        Command::Vm(VmCmd::Pin { name }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/vms/{name}/pin"), None)
+                .await?;
+            emit(j, &v, |_| println!("VM {name} pinned"));
+        }
+        Command::Vm(VmCmd::Unpin { name }) => {
+            let v = c
+                .call(M::POST, &format!("/v1/vms/{name}/unpin"), None)
+                .await?;
+            emit(j, &v, |_| println!("VM {name} unpinned"));
+        }
+        Command::Balance(a) => super::fleet::plan_verb(&c, j, "/v1/balance", a).await?,
+        Command::Consolidate(a) => {
+            if a.site.is_none() {
+                return Err(CliError::Local("consolidate needs --site".into()));
+            }
+            super::fleet::plan_verb(&c, j, "/v1/consolidate", a).await?
+        }
+        Command::Fleet(cmd) => super::fleet::fleet_cmd(&c, j, cmd).await?,
         Command::Host(HostCmd::List) => {
             let v = c.call(M::GET, "/v1/hosts", None).await?;
             emit(j, &v, |v| {
@@ -143,6 +185,8 @@ pub async fn run_client(cli: Cli) -> Result<(), CliError> {
                         ("HOST", "/name"),
                         ("SITE", "/site"),
                         ("MEMORY MIB", "/memory_mib"),
+                        ("CAPACITY MIB", "/capacity_mib"),
+                        ("DRAINED", "/drained"),
                         ("MIGRATION", "/migration"),
                         ("API", "/api"),
                     ],

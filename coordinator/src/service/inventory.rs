@@ -52,7 +52,7 @@ impl Coordinator {
         })
     }
 
-    pub(crate) fn host(&self, name: &str) -> Result<Host, ApiError> {
+    pub fn host(&self, name: &str) -> Result<Host, ApiError> {
         self.store.get::<Host>("hosts", name)?.ok_or_else(|| {
             ApiError::not_found(
                 "host_not_found",
@@ -131,10 +131,23 @@ impl Coordinator {
                 "A host needs some memory capacity (--memory).",
             ));
         }
-        self.agent_client(&host)
+        let agent = self.agent_client(&host);
+        agent
             .health()
             .await
             .map_err(|e| ApiError::daemon("checking the agent", &e))?;
+        // Its capacity and CPU from the start (an older agent without the report is
+        // still accepted; placement then uses --memory alone).
+        let mut host = host;
+        match agent.host_report().await {
+            Ok(mut r) => {
+                r.received_ms = now_ms();
+                host.report = Some(r);
+            }
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "the agent does not report its host")
+            }
+        }
         self.store.put("hosts", &host.name, &host)?;
         Ok(host)
     }
@@ -158,7 +171,28 @@ impl Coordinator {
         Ok(used)
     }
 
-    /// Picks a host: the named one (checked), or the host of `site` with most room.
+    /// Guest memory a host may hold, MiB: the smaller of `--memory` and what its agent
+    /// reports it offers guests (when it reported).
+    pub fn capacity_mib(h: &Host) -> u64 {
+        match &h.report {
+            Some(r) if r.memory_mib_for_guests > 0 => h.memory_mib.min(r.memory_mib_for_guests),
+            _ => h.memory_mib,
+        }
+    }
+
+    /// The CPU fingerprint a host's agent reported (None: not reported yet, or empty).
+    pub(crate) fn fingerprint_of(h: &Host) -> Option<&str> {
+        h.report
+            .as_ref()
+            .map(|r| r.cpu.fingerprint.as_str())
+            .filter(|f| !f.is_empty())
+    }
+
+    /// Picks a host: the named one (checked), or the schedulable host of `site` with
+    /// most room. When `exclude` is the VM's current host (a migration), the target
+    /// must also report the same CPU fingerprint as that host: guests only move between
+    /// equal fingerprints, so the source's is the guest's. Refuses with a reason
+    /// (`no_capacity`, `cpu_incompatible`, `host_drained`) before any memory moves.
     pub(crate) fn place(
         &self,
         site: Option<&str>,
@@ -168,8 +202,21 @@ impl Coordinator {
     ) -> Result<Host, ApiError> {
         let used = self.host_usage()?;
         let room = |h: &Host| {
-            h.memory_mib
-                .saturating_sub(used.get(&h.name).copied().unwrap_or(0))
+            Self::capacity_mib(h).saturating_sub(used.get(&h.name).copied().unwrap_or(0))
+        };
+        // The guest's CPU fingerprint, for a migration.
+        let need_fp: Option<String> = match exclude {
+            Some(src) => self
+                .store
+                .get::<Host>("hosts", src)?
+                .as_ref()
+                .and_then(|h| Self::fingerprint_of(h).map(str::to_owned)),
+            None => None,
+        };
+        let cpu_ok = |h: &Host| match (&need_fp, Self::fingerprint_of(h)) {
+            (Some(need), Some(have)) => need == have,
+            // Unknown on either side: the target agent still checks CPUID at start.
+            _ => true,
         };
         if let Some(name) = host {
             let h = self.host(name)?;
@@ -186,6 +233,25 @@ impl Coordinator {
                     "The VM already runs on {name}."
                 )));
             }
+            if let Some(d) = h.drained {
+                return Err(ApiError::conflict(
+                    "host_drained",
+                    format!(
+                        "Host {name} is drained ({}); `coord host undrain {name}` first.",
+                        drain_word(d)
+                    ),
+                ));
+            }
+            if !cpu_ok(&h) {
+                return Err(ApiError::conflict(
+                    "cpu_incompatible",
+                    format!(
+                        "Host {name}'s CPU (fingerprint {}) differs from the one the VM runs on (fingerprint {}): the guest's CPU features may be missing there.",
+                        short_fp(Self::fingerprint_of(&h).unwrap_or("")),
+                        short_fp(need_fp.as_deref().unwrap_or(""))
+                    ),
+                ));
+            }
             if room(&h) < memory_mib {
                 return Err(ApiError::conflict(
                     "no_capacity",
@@ -199,16 +265,55 @@ impl Coordinator {
         }
         let site = site.ok_or_else(|| ApiError::bad_request("Give a site or a host."))?;
         self.require_site(site)?;
-        self.hosts()?
+        let candidates: Vec<Host> = self
+            .hosts()?
             .into_iter()
             .filter(|h| h.site == site && Some(h.name.as_str()) != exclude)
+            .collect();
+        let schedulable: Vec<&Host> = candidates.iter().filter(|h| h.drained.is_none()).collect();
+        let compatible: Vec<&Host> = schedulable.iter().copied().filter(|h| cpu_ok(h)).collect();
+        if let Some(h) = compatible
+            .iter()
             .filter(|h| room(h) >= memory_mib)
             .max_by_key(|h| room(h))
-            .ok_or_else(|| {
-                ApiError::conflict(
-                    "no_capacity",
-                    format!("No host in site {site} has {memory_mib} MiB free; add a host or free memory."),
-                )
-            })
+        {
+            return Ok((*h).clone());
+        }
+        let why = if candidates.is_empty() {
+            format!("No other host in site {site}; add one with `coord host add`.")
+        } else if schedulable.is_empty() {
+            format!("Every other host in site {site} is drained; undrain one or add a host.")
+        } else if compatible.is_empty() {
+            format!(
+                "No schedulable host in site {site} has a CPU compatible with the VM's (fingerprint {}).",
+                short_fp(need_fp.as_deref().unwrap_or(""))
+            )
+        } else {
+            format!(
+                "No schedulable host in site {site} with a compatible CPU has {memory_mib} MiB free; add a host or free memory."
+            )
+        };
+        let code = if !schedulable.is_empty() && compatible.is_empty() {
+            "cpu_incompatible"
+        } else {
+            "no_capacity"
+        };
+        Err(ApiError::conflict(code, why))
+    }
+}
+
+fn drain_word(d: crate::plan::Drain) -> &'static str {
+    match d {
+        crate::plan::Drain::Maintenance => "maintenance",
+        crate::plan::Drain::Standby => "stand-by after consolidate",
+    }
+}
+
+/// The first 12 hex digits of a fingerprint, for messages.
+pub(crate) fn short_fp(fp: &str) -> &str {
+    if fp.is_empty() {
+        "unknown"
+    } else {
+        fp.get(..12).unwrap_or(fp)
     }
 }

@@ -7,6 +7,7 @@
 //!   observe, [`crate::driver::next_action`], act, journal.
 //! - `recovery`: at start, hands every unfinished migration to an executor.
 //! - `leadership`: terms of leadership (etcd election), status, forwarding writes.
+//! - `fleet`: host reports, drain/pin, evacuate / balance / consolidate operations.
 //!
 //! Switchover: the agents run the migration in their coordinated mode. The source
 //! pauses, drains its disk I/O and reports `quiesced`; the executor then fences the
@@ -16,11 +17,14 @@
 
 mod executor;
 mod geo;
+mod fleet;
 mod inventory;
 mod leadership;
 mod recovery;
 mod replication;
 mod vms;
+
+pub use fleet::{FleetItem, FleetKind, FleetOp, FleetRequest, HOST_POLL};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

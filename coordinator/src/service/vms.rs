@@ -97,6 +97,8 @@ impl Coordinator {
             load_addr: req.load_addr,
             disks: vec![disk],
             migration: None,
+            pinned: false,
+            cpu_fingerprint: Self::fingerprint_of(&host).map(str::to_owned),
         };
         let spec = self.agent_spec(&vm)?;
         if let Err(e) = self.agent_client(&host).put_vm(name, &spec).await {

@@ -31,6 +31,7 @@ pub const TABLES: &[&str] = &[
     "migrations",
     "journal",
     "replications",
+    "fleet",
 ];
 
 #[derive(Debug, thiserror::Error)]

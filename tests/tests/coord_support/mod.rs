@@ -210,35 +210,7 @@ impl Cluster {
         std::fs::create_dir_all(&images).expect("mkdir");
         let mut agents = Vec::new();
         for host in HOSTS {
-            let api = format!("127.0.0.1:{}", free_port());
-            let mig = format!("127.0.0.1:{}", free_port());
-            let data = d.join(format!("{host}-data"));
-            std::fs::create_dir_all(&data).expect("mkdir");
-            std::os::unix::fs::symlink(&images, data.join("images")).expect("symlink images");
-            let mut p = spawn(
-                &agent_exe,
-                &[
-                    "--api".into(),
-                    api.clone(),
-                    "--migration-listen".into(),
-                    mig.clone(),
-                    "--host-id".into(),
-                    host.into(),
-                    "--data-dir".into(),
-                    data.display().to_string(),
-                    "--api-token".into(),
-                    TOKEN.into(),
-                ],
-                "stagehand-agent",
-                &d.join(format!("{host}.log")),
-                &[],
-            );
-            wait_health(&format!("http://{api}/v1/health"), Some(TOKEN), &mut p);
-            agents.push(Agent {
-                proc: p,
-                api,
-                migration: mig,
-            });
+            agents.push(start_agent(d, host, &[]));
         }
         let guest = guest_image(&agent_exe, "ab-sweeper", &images.join("ab.bin"));
         let mut c = Cluster {
@@ -282,6 +254,23 @@ impl Cluster {
         } else {
             "rocksdb"
         }
+    }
+
+    /// Starts one more agent with host id `host` (sharing the images directory) and
+    /// `extra` flags; returns its index in `agents`.
+    pub fn add_agent(&mut self, host: &str, extra: &[&str]) -> usize {
+        let agent = start_agent(self.dir.path(), host, extra);
+        self.agents.push(agent);
+        self.agents.len() - 1
+    }
+
+    /// Pauses the A-B sweeper guest `vm` on agent `i` (host id `host`), dumps its RAM,
+    /// checks it with `check_ab_ram`, and resumes it.
+    pub fn check_ab_at(&self, i: usize, host: &str, vm: &str) {
+        let ram = self.pause_and_dump(i, host, vm);
+        agent::guests::check_ab_ram(&ram).unwrap_or_else(|e| panic!("RAM of {vm}: {e}"));
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/resume"), "");
+        assert_eq!(code, 200, "resume {vm}: {v}");
     }
 
     pub fn start_coord(&mut self, env: &[(&str, &str)]) {
@@ -673,19 +662,13 @@ impl Cluster {
     /// disk read-only through NBD, run the agent's checkers, resume. Returns the last
     /// acknowledged record's seq.
     pub fn check_disk_writer(&self, i: usize, vm: &str, export: &str) -> u64 {
-        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/pause"), "");
-        assert_eq!(code, 200, "pause {vm}: {v}");
-        // Agents write memory dumps only under their data directory.
-        let dump = self
-            .dir
-            .path()
-            .join(format!("{}-data", HOSTS[i]))
-            .join(format!("{vm}.ram"));
-        let body = serde_json::json!({"path": dump}).to_string();
-        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/memory-dump"), &body);
-        assert_eq!(code, 200, "memory-dump {vm}: {v}");
-        let ram = std::fs::read(&dump).expect("read the dump");
-        let _ = std::fs::remove_file(&dump);
+        self.check_disk_writer_at(i, HOSTS[i], vm, export)
+    }
+
+    /// `check_disk_writer` on agent `i` whose host id is `host` (agents started by
+    /// `add_agent` as well as the first two).
+    pub fn check_disk_writer_at(&self, i: usize, host: &str, vm: &str, export: &str) -> u64 {
+        let ram = self.pause_and_dump(i, host, vm);
         let at = agent::guests::DISK_WRITER_ACKED_ADDR as usize;
         let mut word = [0u8; 8];
         word.copy_from_slice(&ram[at..at + 8]);
@@ -719,6 +702,25 @@ impl Cluster {
         self.check_disk_writer(idx, vm, &export);
     }
 
+    /// Pauses `vm` on agent `i` (host id `host`) and returns its RAM, dumped by the
+    /// agent under its data directory (the only place it writes dumps). The VM stays
+    /// paused.
+    pub fn pause_and_dump(&self, i: usize, host: &str, vm: &str) -> Vec<u8> {
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/pause"), "");
+        assert_eq!(code, 200, "pause {vm}: {v}");
+        let dump = self
+            .dir
+            .path()
+            .join(format!("{host}-data"))
+            .join(format!("{vm}.ram"));
+        let body = serde_json::json!({"path": dump}).to_string();
+        let (code, v) = self.agent_post(i, &format!("/v1/vms/{vm}/memory-dump"), &body);
+        assert_eq!(code, 200, "memory-dump {vm}: {v}");
+        let ram = std::fs::read(&dump).expect("read the dump");
+        let _ = std::fs::remove_file(&dump);
+        ram
+    }
+
     /// Polls `probe` until it yields a value (bounded; panics naming `what`).
     pub fn wait_for<T>(
         &self,
@@ -746,6 +748,43 @@ impl Cluster {
             ))
             .then_some(v)
         })
+    }
+}
+
+/// Starts an agent with host id `host` in cluster directory `d` (data in
+/// `d/<host>-data`, whose `images` is a symlink to the shared `d/images`), with the
+/// cluster token and `extra` flags, and waits until it answers.
+fn start_agent(d: &Path, host: &str, extra: &[&str]) -> Agent {
+    let api = format!("127.0.0.1:{}", free_port());
+    let mig = format!("127.0.0.1:{}", free_port());
+    let data = d.join(format!("{host}-data"));
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::os::unix::fs::symlink(d.join("images"), data.join("images")).expect("symlink images");
+    let mut args: Vec<String> = vec![
+        "--api".into(),
+        api.clone(),
+        "--migration-listen".into(),
+        mig.clone(),
+        "--host-id".into(),
+        host.into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--api-token".into(),
+        TOKEN.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut p = spawn(
+        &bin("stagehand-agent", "agent"),
+        &args,
+        "stagehand-agent",
+        &d.join(format!("{host}.log")),
+        &[],
+    );
+    wait_health(&format!("http://{api}/v1/health"), Some(TOKEN), &mut p);
+    Agent {
+        proc: p,
+        api,
+        migration: mig,
     }
 }
 
