@@ -121,6 +121,8 @@ async fn start_fakes(n_hosts: usize) -> Result<Fakes> {
                 migration: "127.0.0.1:1".into(),
                 memory_mib: 1 << 30,
                 token: None,
+                drained: None,
+                report: None,
             },
             st,
         ));
@@ -181,6 +183,8 @@ fn seed(store: &Store, fakes: &Fakes, n: usize) -> Result<f64> {
                 token: Some(token.clone()),
             }],
             migration: None,
+            pinned: false,
+            cpu_fingerprint: None,
         };
         b.put("vms", &name, &vm)?;
         if (i + 1) % SEED_BATCH == 0 {

@@ -49,7 +49,8 @@ fn wait_up(url: &str, p: &mut Proc) {
 
 /// Starts a site's storage node and agent; `wrap` runs them in the site's namespace
 /// (empty: the calling thread's, site A).
-fn start_site(dir: &Path, wrap: &[&str], ip: &str, host: &str) -> (Node, Agent) {
+/// `peers`: the storage nodes this one may mirror to without TLS (`--mirror-allow`).
+fn start_site(dir: &Path, wrap: &[&str], ip: &str, host: &str, peers: &str) -> (Node, Agent) {
     let run = |exe: &Path, args: Vec<String>, name: &'static str, log: &str| {
         let mut all: Vec<String> = wrap.iter().skip(1).map(|s| s.to_string()).collect();
         let program = if wrap.is_empty() {
@@ -77,6 +78,8 @@ fn start_site(dir: &Path, wrap: &[&str], ip: &str, host: &str) -> (Node, Agent) 
             data.display().to_string(),
             "--api-token".into(),
             TOKEN.into(),
+            "--mirror-allow".into(),
+            peers.into(),
         ],
         "stagehand-nbd",
         &format!("nbd-{host}.log"),
@@ -142,9 +145,10 @@ impl Geo {
         std::fs::create_dir_all(d.join("images")).expect("mkdir");
         std::fs::create_dir_all(d.join("coord-data/images")).expect("mkdir");
         let (a_ip, b_ip) = (sites.a_ip.to_string(), sites.b_ip.to_string());
-        let (node_a, agent_a) = start_site(d, &[], &a_ip, "kvm-a1");
+        let peers = format!("{a_ip},{b_ip}");
+        let (node_a, agent_a) = start_site(d, &[], &a_ip, "kvm-a1", &peers);
         let wrap = ["ip", "netns", "exec", sites.b.as_str()];
-        let (node_b, agent_b) = start_site(d, &wrap, &b_ip, "kvm-b1");
+        let (node_b, agent_b) = start_site(d, &wrap, &b_ip, "kvm-b1", &peers);
         let guest = d.join("images/ab.bin");
         let mut c = Cluster {
             dir,
@@ -154,6 +158,7 @@ impl Geo {
             coord_api: format!("127.0.0.1:{COORD_API}"),
             guest,
             store: None,
+            etcd: None,
         };
         c.start_coord(&[]);
         c.ok(&["site", "add", "siteA"]);

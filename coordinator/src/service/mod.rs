@@ -16,8 +16,8 @@
 //! it resumes. See docs/coordinator.md.
 
 mod executor;
-mod geo;
 mod fleet;
+mod geo;
 mod inventory;
 mod leadership;
 mod recovery;
