@@ -197,6 +197,31 @@ fn start_mirror(api: &Api, body: Value) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
+/// After a kill and restart: waits for the job to be synced again, completes it,
+/// checks the replica, and returns the bytes it copied (its counter as it stood
+/// when synced).
+fn resume_and_complete(api: &Api, id: &str, src: &Path, dst: &Path) -> u64 {
+    let v = api.wait_job(id, T, "synced after the restart", |v| {
+        v["state"] == "synced"
+    });
+    eprintln!("synced after the restart: {v}");
+    complete(api, id);
+    identical(src, dst);
+    v["bytes_copied"].as_u64().unwrap()
+}
+
+/// A POST /v1/mirrors the node refuses because no rule allows its plain target.
+fn assert_target_not_allowed(api: &Api, body: Value) {
+    let (s, v) = api.call("POST", "/v1/mirrors", Some(body));
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (403, &json!("mirror_target_not_allowed")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("--mirror-allow"), "{v}");
+}
+
 fn complete(api: &Api, id: &str) -> Value {
     let (s, v) = api.call("POST", &format!("/v1/mirrors/{id}/complete"), None);
     assert_eq!(s, 200, "{v}");
@@ -373,17 +398,12 @@ fn mirror_resumes_after_the_source_is_killed() {
     );
     guest_write(5, 0x33);
     guest_write(900, 0x44);
-    let v = api.wait_job(&id, T, "synced after the restart", |v| {
-        v["state"] == "synced"
-    });
-    let copied = v["bytes_copied"].as_u64().unwrap();
+    let copied = resume_and_complete(&api, &id, &src, &dst);
     eprintln!(
-        "source killed at {} MiB copied; after the restart {} MiB: {v}",
+        "source killed at {} MiB copied; after the restart {} MiB",
         at_kill / MIB,
         copied / MIB
     );
-    complete(&api, &id);
-    identical(&src, &dst);
     // What was left, plus what had not settled when the node died (at most a
     // second of copying at the cap plus one flush window), plus the activity log's
     // regions: far less than starting over.
@@ -471,18 +491,10 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
             "--export",
             &format!("src={},unleased", src.display()),
         ]);
-        let (s, v) = sapi.call(
-            "POST",
-            "/v1/mirrors",
-            Some(json!({"export": "src", "target": {"address": taddr, "export": "dst"}})),
+        assert_target_not_allowed(
+            &sapi,
+            json!({"export": "src", "target": {"address": taddr, "export": "dst"}}),
         );
-        assert_eq!(
-            (s, &v["error"]["code"]),
-            (403, &json!("mirror_target_not_allowed")),
-            "{v}"
-        );
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("--mirror-allow"), "{v}");
     }
     // Without the lease the replica is read-only: the job fails, saying why.
     let id = start_mirror(
@@ -530,17 +542,12 @@ fn mirror_to_leased_stagehand_resumes_after_the_target_is_killed() {
         );
     }
     let (target, _tapi) = node(&targs);
-    let v = api.wait_job(&id, T, "synced after the restart", |v| {
-        v["state"] == "synced"
-    });
-    let copied = v["bytes_copied"].as_u64().unwrap();
+    let copied = resume_and_complete(&api, &id, &src, &dst);
     eprintln!(
-        "resumed: killed at {} MiB, {} MiB in all: {v}",
+        "resumed: killed at {} MiB, {} MiB in all",
         at_kill / MIB,
         copied / MIB
     );
-    complete(&api, &id);
-    identical(&src, &dst);
     // Starting over would have copied at_kill + all of it again; resuming copies
     // what was left, plus at most what the target had not flushed (64 MiB) and the
     // requests in flight (32 MiB) when it died.
@@ -730,15 +737,9 @@ fn mirror_between_tls_nodes_uses_tls() {
     let addr = target.tcp.clone().unwrap();
     // Without TLS the target proves nothing, and no --mirror-allow rule names it:
     // refused before any byte is read.
-    let (s, v) = api.call(
-        "POST",
-        "/v1/mirrors",
-        Some(json!({"export": "src", "target": {"address": addr, "export": "dst", "tls": false}})),
-    );
-    assert_eq!(
-        (s, &v["error"]["code"]),
-        (403, &json!("mirror_target_not_allowed")),
-        "{v}"
+    assert_target_not_allowed(
+        &api,
+        json!({"export": "src", "target": {"address": addr, "export": "dst", "tls": false}}),
     );
     let id = start_mirror(
         &api,

@@ -558,13 +558,7 @@ impl DirtyBitmap {
         busy: &dyn Fn(u64, u64) -> bool,
     ) -> Result<(), BitmapError> {
         self.check_range(offset, len)?;
-        let end = offset + len;
-        let first = offset.div_ceil(self.granularity);
-        let last = if end == self.size {
-            self.bits.len()
-        } else {
-            end >> self.gshift
-        };
+        let (first, last) = self.whole_granules(offset, offset + len);
         if first >= last {
             return Ok(());
         }
@@ -583,19 +577,19 @@ impl DirtyBitmap {
     }
 
     pub fn clear_range(&self, offset: u64, len: u64) -> Result<(), BitmapError> {
-        self.check_range(offset, len)?;
-        let end = offset + len;
+        self.clear_range_keeping(offset, len, &|_, _| false)
+    }
+
+    /// The bits of the granules `[offset, end)` covers whole (the export's last, short
+    /// granule counts as whole when the range reaches the end).
+    fn whole_granules(&self, offset: u64, end: u64) -> (u64, u64) {
         let first = offset.div_ceil(self.granularity);
         let last = if end == self.size {
             self.bits.len()
         } else {
             end >> self.gshift
         };
-        if first >= last {
-            return Ok(());
-        }
-        self.bits.clear(first, last);
-        self.persist_bits(first, last)
+        (first, last)
     }
 
     /// Clears the granules `[offset, offset+len)` covers whole, in memory only: the
@@ -606,12 +600,7 @@ impl DirtyBitmap {
         if end <= offset {
             return;
         }
-        let first = offset.div_ceil(self.granularity);
-        let last = if end == self.size {
-            self.bits.len()
-        } else {
-            end >> self.gshift
-        };
+        let (first, last) = self.whole_granules(offset, end);
         if first < last {
             self.bits.clear(first, last);
         }

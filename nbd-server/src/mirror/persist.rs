@@ -212,7 +212,18 @@ impl JobStore {
             match std::fs::read(&p)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<StoredJob>(&b).map_err(|e| e.to_string()))
-            {
+                .and_then(|j| {
+                    // Ids name files and bitmaps: only the form this node makes.
+                    let ok = j
+                        .id
+                        .strip_prefix("m-")
+                        .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
+                    if ok {
+                        Ok(j)
+                    } else {
+                        Err(format!("bad job id {:?}", j.id))
+                    }
+                }) {
                 Ok(j) => out.push(j),
                 Err(e) => {
                     tracing::error!(file = %p.display(), error = %e, "stored mirror job unreadable; skipped")
@@ -275,7 +286,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = JobStore::new(dir.path());
         let j = StoredJob {
-            id: "m-1".into(),
+            id: "m-1f".into(),
             export: "disk".into(),
             address: "10.0.0.2:10809".into(),
             target_export: "disk".into(),
@@ -287,13 +298,16 @@ mod tests {
         };
         assert!(!format!("{j:?}").contains("sekrit"));
         s.save(&j).unwrap();
-        let meta = std::fs::metadata(dir.path().join("mirrors/m-1.json")).unwrap();
+        let meta = std::fs::metadata(dir.path().join("mirrors/m-1f.json")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let back = s.load();
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].lease.as_deref(), Some("sekrit-token"));
-        s.remove("m-1");
+        s.remove("m-1f");
+        assert!(s.load().is_empty());
+        // A record naming anything but a job id of this node is skipped.
+        std::fs::write(dir.path().join("mirrors/x.json"), br#"{"id":"../etc","export":"d","address":"a","target_export":"d","lease":null,"tls":null,"mode":"background","bandwidth_mib_s":null,"max_in_flight":null}"#).unwrap();
         assert!(s.load().is_empty());
     }
 }
